@@ -1,0 +1,245 @@
+//! HTTP routes of ingest: the webhook handshake and deliveries, health, readiness, metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use lc_shared::amqp::BrokerLink;
+use lc_shared::secret::Secret;
+use lc_shared::shutdown::Shutdown;
+use lc_shared::signature::{
+    SIGNATURE_256_HEADER, SIGNATURE_SHA1_HEADER, SignatureError, SignatureVerifier,
+    constant_time_eq,
+};
+use lc_shared::telemetry::{TraceParent, render_metrics};
+use lc_shared::webhook;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::metrics::IngestMetrics;
+use crate::publish::{self, Outgoing};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    verifier: SignatureVerifier,
+    verify_token: Secret,
+    link: BrokerLink,
+    metrics: IngestMetrics,
+    confirm_timeout: Duration,
+    shutdown: Shutdown,
+}
+
+impl AppState {
+    /// Bundles the handlers' dependencies.
+    pub fn new(
+        verifier: SignatureVerifier,
+        verify_token: Secret,
+        link: BrokerLink,
+        metrics: IngestMetrics,
+        confirm_timeout: Duration,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            inner: Arc::new(StateInner {
+                verifier,
+                verify_token,
+                link,
+                metrics,
+                confirm_timeout,
+                shutdown,
+            }),
+        }
+    }
+}
+
+/// The whole HTTP surface of ingest.
+pub fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> Router {
+    Router::new()
+        .route("/webhook", get(handshake).post(delivery))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    let label = format!("{method} {route}");
+    state
+        .inner
+        .metrics
+        .requests
+        .with_label_values(&[label.as_str(), response.status().as_str()])
+        .inc();
+    response
+}
+
+/// `GET /webhook`: Meta's subscription handshake.
+async fn handshake(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let mode = params.get("hub.mode").map(String::as_str);
+    let token = params.get("hub.verify_token").map(String::as_str);
+    let challenge = params.get("hub.challenge");
+    match (mode, token, challenge) {
+        (Some("subscribe"), Some(token), Some(challenge))
+            if constant_time_eq(
+                token.as_bytes(),
+                state.inner.verify_token.expose().as_bytes(),
+            ) =>
+        {
+            tracing::info!("webhook subscription handshake accepted");
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                challenge.clone(),
+            )
+                .into_response()
+        }
+        _ => {
+            tracing::warn!(
+                mode = mode.unwrap_or(""),
+                "webhook handshake refused: wrong mode or verify token"
+            );
+            (StatusCode::FORBIDDEN, "verification failed\n").into_response()
+        }
+    }
+}
+
+fn signature_reason(e: &SignatureError) -> &'static str {
+    match e {
+        SignatureError::Missing => "missing",
+        SignatureError::WrongPrefix { .. } => "wrong_prefix",
+        SignatureError::Malformed { .. } => "malformed",
+        SignatureError::Mismatch => "mismatch",
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `POST /webhook`: verify, split into events, publish with confirms, then answer.
+async fn delivery(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let s = &state.inner;
+    let trace = header_str(&headers, "traceparent")
+        .and_then(TraceParent::parse)
+        .map_or_else(TraceParent::new_root, |t| t.child());
+    let span = tracing::info_span!("webhook_delivery", trace_id = %trace.trace_id_hex(), bytes = body.len());
+    let _enter = span.enter();
+
+    if let Err(e) = s.verifier.verify(
+        header_str(&headers, SIGNATURE_256_HEADER),
+        header_str(&headers, SIGNATURE_SHA1_HEADER),
+        &body,
+    ) {
+        let reason = signature_reason(&e);
+        s.metrics
+            .signature_failures
+            .with_label_values(&[reason])
+            .inc();
+        tracing::warn!(reason, "webhook delivery refused: {e}");
+        return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
+    }
+
+    let traceparent = trace.to_string();
+    let (messages, unparsed): (Vec<Outgoing>, bool) = match webhook::parse_delivery(&body) {
+        Ok(events) => {
+            let mut out = Vec::with_capacity(events.len());
+            for ev in &events {
+                match publish::event_message(ev, &traceparent) {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        // Serialising our own struct of strings cannot fail; if it ever does,
+                        // keep the whole body rather than lose the event.
+                        tracing::error!(error = %e, "cannot encode event; keeping body as unparsed");
+                        out = vec![publish::unparsed_message(&body, &e.to_string(), &traceparent)];
+                        break;
+                    }
+                }
+            }
+            (out, false)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "signed webhook body does not parse; keeping it on messenger.unparsed");
+            (
+                vec![publish::unparsed_message(&body, &e.to_string(), &traceparent)],
+                true,
+            )
+        }
+    };
+    if messages.is_empty() {
+        return (StatusCode::OK, "EVENT_RECEIVED\n").into_response();
+    }
+    let kinds: Vec<&'static str> = messages.iter().map(|m| m.kind).collect();
+    match publish::publish_all(&s.link, messages, s.confirm_timeout).await {
+        Ok(latency) => {
+            s.metrics.confirm_latency.observe(latency.as_secs_f64());
+            if unparsed {
+                s.metrics.unparsed_bodies.inc();
+            } else {
+                for kind in kinds {
+                    s.metrics.events_published.with_label_values(&[kind]).inc();
+                }
+            }
+            tracing::debug!(latency_ms = latency.as_millis(), unparsed, "delivery stored");
+            (StatusCode::OK, "EVENT_RECEIVED\n").into_response()
+        }
+        Err(e) => {
+            s.metrics.broker_failures.inc();
+            tracing::error!(error = %e, "delivery not stored; answering 503 so Meta redelivers");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "events could not be stored; retry later\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `GET /readyz`: ready while the broker link is up and the process is not draining.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = state.inner.link.is_ready() && !state.inner.shutdown.is_triggered();
+    state.inner.metrics.broker_ready.set(i64::from(ready));
+    if ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: broker not connected or shutting down\n")
+            .into_response()
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let ready = state.inner.link.is_ready();
+    state.inner.metrics.broker_ready.set(i64::from(ready));
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&state.inner.metrics.registry),
+    )
+        .into_response()
+}

@@ -1,0 +1,344 @@
+//! Connecting to RabbitMQ and publishing with publisher confirms.
+//!
+//! lapin has a history of connections that die silently and confirms that never arrive, so
+//! nothing here trusts the connection to recover by itself: callers get a [`BrokerLink`] that
+//! notices a lost connection (its event stream reports an error or ends), reports itself not
+//! ready, reconnects with backoff and re-declares the topology.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Event};
+use tokio::sync::{Notify, watch};
+
+use crate::topology;
+
+/// Errors of connecting and publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// The broker could not be reached or refused the connection.
+    #[error("cannot connect to RabbitMQ at {url}: {source} (check AMQP_URL and that the broker is running)")]
+    Connect {
+        /// The URL with its password removed.
+        url: String,
+        /// What lapin reported.
+        source: lapin::Error,
+    },
+    /// A channel operation failed (the connection or channel is probably gone).
+    #[error("RabbitMQ channel error: {0}")]
+    Channel(#[from] lapin::Error),
+    /// No channel is open because the broker connection is down.
+    #[error("not connected to RabbitMQ")]
+    NotConnected,
+    /// The broker refused to take responsibility for a message.
+    #[error("RabbitMQ nacked the message")]
+    Nacked,
+    /// A mandatory message matched no queue and was returned (the topology is incomplete).
+    #[error("RabbitMQ returned the message as unroutable (is the topology declared?)")]
+    Unroutable,
+    /// The broker did not confirm in time; the message may or may not be stored.
+    #[error("no publisher confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+/// Removes the password from an AMQP URL so it can be logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Opens one connection, named so operators can tell processes apart in the broker's UI.
+pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(LongString::from(connection_name.to_owned()));
+    Connection::connect(url, props)
+        .await
+        .map_err(|source| AmqpError::Connect {
+            url: redact_url(url),
+            source,
+        })
+}
+
+/// Opens a channel in confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, AmqpError> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// The exponential, fully jittered policy used for reconnecting (100 ms … 10 s).
+pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// A supervised broker connection with a small pool of confirm-mode channels.
+///
+/// Clone it freely; all clones share one connection. [`BrokerLink::channel`] answers
+/// immediately with [`AmqpError::NotConnected`] while the link is down, which lets an HTTP
+/// handler answer 503 at once instead of hanging.
+#[derive(Clone)]
+pub struct BrokerLink {
+    inner: Arc<LinkInner>,
+}
+
+struct LinkInner {
+    url: String,
+    name: String,
+    channels: usize,
+    state: watch::Sender<Option<Arc<LinkState>>>,
+    next: std::sync::atomic::AtomicUsize,
+    closed: Notify,
+}
+
+type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
+
+struct LinkState {
+    connection: Connection,
+    channels: Vec<Channel>,
+}
+
+impl BrokerLink {
+    /// Starts supervising a connection to `url`. Returns at once; the first connection is
+    /// made in the background (see [`BrokerLink::wait_ready`]).
+    pub fn start(url: &str, connection_name: &str, channels: usize) -> Self {
+        let (state, _) = watch::channel(None);
+        let link = Self {
+            inner: Arc::new(LinkInner {
+                url: url.to_owned(),
+                name: connection_name.to_owned(),
+                channels: channels.max(1),
+                state,
+                next: std::sync::atomic::AtomicUsize::new(0),
+                closed: Notify::new(),
+            }),
+        };
+        tokio::spawn(link.clone().supervise());
+        link
+    }
+
+    /// True while connected with the topology declared.
+    pub fn is_ready(&self) -> bool {
+        self.inner
+            .state
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.connection.status().connected())
+    }
+
+    /// Waits until the link is ready, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), AmqpError> {
+        let mut rx = self.inner.state.subscribe();
+        let wait = rx.wait_for(|s| s.is_some());
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(AmqpError::NotConnected),
+        }
+    }
+
+    /// A confirm-mode channel (round robin over the pool), or `NotConnected` at once.
+    pub fn channel(&self) -> Result<Channel, AmqpError> {
+        let guard = self.inner.state.borrow();
+        let state = guard.as_ref().ok_or(AmqpError::NotConnected)?;
+        if !state.connection.status().connected() {
+            return Err(AmqpError::NotConnected);
+        }
+        let i = self
+            .inner
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let channel = state.channels[i % state.channels.len()].clone();
+        if channel.status().connected() {
+            Ok(channel)
+        } else {
+            // A single channel can be closed by the broker (e.g. a publish to a missing
+            // exchange); the connection's supervisor reopens the set.
+            self.inner.closed.notify_one();
+            Err(AmqpError::NotConnected)
+        }
+    }
+
+    /// Opens a new channel on the current connection (for consumers, which want their own).
+    pub async fn open_channel(&self) -> Result<Channel, AmqpError> {
+        let state = self
+            .inner
+            .state
+            .borrow()
+            .clone()
+            .ok_or(AmqpError::NotConnected)?;
+        Ok(state.connection.create_channel().await?)
+    }
+
+    /// Closes the connection cleanly (after in-flight confirms were awaited by callers).
+    pub async fn close(&self) {
+        let state = self.inner.state.send_replace(None);
+        if let Some(state) = state {
+            for ch in &state.channels {
+                let _ = ch.close(200, "shutdown".into()).await;
+            }
+            let _ = state.connection.close(200, "shutdown".into()).await;
+        }
+    }
+
+    async fn supervise(self) {
+        let mut delays = reconnect_backoff();
+        loop {
+            if std::sync::Arc::strong_count(&self.inner) == 1 {
+                return; // every user dropped the link
+            }
+            match self.open().await {
+                Ok((state, mut events)) => {
+                    delays = reconnect_backoff();
+                    tracing::info!(connection = %self.inner.name, "connected to RabbitMQ; topology declared");
+                    self.inner.state.send_replace(Some(Arc::new(state)));
+                    loop {
+                        tokio::select! {
+                            ev = events.next() => match ev {
+                                Some(Event::Error(e)) => {
+                                    tracing::error!(error = %e, "RabbitMQ connection lost; reconnecting");
+                                    break;
+                                }
+                                Some(Event::ConnectionBlocked(reason)) => {
+                                    tracing::warn!(%reason, "RabbitMQ blocked this connection (resource alarm)");
+                                }
+                                Some(_) => {}
+                                None => {
+                                    tracing::error!("RabbitMQ connection event stream ended; reconnecting");
+                                    break;
+                                }
+                            },
+                            () = self.inner.closed.notified() => {
+                                tracing::warn!("a RabbitMQ channel closed; reopening the connection");
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(old) = self.inner.state.send_replace(None) {
+                        let _ = old.connection.close(320, "reconnecting".into()).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "RabbitMQ not available; retrying");
+                }
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(10));
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn open(&self) -> Result<(LinkState, EventStream), AmqpError> {
+        let connection = connect(&self.inner.url, &self.inner.name).await?;
+        let events: EventStream = Box::pin(connection.events_listener());
+        let mut channels = Vec::with_capacity(self.inner.channels);
+        for _ in 0..self.inner.channels {
+            channels.push(confirm_channel(&connection).await?);
+        }
+        topology::declare(&channels[0]).await?;
+        Ok((
+            LinkState {
+                connection,
+                channels,
+            },
+            events,
+        ))
+    }
+}
+
+/// AMQP properties of a persistent message.
+pub fn persistent_properties(message_id: &str, content_type: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(message_id))
+        .with_content_type(ShortString::from(content_type))
+}
+
+/// Builds a header table from string pairs.
+pub fn string_headers(pairs: &[(&str, &str)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(
+            ShortString::from(*k),
+            AMQPValue::LongString(LongString::from(*v)),
+        );
+    }
+    t
+}
+
+/// Reads a string header (long or short string) from message properties.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Publishes one message and returns the pending confirmation, so callers can keep many
+/// publishes in flight and await them together. `mandatory` makes an unroutable message come
+/// back as a failure instead of vanishing (use it where a queue must be bound).
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm, AmqpError> {
+    Ok(channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await?)
+}
+
+/// Awaits a confirmation within `bound`: only an `Ack` counts as durable.
+pub async fn await_confirm(
+    confirm: lapin::PublisherConfirm,
+    bound: Duration,
+) -> Result<(), AmqpError> {
+    match tokio::time::timeout(bound, confirm).await {
+        Ok(Ok(lapin::Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(lapin::Confirmation::Ack(Some(_)))) => Err(AmqpError::Unroutable),
+        Ok(Ok(_)) => Err(AmqpError::Nacked),
+        Ok(Err(e)) => Err(AmqpError::Channel(e)),
+        Err(_) => Err(AmqpError::ConfirmTimeout(bound)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+}

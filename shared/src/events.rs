@@ -1,0 +1,232 @@
+//! The public event contract: CloudEvents 1.0 on exchange `loginconnect.events`, and the
+//! transactional outbox they are written to.
+//!
+//! An event row is inserted in the same transaction as the state change it announces, so an
+//! event exists if and only if its change committed; the relay publishes rows later with a
+//! stable id (the CloudEvent `id`, also the AMQP `message_id`) for consumer-side dedupe.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// AMQP `content_type` of public events (structured-mode CloudEvents).
+pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// Graph's last error for a failed or expired first message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GraphErrorData {
+    /// Graph `error.code`, when Graph answered with one.
+    pub code: Option<i64>,
+    /// Graph `error.error_subcode`.
+    pub subcode: Option<i64>,
+    /// Graph's message, or ours for network errors and timeouts.
+    pub message: String,
+}
+
+/// `data` of `identity.linked`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityLinked {
+    /// The Page the person replied to.
+    pub page_id: String,
+    /// The person's login_id from Facebook Login.
+    pub login_id: String,
+    /// The person's page-scoped id.
+    pub psid: String,
+    /// When the reply that created the link was sent (its webhook timestamp).
+    #[serde(with = "time::serde::rfc3339")]
+    pub linked_at: OffsetDateTime,
+    /// When the person opted in, or null if the opt-in was not seen yet.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub opted_in_at: Option<OffsetDateTime>,
+    /// The `mid` of the reply that created the link.
+    pub first_reply_mid: Option<String>,
+}
+
+/// `data` of `first_message.sent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirstMessageSent {
+    /// The Page that sent the message.
+    pub page_id: String,
+    /// The recipient's login_id.
+    pub login_id: String,
+    /// Graph's `message_id`.
+    pub message_id: String,
+    /// When Graph accepted the message.
+    #[serde(with = "time::serde::rfc3339")]
+    pub sent_at: OffsetDateTime,
+    /// Send API calls made for this opt-in, including the successful one.
+    pub attempts: i32,
+}
+
+/// `data` of `first_message.failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirstMessageFailed {
+    /// The Page of the opt-in.
+    pub page_id: String,
+    /// The recipient's login_id.
+    pub login_id: String,
+    /// Send API calls made.
+    pub attempts: i32,
+    /// Short machine-readable reason: `graph_permanent`, `unknown_page`, `other_page`,
+    /// `outcome_unknown`, `retries_exhausted`.
+    pub reason: String,
+    /// Graph's last error, when there was one.
+    pub last_error: Option<GraphErrorData>,
+}
+
+/// `data` of `first_message.expired`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirstMessageExpired {
+    /// The Page of the opt-in.
+    pub page_id: String,
+    /// The recipient's login_id.
+    pub login_id: String,
+    /// Send API calls made before the window closed.
+    pub attempts: i32,
+    /// The deadline that passed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deadline: OffsetDateTime,
+    /// Graph's last error, when there was one.
+    pub last_error: Option<GraphErrorData>,
+}
+
+/// One public event, before it is wrapped in a CloudEvent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PublicEvent {
+    /// A login_id was joined to a PSID.
+    IdentityLinked(IdentityLinked),
+    /// The first message was accepted by Graph.
+    FirstMessageSent(FirstMessageSent),
+    /// The first message failed permanently.
+    FirstMessageFailed(FirstMessageFailed),
+    /// The window closed before the first message could be sent.
+    FirstMessageExpired(FirstMessageExpired),
+}
+
+impl PublicEvent {
+    /// The AMQP routing key, also the last part of the CloudEvent `type`.
+    pub fn routing_key(&self) -> &'static str {
+        match self {
+            Self::IdentityLinked(_) => "identity.linked",
+            Self::FirstMessageSent(_) => "first_message.sent",
+            Self::FirstMessageFailed(_) => "first_message.failed",
+            Self::FirstMessageExpired(_) => "first_message.expired",
+        }
+    }
+
+    /// The CloudEvent `type`.
+    pub fn cloudevent_type(&self) -> String {
+        format!("com.loginconnect.{}", self.routing_key())
+    }
+
+    /// The Page the event belongs to.
+    pub fn page_id(&self) -> &str {
+        match self {
+            Self::IdentityLinked(d) => &d.page_id,
+            Self::FirstMessageSent(d) => &d.page_id,
+            Self::FirstMessageFailed(d) => &d.page_id,
+            Self::FirstMessageExpired(d) => &d.page_id,
+        }
+    }
+
+    /// The `data` member as JSON.
+    pub fn data(&self) -> serde_json::Value {
+        let v = match self {
+            Self::IdentityLinked(d) => serde_json::to_value(d),
+            Self::FirstMessageSent(d) => serde_json::to_value(d),
+            Self::FirstMessageFailed(d) => serde_json::to_value(d),
+            Self::FirstMessageExpired(d) => serde_json::to_value(d),
+        };
+        // These structs hold only strings, numbers and formatted times: serialising cannot fail.
+        v.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Wraps the event in a CloudEvent with a fresh, time-ordered id.
+    pub fn to_cloudevent(&self, source: &str) -> CloudEvent {
+        CloudEvent {
+            specversion: "1.0".to_owned(),
+            id: Uuid::now_v7(),
+            source: source.to_owned(),
+            event_type: self.cloudevent_type(),
+            time: OffsetDateTime::now_utc(),
+            datacontenttype: "application/json".to_owned(),
+            subject: Some(self.page_id().to_owned()),
+            data: self.data(),
+        }
+    }
+}
+
+/// A CloudEvents 1.0 event in structured JSON mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudEvent {
+    /// Always `"1.0"`.
+    pub specversion: String,
+    /// Unique, stable across redeliveries: consumers dedupe on it.
+    pub id: Uuid,
+    /// URI-reference of the producing component, e.g. `/loginconnect/scheduler`.
+    pub source: String,
+    /// `com.loginconnect.<routing key>`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// When the state change was committed (close to it: set when the row is written).
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// Always `application/json`.
+    pub datacontenttype: String,
+    /// The Page id, so consumers can filter without parsing `data`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub subject: Option<String>,
+    /// The event's data; see the AsyncAPI document for each type's schema.
+    pub data: serde_json::Value,
+}
+
+/// Writes one event to the outbox inside the caller's transaction and returns its id.
+pub async fn insert_outbox(
+    client: &impl tokio_postgres::GenericClient,
+    event: &PublicEvent,
+    source: &str,
+    traceparent: Option<&str>,
+) -> Result<Uuid, tokio_postgres::Error> {
+    let ce = event.to_cloudevent(source);
+    let json = serde_json::to_value(&ce).unwrap_or(serde_json::Value::Null);
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, event_type, page_id, cloudevent, traceparent) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &ce.id,
+                &event.routing_key(),
+                &event.page_id(),
+                &json,
+                &traceparent,
+            ],
+        )
+        .await?;
+    Ok(ce.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cloudevent_has_the_contract_fields() {
+        let ev = PublicEvent::FirstMessageSent(FirstMessageSent {
+            page_id: "1".into(),
+            login_id: "L".into(),
+            message_id: "m_1".into(),
+            sent_at: OffsetDateTime::UNIX_EPOCH,
+            attempts: 2,
+        });
+        let ce = ev.to_cloudevent("/loginconnect/scheduler");
+        let v = serde_json::to_value(&ce).expect("serialise");
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["type"], "com.loginconnect.first_message.sent");
+        assert_eq!(v["datacontenttype"], "application/json");
+        assert_eq!(v["data"]["sent_at"], "1970-01-01T00:00:00Z");
+        assert_eq!(v["data"]["attempts"], 2);
+        assert_eq!(ev.routing_key(), "first_message.sent");
+        let back: CloudEvent = serde_json::from_value(v).expect("deserialise");
+        assert_eq!(back, ce);
+    }
+}

@@ -1,0 +1,158 @@
+//! Names of every exchange and queue, and their idempotent declaration.
+//!
+//! Every binary calls [`declare`] at start and after each reconnect, so the topology exists
+//! whichever process starts first and a broker that lost it (a reset, a new vhost) gets it back.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Topic exchange that ingest publishes webhook events to (`<kind>.<page_id>`).
+pub const WEBHOOK_EXCHANGE: &str = "messenger.webhook";
+/// Public topic exchange of `identity.linked` and `first_message.*` CloudEvents.
+pub const EVENTS_EXCHANGE: &str = "loginconnect.events";
+/// Exchange that work queues dead-letter into; routing key = the work queue's name.
+pub const DEAD_LETTER_EXCHANGE: &str = "messenger.dlx";
+/// Work queue of the scheduler (bound `optin.*`).
+pub const SCHEDULER_QUEUE: &str = "scheduler.optins";
+/// Work queue of the correlator (bound `message.*`, `postback.*`).
+pub const CORRELATOR_QUEUE: &str = "correlator.replies";
+/// Bounded queue of events no worker acts on (echoes, deliveries, reads…), kept for
+/// inspection instead of being discarded by the broker (bound `other.*`).
+pub const OTHER_QUEUE: &str = "messenger.other";
+/// Queue of signed bodies that could not be parsed, kept raw for inspection and replay.
+pub const UNPARSED_QUEUE: &str = "messenger.unparsed";
+/// Header naming why a message was dead-lettered or put on [`UNPARSED_QUEUE`].
+pub const ERROR_HEADER: &str = "x-loginconnect-error";
+/// Header naming the queue a dead-lettered message came from (for replay).
+pub const ORIGIN_QUEUE_HEADER: &str = "x-loginconnect-origin-queue";
+/// Deliveries after which a quorum work queue dead-letters a message that keeps failing.
+pub const DELIVERY_LIMIT: i64 = 10;
+/// Most messages kept in [`OTHER_QUEUE`]; the oldest are dropped beyond it.
+pub const OTHER_QUEUE_MAX_LENGTH: i64 = 100_000;
+
+/// The work queues and the routing-key patterns bound to each.
+pub const WORK_QUEUES: [(&str, &[&str]); 2] = [
+    (SCHEDULER_QUEUE, &["optin.*"]),
+    (CORRELATOR_QUEUE, &["message.*", "postback.*"]),
+];
+
+/// Name of the dead-letter queue of a work queue.
+pub fn dead_letter_queue(work_queue: &str) -> String {
+    format!("{work_queue}.dlq")
+}
+
+/// Every queue an operator may want to inspect: dead-letter queues and the unparsed queue.
+pub fn inspectable_queues() -> Vec<String> {
+    let mut names: Vec<String> = WORK_QUEUES
+        .iter()
+        .map(|(q, _)| dead_letter_queue(q))
+        .collect();
+    names.push(UNPARSED_QUEUE.to_owned());
+    names
+}
+
+/// Routing key of a webhook event on [`WEBHOOK_EXCHANGE`].
+pub fn webhook_routing_key(kind: &str, page_id: &str) -> String {
+    format!("{kind}.{page_id}")
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Arguments of a quorum work queue: bounded redelivery, then at-least-once dead-lettering
+/// (RabbitMQ's default for quorum queues is at-most-once, which could lose a poison message).
+fn work_queue_arguments(work_queue: &str) -> FieldTable {
+    table(&[
+        ("x-queue-type", long("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+        ("x-dead-letter-exchange", long(DEAD_LETTER_EXCHANGE)),
+        ("x-dead-letter-routing-key", long(work_queue)),
+        ("x-dead-letter-strategy", long("at-least-once")),
+        ("x-overflow", long("reject-publish")),
+    ])
+}
+
+/// Declares the whole topology; safe to call any number of times from any process.
+pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
+    let exchange_opts = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    for name in [WEBHOOK_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE] {
+        channel
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                exchange_opts,
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let quorum = table(&[("x-queue-type", long("quorum"))]);
+    for (queue, patterns) in WORK_QUEUES {
+        channel
+            .queue_declare(queue.into(), durable(), work_queue_arguments(queue))
+            .await?;
+        for pattern in patterns {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    WEBHOOK_EXCHANGE.into(),
+                    (*pattern).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let dlq = dead_letter_queue(queue);
+        channel
+            .queue_declare(dlq.as_str().into(), durable(), quorum.clone())
+            .await?;
+        channel
+            .queue_bind(
+                dlq.as_str().into(),
+                DEAD_LETTER_EXCHANGE.into(),
+                queue.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    channel
+        .queue_declare(UNPARSED_QUEUE.into(), durable(), quorum.clone())
+        .await?;
+    let other_args = table(&[
+        ("x-queue-type", long("quorum")),
+        ("x-max-length", AMQPValue::LongLongInt(OTHER_QUEUE_MAX_LENGTH)),
+    ]);
+    channel
+        .queue_declare(OTHER_QUEUE.into(), durable(), other_args)
+        .await?;
+    channel
+        .queue_bind(
+            OTHER_QUEUE.into(),
+            WEBHOOK_EXCHANGE.into(),
+            "other.*".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
