@@ -152,6 +152,16 @@ impl BrokerLink {
         }
     }
 
+    /// Waits until the link has noticed a lost connection, or `timeout` passes.
+    pub async fn wait_down(&self, timeout: Duration) -> Result<(), AmqpError> {
+        let mut rx = self.inner.state.subscribe();
+        let wait = rx.wait_for(|s| s.is_none());
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(AmqpError::ConfirmTimeout(timeout)),
+        }
+    }
+
     /// A confirm-mode channel (round robin over the pool), or `NotConnected` at once.
     pub fn channel(&self) -> Result<Channel, AmqpError> {
         let guard = self.inner.state.borrow();

@@ -1,0 +1,398 @@
+//! Ingest against a real RabbitMQ: what a signed delivery puts on which queue, what an
+//! unsigned one does not, and how ingest behaves when the broker goes away and comes back.
+
+use std::time::Duration;
+
+use lc_ingest::{IngestConfig, RunningIngest};
+use lc_shared::amqp::header_str;
+use lc_shared::config::AmqpArgs;
+use lc_shared::secret::Secret;
+use lc_shared::shutdown::Shutdown;
+use lc_shared::signature::sign_sha256;
+use lc_shared::telemetry::LogFormat;
+use lc_shared::topology;
+use lc_testkit::harness::{TestVhost, queue_depth, take_all};
+use serde_json::{Value, json};
+
+const SECRET: &str = "app-secret-one";
+const SECOND_SECRET: &str = "app-secret-two";
+
+fn config(amqp_url: &str) -> IngestConfig {
+    IngestConfig {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        app_secrets: vec![Secret::new(SECRET), Secret::new(SECOND_SECRET)],
+        verify_token: Secret::new("verify-me"),
+        accept_sha1: false,
+        max_body_bytes: 64 * 1024,
+        confirm_timeout_ms: 1000,
+        request_timeout_ms: 5000,
+        publish_channels: 2,
+        amqp: AmqpArgs {
+            amqp_url: amqp_url.to_owned(),
+        },
+        log: lc_shared::config::LogArgs {
+            log_format: LogFormat::Text,
+        },
+    }
+}
+
+struct Harness {
+    vhost: TestVhost,
+    ingest: RunningIngest,
+    shutdown: Shutdown,
+    http: reqwest::Client,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let vhost = TestVhost::create();
+        Self::start_on(vhost, config).await
+    }
+
+    async fn start_on(vhost: TestVhost, cfg: fn(&str) -> IngestConfig) -> Self {
+        let shutdown = Shutdown::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let ingest = lc_ingest::start(cfg(&vhost.url()), listener, shutdown.clone())
+            .await
+            .expect("start ingest");
+        ingest
+            .broker
+            .wait_ready(Duration::from_secs(10))
+            .await
+            .expect("broker ready");
+        Self {
+            vhost,
+            ingest,
+            shutdown,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ingest.addr)
+    }
+
+    async fn post_raw(&self, body: &[u8], signature: Option<&str>) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(self.url("/webhook"))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(sig) = signature {
+            req = req.header("x-hub-signature-256", sig);
+        }
+        req.send().await.expect("post")
+    }
+
+    async fn post_signed(&self, body: &[u8]) -> reqwest::Response {
+        self.post_raw(body, Some(&sign_sha256(SECRET, body))).await
+    }
+
+    async fn all_queue_depths(&self) -> u32 {
+        let conn = self.vhost.connect().await;
+        let ch = conn.create_channel().await.expect("channel");
+        let mut total = 0;
+        for q in [
+            topology::SCHEDULER_QUEUE,
+            topology::CORRELATOR_QUEUE,
+            topology::OTHER_QUEUE,
+            topology::UNPARSED_QUEUE,
+        ] {
+            total += queue_depth(&ch, q).await;
+        }
+        total
+    }
+
+    async fn stop(self) {
+        self.shutdown.trigger();
+        let result = self.ingest.task.await.expect("join");
+        assert!(result.is_ok(), "ingest stopped with {result:?}");
+    }
+}
+
+fn optin(page: &str, login_id: &str, ts: i64) -> Value {
+    json!({"recipient": {"id": page}, "timestamp": ts, "optin": {"login_id": login_id}})
+}
+
+fn reply(page: &str, psid: &str, mid: &str, login_id: &str) -> Value {
+    json!({"sender": {"id": psid}, "recipient": {"id": page}, "timestamp": 1_700_000_000_500_i64,
+           "message": {"mid": mid, "text": "Track my order", "quick_reply": {"payload": "TRACK"}},
+           "prior_message": {"source": "login_connect", "identifier": login_id}})
+}
+
+fn postback(page: &str, psid: &str, mid: &str) -> Value {
+    json!({"sender": {"id": psid}, "recipient": {"id": page}, "timestamp": 1_700_000_000_600_i64,
+           "postback": {"mid": mid, "title": "Start", "payload": "START"}})
+}
+
+fn delivery_receipt(page: &str, psid: &str) -> Value {
+    json!({"sender": {"id": psid}, "recipient": {"id": page},
+           "delivery": {"mids": ["m_1"], "watermark": 1_700_000_000_700_i64}})
+}
+
+fn envelope(entries: Vec<(&str, Vec<Value>)>) -> Vec<u8> {
+    let entries: Vec<Value> = entries
+        .into_iter()
+        .map(|(page, items)| json!({"id": page, "time": 1_700_000_001_000_i64, "messaging": items}))
+        .collect();
+    serde_json::to_vec(&json!({"object": "page", "entry": entries})).expect("json")
+}
+
+#[tokio::test]
+async fn signed_batch_lands_on_the_right_queues_with_ids_and_properties() {
+    let h = Harness::start().await;
+    let body = envelope(vec![
+        ("111", vec![optin("111", "L1", 1_700_000_000_000), reply("111", "P1", "m_a", "L0")]),
+        ("222", vec![optin("222", "L2", 1_700_000_000_100), postback("222", "P2", "m_b")]),
+        ("111", vec![delivery_receipt("111", "P1"), reply("111", "P3", "m_c", "L9")]),
+    ]);
+    let resp = h.post_signed(&body).await;
+    assert_eq!(resp.status(), 200);
+
+    let conn = h.vhost.connect().await;
+    let optins = take_all(&conn, topology::SCHEDULER_QUEUE).await;
+    let replies = take_all(&conn, topology::CORRELATOR_QUEUE).await;
+    let others = take_all(&conn, topology::OTHER_QUEUE).await;
+    assert_eq!(optins.len(), 2);
+    assert_eq!(replies.len(), 3);
+    assert_eq!(others.len(), 1);
+    assert!(take_all(&conn, topology::UNPARSED_QUEUE).await.is_empty());
+
+    let keys: Vec<String> = optins.iter().map(|d| d.routing_key.to_string()).collect();
+    assert_eq!(keys, vec!["optin.111", "optin.222"]);
+    let ids: Vec<String> = optins
+        .iter()
+        .map(|d| d.properties.message_id().as_ref().expect("id").to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["optin:111:L1:1700000000000", "optin:222:L2:1700000000100"]
+    );
+    let reply_keys: Vec<String> = replies.iter().map(|d| d.routing_key.to_string()).collect();
+    assert_eq!(reply_keys, vec!["message.111", "postback.222", "message.111"]);
+    let reply_ids: Vec<String> = replies
+        .iter()
+        .map(|d| d.properties.message_id().as_ref().expect("id").to_string())
+        .collect();
+    assert_eq!(reply_ids, vec!["mid:m_a", "mid:m_b", "mid:m_c"]);
+    assert_eq!(others[0].routing_key.as_str(), "other.111");
+
+    for d in optins.iter().chain(&replies).chain(&others) {
+        assert_eq!(*d.properties.delivery_mode(), Some(2), "persistent");
+        assert_eq!(
+            d.properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert!(d.properties.timestamp().is_some());
+        let tp = header_str(&d.properties, "traceparent").expect("traceparent header");
+        assert!(lc_shared::telemetry::TraceParent::parse(&tp).is_some(), "{tp}");
+    }
+    // The body of each message is the queued form, re-parseable into the same event.
+    let queued: lc_shared::webhook::QueuedEvent =
+        serde_json::from_slice(&optins[0].data).expect("queued event");
+    assert_eq!(queued.page_id, "111");
+    assert_eq!(queued.source, "webhook");
+    let ev = queued.parse().expect("re-parse");
+    match ev.details {
+        lc_shared::webhook::EventDetails::Optin(o) => assert_eq!(o.login_id, "L1"),
+        other => panic!("expected optin, got {other:?}"),
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bad_signatures_are_refused_and_nothing_is_published() {
+    let h = Harness::start().await;
+    let body = envelope(vec![("111", vec![optin("111", "L1", 1_700_000_000_000)])]);
+    let good = sign_sha256(SECRET, &body);
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("missing header", None),
+        ("wrong secret", Some(sign_sha256("not-our-secret", &body))),
+        ("malformed hex", Some(format!("sha256={}", "g".repeat(64)))),
+        ("truncated", Some(good[..good.len() - 4].to_owned())),
+        ("wrong prefix", Some(good.replace("sha256=", "sha1="))),
+        ("other body", Some(sign_sha256(SECRET, b"{\"object\":\"page\",\"entry\":[]}"))),
+        ("empty", Some(String::new())),
+    ];
+    for (name, sig) in cases {
+        let resp = h.post_raw(&body, sig.as_deref()).await;
+        assert_eq!(resp.status(), 401, "{name}");
+    }
+    assert_eq!(h.all_queue_depths().await, 0, "nothing may be published");
+
+    // The second configured secret (rotation) is accepted.
+    let resp = h
+        .post_raw(&body, Some(&sign_sha256(SECOND_SECRET, &body)))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(h.all_queue_depths().await, 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn unicode_is_verified_over_the_escaped_bytes_as_sent() {
+    let h = Harness::start().await;
+    // Meta escapes non-ASCII characters; the signature covers exactly these bytes.
+    let body = br#"{"object":"page","entry":[{"id":"111","time":1700000001000,"messaging":[{"sender":{"id":"P1"},"recipient":{"id":"111"},"timestamp":1700000000500,"message":{"mid":"m_u","text":"\u00e4\u00f6\u00e5 \ud83d\ude00"}}]}]}"#;
+    let sig = sign_sha256(SECRET, body);
+    // A re-serialised body (unescaped UTF-8) is different bytes: its signature would not match.
+    let reserialised =
+        serde_json::to_vec(&serde_json::from_slice::<Value>(body).expect("json")).expect("json");
+    assert_ne!(reserialised.as_slice(), body.as_slice());
+    assert_eq!(h.post_raw(&reserialised, Some(&sig)).await.status(), 401);
+    assert_eq!(h.post_raw(body, Some(&sig)).await.status(), 200);
+
+    let conn = h.vhost.connect().await;
+    let replies = take_all(&conn, topology::CORRELATOR_QUEUE).await;
+    assert_eq!(replies.len(), 1);
+    let queued: lc_shared::webhook::QueuedEvent =
+        serde_json::from_slice(&replies[0].data).expect("queued");
+    assert!(
+        queued.event.get().contains(r"\u00e4\u00f6\u00e5"),
+        "the event keeps the bytes as received: {}",
+        queued.event.get()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_and_signed_garbage_is_kept_unparsed() {
+    let h = Harness::start().await;
+    let big = vec![b'x'; 65 * 1024];
+    let resp = h.post_signed(&big).await;
+    assert_eq!(resp.status(), 413);
+    assert_eq!(h.all_queue_depths().await, 0);
+
+    let garbage = b"{\"object\":\"page\",\"entry\":\"not an array\"}";
+    let resp = h.post_signed(garbage).await;
+    assert_eq!(resp.status(), 200, "Meta must not retry a body that can never parse");
+    let conn = h.vhost.connect().await;
+    let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].data.as_slice(), garbage.as_slice(), "kept raw");
+    let reason = header_str(&kept[0].properties, topology::ERROR_HEADER).expect("reason header");
+    assert!(!reason.is_empty());
+    assert_eq!(h.all_queue_depths().await, 0, "nothing else was published");
+
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("ingest_unparsed_bodies_total 1"), "{metrics}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn handshake_echoes_the_challenge_only_for_the_right_token() {
+    let h = Harness::start().await;
+    let ok = h
+        .http
+        .get(h.url("/webhook?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=1158201444"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.text().await.expect("text"), "1158201444");
+    for q in [
+        "/webhook?hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1",
+        "/webhook?hub.mode=unsubscribe&hub.verify_token=verify-me&hub.challenge=1",
+        "/webhook?hub.mode=subscribe&hub.challenge=1",
+        "/webhook",
+    ] {
+        let resp = h.http.get(h.url(q)).send().await.expect("get");
+        assert_eq!(resp.status(), 403, "{q}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn broker_loss_gives_fast_503_and_recovery_needs_no_restart() {
+    let h = Harness::start().await;
+    let body = envelope(vec![("111", vec![optin("111", "L1", 1_700_000_000_000)])]);
+    assert_eq!(h.post_signed(&body).await.status(), 200);
+    let ready = h.http.get(h.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200);
+
+    // Deleting the vhost closes every connection into it, like a broker outage would.
+    h.vhost.delete_now();
+    h.ingest
+        .broker
+        .wait_down(Duration::from_secs(10))
+        .await
+        .expect("the link notices the lost connection");
+    let r = h.http.get(h.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(r.status(), 503, "/readyz must report the lost broker");
+    let started = std::time::Instant::now();
+    let resp = h.post_signed(&body).await;
+    assert_eq!(resp.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "503 within the confirm bound, took {:?}",
+        started.elapsed()
+    );
+
+    TestVhost::create_named(&h.vhost.name);
+    h.ingest
+        .broker
+        .wait_ready(Duration::from_secs(20))
+        .await
+        .expect("reconnects by itself");
+    let ready = h.http.get(h.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200);
+    assert_eq!(h.post_signed(&body).await.status(), 200);
+    let conn = h.vhost.connect().await;
+    assert_eq!(take_all(&conn, topology::SCHEDULER_QUEUE).await.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_load_is_all_acknowledged_and_all_stored() {
+    let h = Harness::start().await;
+    let tasks = 50;
+    let per_task = 40;
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let http = h.http.clone();
+        let url = h.url("/webhook");
+        handles.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..per_task {
+                let body = envelope(vec![(
+                    "111",
+                    vec![optin("111", &format!("L{t}_{i}"), 1_700_000_000_000)],
+                )]);
+                let resp = http
+                    .post(&url)
+                    .header("x-hub-signature-256", sign_sha256(SECRET, &body))
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post");
+                statuses.push(resp.status().as_u16());
+            }
+            statuses
+        }));
+    }
+    let mut ok = 0;
+    for handle in handles {
+        for status in handle.await.expect("task") {
+            assert_eq!(status, 200);
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, tasks * per_task);
+    let conn = h.vhost.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
+    assert_eq!(
+        queue_depth(&ch, topology::SCHEDULER_QUEUE).await as usize,
+        tasks * per_task
+    );
+    h.stop().await;
+}
