@@ -23,6 +23,9 @@ CREATE TABLE optins (
     last_error_message text,
     last_error_fbtrace text,
     traceparent        text,
+    -- When the person's first reply arrived (set whatever the state; the state becomes
+    -- 'replied' only if no first message had been sent yet).
+    replied_at         timestamptz,
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
     finished_at        timestamptz,

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Makes sure RabbitMQ and PostgreSQL are installed, running and answering on 127.0.0.1.
+# Used by .ci/run and by scripts/run (the README's run command). Idempotent.
+#   scripts/services.sh           install if missing (needs root + apt-get), start, wait
+#   scripts/services.sh --check   only report; exit 1 if a service is not answering
+set -euo pipefail
+
+check_only=false
+[ "${1:-}" = "--check" ] && check_only=true
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+rabbit_up() { rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1 || rabbitmqctl -q status >/dev/null 2>&1; }
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; }
+
+wait_for() { # name, command, seconds
+  local name=$1 cmd=$2 secs=$3 i
+  for ((i = 0; i < secs * 2; i++)); do
+    if $cmd; then log "$name is answering"; return 0; fi
+    sleep 0.5
+  done
+  log "$name did not answer within ${secs}s"; return 1
+}
+
+install_missing() {
+  local pkgs=()
+  command -v rabbitmqctl >/dev/null 2>&1 || pkgs+=(rabbitmq-server)
+  command -v pg_ctlcluster >/dev/null 2>&1 || pkgs+=(postgresql)
+  [ ${#pkgs[@]} -eq 0 ] && return 0
+  if $check_only; then log "not installed: ${pkgs[*]}"; return 1; fi
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "missing ${pkgs[*]} and cannot install them here (needs root and apt-get)."
+    log "Install RabbitMQ >= 3.10 and PostgreSQL >= 15, or run: docker compose up -d rabbitmq postgres"
+    return 1
+  fi
+  log "installing ${pkgs[*]} with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${pkgs[@]}" >/dev/null
+}
+
+start_rabbit() {
+  rabbit_up && return 0
+  $check_only && { log "RabbitMQ is not running"; return 1; }
+  log "starting RabbitMQ"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_for RabbitMQ rabbit_up 90
+}
+
+start_pg() {
+  if ! pg_up; then
+    $check_only && { log "PostgreSQL is not running"; return 1; }
+    log "starting PostgreSQL"
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
+    wait_for PostgreSQL pg_up 60
+  fi
+  # The tests and the default DATABASE_URL use trust auth for user postgres over TCP.
+  if ! psql -h 127.0.0.1 -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; then
+    log "PostgreSQL answers, but user 'postgres' cannot log in over TCP without a password."
+    log "Allow it (trust for 127.0.0.1 in pg_hba.conf) or set DATABASE_URL/TEST_POSTGRES_BASE with credentials."
+    return 1
+  fi
+}
+
+install_missing
+start_rabbit
+start_pg

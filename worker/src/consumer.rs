@@ -1,0 +1,263 @@
+//! A batched, supervised AMQP consumer that acks only after the handler has committed.
+//!
+//! Deliveries that are ready are handed over together (up to a batch size) so the handler can
+//! commit them in one transaction. A handler error (database down) does not nack: the batch is
+//! retried in-process with backoff, because every nack of a quorum queue counts toward its
+//! delivery limit and an outage would otherwise push healthy messages to the dead-letter
+//! queue. Messages the handler rejects are re-published to the dead-letter exchange with the
+//! reason in a header, then acked.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lc_shared::amqp::{self, AmqpError, BrokerLink};
+use lc_shared::shutdown::Shutdown;
+use lc_shared::topology;
+
+/// What to do with one delivery after the handler ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Processed (committed): acknowledge.
+    Ack,
+    /// Cannot ever be processed: move to the dead-letter queue with this reason.
+    DeadLetter(String),
+}
+
+/// What the handler sees of one delivery (cheap to clone for a retry).
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Message body.
+    pub data: Vec<u8>,
+    /// Routing key it was published with.
+    pub routing_key: String,
+    /// AMQP properties (message id, headers, timestamp).
+    pub properties: lapin::BasicProperties,
+    /// True if the broker delivered it before (a previous consumer did not ack).
+    pub redelivered: bool,
+}
+
+impl From<&Delivery> for Incoming {
+    fn from(d: &Delivery) -> Self {
+        Self {
+            data: d.data.clone(),
+            routing_key: d.routing_key.to_string(),
+            properties: d.properties.clone(),
+            redelivered: d.redelivered,
+        }
+    }
+}
+
+/// Settings of one consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// Queue to consume.
+    pub queue: &'static str,
+    /// Unacked deliveries the broker may push ahead (AMQP prefetch).
+    pub prefetch: u16,
+    /// Most deliveries handed to the handler at once.
+    pub max_batch: usize,
+    /// Consumer tag prefix (the broker UI shows it).
+    pub tag: String,
+}
+
+/// Runs until `shutdown`: consumes `settings.queue` and calls `handler` with each batch of
+/// ready deliveries. The handler returns one verdict per delivery, in order, or an error to
+/// have the same batch retried.
+pub async fn run<H, F, E>(
+    link: BrokerLink,
+    settings: ConsumerSettings,
+    shutdown: Shutdown,
+    handler: H,
+)
+where
+    H: Fn(Vec<Incoming>) -> F,
+    F: Future<Output = Result<Vec<Verdict>, E>>,
+    E: std::fmt::Display,
+{
+    let mut reconnect = amqp::reconnect_backoff();
+    while !shutdown.is_triggered() {
+        tokio::select! {
+            r = link.wait_ready(Duration::from_secs(3600)) => if r.is_err() { continue },
+            () = shutdown.wait() => return,
+        }
+        match consume_until_lost(&link, &settings, &shutdown, &handler).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(queue = settings.queue, error = %e, "consumer lost its channel; resubscribing");
+                let delay = reconnect.next().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.wait() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn consume_until_lost<H, F, E>(
+    link: &BrokerLink,
+    settings: &ConsumerSettings,
+    shutdown: &Shutdown,
+    handler: &H,
+) -> Result<(), AmqpError>
+where
+    H: Fn(Vec<Incoming>) -> F,
+    F: Future<Output = Result<Vec<Verdict>, E>>,
+    E: std::fmt::Display,
+{
+    let channel = link.open_channel().await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
+    let dlx_channel = link.channel()?;
+    let tag = format!("{}-{}", settings.tag, uuid::Uuid::new_v4().simple());
+    let consumer = channel
+        .basic_consume(
+            settings.queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = settings.queue, prefetch = settings.prefetch, "consuming");
+    let mut batches = consumer.ready_chunks(settings.max_batch.max(1));
+    loop {
+        let chunk = tokio::select! {
+            c = batches.next() => c,
+            () = shutdown.wait() => {
+                // Stop the flow first; anything already pushed but unprocessed is returned
+                // to the queue when the channel closes.
+                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                let _ = channel.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+        };
+        let Some(chunk) = chunk else {
+            return Err(AmqpError::NotConnected);
+        };
+        let mut deliveries = Vec::with_capacity(chunk.len());
+        for item in chunk {
+            deliveries.push(item?);
+        }
+        let Some(verdicts) = handle_with_retry(handler, &deliveries, shutdown, settings.queue).await
+        else {
+            // Shutting down mid-retry: give the batch back untouched (not a poison signal
+            // worth counting, but the broker counts it; the limit leaves ample room).
+            for d in &deliveries {
+                let _ = d
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await;
+            }
+            let _ = channel.close(200, "shutdown".into()).await;
+            return Ok(());
+        };
+        settle(&dlx_channel, settings.queue, &deliveries, verdicts).await?;
+    }
+}
+
+/// Calls the handler until it succeeds or shutdown fires (`None`).
+async fn handle_with_retry<H, F, E>(
+    handler: &H,
+    deliveries: &[Delivery],
+    shutdown: &Shutdown,
+    queue: &str,
+) -> Option<Vec<Verdict>>
+where
+    H: Fn(Vec<Incoming>) -> F,
+    F: Future<Output = Result<Vec<Verdict>, E>>,
+    E: std::fmt::Display,
+{
+    let mut delays = amqp::reconnect_backoff();
+    loop {
+        match handler(deliveries.iter().map(Incoming::from).collect()).await {
+            Ok(verdicts) => return Some(verdicts),
+            Err(e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::error!(queue, error = %e, retry_in_ms = delay.as_millis(), batch = deliveries.len(), "handling failed; retrying the batch");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.wait() => return None,
+                }
+            }
+        }
+    }
+}
+
+async fn settle(
+    dlx_channel: &lapin::Channel,
+    queue: &str,
+    deliveries: &[Delivery],
+    verdicts: Vec<Verdict>,
+) -> Result<(), AmqpError> {
+    let all_ack = verdicts.iter().all(|v| *v == Verdict::Ack) && verdicts.len() == deliveries.len();
+    if all_ack {
+        if let Some(last) = deliveries.last() {
+            // Batches are handled one at a time, so every earlier delivery on this channel is
+            // settled already: one multiple-ack covers the batch.
+            last.acker
+                .ack(BasicAckOptions { multiple: true })
+                .await?;
+        }
+        return Ok(());
+    }
+    for (i, d) in deliveries.iter().enumerate() {
+        let verdict = verdicts
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| Verdict::DeadLetter("handler returned no verdict".into()));
+        if let Verdict::DeadLetter(reason) = verdict {
+            dead_letter(dlx_channel, queue, d, &reason).await?;
+        }
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(())
+}
+
+/// Re-publishes a delivery to the dead-letter exchange with the reason, awaiting the confirm
+/// before the caller acks the original (so the message exists in one of the two places).
+pub async fn dead_letter(
+    channel: &lapin::Channel,
+    queue: &str,
+    delivery: &Delivery,
+    reason: &str,
+) -> Result<(), AmqpError> {
+    tracing::warn!(queue, reason, message_id = ?delivery.properties.message_id(), "dead-lettering message");
+    let mut headers = delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    headers.insert(
+        ShortString::from(topology::ERROR_HEADER),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    headers.insert(
+        ShortString::from(topology::ORIGIN_QUEUE_HEADER),
+        AMQPValue::LongString(LongString::from(queue)),
+    );
+    headers.insert(
+        ShortString::from("x-loginconnect-original-routing-key"),
+        AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
+    );
+    let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+    let confirm = amqp::publish(
+        channel,
+        topology::DEAD_LETTER_EXCHANGE,
+        queue,
+        true,
+        &delivery.data,
+        props,
+    )
+    .await?;
+    amqp::await_confirm(confirm, Duration::from_secs(5)).await
+}
