@@ -21,6 +21,7 @@ use lc_shared::signature::{
 use lc_shared::telemetry::{TraceParent, render_metrics};
 use lc_shared::webhook;
 use tower_http::timeout::TimeoutLayer;
+use tracing::Instrument;
 
 use crate::metrics::IngestMetrics;
 use crate::publish::{self, Outgoing};
@@ -144,17 +145,27 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// `POST /webhook`: verify, split into events, publish with confirms, then answer.
 async fn delivery(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let s = &state.inner;
     let trace = header_str(&headers, "traceparent")
         .and_then(TraceParent::parse)
         .map_or_else(TraceParent::new_root, |t| t.child());
     let span = tracing::info_span!("webhook_delivery", trace_id = %trace.trace_id_hex(), bytes = body.len());
-    let _enter = span.enter();
+    handle_delivery(&state, &headers, &body, trace)
+        .instrument(span)
+        .await
+}
+
+async fn handle_delivery(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+    trace: TraceParent,
+) -> Response {
+    let s = &state.inner;
 
     if let Err(e) = s.verifier.verify(
-        header_str(&headers, SIGNATURE_256_HEADER),
-        header_str(&headers, SIGNATURE_SHA1_HEADER),
-        &body,
+        header_str(headers, SIGNATURE_256_HEADER),
+        header_str(headers, SIGNATURE_SHA1_HEADER),
+        body,
     ) {
         let reason = signature_reason(&e);
         s.metrics
@@ -166,7 +177,7 @@ async fn delivery(State(state): State<AppState>, headers: HeaderMap, body: Bytes
     }
 
     let traceparent = trace.to_string();
-    let (messages, unparsed): (Vec<Outgoing>, bool) = match webhook::parse_delivery(&body) {
+    let (messages, unparsed): (Vec<Outgoing>, bool) = match webhook::parse_delivery(body) {
         Ok(events) => {
             let mut out = Vec::with_capacity(events.len());
             for ev in &events {
@@ -176,7 +187,7 @@ async fn delivery(State(state): State<AppState>, headers: HeaderMap, body: Bytes
                         // Serialising our own struct of strings cannot fail; if it ever does,
                         // keep the whole body rather than lose the event.
                         tracing::error!(error = %e, "cannot encode event; keeping body as unparsed");
-                        out = vec![publish::unparsed_message(&body, &e.to_string(), &traceparent)];
+                        out = vec![publish::unparsed_message(body, &e.to_string(), &traceparent)];
                         break;
                     }
                 }
@@ -186,7 +197,7 @@ async fn delivery(State(state): State<AppState>, headers: HeaderMap, body: Bytes
         Err(e) => {
             tracing::warn!(error = %e, "signed webhook body does not parse; keeping it on messenger.unparsed");
             (
-                vec![publish::unparsed_message(&body, &e.to_string(), &traceparent)],
+                vec![publish::unparsed_message(body, &e.to_string(), &traceparent)],
                 true,
             )
         }
