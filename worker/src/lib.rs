@@ -8,7 +8,9 @@
 //! - [`relay`]: the outbox relay that publishes public events with confirms.
 //! - [`scheduler`]: recording opt-ins and dispatching first messages.
 //! - [`correlator`]: joining replies to opt-ins.
+//! - [`cli`]: the `loginconnect` operator CLI.
 
+pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod correlator;

@@ -1,0 +1,497 @@
+//! The scheduler against real PostgreSQL and RabbitMQ and the fake Graph: one message per
+//! opt-in, deadlines, earliest deadline first, classified retries, pauses, the crash window
+//! and fencing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lc_testkit::fake_graph::{FakeResponse, TokenSource};
+use lc_testkit::harness::consume_n;
+use lc_testkit::pipeline::{
+    FIRST_TEXT, PAGE, PAGE_TOKEN, TestEnv, body, eventually, optin_item, optin_state, post_signed,
+    write_pages_file,
+};
+use lc_worker::scheduler::store::UnknownOutcome;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn event_json(d: &lapin::message::Delivery) -> Value {
+    serde_json::from_slice(&d.data).expect("cloudevent json")
+}
+
+#[tokio::test]
+async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
+    let env = TestEnv::new().await;
+    let events = env.capture_events(&["first_message.*"]).await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await, 200);
+    let calls = env.graph.wait_for_send_calls(1, WAIT).await.expect("one call");
+    let call = &calls[0];
+    assert_eq!(call.path, format!("/v25.0/{PAGE}/messages"));
+    assert_eq!(call.token_source, Some(TokenSource::Header));
+    assert_eq!(call.authorization.as_deref(), Some(format!("Bearer {PAGE_TOKEN}").as_str()));
+    assert!(!call.query.contains("access_token"), "token never in the URL: {}", call.query);
+    assert_eq!(call.body["recipient"]["login_id"], "L1");
+    assert_eq!(call.body["messaging_type"], "UPDATE");
+    assert_eq!(call.body["message"]["text"], FIRST_TEXT);
+    assert_eq!(call.body["message"]["quick_replies"][0]["title"], "Track my order");
+    assert_eq!(call.body["message"]["quick_replies"][1]["payload"], "AGENT");
+
+    let conn = env.vhost.connect().await;
+    let got = consume_n(&conn, &events, 1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    let ev = event_json(&got[0]);
+    assert_eq!(ev["type"], "com.loginconnect.first_message.sent");
+    assert_eq!(ev["data"]["login_id"], "L1");
+    assert_eq!(ev["data"]["page_id"], PAGE);
+    assert_eq!(ev["data"]["attempts"], 1);
+    assert!(ev["data"]["message_id"].as_str().is_some_and(|m| m.starts_with("m_")));
+
+    // The same opt-in again, the same login_id with another timestamp inside the window,
+    // and a redelivery: all duplicates.
+    let later = now + Duration::from_secs(30);
+    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await, 200);
+    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", later)])).await, 200);
+    let metrics_url = format!("http://{}/metrics", scheduler.metrics_addr);
+    eventually(WAIT, "two duplicates recorded", || async {
+        let text = reqwest::get(&metrics_url).await.expect("metrics").text().await.expect("text");
+        text.contains("scheduler_optins_recorded_total{result=\"duplicate\"} 2")
+    })
+    .await;
+    assert_eq!(env.graph.send_calls().len(), 1, "still exactly one call");
+    let sql = env.sql().await;
+    assert_eq!(optin_state(&sql, "L1").await.as_deref(), Some("sent"));
+    let outbox: i64 = sql
+        .query_one("SELECT count(*) FROM outbox WHERE event_type = 'first_message.sent'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(outbox, 1);
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
+#[tokio::test]
+async fn two_schedulers_send_a_thousand_optins_once_each() {
+    let env = TestEnv::new().await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let (a, stop_a) = env.start_scheduler(env.scheduler_config()).await;
+    let (b, stop_b) = env.start_scheduler(env.scheduler_config()).await;
+    let now = OffsetDateTime::now_utc();
+    for chunk in 0..20 {
+        let items = (0..50)
+            .map(|i| optin_item(PAGE, &format!("L{}", chunk * 50 + i), now))
+            .collect();
+        assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
+    }
+    let calls = env.graph.wait_for_send_calls(1000, Duration::from_secs(60)).await.expect("1000 calls");
+    let sql = env.sql().await;
+    eventually(WAIT, "all 1000 recorded as sent", || async {
+        let n: i64 = sql
+            .query_one("SELECT count(*) FROM optins WHERE state = 'sent'", &[])
+            .await
+            .expect("count")
+            .get(0);
+        n == 1000
+    })
+    .await;
+    let calls_now = env.graph.send_calls();
+    assert_eq!(calls_now.len(), 1000, "exactly 1000 calls ({} seen at first)", calls.len());
+    let mut ids: Vec<String> = calls_now.iter().filter_map(|c| c.login_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 1000, "no login_id twice");
+    stop_a.trigger();
+    stop_b.trigger();
+    a.task.await.expect("a stopped");
+    b.task.await.expect("b stopped");
+}
+
+#[tokio::test]
+async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_in_time() {
+    let env = TestEnv::new().await;
+    let events = env.capture_events(&["first_message.*"]).await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let mut config = env.scheduler_config();
+    config.retry_base_ms = 200;
+    config.retry_jitter = false;
+    let margin = Duration::from_secs(config.safety_margin_secs);
+    let (scheduler, stop) = env.start_scheduler(config).await;
+    let now = OffsetDateTime::now_utc();
+    let day = Duration::from_secs(86_400);
+
+    // 25 hours old, and one inside the safety margin: both expire on arrival.
+    let stale = now - Duration::from_secs(25 * 3600);
+    let in_margin = now - day + margin - Duration::from_secs(5);
+    // Four seconds of sending time left, and Graph failing transiently throughout.
+    let short = now - day + margin + Duration::from_secs(4);
+    env.graph.script("SHORT", vec![FakeResponse::ServerError(503); 50]);
+    let items = vec![
+        optin_item(PAGE, "STALE", stale),
+        optin_item(PAGE, "MARGIN", in_margin),
+        optin_item(PAGE, "SHORT", short),
+    ];
+    assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
+
+    let conn = env.vhost.connect().await;
+    let got = consume_n(&conn, &events, 3, WAIT).await;
+    assert_eq!(got.len(), 3);
+    let mut expired: Vec<String> = got
+        .iter()
+        .map(event_json)
+        .inspect(|e| assert_eq!(e["type"], "com.loginconnect.first_message.expired"))
+        .map(|e| e["data"]["login_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    expired.sort();
+    assert_eq!(expired, vec!["MARGIN", "SHORT", "STALE"]);
+
+    let calls = env.graph.send_calls();
+    assert!(calls.iter().all(|c| c.login_id.as_deref() == Some("SHORT")), "no call for expired opt-ins");
+    assert!(calls.len() >= 2, "SHORT was retried: {} calls", calls.len());
+    let last_send = short + day - margin;
+    for c in &calls {
+        assert!(c.at < last_send, "call at {} is past the last send time {last_send}", c.at);
+    }
+    let short_event = got
+        .iter()
+        .map(event_json)
+        .find(|e| e["data"]["login_id"] == "SHORT")
+        .expect("short");
+    assert_eq!(short_event["data"]["attempts"], calls.len());
+    assert!(short_event["data"]["last_error"]["message"].as_str().is_some());
+    let sql = env.sql().await;
+    assert_eq!(optin_state(&sql, "SHORT").await.as_deref(), Some("expired"));
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
+#[tokio::test]
+async fn earliest_deadline_goes_first_under_a_throttled_graph() {
+    let env = TestEnv::new().await;
+    let sql = {
+        // Record a backlog before any scheduler runs: migrate, then insert rows in a shuffled
+        // order of deadlines.
+        let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
+        lc_shared::db::migrate(&pool).await.expect("migrate");
+        env.sql().await
+    };
+    let now = OffsetDateTime::now_utc();
+    let ages_minutes = [30, 300, 5, 600, 120, 45, 900, 1, 480, 60];
+    for (i, age) in ages_minutes.iter().enumerate() {
+        let opted = now - Duration::from_secs(age * 60);
+        sql.execute(
+            "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+             VALUES ($1, $2, $3, $3::timestamptz + interval '24 hours', $3, 'pending', $3)",
+            &[&PAGE, &format!("L{i}"), &opted],
+        )
+        .await
+        .expect("insert");
+    }
+    env.graph.set_latency(Duration::from_millis(20));
+    let mut config = env.scheduler_config();
+    config.max_in_flight = 1;
+    config.page_rate_limit = 20;
+    let (scheduler, stop) = env.start_scheduler(config).await;
+    let calls = env.graph.wait_for_send_calls(10, WAIT).await.expect("10 calls");
+    let order: Vec<usize> = calls
+        .iter()
+        .map(|c| c.login_id.as_deref().unwrap_or("L?")[1..].parse().expect("index"))
+        .collect();
+    let mut expected: Vec<usize> = (0..10).collect();
+    // Oldest opt-in = earliest deadline.
+    expected.sort_by_key(|i| std::cmp::Reverse(ages_minutes[*i]));
+    assert_eq!(order, expected);
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are_not() {
+    let env = TestEnv::new().await;
+    let events = env.capture_events(&["first_message.*"]).await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let mut config = env.scheduler_config();
+    config.retry_base_ms = 150;
+    config.retry_jitter = false;
+    let (scheduler, stop) = env.start_scheduler(config).await;
+
+    env.graph.script(
+        "FLAKY",
+        vec![
+            FakeResponse::ServerError(502),
+            FakeResponse::unexpected(),
+            FakeResponse::Error { http_status: 400, code: 1200, subcode: None, message: "Temporary send message failure. Please try again later.".into() },
+            FakeResponse::RateLimited { code: 613, regain_minutes: 0 },
+        ],
+    );
+    let permanent = [
+        ("P551", FakeResponse::Error { http_status: 400, code: 551, subcode: Some(1545041), message: "This person isn't available right now.".into() }),
+        ("P100", FakeResponse::Error { http_status: 400, code: 100, subcode: Some(2018001), message: "(#100) No matching user found".into() }),
+        ("PWIN", FakeResponse::outside_window()),
+    ];
+    for (login_id, response) in &permanent {
+        env.graph.script(login_id, vec![response.clone()]);
+    }
+    let now = OffsetDateTime::now_utc();
+    let mut items = vec![optin_item(PAGE, "FLAKY", now)];
+    items.extend(permanent.iter().map(|(l, _)| optin_item(PAGE, l, now)));
+    assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
+
+    let conn = env.vhost.connect().await;
+    let got: Vec<Value> = consume_n(&conn, &events, 4, WAIT).await.iter().map(event_json).collect();
+    assert_eq!(got.len(), 4);
+    let by_login = |l: &str| got.iter().find(|e| e["data"]["login_id"] == l).cloned().expect(l);
+    let flaky = by_login("FLAKY");
+    assert_eq!(flaky["type"], "com.loginconnect.first_message.sent");
+    assert_eq!(flaky["data"]["attempts"], 5);
+    for (login_id, _) in &permanent {
+        let ev = by_login(login_id);
+        assert_eq!(ev["type"], "com.loginconnect.first_message.failed", "{login_id}");
+        assert_eq!(ev["data"]["reason"], "graph_permanent");
+        assert_eq!(ev["data"]["attempts"], 1);
+        assert!(ev["data"]["last_error"]["code"].as_i64().is_some());
+    }
+    let calls = env.graph.send_calls();
+    for (login_id, _) in &permanent {
+        let n = calls.iter().filter(|c| c.login_id.as_deref() == Some(*login_id)).count();
+        assert_eq!(n, 1, "{login_id} called once");
+    }
+    let flaky_times: Vec<OffsetDateTime> = calls
+        .iter()
+        .filter(|c| c.login_id.as_deref() == Some("FLAKY"))
+        .map(|c| c.at)
+        .collect();
+    assert_eq!(flaky_times.len(), 5);
+    let gaps: Vec<f64> = flaky_times.windows(2).map(|w| (w[1] - w[0]).as_seconds_f64()).collect();
+    // Ceilings without jitter: 0.15, 0.3, 0.6, 1.2 s (the poll interval may add up to 0.2 s).
+    for (i, gap) in gaps.iter().enumerate() {
+        let ceiling = 0.15 * f64::from(1u32 << i);
+        assert!(*gap >= ceiling * 0.95, "gap {i} = {gap:.3}s, expected ≥ {ceiling}s: {gaps:?}");
+    }
+    assert!(gaps.windows(2).all(|w| w[1] > w[0]), "delays grow: {gaps:?}");
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
+#[tokio::test]
+async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
+    let env = TestEnv::new().await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    // Graph now expects another token than ours.
+    env.graph.set_token(PAGE, "EAAG-rotated-token");
+    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "T1", now)])).await, 200);
+    let calls = env.graph.wait_for_send_calls(1, WAIT).await.expect("first call");
+    assert_eq!(calls[0].outcome, "error:190");
+    let metrics_url = format!("http://{}/metrics", scheduler.metrics_addr);
+    let text = reqwest::get(&metrics_url).await.expect("metrics").text().await.expect("text");
+    assert!(text.contains(&format!("scheduler_paused_pages{{page_id=\"{PAGE}\"}} 1")), "{text}");
+
+    // More opt-ins for the paused page wait; nothing is lost and no attempts are burnt.
+    let items = vec![optin_item(PAGE, "T2", now), optin_item(PAGE, "T3", now)];
+    assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
+    let sql = env.sql().await;
+    eventually(WAIT, "T2 and T3 recorded", || async {
+        optin_state(&sql, "T2").await.is_some() && optin_state(&sql, "T3").await.is_some()
+    })
+    .await;
+    // Several poll rounds pass without any call.
+    let rounds = Duration::from_millis(600);
+    tokio::time::sleep(rounds).await;
+    assert_eq!(env.graph.send_calls().len(), 1, "a paused page makes no calls");
+    for l in ["T1", "T2", "T3"] {
+        assert_eq!(optin_state(&sql, l).await.as_deref(), Some("pending"), "{l}");
+    }
+
+    // The operator fixes the token and reloads the configuration.
+    write_pages_file(&env.pages_file, "EAAG-rotated-token");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let calls = env.graph.wait_for_send_calls(4, WAIT).await.expect("resumed");
+    assert!(calls[1..].iter().all(|c| c.outcome == "ok"), "{calls:?}");
+    eventually(WAIT, "all three sent", || async {
+        let mut all = true;
+        for l in ["T1", "T2", "T3"] {
+            all &= optin_state(&sql, l).await.as_deref() == Some("sent");
+        }
+        all
+    })
+    .await;
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
+#[tokio::test]
+async fn unknown_pages_fail_once_and_replies_first_mean_no_message() {
+    let env = TestEnv::new().await;
+    let events = env.capture_events(&["first_message.*"]).await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let sql = env.sql().await;
+    let now = OffsetDateTime::now_utc();
+    // The correlator saw the reply first.
+    sql.execute(
+        "INSERT INTO links (page_id, login_id, psid, linked_at) VALUES ($1, 'R1', 'PSID1', $2)",
+        &[&PAGE, &(now + Duration::from_secs(5))],
+    )
+    .await
+    .expect("link");
+    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "R1", now)])).await, 200);
+    assert_eq!(post_signed(&ingest, body("999", vec![optin_item("999", "U1", now)])).await, 200);
+
+    let conn = env.vhost.connect().await;
+    let got = consume_n(&conn, &events, 1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    let ev = event_json(&got[0]);
+    assert_eq!(ev["type"], "com.loginconnect.first_message.failed");
+    assert_eq!(ev["data"]["reason"], "unknown_page");
+    assert_eq!(ev["data"]["page_id"], "999");
+    eventually(WAIT, "R1 recorded", || async { optin_state(&sql, "R1").await.is_some() }).await;
+    assert_eq!(optin_state(&sql, "R1").await.as_deref(), Some("replied"));
+    assert!(env.graph.send_calls().is_empty(), "nothing sent");
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
+async fn crash_inside_the_window(policy: UnknownOutcome) -> (TestEnv, Vec<Value>) {
+    let env = TestEnv::new().await;
+    let events = env.capture_events(&["first_message.*"]).await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let mut config = env.scheduler_config();
+    config.graph_timeout_ms = 500;
+    config.lease_secs = 1;
+    config.unknown_outcome = policy;
+    // The first worker freezes right after Graph accepted the message.
+    let hook: lc_worker::scheduler::dispatch::AfterSendHook =
+        Arc::new(|| Box::pin(std::future::pending::<()>()));
+    let (first, _stop_first) = env
+        .start_scheduler_with_hook(config.clone(), Some(hook))
+        .await;
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "C1", now)])).await, 200);
+    env.graph.wait_for_send_calls(1, WAIT).await.expect("the call went out");
+    // Killed inside the window: no task of it runs on.
+    first.task.abort();
+    let _ = first.task.await;
+
+    let (second, stop) = env.start_scheduler(config).await;
+    let want = if policy == UnknownOutcome::Retry { 2 } else { 1 };
+    let conn = env.vhost.connect().await;
+    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT).await.iter().map(event_json).collect();
+    if policy == UnknownOutcome::Retry {
+        env.graph.wait_for_send_calls(want, WAIT).await.expect("retried");
+    }
+    stop.trigger();
+    second.task.await.expect("stopped");
+    assert_eq!(env.graph.send_calls().len(), want);
+    (env, got)
+}
+
+#[tokio::test]
+async fn crash_between_graph_success_and_commit_fails_the_optin_by_default() {
+    let (env, events) = crash_inside_the_window(UnknownOutcome::Fail).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "com.loginconnect.first_message.failed");
+    assert_eq!(events[0]["data"]["reason"], "outcome_unknown");
+    let sql = env.sql().await;
+    assert_eq!(optin_state(&sql, "C1").await.as_deref(), Some("failed"));
+}
+
+#[tokio::test]
+async fn crash_between_graph_success_and_commit_retries_when_configured() {
+    let (env, events) = crash_inside_the_window(UnknownOutcome::Retry).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "com.loginconnect.first_message.sent");
+    let sql = env.sql().await;
+    assert_eq!(optin_state(&sql, "C1").await.as_deref(), Some("sent"));
+}
+
+#[tokio::test]
+async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
+    use lc_worker::scheduler::store;
+    let env = TestEnv::new().await;
+    let pool = lc_shared::db::pool(&env.db.url(), 4).expect("pool");
+    lc_shared::db::migrate(&pool).await.expect("migrate");
+    let sql = env.sql().await;
+    let now = OffsetDateTime::now_utc();
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         VALUES ($1, 'F1', $2, $2::timestamptz + interval '24 hours', $2, 'pending', $2)",
+        &[&PAGE, &now],
+    )
+    .await
+    .expect("insert");
+    let mut client = pool.get().await.expect("client");
+    let lease = Duration::from_secs(30);
+    let old = store::claim_due(&client, "worker-a", lease, 10, &[]).await.expect("claim");
+    assert_eq!(old.len(), 1);
+    // Worker A stalls; its lease runs out and the rescuer hands the row to worker B.
+    sql.execute("UPDATE optins SET lease_expires_at = now() - interval '1 second'", &[])
+        .await
+        .expect("expire lease");
+    let rescued = store::rescue_expired_leases(&mut client, UnknownOutcome::Retry, 10)
+        .await
+        .expect("rescue");
+    assert_eq!(rescued, 1);
+    let new = store::claim_due(&client, "worker-b", lease, 10, &[]).await.expect("claim");
+    assert_eq!(new.len(), 1);
+    assert!(new[0].fence > old[0].fence);
+
+    // A's late result is refused and changes nothing; B's is recorded.
+    assert!(!store::finish_sent(&mut client, &old[0], "m_stale", now).await.expect("stale write"));
+    let err = store::StoredError { message: "late".into(), ..Default::default() };
+    assert!(!store::reschedule(&client, &old[0], now, &err).await.expect("stale reschedule"));
+    assert!(!store::finish_unsent(&mut client, &old[0], store::Ending::Expired, true, None).await.expect("stale end"));
+    assert_eq!(optin_state(&sql, "F1").await.as_deref(), Some("sending"));
+    assert!(store::finish_sent(&mut client, &new[0], "m_new", now).await.expect("write"));
+    let row = sql
+        .query_one("SELECT state, message_id FROM optins WHERE login_id = 'F1'", &[])
+        .await
+        .expect("row");
+    assert_eq!(row.get::<_, String>(0), "sent");
+    assert_eq!(row.get::<_, String>(1), "m_new");
+    let events: i64 = sql
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(events, 1, "only the newer claim's event");
+}
+
+#[tokio::test]
+async fn a_login_id_messaged_through_one_page_is_refused_for_another() {
+    let env = TestEnv::new().await;
+    let sql = {
+        let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
+        lc_shared::db::migrate(&pool).await.expect("migrate");
+        env.sql().await
+    };
+    let now = OffsetDateTime::now_utc();
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at, message_id) \
+         VALUES ('555', 'X1', $1, $1::timestamptz + interval '24 hours', $1, 'sent', $1, 'm_prev')",
+        &[&now],
+    )
+    .await
+    .expect("insert");
+    let events = env.capture_events(&["first_message.*"]).await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "X1", now)])).await, 200);
+    let conn = env.vhost.connect().await;
+    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT).await.iter().map(event_json).collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["data"]["reason"], "other_page");
+    assert!(env.graph.send_calls().is_empty());
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}

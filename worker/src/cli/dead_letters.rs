@@ -1,0 +1,145 @@
+//! `dead-letters list|replay`: what failed, why, and putting it back after a fix.
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lc_shared::amqp::{self, header_str};
+use lc_shared::config::AmqpArgs;
+use lc_shared::topology;
+use lc_shared::webhook::{self, QueuedEvent};
+
+use super::CliError;
+
+fn known_queue(q: &str) -> Result<(), CliError> {
+    if topology::inspectable_queues().iter().any(|k| k == q) {
+        Ok(())
+    } else {
+        Err(CliError::Other(format!(
+            "unknown queue {q}; choose one of: {}",
+            topology::inspectable_queues().join(", ")
+        )))
+    }
+}
+
+fn preview(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    let mut s: String = text.chars().take(160).collect();
+    if text.chars().count() > 160 {
+        s.push('…');
+    }
+    s
+}
+
+/// Lists messages without removing them: they are fetched unacknowledged and returned to the
+/// queue when the channel closes.
+pub async fn list(amqp: &AmqpArgs, queue: Option<&str>, limit: usize) -> Result<(), CliError> {
+    let queues: Vec<String> = match queue {
+        Some(q) => {
+            known_queue(q)?;
+            vec![q.to_owned()]
+        }
+        None => topology::inspectable_queues(),
+    };
+    let conn = amqp::connect(&amqp.amqp_url, "loginconnect-cli").await?;
+    for q in queues {
+        let ch = conn.create_channel().await?;
+        let mut shown = 0;
+        println!("== {q}");
+        while shown < limit {
+            let Some(msg) = ch
+                .basic_get(q.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?
+            else {
+                break;
+            };
+            let d = &msg.delivery;
+            shown += 1;
+            println!(
+                "- id={} reason={} origin={} key={}\n  {}",
+                d.properties
+                    .message_id()
+                    .as_ref()
+                    .map_or("-".to_owned(), |m| m.to_string()),
+                header_str(&d.properties, topology::ERROR_HEADER).unwrap_or_else(|| "-".into()),
+                header_str(&d.properties, topology::ORIGIN_QUEUE_HEADER).unwrap_or_else(|| "-".into()),
+                header_str(&d.properties, "x-loginconnect-original-routing-key")
+                    .unwrap_or_else(|| d.routing_key.to_string()),
+                preview(&d.data)
+            );
+        }
+        if shown == 0 {
+            println!("  (empty)");
+        }
+        // Closing the channel returns every unacked message to the queue, in order.
+        ch.close(200, "listed".into()).await?;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// Replays messages: dead letters go back to `messenger.webhook` with their original routing
+/// key; unparsed bodies are parsed again and their events published. Each original is acked
+/// only after the broker confirmed its replacement; what still cannot be replayed stays.
+pub async fn replay(amqp: &AmqpArgs, queue: &str, limit: usize) -> Result<(), CliError> {
+    known_queue(queue)?;
+    let conn = amqp::connect(&amqp.amqp_url, "loginconnect-cli").await?;
+    let get_ch = conn.create_channel().await?;
+    let pub_ch = amqp::confirm_channel(&conn).await?;
+    topology::declare(&pub_ch).await?;
+    let (mut replayed, mut kept) = (0usize, 0usize);
+    for _ in 0..limit {
+        let Some(msg) = get_ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        let d = msg.delivery;
+        let outgoing = if queue == topology::UNPARSED_QUEUE {
+            match webhook::parse_delivery(&d.data) {
+                Ok(events) => events
+                    .iter()
+                    .map(|e| {
+                        let q = QueuedEvent::from_webhook(e);
+                        let body = serde_json::to_vec(&q).unwrap_or_default();
+                        let props = amqp::persistent_properties(&q.idempotency_key, "application/json")
+                            .with_timestamp(u64::try_from(q.timestamp_ms / 1000).unwrap_or(0));
+                        (topology::webhook_routing_key(q.kind.as_str(), &q.page_id), body, props)
+                    })
+                    .collect(),
+                Err(e) => {
+                    println!("still does not parse, kept: {e}");
+                    kept += 1;
+                    d.acker
+                        .nack(BasicNackOptions { requeue: true, multiple: false })
+                        .await?;
+                    continue;
+                }
+            }
+        } else {
+            let key = header_str(&d.properties, "x-loginconnect-original-routing-key")
+                .unwrap_or_else(|| d.routing_key.to_string());
+            vec![(key, d.data.clone(), d.properties.clone())]
+        };
+        let mut ok = true;
+        for (key, body, props) in outgoing {
+            let confirm =
+                amqp::publish(&pub_ch, topology::WEBHOOK_EXCHANGE, &key, true, &body, props).await?;
+            if let Err(e) = amqp::await_confirm(confirm, std::time::Duration::from_secs(5)).await {
+                println!("replay of one message failed, kept: {e}");
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            d.acker.ack(BasicAckOptions::default()).await?;
+            replayed += 1;
+        } else {
+            kept += 1;
+            d.acker
+                .nack(BasicNackOptions { requeue: true, multiple: false })
+                .await?;
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    println!("replayed {replayed}, kept {kept}");
+    Ok(())
+}

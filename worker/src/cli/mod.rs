@@ -1,0 +1,215 @@
+//! The operator CLI (`loginconnect`): migrations, status, dead letters, opt-ins, links, pages.
+//!
+//! Each subcommand is a small function over the same database pool and broker connection the
+//! services use; output is human-readable, `--json` where a script may read it.
+
+mod dead_letters;
+mod inspect;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lc_shared::config::{AmqpArgs, DatabaseArgs};
+
+/// `loginconnect` — operate a loginconnect deployment.
+#[derive(Debug, clap::Parser)]
+#[command(name = "loginconnect", version, about = "Operator CLI of loginconnect.")]
+pub struct Cli {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub amqp: AmqpArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Apply pending database migrations (safe to run from several places at once).
+    Migrate,
+    /// Opt-ins by state, nearest pending deadline, paused pages, dead-letter depths, outbox lag.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect or replay dead-lettered messages and unparsed bodies.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+    /// Inspect or reset one opt-in.
+    #[command(subcommand)]
+    Optin(OptinCommand),
+    /// Inspect identity links.
+    #[command(subcommand)]
+    Link(LinkCommand),
+    /// Validate the pages file and check each token against the Graph API.
+    #[command(subcommand)]
+    Pages(PagesCommand),
+    /// GET a URL and exit 0 on 2xx (container healthchecks without curl).
+    Probe {
+        /// The URL, e.g. http://127.0.0.1:8080/readyz.
+        url: String,
+    },
+}
+
+/// `dead-letters …`
+#[derive(Debug, clap::Subcommand)]
+pub enum DeadLettersCommand {
+    /// Show the messages of a dead-letter queue without removing them.
+    List {
+        /// `scheduler.optins.dlq`, `correlator.replies.dlq` or `messenger.unparsed`; all when omitted.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Most messages shown per queue.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Put messages back on their work queue (after a fix); unparsed bodies are parsed again.
+    Replay {
+        /// The queue to replay from.
+        #[arg(long)]
+        queue: String,
+        /// Most messages replayed.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+/// `optin …`
+#[derive(Debug, clap::Subcommand)]
+pub enum OptinCommand {
+    /// Show one opt-in.
+    Show {
+        /// The page id.
+        #[arg(long)]
+        page: String,
+        /// The login_id.
+        #[arg(long = "login-id")]
+        login_id: String,
+    },
+    /// Delete one login_id's opt-in and link, so a new opt-in starts afresh (for testing with
+    /// `reset_messenger_state=1`, which works for app-role users only).
+    Reset {
+        /// The page id.
+        #[arg(long)]
+        page: String,
+        /// The login_id.
+        #[arg(long = "login-id")]
+        login_id: String,
+    },
+}
+
+/// `link …`
+#[derive(Debug, clap::Subcommand)]
+pub enum LinkCommand {
+    /// Show the links of a login_id or a PSID.
+    Show {
+        /// Look up by login_id.
+        #[arg(long = "login-id", conflicts_with = "psid", required_unless_present = "psid")]
+        login_id: Option<String>,
+        /// Look up by PSID.
+        #[arg(long)]
+        psid: Option<String>,
+    },
+}
+
+/// `pages …`
+#[derive(Debug, clap::Subcommand)]
+pub enum PagesCommand {
+    /// Validate the pages file and check every token with `GET /me`.
+    Check {
+        /// The pages file.
+        #[arg(long = "pages-file", env = "PAGES_FILE")]
+        pages_file: PathBuf,
+        /// Graph base URL including the version.
+        #[arg(long = "graph-api-url", env = "GRAPH_API_URL", default_value = lc_shared::config::DEFAULT_GRAPH_API_URL)]
+        graph_api_url: String,
+        /// Only validate the file; make no Graph calls.
+        #[arg(long)]
+        offline: bool,
+    },
+}
+
+/// Errors of the CLI; each says what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Database problem.
+    #[error(transparent)]
+    Db(#[from] lc_shared::db::DbError),
+    /// Query failed.
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// Pool failed.
+    #[error("database connection error: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// Broker problem.
+    #[error(transparent)]
+    Amqp(#[from] lc_shared::amqp::AmqpError),
+    /// Broker call failed.
+    #[error("RabbitMQ error: {0}")]
+    Lapin(#[from] lapin::Error),
+    /// Anything else, already phrased for the operator.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Runs one CLI command, writing its output to stdout.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Migrate => {
+            lc_shared::db::ensure_database(&cli.database.database_url).await?;
+            let pool = lc_shared::db::pool(&cli.database.database_url, 1)?;
+            let applied = lc_shared::db::migrate(&pool).await?;
+            println!(
+                "database at version {} ({} migration(s) applied now)",
+                lc_shared::db::latest_migration_version(),
+                applied.len()
+            );
+            Ok(())
+        }
+        Command::Status { json } => inspect::status(&cli.database, &cli.amqp, json).await,
+        Command::DeadLetters(DeadLettersCommand::List { queue, limit }) => {
+            dead_letters::list(&cli.amqp, queue.as_deref(), limit).await
+        }
+        Command::DeadLetters(DeadLettersCommand::Replay { queue, limit }) => {
+            dead_letters::replay(&cli.amqp, &queue, limit).await
+        }
+        Command::Optin(OptinCommand::Show { page, login_id }) => {
+            inspect::optin_show(&cli.database, &page, &login_id).await
+        }
+        Command::Optin(OptinCommand::Reset { page, login_id }) => {
+            inspect::optin_reset(&cli.database, &page, &login_id).await
+        }
+        Command::Link(LinkCommand::Show { login_id, psid }) => {
+            inspect::link_show(&cli.database, login_id.as_deref(), psid.as_deref()).await
+        }
+        Command::Pages(PagesCommand::Check {
+            pages_file,
+            graph_api_url,
+            offline,
+        }) => inspect::pages_check(&pages_file, &graph_api_url, offline).await,
+        Command::Probe { url } => probe(&url).await,
+    }
+}
+
+async fn probe(url: &str) -> Result<(), CliError> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| CliError::Other(format!("cannot build HTTP client: {e}")))?;
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| CliError::Other(format!("{url}: {e}")))?;
+    if resp.status().is_success() {
+        println!("{url}: {}", resp.status());
+        Ok(())
+    } else {
+        Err(CliError::Other(format!("{url}: {}", resp.status())))
+    }
+}

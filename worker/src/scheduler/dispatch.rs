@@ -1,0 +1,421 @@
+//! The dispatcher: claims due opt-ins earliest deadline first and makes their Send API calls.
+//!
+//! It claims only as many rows as it can start calls for at once (free concurrency slots),
+//! so a claimed row's call starts within milliseconds and a lease that expires means a worker
+//! died with a call possibly in flight. Such rows are resolved by the configured
+//! [`UnknownOutcome`] policy (see the README's "crash window" section).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use lc_shared::graph::{FailureClass, GraphClient, GraphFailure, SendOutcome};
+use lc_shared::pages::PagesConfig;
+use lc_shared::shutdown::Shutdown;
+use lc_shared::telemetry::{TraceParent, login_id_label};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, RwLock, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::metrics::SchedulerMetrics;
+use super::pacing::{PagePauses, PageRateLimiter, PauseReason};
+use super::retry::{NextAttempt, RetryPolicy};
+use super::store::{self, Claimed, Ending, StoreError, StoredError, Timing, UnknownOutcome};
+
+/// A hook run after Graph accepted a message and before the result is recorded. Tests use it
+/// to stop a worker inside the crash window; it is `None` in production.
+pub type AfterSendHook = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// Settings of the dispatcher.
+#[derive(Clone)]
+pub struct DispatchSettings {
+    /// Lease owner id of this replica.
+    pub owner: String,
+    /// How long a claim is valid; must exceed the Graph timeout plus recording time.
+    pub lease: Duration,
+    /// Most rows claimed per query.
+    pub claim_batch: i64,
+    /// Most Send API calls in flight.
+    pub max_in_flight: usize,
+    /// Poll interval for work that is not announced in-process.
+    pub poll_interval: Duration,
+    /// Deadline rules.
+    pub timing: Timing,
+    /// Backoff of retries.
+    pub retry: RetryPolicy,
+    /// Full jitter on retry delays (off only in tests).
+    pub jitter: bool,
+    /// Attempts after which an opt-in failing with unknown Graph codes gives up.
+    pub max_unknown_attempts: i32,
+    /// Attempts after which any opt-in gives up (a bound beyond the deadline rule).
+    pub max_attempts: i32,
+    /// What to do with claims whose lease expired.
+    pub unknown_outcome: UnknownOutcome,
+    /// Test hook inside the crash window.
+    pub after_send: Option<AfterSendHook>,
+}
+
+/// Everything a send task needs.
+pub struct Dispatcher {
+    pool: Pool,
+    graph: GraphClient,
+    pages: Arc<RwLock<Arc<PagesConfig>>>,
+    limiter: PageRateLimiter,
+    pauses: Arc<PagePauses>,
+    metrics: SchedulerMetrics,
+    settings: DispatchSettings,
+    slots: Arc<Semaphore>,
+}
+
+impl Dispatcher {
+    /// Builds a dispatcher.
+    pub fn new(
+        pool: Pool,
+        graph: GraphClient,
+        pages: Arc<RwLock<Arc<PagesConfig>>>,
+        page_rate: u32,
+        pauses: Arc<PagePauses>,
+        metrics: SchedulerMetrics,
+        settings: DispatchSettings,
+    ) -> Arc<Self> {
+        let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+        Arc::new(Self {
+            pool,
+            graph,
+            pages,
+            limiter: PageRateLimiter::new(page_rate),
+            pauses,
+            metrics,
+            settings,
+            slots,
+        })
+    }
+
+    /// Runs until `shutdown`, then waits for in-flight calls to be recorded.
+    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: Shutdown) {
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut last_rescue = Instant::now()
+            .checked_sub(self.settings.poll_interval)
+            .unwrap_or_else(Instant::now);
+        while !shutdown.is_triggered() {
+            if last_rescue.elapsed() >= self.settings.poll_interval {
+                last_rescue = Instant::now();
+                self.rescue().await;
+            }
+            if let Err(e) = self.fill(&mut in_flight, &shutdown).await {
+                tracing::error!(error = %e, "claiming due opt-ins failed; retrying");
+            }
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                () = shutdown.wait() => {}
+            }
+        }
+        // Graceful: every call already started finishes and is recorded.
+        while in_flight.join_next().await.is_some() {}
+        tracing::info!("dispatcher stopped");
+    }
+
+    /// Claims and starts calls while there are free slots and due rows.
+    async fn fill(
+        self: &Arc<Self>,
+        in_flight: &mut JoinSet<()>,
+        shutdown: &Shutdown,
+    ) -> Result<(), StoreError> {
+        loop {
+            let free = self.slots.available_permits();
+            if free == 0 || shutdown.is_triggered() {
+                return Ok(());
+            }
+            let limit = i64::try_from(free)
+                .unwrap_or(i64::MAX)
+                .min(self.settings.claim_batch);
+            let client = self.pool.get().await?;
+            let claimed = store::claim_due(
+                &client,
+                &self.settings.owner,
+                self.settings.lease,
+                limit,
+                &self.pauses.paused_pages(),
+            )
+            .await?;
+            drop(client);
+            if claimed.is_empty() {
+                return Ok(());
+            }
+            let full = i64::try_from(claimed.len()).unwrap_or(0) == limit;
+            for c in claimed {
+                let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                    // Cannot happen (we claimed at most `free`); give the row back if it does.
+                    self.release_quietly(&c).await;
+                    continue;
+                };
+                let me = self.clone();
+                let stop = shutdown.clone();
+                in_flight.spawn(async move {
+                    me.process(c, stop).await;
+                    drop(permit);
+                });
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn rescue(&self) {
+        let mut client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot rescue expired leases");
+                return;
+            }
+        };
+        match store::rescue_expired_leases(&mut client, self.settings.unknown_outcome, 500).await {
+            Ok(0) => {}
+            Ok(n) => {
+                self.metrics.leases_rescued.inc_by(n as u64);
+                if self.settings.unknown_outcome == UnknownOutcome::Fail {
+                    self.metrics.terminal.with_label_values(&["failed"]).inc_by(n as u64);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "rescuing expired leases failed"),
+        }
+    }
+
+    async fn release_quietly(&self, c: &Claimed) {
+        if let Ok(client) = self.pool.get().await {
+            let _ = store::release(&client, c, OffsetDateTime::now_utc()).await;
+        }
+    }
+
+    /// One claimed opt-in: checks, the call, and recording its outcome. Database errors are
+    /// retried a few times; if recording keeps failing, the lease expires and the rescuer
+    /// applies the unknown-outcome policy.
+    async fn process(&self, c: Claimed, shutdown: Shutdown) {
+        let span = tracing::info_span!(
+            "first_message",
+            page_id = %c.page_id,
+            login_id = %login_id_label(&c.login_id),
+            trace_id = c.traceparent.as_deref().and_then(TraceParent::parse).map(|t| t.trace_id_hex()).unwrap_or_default(),
+            attempt = c.attempts + 1,
+        );
+        async {
+            if let Err(e) = self.process_inner(&c, &shutdown).await {
+                tracing::error!(error = %e, "could not record the outcome; the lease will expire and be rescued");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn process_inner(&self, c: &Claimed, shutdown: &Shutdown) -> Result<(), StoreError> {
+        let last_send = self.settings.timing.last_send(c.deadline);
+        if OffsetDateTime::now_utc() >= last_send {
+            return self.end(c, Ending::Expired, false, None).await;
+        }
+        let page = self.pages.read().await.get(&c.page_id).cloned();
+        let Some(page) = page else {
+            tracing::error!("page is no longer in PAGES_FILE; failing the opt-in");
+            return self.end(c, Ending::Failed("unknown_page"), false, None).await;
+        };
+        if self.pauses.paused(&c.page_id).is_some() {
+            let client = self.pool.get().await?;
+            store::release(&client, c, OffsetDateTime::now_utc()).await?;
+            return Ok(());
+        }
+        {
+            let client = self.pool.get().await?;
+            if let Some(other) = store::page_that_messaged(&client, &c.login_id, &c.page_id).await? {
+                let err = StoredError {
+                    message: format!(
+                        "this login_id was already messaged through page {other}; Meta allows only that page to use it"
+                    ),
+                    ..StoredError::default()
+                };
+                tracing::error!(other_page = %other, "refusing to message a login_id through a second page");
+                return self.end(c, Ending::Failed("other_page"), false, Some(&err)).await;
+            }
+        }
+        let slot = self.limiter.reserve(&c.page_id);
+        tokio::select! {
+            () = tokio::time::sleep_until(slot) => {}
+            () = shutdown.wait() => {
+                let client = self.pool.get().await?;
+                store::release(&client, c, OffsetDateTime::now_utc()).await?;
+                return Ok(());
+            }
+        }
+        if OffsetDateTime::now_utc() >= last_send {
+            return self.end(c, Ending::Expired, false, None).await;
+        }
+
+        let traceparent = c
+            .traceparent
+            .as_deref()
+            .and_then(TraceParent::parse)
+            .map(|t| t.child().to_string());
+        let started = Instant::now();
+        let outcome = self
+            .graph
+            .send_first_message(&page, &c.login_id, traceparent.as_deref())
+            .await;
+        self.metrics
+            .send_latency
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            SendOutcome::Sent { message_id, .. } => {
+                if let Some(hook) = &self.settings.after_send {
+                    hook().await;
+                }
+                self.record_sent(c, &message_id).await
+            }
+            SendOutcome::Failed(f) => self.record_failure(c, f, last_send).await,
+        }
+    }
+
+    async fn record_sent(&self, c: &Claimed, message_id: &str) -> Result<(), StoreError> {
+        self.metrics.sends.with_label_values(&["sent"]).inc();
+        let sent_at = OffsetDateTime::now_utc();
+        // The crash window: Graph has sent the message; only this commit records it. Retry
+        // it briefly on database errors rather than give up on a message that went out.
+        let mut last_err = None;
+        for delay_ms in [0u64, 100, 500, 2000] {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let mut client = match self.pool.get().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last_err = Some(StoreError::from(e));
+                    continue;
+                }
+            };
+            match store::finish_sent(&mut client, c, message_id, sent_at).await {
+                Ok(true) => {
+                    self.metrics.terminal.with_label_values(&["sent"]).inc();
+                    self.metrics
+                        .optin_to_send
+                        .observe((sent_at - c.opted_in_at).as_seconds_f64().max(0.0));
+                    self.metrics
+                        .deadline_slack
+                        .observe((c.deadline - sent_at).as_seconds_f64().max(0.0));
+                    tracing::info!(message_id, "first message sent");
+                    return Ok(());
+                }
+                Ok(false) => {
+                    self.metrics.fenced_out.inc();
+                    tracing::error!(message_id, "first message sent, but the claim was taken over meanwhile; the newer claim's outcome stands");
+                    return Ok(());
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or(StoreError::Busy {
+            page_id: c.page_id.clone(),
+        }))
+    }
+
+    async fn record_failure(
+        &self,
+        c: &Claimed,
+        f: GraphFailure,
+        last_send: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.metrics.sends.with_label_values(&[f.class.as_str()]).inc();
+        let code = f.code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        let subcode = f.subcode.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        self.metrics
+            .graph_errors
+            .with_label_values(&[code.as_str(), subcode.as_str()])
+            .inc();
+        let err = StoredError {
+            code: f.code,
+            subcode: f.subcode,
+            message: f.message.clone(),
+            fbtrace_id: f.fbtrace_id.clone(),
+        };
+        let attempts_after = c.attempts + 1;
+        let retryable = match f.class {
+            FailureClass::Permanent => {
+                tracing::warn!(error = %f, "permanent Send API error; not retrying");
+                return self.end(c, Ending::Failed("graph_permanent"), true, Some(&err)).await;
+            }
+            FailureClass::TokenInvalid => {
+                self.pauses.stop_for_token(&c.page_id);
+                self.metrics
+                    .paused_pages
+                    .with_label_values(&[c.page_id.as_str()])
+                    .set(1);
+                tracing::error!(error = %f, "page token invalid: pausing this page's sends until its token changes (fix PAGES_FILE / the token variable, then SIGHUP or restart)");
+                let client = self.pool.get().await?;
+                store::reschedule(&client, c, OffsetDateTime::now_utc(), &err).await?;
+                return Ok(());
+            }
+            FailureClass::RateLimited => {
+                // Without Graph's own estimate, pause the page for the backoff ceiling.
+                let pause = f.retry_after.unwrap_or_else(|| {
+                    self.settings
+                        .retry
+                        .ceiling(u32::try_from(attempts_after).unwrap_or(u32::MAX))
+                });
+                self.pauses.throttle(&c.page_id, pause);
+                tracing::warn!(error = %f, pause_secs = pause.as_secs(), "page rate-limited by Graph; throttling it");
+                true
+            }
+            FailureClass::Unknown => attempts_after < self.settings.max_unknown_attempts,
+            FailureClass::Transient => true,
+        };
+        if !retryable || attempts_after >= self.settings.max_attempts {
+            tracing::warn!(error = %f, attempts = attempts_after, "giving up after repeated failures");
+            return self.end(c, Ending::Failed("retries_exhausted"), true, Some(&err)).await;
+        }
+        let now = OffsetDateTime::now_utc();
+        let attempts = u32::try_from(attempts_after).unwrap_or(u32::MAX);
+        let jitter = if self.settings.jitter { fastrand::f64() } else { 1.0 };
+        match self
+            .settings
+            .retry
+            .next(now, attempts, f.retry_after, last_send, jitter)
+        {
+            NextAttempt::At(at) => {
+                self.metrics.retries.inc();
+                tracing::info!(error = %f, retry_in_ms = (at - now).whole_milliseconds(), "transient Send API error; retrying");
+                let client = self.pool.get().await?;
+                if !store::reschedule(&client, c, at, &err).await? {
+                    self.metrics.fenced_out.inc();
+                }
+                Ok(())
+            }
+            NextAttempt::NoTimeLeft => {
+                tracing::warn!(error = %f, "no retry fits before the deadline; expiring");
+                self.end(c, Ending::Expired, true, Some(&err)).await
+            }
+        }
+    }
+
+    async fn end(
+        &self,
+        c: &Claimed,
+        ending: Ending,
+        called: bool,
+        err: Option<&StoredError>,
+    ) -> Result<(), StoreError> {
+        let state = match ending {
+            Ending::Failed(_) => "failed",
+            Ending::Expired => "expired",
+        };
+        let mut client = self.pool.get().await?;
+        if store::finish_unsent(&mut client, c, ending, called, err).await? {
+            self.metrics.terminal.with_label_values(&[state]).inc();
+        } else {
+            self.metrics.fenced_out.inc();
+        }
+        Ok(())
+    }
+
+    /// True if `page_id` is paused for an invalid token.
+    pub fn token_paused(&self, page_id: &str) -> bool {
+        self.pauses.paused(page_id) == Some(PauseReason::TokenInvalid)
+    }
+}

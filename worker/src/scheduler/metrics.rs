@@ -1,0 +1,147 @@
+//! Prometheus metrics of the scheduler.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Every metric the scheduler exports.
+#[derive(Clone)]
+pub struct SchedulerMetrics {
+    /// Opt-ins consumed, by what recording them did.
+    pub optins_recorded: IntCounterVec,
+    /// Send API calls by outcome class (`sent`, `transient`, `rate_limited`, …).
+    pub sends: IntCounterVec,
+    /// Graph errors by `code/subcode`.
+    pub graph_errors: IntCounterVec,
+    /// Send API call latency.
+    pub send_latency: Histogram,
+    /// Time from the opt-in to the accepted first message.
+    pub optin_to_send: Histogram,
+    /// Time left before the deadline when the first message was accepted.
+    pub deadline_slack: Histogram,
+    /// Retries scheduled.
+    pub retries: IntCounter,
+    /// Terminal transitions by state.
+    pub terminal: IntCounterVec,
+    /// Pages paused for an invalid token (1 per page).
+    pub paused_pages: IntGaugeVec,
+    /// Results that could not be written because the claim was taken over.
+    pub fenced_out: IntCounter,
+    /// Expired leases resolved by the rescuer.
+    pub leases_rescued: IntCounter,
+    /// Opt-ins by state (refreshed periodically).
+    pub optins_by_state: IntGaugeVec,
+    /// Seconds until the nearest deadline among pending opt-ins (refreshed periodically).
+    pub nearest_deadline: IntGauge,
+    /// Messages moved to the dead-letter queue by the opt-in consumer.
+    pub dead_lettered: IntCounter,
+}
+
+impl SchedulerMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let secs = vec![
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 21600.0,
+            86400.0,
+        ];
+        let m = Self {
+            optins_recorded: IntCounterVec::new(
+                Opts::new(
+                    "scheduler_optins_recorded_total",
+                    "Opt-ins consumed, by result of recording them",
+                ),
+                &["result"],
+            )?,
+            sends: IntCounterVec::new(
+                Opts::new(
+                    "scheduler_send_api_calls_total",
+                    "Send API calls by outcome class",
+                ),
+                &["outcome"],
+            )?,
+            graph_errors: IntCounterVec::new(
+                Opts::new(
+                    "scheduler_graph_errors_total",
+                    "Graph errors by code and subcode",
+                ),
+                &["code", "subcode"],
+            )?,
+            send_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "scheduler_send_api_latency_seconds",
+                    "Latency of Send API calls",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )?,
+            optin_to_send: Histogram::with_opts(
+                HistogramOpts::new(
+                    "scheduler_optin_to_first_message_seconds",
+                    "Time from opt-in to the first message accepted by Graph",
+                )
+                .buckets(secs.clone()),
+            )?,
+            deadline_slack: Histogram::with_opts(
+                HistogramOpts::new(
+                    "scheduler_deadline_slack_seconds",
+                    "Time left before the deadline when the first message was accepted",
+                )
+                .buckets(secs),
+            )?,
+            retries: IntCounter::new(
+                "scheduler_retries_total",
+                "Retries scheduled after transient failures",
+            )?,
+            terminal: IntCounterVec::new(
+                Opts::new(
+                    "scheduler_terminal_total",
+                    "Opt-ins that reached a terminal state, by state",
+                ),
+                &["state"],
+            )?,
+            paused_pages: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_paused_pages",
+                    "1 for each page paused because its token is invalid",
+                ),
+                &["page_id"],
+            )?,
+            fenced_out: IntCounter::new(
+                "scheduler_fenced_out_total",
+                "Send results not written because another worker took the claim over",
+            )?,
+            leases_rescued: IntCounter::new(
+                "scheduler_leases_rescued_total",
+                "Claims whose lease expired and were resolved by the unknown-outcome policy",
+            )?,
+            optins_by_state: IntGaugeVec::new(
+                Opts::new("scheduler_optins", "Opt-ins in the database by state"),
+                &["state"],
+            )?,
+            nearest_deadline: IntGauge::new(
+                "scheduler_nearest_pending_deadline_seconds",
+                "Seconds until the nearest deadline among pending opt-ins (0 if none)",
+            )?,
+            dead_lettered: IntCounter::new(
+                "scheduler_dead_lettered_total",
+                "Opt-in messages moved to the dead-letter queue",
+            )?,
+        };
+        registry.register(Box::new(m.optins_recorded.clone()))?;
+        registry.register(Box::new(m.sends.clone()))?;
+        registry.register(Box::new(m.graph_errors.clone()))?;
+        registry.register(Box::new(m.send_latency.clone()))?;
+        registry.register(Box::new(m.optin_to_send.clone()))?;
+        registry.register(Box::new(m.deadline_slack.clone()))?;
+        registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.terminal.clone()))?;
+        registry.register(Box::new(m.paused_pages.clone()))?;
+        registry.register(Box::new(m.fenced_out.clone()))?;
+        registry.register(Box::new(m.leases_rescued.clone()))?;
+        registry.register(Box::new(m.optins_by_state.clone()))?;
+        registry.register(Box::new(m.nearest_deadline.clone()))?;
+        registry.register(Box::new(m.dead_lettered.clone()))?;
+        Ok(m)
+    }
+}

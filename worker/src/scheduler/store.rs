@@ -1,0 +1,627 @@
+//! The scheduler's SQL: recording opt-ins, claiming due work, and fenced state transitions.
+//!
+//! Every transition of a claimed row is conditioned on `state = 'sending'` and the fence
+//! number handed out by the claim, so a worker whose lease was taken over (paused, partitioned,
+//! killed and restarted) can never overwrite the result of a newer attempt. Every terminal
+//! transition writes its public event to the outbox in the same transaction.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Client, Transaction};
+use lc_shared::events::{
+    FirstMessageExpired, FirstMessageFailed, FirstMessageSent, GraphErrorData, PublicEvent,
+    insert_outbox,
+};
+use time::OffsetDateTime;
+
+/// CloudEvent `source` of events the scheduler writes.
+pub const EVENT_SOURCE: &str = "/loginconnect/scheduler";
+
+/// Errors of the scheduler's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A statement failed.
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// A connection could not be taken from the pool.
+    #[error("database pool error: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// An opt-in arrived for a new window while the previous one is still being sent; the
+    /// batch is retried shortly, once that send has finished.
+    #[error("opt-in for page {page_id} starts a new window while the previous send is in flight")]
+    Busy {
+        /// The page.
+        page_id: String,
+    },
+}
+
+/// The timing rules of first messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Delay between the opt-in and the first message.
+    pub send_delay: Duration,
+    /// No call starts at or after `deadline - safety_margin`.
+    pub safety_margin: Duration,
+    /// Length of the window (24 h; shorter only in tests).
+    pub window: Duration,
+}
+
+impl Timing {
+    /// The last moment a call may start for an opt-in with this deadline.
+    pub fn last_send(&self, deadline: OffsetDateTime) -> OffsetDateTime {
+        deadline - self.safety_margin
+    }
+}
+
+/// An opt-in as it arrives from the queue.
+#[derive(Debug, Clone)]
+pub struct NewOptin {
+    /// Page the person opted in to.
+    pub page_id: String,
+    /// The login_id.
+    pub login_id: String,
+    /// The opt-in's own time (the deadline counts from it).
+    pub opted_in_at: OffsetDateTime,
+    /// `webhook` or `login_event`.
+    pub source: String,
+    /// Trace context of the delivery.
+    pub traceparent: Option<String>,
+}
+
+/// What recording an opt-in did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// A new pending opt-in; `due_now` means it should be dispatched at once.
+    Pending {
+        /// True when its send time has come.
+        due_now: bool,
+    },
+    /// Inside the window of an opt-in already recorded: nothing changed.
+    Duplicate,
+    /// The person already replied (linked): recorded as replied, nothing will be sent.
+    Replied,
+    /// Already past its last send time: recorded as expired with its event.
+    Expired,
+    /// The page is not configured: recorded as failed with its event.
+    UnknownPage,
+}
+
+/// Graph's last error as stored on the row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredError {
+    /// Graph `code`.
+    pub code: Option<i64>,
+    /// Graph `error_subcode`.
+    pub subcode: Option<i64>,
+    /// Message (ours for network errors).
+    pub message: String,
+    /// Graph `fbtrace_id`.
+    pub fbtrace_id: Option<String>,
+}
+
+impl StoredError {
+    fn data(&self) -> GraphErrorData {
+        GraphErrorData {
+            code: self.code,
+            subcode: self.subcode,
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// A row claimed for sending, with the fence that authorises writing its result.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The page.
+    pub page_id: String,
+    /// The login_id.
+    pub login_id: String,
+    /// Fence number of this claim.
+    pub fence: i64,
+    /// Send API calls already made for this opt-in (before this one).
+    pub attempts: i32,
+    /// The opt-in's time.
+    pub opted_in_at: OffsetDateTime,
+    /// Its deadline.
+    pub deadline: OffsetDateTime,
+    /// Trace context from the delivery.
+    pub traceparent: Option<String>,
+}
+
+/// Records one opt-in inside the caller's transaction (see the module doc of the scheduler
+/// for the rules: one message per window, replies first, expired and unknown pages).
+pub async fn record_optin(
+    tx: &Transaction<'_>,
+    optin: &NewOptin,
+    page_known: bool,
+    timing: &Timing,
+    now: OffsetDateTime,
+) -> Result<Recorded, StoreError> {
+    let deadline = optin.opted_in_at + timing.window;
+    let last_send = timing.last_send(deadline);
+    let send_at = (optin.opted_in_at + timing.send_delay).min(last_send);
+    let link = tx
+        .query_opt(
+            "SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2",
+            &[&optin.page_id, &optin.login_id],
+        )
+        .await?;
+    // A link made by a reply at (or just before, allowing for clock skew between the two
+    // sources) this opt-in means the reply was processed first: never send.
+    let linked_at: Option<OffsetDateTime> = link
+        .map(|r| r.get::<_, OffsetDateTime>(0))
+        .filter(|at| *at >= optin.opted_in_at - Duration::from_secs(300));
+
+    let (state, outcome, reason) = if linked_at.is_some() {
+        ("replied", Recorded::Replied, None)
+    } else if !page_known {
+        ("failed", Recorded::UnknownPage, Some("unknown_page"))
+    } else if now >= last_send {
+        ("expired", Recorded::Expired, None)
+    } else {
+        (
+            "pending",
+            Recorded::Pending {
+                due_now: send_at <= now,
+            },
+            None,
+        )
+    };
+    let finished = (state != "pending").then_some(now);
+
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO optins (page_id, login_id, source, opted_in_at, deadline, send_at, state, \
+                 next_attempt_at, failure_reason, replied_at, traceparent, finished_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $8, $9, $10, $11) \
+             ON CONFLICT (page_id, login_id) DO NOTHING RETURNING cycle",
+            &[
+                &optin.page_id,
+                &optin.login_id,
+                &optin.source,
+                &optin.opted_in_at,
+                &deadline,
+                &send_at,
+                &state,
+                &reason,
+                &linked_at,
+                &optin.traceparent,
+                &finished,
+            ],
+        )
+        .await?;
+    if inserted.is_none() {
+        let existing = tx
+            .query_one(
+                "SELECT state, deadline, attempts FROM optins \
+                 WHERE page_id = $1 AND login_id = $2 FOR UPDATE",
+                &[&optin.page_id, &optin.login_id],
+            )
+            .await?;
+        let existing_state: String = existing.get(0);
+        let existing_deadline: OffsetDateTime = existing.get(1);
+        let existing_attempts: i32 = existing.get(2);
+        if optin.opted_in_at < existing_deadline {
+            return Ok(Recorded::Duplicate);
+        }
+        // A new window (e.g. after `reset_messenger_state=1` in development).
+        match existing_state.as_str() {
+            "sending" => {
+                return Err(StoreError::Busy {
+                    page_id: optin.page_id.clone(),
+                });
+            }
+            "pending" => {
+                // Its window closed before any replica got to it: close it properly first.
+                tx.execute(
+                    "UPDATE optins SET state = 'expired', finished_at = $3, updated_at = $3 \
+                     WHERE page_id = $1 AND login_id = $2",
+                    &[&optin.page_id, &optin.login_id, &now],
+                )
+                .await?;
+                let ev = PublicEvent::FirstMessageExpired(FirstMessageExpired {
+                    page_id: optin.page_id.clone(),
+                    login_id: optin.login_id.clone(),
+                    attempts: existing_attempts,
+                    deadline: existing_deadline,
+                    last_error: None,
+                });
+                insert_outbox(&**tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
+            }
+            _ => {}
+        }
+        tx.execute(
+            "UPDATE optins SET cycle = cycle + 1, source = $3, opted_in_at = $4, deadline = $5, \
+                 send_at = $6, state = $7, next_attempt_at = $6, failure_reason = $8, \
+                 replied_at = $9, traceparent = $10, finished_at = $11, attempts = 0, \
+                 fence = fence + 1, lease_owner = NULL, lease_expires_at = NULL, \
+                 message_id = NULL, sent_at = NULL, last_error_code = NULL, \
+                 last_error_subcode = NULL, last_error_message = NULL, last_error_fbtrace = NULL, \
+                 updated_at = $12 \
+             WHERE page_id = $1 AND login_id = $2",
+            &[
+                &optin.page_id,
+                &optin.login_id,
+                &optin.source,
+                &optin.opted_in_at,
+                &deadline,
+                &send_at,
+                &state,
+                &reason,
+                &linked_at,
+                &optin.traceparent,
+                &finished,
+                &now,
+            ],
+        )
+        .await?;
+    }
+    let event = match outcome {
+        Recorded::Expired => Some(PublicEvent::FirstMessageExpired(FirstMessageExpired {
+            page_id: optin.page_id.clone(),
+            login_id: optin.login_id.clone(),
+            attempts: 0,
+            deadline,
+            last_error: None,
+        })),
+        Recorded::UnknownPage => Some(PublicEvent::FirstMessageFailed(FirstMessageFailed {
+            page_id: optin.page_id.clone(),
+            login_id: optin.login_id.clone(),
+            attempts: 0,
+            reason: "unknown_page".into(),
+            last_error: None,
+        })),
+        _ => None,
+    };
+    if let Some(ev) = event {
+        insert_outbox(&**tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
+    }
+    Ok(outcome)
+}
+
+/// Claims up to `limit` due opt-ins, earliest deadline first, skipping rows other replicas
+/// hold and pages in `excluded_pages` (paused or throttled here).
+pub async fn claim_due(
+    client: &Client,
+    owner: &str,
+    lease: Duration,
+    limit: i64,
+    excluded_pages: &[String],
+) -> Result<Vec<Claimed>, StoreError> {
+    let lease_secs = lease.as_secs_f64();
+    let rows = client
+        .query(
+            "WITH due AS ( \
+                 SELECT page_id, login_id FROM optins \
+                 WHERE state = 'pending' AND next_attempt_at <= now() \
+                   AND NOT (page_id = ANY($4)) \
+                 ORDER BY deadline \
+                 LIMIT $3 \
+                 FOR UPDATE SKIP LOCKED) \
+             UPDATE optins o SET state = 'sending', lease_owner = $1, \
+                 lease_expires_at = now() + make_interval(secs => $2), fence = o.fence + 1, \
+                 updated_at = now() \
+             FROM due WHERE o.page_id = due.page_id AND o.login_id = due.login_id \
+             RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
+                 o.traceparent",
+            &[&owner, &lease_secs, &limit, &excluded_pages],
+        )
+        .await?;
+    let mut claimed: Vec<Claimed> = rows
+        .iter()
+        .map(|r| Claimed {
+            page_id: r.get(0),
+            login_id: r.get(1),
+            fence: r.get(2),
+            attempts: r.get(3),
+            opted_in_at: r.get(4),
+            deadline: r.get(5),
+            traceparent: r.get(6),
+        })
+        .collect();
+    // UPDATE … RETURNING does not keep the CTE's order.
+    claimed.sort_by_key(|c| c.deadline);
+    Ok(claimed)
+}
+
+const FENCED: &str = "page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending'";
+
+/// Gives a claimed row back without a call having been made (page paused, shutdown).
+/// Returns false if the claim was no longer ours.
+pub async fn release(
+    client: &Client,
+    c: &Claimed,
+    next_attempt_at: OffsetDateTime,
+) -> Result<bool, StoreError> {
+    let n = client
+        .execute(
+            &format!(
+                "UPDATE optins SET state = 'pending', next_attempt_at = $4, lease_owner = NULL, \
+                 lease_expires_at = NULL, updated_at = now() WHERE {FENCED}"
+            ),
+            &[&c.page_id, &c.login_id, &c.fence, &next_attempt_at],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Records a successful send and its `first_message.sent` event. Returns false (and writes
+/// nothing) if the claim was taken over.
+pub async fn finish_sent(
+    client: &mut Client,
+    c: &Claimed,
+    message_id: &str,
+    sent_at: OffsetDateTime,
+) -> Result<bool, StoreError> {
+    let attempts = c.attempts + 1;
+    let tx = client.transaction().await?;
+    let n = tx
+        .execute(
+            &format!(
+                "UPDATE optins SET state = 'sent', message_id = $4, sent_at = $5, attempts = $6, \
+                 lease_owner = NULL, lease_expires_at = NULL, finished_at = $5, updated_at = now() \
+                 WHERE {FENCED}"
+            ),
+            &[
+                &c.page_id,
+                &c.login_id,
+                &c.fence,
+                &message_id,
+                &sent_at,
+                &attempts,
+            ],
+        )
+        .await?;
+    if n == 0 {
+        return Ok(false);
+    }
+    let ev = PublicEvent::FirstMessageSent(FirstMessageSent {
+        page_id: c.page_id.clone(),
+        login_id: c.login_id.clone(),
+        message_id: message_id.to_owned(),
+        sent_at,
+        attempts,
+    });
+    insert_outbox(&*tx, &ev, EVENT_SOURCE, c.traceparent.as_deref()).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// How a claimed row ends without success.
+#[derive(Debug, Clone)]
+pub enum Ending {
+    /// Permanently failed, with a short reason (`graph_permanent`, `other_page`, …).
+    Failed(&'static str),
+    /// The window closed (or no retry fits before it).
+    Expired,
+}
+
+/// Records a terminal failure or expiry and its event. `called` says whether a Send API call
+/// was made in this claim (it counts as an attempt).
+pub async fn finish_unsent(
+    client: &mut Client,
+    c: &Claimed,
+    ending: Ending,
+    called: bool,
+    error: Option<&StoredError>,
+) -> Result<bool, StoreError> {
+    let attempts = c.attempts + i32::from(called);
+    let (state, reason) = match &ending {
+        Ending::Failed(r) => ("failed", Some(*r)),
+        Ending::Expired => ("expired", None),
+    };
+    let tx = client.transaction().await?;
+    let n = tx
+        .execute(
+            &format!(
+                "UPDATE optins SET state = $4, failure_reason = $5, attempts = $6, \
+                 last_error_code = COALESCE($7, last_error_code), \
+                 last_error_subcode = COALESCE($8, last_error_subcode), \
+                 last_error_message = COALESCE($9, last_error_message), \
+                 last_error_fbtrace = COALESCE($10, last_error_fbtrace), \
+                 lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), \
+                 updated_at = now() WHERE {FENCED} \
+                 RETURNING last_error_code, last_error_subcode, last_error_message"
+            ),
+            &[
+                &c.page_id,
+                &c.login_id,
+                &c.fence,
+                &state,
+                &reason,
+                &attempts,
+                &error.and_then(|e| e.code),
+                &error.and_then(|e| e.subcode),
+                &error.map(|e| e.message.as_str()),
+                &error.and_then(|e| e.fbtrace_id.as_deref()),
+            ],
+        )
+        .await?;
+    if n == 0 {
+        return Ok(false);
+    }
+    let last_error = match error {
+        Some(e) => Some(e.data()),
+        None => {
+            last_stored_error(&tx, &c.page_id, &c.login_id)
+                .await?
+                .map(|e| e.data())
+        }
+    };
+    let ev = match ending {
+        Ending::Failed(reason) => PublicEvent::FirstMessageFailed(FirstMessageFailed {
+            page_id: c.page_id.clone(),
+            login_id: c.login_id.clone(),
+            attempts,
+            reason: reason.to_owned(),
+            last_error,
+        }),
+        Ending::Expired => PublicEvent::FirstMessageExpired(FirstMessageExpired {
+            page_id: c.page_id.clone(),
+            login_id: c.login_id.clone(),
+            attempts,
+            deadline: c.deadline,
+            last_error,
+        }),
+    };
+    insert_outbox(&*tx, &ev, EVENT_SOURCE, c.traceparent.as_deref()).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn last_stored_error(
+    tx: &Transaction<'_>,
+    page_id: &str,
+    login_id: &str,
+) -> Result<Option<StoredError>, StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT last_error_code, last_error_subcode, last_error_message, last_error_fbtrace \
+             FROM optins WHERE page_id = $1 AND login_id = $2",
+            &[&page_id, &login_id],
+        )
+        .await?;
+    let message: Option<String> = row.get(2);
+    Ok(message.map(|message| StoredError {
+        code: row.get(0),
+        subcode: row.get(1),
+        message,
+        fbtrace_id: row.get(3),
+    }))
+}
+
+/// Puts a row back to pending for a retry at `next_attempt_at`, recording the error.
+pub async fn reschedule(
+    client: &Client,
+    c: &Claimed,
+    next_attempt_at: OffsetDateTime,
+    error: &StoredError,
+) -> Result<bool, StoreError> {
+    let n = client
+        .execute(
+            &format!(
+                "UPDATE optins SET state = 'pending', next_attempt_at = $4, attempts = $5, \
+                 last_error_code = $6, last_error_subcode = $7, last_error_message = $8, \
+                 last_error_fbtrace = $9, lease_owner = NULL, lease_expires_at = NULL, \
+                 updated_at = now() WHERE {FENCED}"
+            ),
+            &[
+                &c.page_id,
+                &c.login_id,
+                &c.fence,
+                &next_attempt_at,
+                &(c.attempts + 1),
+                &error.code,
+                &error.subcode,
+                &error.message,
+                &error.fbtrace_id,
+            ],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// The page another opt-in of this login_id was already messaged through, if any (Meta lets
+/// only that page use the login_id).
+pub async fn page_that_messaged(
+    client: &Client,
+    login_id: &str,
+    page_id: &str,
+) -> Result<Option<String>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT page_id FROM optins WHERE login_id = $1 AND page_id <> $2 \
+               AND (message_id IS NOT NULL OR state = 'sending' \
+                    OR failure_reason = 'outcome_unknown') \
+             LIMIT 1",
+            &[&login_id, &page_id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// What to do with a row whose lease expired while a call may have been in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownOutcome {
+    /// At most once: mark it failed (`outcome_unknown`); the person may get no message.
+    Fail,
+    /// At least once: try again; the person may get the message twice.
+    Retry,
+}
+
+/// Resolves rows whose lease expired (their worker died or stalled) by `policy`, bumping the
+/// fence so the old worker's late result is refused. Returns how many rows were resolved.
+pub async fn rescue_expired_leases(
+    client: &mut Client,
+    policy: UnknownOutcome,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    let tx = client.transaction().await?;
+    let (state, reason) = match policy {
+        UnknownOutcome::Fail => ("failed", Some("outcome_unknown")),
+        UnknownOutcome::Retry => ("pending", None),
+    };
+    let rows = tx
+        .query(
+            "WITH stale AS ( \
+                 SELECT page_id, login_id FROM optins \
+                 WHERE state = 'sending' AND lease_expires_at < now() \
+                 ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             UPDATE optins o SET state = $2, failure_reason = $3, attempts = o.attempts + 1, \
+                 fence = o.fence + 1, next_attempt_at = now(), lease_owner = NULL, \
+                 lease_expires_at = NULL, \
+                 last_error_message = 'lease expired during a Send API call: outcome unknown', \
+                 finished_at = CASE WHEN $2 = 'failed' THEN now() END, updated_at = now() \
+             FROM stale WHERE o.page_id = stale.page_id AND o.login_id = stale.login_id \
+             RETURNING o.page_id, o.login_id, o.attempts, o.traceparent",
+            &[&limit, &state, &reason],
+        )
+        .await?;
+    for r in &rows {
+        let page_id: String = r.get(0);
+        let login_id: String = r.get(1);
+        tracing::warn!(
+            page_id = %page_id,
+            login_id = %lc_shared::telemetry::login_id_label(&login_id),
+            policy = ?policy,
+            "lease expired while a send may have been in flight"
+        );
+        if policy == UnknownOutcome::Fail {
+            let traceparent: Option<String> = r.get(3);
+            let ev = PublicEvent::FirstMessageFailed(FirstMessageFailed {
+                page_id,
+                login_id,
+                attempts: r.get(2),
+                reason: "outcome_unknown".into(),
+                last_error: Some(GraphErrorData {
+                    code: None,
+                    subcode: None,
+                    message: "lease expired during a Send API call: outcome unknown".into(),
+                }),
+            });
+            insert_outbox(&*tx, &ev, EVENT_SOURCE, traceparent.as_deref()).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(rows.len())
+}
+
+/// Deletes terminal rows finished more than `older_than` ago, a batch at a time, to keep
+/// the hot table small. Returns how many were deleted.
+pub async fn prune_finished(
+    client: &Client,
+    older_than: Duration,
+    batch: i64,
+) -> Result<u64, StoreError> {
+    let secs = older_than.as_secs_f64();
+    Ok(client
+        .execute(
+            "DELETE FROM optins WHERE ctid IN ( \
+                 SELECT ctid FROM optins \
+                 WHERE finished_at < now() - make_interval(secs => $1) \
+                   AND state IN ('sent', 'replied', 'failed', 'expired') \
+                 LIMIT $2)",
+            &[&secs, &batch],
+        )
+        .await?)
+}
