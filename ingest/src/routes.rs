@@ -18,7 +18,7 @@ use lc_shared::signature::{
     SIGNATURE_256_HEADER, SIGNATURE_SHA1_HEADER, SignatureError, SignatureVerifier,
     constant_time_eq,
 };
-use lc_shared::telemetry::{TraceParent, render_metrics};
+use lc_shared::telemetry::{TraceParent, continue_trace, render_metrics};
 use lc_shared::webhook;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
@@ -145,10 +145,14 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// `POST /webhook`: verify, split into events, publish with confirms, then answer.
 async fn delivery(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let trace = header_str(&headers, "traceparent")
-        .and_then(TraceParent::parse)
-        .map_or_else(TraceParent::new_root, |t| t.child());
-    let span = tracing::info_span!("webhook_delivery", trace_id = %trace.trace_id_hex(), bytes = body.len());
+    let incoming = header_str(&headers, "traceparent").and_then(TraceParent::parse);
+    let span = tracing::info_span!(
+        "webhook_delivery",
+        trace_id = tracing::field::Empty,
+        bytes = body.len()
+    );
+    let trace = continue_trace(&span, incoming.as_ref());
+    span.record("trace_id", trace.trace_id_hex());
     handle_delivery(&state, &headers, &body, trace)
         .instrument(span)
         .await

@@ -6,7 +6,9 @@
 
 use std::fmt;
 
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -20,27 +22,128 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global log subscriber. Safe to call more than once (later calls do nothing),
-/// which lets tests start several services in one process.
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
+/// The process's telemetry; call [`Telemetry::shutdown`] at exit to flush pending spans.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// True when spans are exported (OTLP configured, or a test provider installed).
+    pub fn tracing_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Flushes and stops the span exporter. It blocks, so call it off the async runtime
+    /// (e.g. after `run` returned, or in `spawn_blocking`).
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs logging and, when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific variable)
+/// is set, OTLP/HTTP span export configured by the standard `OTEL_*` variables. Without it
+/// no OpenTelemetry layer is installed at all, so tracing costs nothing.
+pub fn init(service: &str, format: LogFormat) -> Telemetry {
+    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()));
+    let provider = if configured {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder()
+                            .with_service_name(service.to_owned())
+                            .build(),
+                    )
+                    .build(),
+            ),
+            Err(e) => {
+                eprintln!("OpenTelemetry export disabled: cannot build the OTLP exporter: {e}");
+                None
+            }
+        }
+    } else {
+        None
     };
-    // An already installed subscriber (tests) is fine.
-    let _ = result;
+    init_with_provider(service, format, provider)
+}
+
+/// Installs logging with an explicit span provider (tests pass one with an in-memory
+/// exporter). Safe to call more than once: later calls do nothing.
+pub fn init_with_provider(
+    service: &str,
+    format: LogFormat,
+    provider: Option<SdkTracerProvider>,
+) -> Telemetry {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt_layer = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let otel_layer = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_owned()))
+    });
+    // An already installed subscriber (several services in one test process) is fine.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init();
+    Telemetry { provider }
+}
+
+/// Installs logging only (no span export), e.g. for the CLI.
+pub fn init_logging(format: LogFormat) {
+    let _ = init_with_provider("loginconnect", format, None);
+}
+
+/// Makes `span` a child of the context that came with the work (`parent`, from a request
+/// header, an AMQP header or a database row) and returns the context to pass on.
+///
+/// With span export on, the returned context is the span's own (so the next hop nests under
+/// it); without it, a child of `parent` (or a new root), so the trace id still travels.
+pub fn continue_trace(span: &tracing::Span, parent: Option<&TraceParent>) -> TraceParent {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if let Some(p) = parent {
+        let remote = SpanContext::new(
+            TraceId::from_bytes(p.trace_id),
+            SpanId::from_bytes(p.span_id),
+            TraceFlags::new(p.flags),
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    let cx = span.context();
+    let own = cx.span().span_context().clone();
+    if own.is_valid() {
+        TraceParent {
+            trace_id: own.trace_id().to_bytes(),
+            span_id: own.span_id().to_bytes(),
+            flags: own.trace_flags().to_u8(),
+        }
+    } else {
+        parent.map_or_else(TraceParent::new_root, TraceParent::child)
+    }
 }
 
 /// A W3C trace context (`traceparent` header value, version 00).

@@ -4,10 +4,14 @@ use clap::Parser;
 use lc_shared::shutdown::Shutdown;
 use lc_worker::scheduler::SchedulerConfig;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = SchedulerConfig::parse();
-    lc_shared::telemetry::init_logging(config.worker.log.log_format);
-    lc_worker::scheduler::run(config, Shutdown::on_signals()).await?;
-    Ok(())
+    let telemetry = lc_shared::telemetry::init("scheduler", config.worker.log.log_format);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result =
+        runtime.block_on(async { lc_worker::scheduler::run(config, Shutdown::on_signals()).await });
+    drop(runtime);
+    // Flushing blocks, so it runs after the runtime is gone.
+    telemetry.shutdown();
+    Ok(result?)
 }

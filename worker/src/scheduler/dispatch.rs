@@ -12,7 +12,7 @@ use deadpool_postgres::Pool;
 use lc_shared::graph::{FailureClass, GraphClient, GraphFailure, SendOutcome};
 use lc_shared::pages::PagesConfig;
 use lc_shared::shutdown::Shutdown;
-use lc_shared::telemetry::{TraceParent, login_id_label};
+use lc_shared::telemetry::{TraceParent, continue_trace, login_id_label};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock, Semaphore};
 use tokio::task::JoinSet;
@@ -199,11 +199,14 @@ impl Dispatcher {
             "first_message",
             page_id = %c.page_id,
             login_id = %login_id_label(&c.login_id),
-            trace_id = c.traceparent.as_deref().and_then(TraceParent::parse).map(|t| t.trace_id_hex()).unwrap_or_default(),
+            trace_id = tracing::field::Empty,
             attempt = c.attempts + 1,
         );
+        let parent = c.traceparent.as_deref().and_then(TraceParent::parse);
+        let trace = continue_trace(&span, parent.as_ref());
+        span.record("trace_id", trace.trace_id_hex());
         async {
-            if let Err(e) = self.process_inner(&c, &shutdown).await {
+            if let Err(e) = self.process_inner(&c, &shutdown, &trace).await {
                 tracing::error!(error = %e, "could not record the outcome; the lease will expire and be rescued");
             }
         }
@@ -211,7 +214,12 @@ impl Dispatcher {
         .await;
     }
 
-    async fn process_inner(&self, c: &Claimed, shutdown: &Shutdown) -> Result<(), StoreError> {
+    async fn process_inner(
+        &self,
+        c: &Claimed,
+        shutdown: &Shutdown,
+        trace: &TraceParent,
+    ) -> Result<(), StoreError> {
         let last_send = self.settings.timing.last_send(c.deadline);
         if OffsetDateTime::now_utc() >= last_send {
             return self.end(c, Ending::Expired, false, None).await;
@@ -252,15 +260,14 @@ impl Dispatcher {
             return self.end(c, Ending::Expired, false, None).await;
         }
 
-        let traceparent = c
-            .traceparent
-            .as_deref()
-            .and_then(TraceParent::parse)
-            .map(|t| t.child().to_string());
+        // The call gets its own span, so the trace shows Graph's latency apart from ours.
+        let call_span = tracing::info_span!("send_api_call", page_id = %c.page_id);
+        let call_trace = continue_trace(&call_span, Some(trace)).to_string();
         let started = Instant::now();
         let outcome = self
             .graph
-            .send_first_message(&page, &c.login_id, traceparent.as_deref())
+            .send_first_message(&page, &c.login_id, Some(&call_trace))
+            .instrument(call_span)
             .await;
         self.metrics
             .send_latency
