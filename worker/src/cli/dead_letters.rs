@@ -1,5 +1,7 @@
 //! `dead-letters list|replay`: what failed, why, and putting it back after a fix.
 
+use std::io::Write;
+
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lc_shared::amqp::{self, header_str};
 use lc_shared::config::AmqpArgs;
@@ -30,7 +32,12 @@ fn preview(data: &[u8]) -> String {
 
 /// Lists messages without removing them: they are fetched unacknowledged and returned to the
 /// queue when the channel closes.
-pub async fn list(amqp: &AmqpArgs, queue: Option<&str>, limit: usize) -> Result<(), CliError> {
+pub async fn list(
+    out: &mut dyn Write,
+    amqp: &AmqpArgs,
+    queue: Option<&str>,
+    limit: usize,
+) -> Result<(), CliError> {
     let queues: Vec<String> = match queue {
         Some(q) => {
             known_queue(q)?;
@@ -42,7 +49,7 @@ pub async fn list(amqp: &AmqpArgs, queue: Option<&str>, limit: usize) -> Result<
     for q in queues {
         let ch = conn.create_channel().await?;
         let mut shown = 0;
-        println!("== {q}");
+        writeln!(out, "== {q}")?;
         while shown < limit {
             let Some(msg) = ch
                 .basic_get(q.as_str().into(), BasicGetOptions { no_ack: false })
@@ -52,21 +59,23 @@ pub async fn list(amqp: &AmqpArgs, queue: Option<&str>, limit: usize) -> Result<
             };
             let d = &msg.delivery;
             shown += 1;
-            println!(
+            writeln!(
+                out,
                 "- id={} reason={} origin={} key={}\n  {}",
                 d.properties
                     .message_id()
                     .as_ref()
                     .map_or("-".to_owned(), |m| m.to_string()),
                 header_str(&d.properties, topology::ERROR_HEADER).unwrap_or_else(|| "-".into()),
-                header_str(&d.properties, topology::ORIGIN_QUEUE_HEADER).unwrap_or_else(|| "-".into()),
+                header_str(&d.properties, topology::ORIGIN_QUEUE_HEADER)
+                    .unwrap_or_else(|| "-".into()),
                 header_str(&d.properties, "x-loginconnect-original-routing-key")
                     .unwrap_or_else(|| d.routing_key.to_string()),
                 preview(&d.data)
-            );
+            )?;
         }
         if shown == 0 {
-            println!("  (empty)");
+            writeln!(out, "  (empty)")?;
         }
         // Closing the channel returns every unacked message to the queue, in order.
         ch.close(200, "listed".into()).await?;
@@ -78,7 +87,12 @@ pub async fn list(amqp: &AmqpArgs, queue: Option<&str>, limit: usize) -> Result<
 /// Replays messages: dead letters go back to `messenger.webhook` with their original routing
 /// key; unparsed bodies are parsed again and their events published. Each original is acked
 /// only after the broker confirmed its replacement; what still cannot be replayed stays.
-pub async fn replay(amqp: &AmqpArgs, queue: &str, limit: usize) -> Result<(), CliError> {
+pub async fn replay(
+    out: &mut dyn Write,
+    amqp: &AmqpArgs,
+    queue: &str,
+    limit: usize,
+) -> Result<(), CliError> {
     known_queue(queue)?;
     let conn = amqp::connect(&amqp.amqp_url, "loginconnect-cli").await?;
     let get_ch = conn.create_channel().await?;
@@ -100,16 +114,24 @@ pub async fn replay(amqp: &AmqpArgs, queue: &str, limit: usize) -> Result<(), Cl
                     .map(|e| {
                         let q = QueuedEvent::from_webhook(e);
                         let body = serde_json::to_vec(&q).unwrap_or_default();
-                        let props = amqp::persistent_properties(&q.idempotency_key, "application/json")
-                            .with_timestamp(u64::try_from(q.timestamp_ms / 1000).unwrap_or(0));
-                        (topology::webhook_routing_key(q.kind.as_str(), &q.page_id), body, props)
+                        let props =
+                            amqp::persistent_properties(&q.idempotency_key, "application/json")
+                                .with_timestamp(u64::try_from(q.timestamp_ms / 1000).unwrap_or(0));
+                        (
+                            topology::webhook_routing_key(q.kind.as_str(), &q.page_id),
+                            body,
+                            props,
+                        )
                     })
                     .collect(),
                 Err(e) => {
-                    println!("still does not parse, kept: {e}");
+                    writeln!(out, "still does not parse, kept: {e}")?;
                     kept += 1;
                     d.acker
-                        .nack(BasicNackOptions { requeue: true, multiple: false })
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            multiple: false,
+                        })
                         .await?;
                     continue;
                 }
@@ -121,10 +143,17 @@ pub async fn replay(amqp: &AmqpArgs, queue: &str, limit: usize) -> Result<(), Cl
         };
         let mut ok = true;
         for (key, body, props) in outgoing {
-            let confirm =
-                amqp::publish(&pub_ch, topology::WEBHOOK_EXCHANGE, &key, true, &body, props).await?;
+            let confirm = amqp::publish(
+                &pub_ch,
+                topology::WEBHOOK_EXCHANGE,
+                &key,
+                true,
+                &body,
+                props,
+            )
+            .await?;
             if let Err(e) = amqp::await_confirm(confirm, std::time::Duration::from_secs(5)).await {
-                println!("replay of one message failed, kept: {e}");
+                writeln!(out, "replay of one message failed, kept: {e}")?;
                 ok = false;
                 break;
             }
@@ -135,11 +164,14 @@ pub async fn replay(amqp: &AmqpArgs, queue: &str, limit: usize) -> Result<(), Cl
         } else {
             kept += 1;
             d.acker
-                .nack(BasicNackOptions { requeue: true, multiple: false })
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
                 .await?;
         }
     }
     let _ = conn.close(200, "done".into()).await;
-    println!("replayed {replayed}, kept {kept}");
+    writeln!(out, "replayed {replayed}, kept {kept}")?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Read-mostly CLI commands: status, opt-ins, links, pages.
 
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -24,17 +25,28 @@ fn ts(t: Option<OffsetDateTime>) -> Value {
 }
 
 /// `status`: what an operator looks at first.
-pub async fn status(db: &DatabaseArgs, amqp: &AmqpArgs, as_json: bool) -> Result<(), CliError> {
+pub async fn status(
+    out: &mut dyn Write,
+    db: &DatabaseArgs,
+    amqp: &AmqpArgs,
+    as_json: bool,
+) -> Result<(), CliError> {
     let c = client(db).await?;
     let mut by_state = serde_json::Map::new();
     for r in c
-        .query("SELECT state, count(*) FROM optins GROUP BY state ORDER BY state", &[])
+        .query(
+            "SELECT state, count(*) FROM optins GROUP BY state ORDER BY state",
+            &[],
+        )
         .await?
     {
         by_state.insert(r.get::<_, String>(0), json!(r.get::<_, i64>(1)));
     }
     let nearest: Option<OffsetDateTime> = c
-        .query_one("SELECT min(deadline) FROM optins WHERE state = 'pending'", &[])
+        .query_one(
+            "SELECT min(deadline) FROM optins WHERE state = 'pending'",
+            &[],
+        )
         .await?
         .get(0);
     // Pause state lives in each scheduler replica; a page whose pending opt-ins last failed
@@ -97,35 +109,46 @@ pub async fn status(db: &DatabaseArgs, amqp: &AmqpArgs, as_json: bool) -> Result
         "queues": queues,
     });
     if as_json {
-        println!("{report:#}");
+        writeln!(out, "{report:#}")?;
         return Ok(());
     }
-    println!("opt-ins by state:");
+    writeln!(out, "opt-ins by state:")?;
     if by_state.is_empty() {
-        println!("  (none)");
+        writeln!(out, "  (none)")?;
     }
     for (state, n) in &by_state {
-        println!("  {state:<10} {n}");
+        writeln!(out, "  {state:<10} {n}")?;
     }
-    println!(
+    writeln!(
+        out,
         "nearest pending deadline: {}",
         report["nearest_pending_deadline"].as_str().unwrap_or("-")
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "paused pages (invalid token): {}",
-        if paused.is_empty() { "-".to_owned() } else { paused.join(", ") }
-    );
-    println!("outbox: {unpublished} unpublished, oldest {lag} s");
-    println!("link conflicts: {conflicts}");
-    println!("queues (messages ready):");
+        if paused.is_empty() {
+            "-".to_owned()
+        } else {
+            paused.join(", ")
+        }
+    )?;
+    writeln!(out, "outbox: {unpublished} unpublished, oldest {lag} s")?;
+    writeln!(out, "link conflicts: {conflicts}")?;
+    writeln!(out, "queues (messages ready):")?;
     for (q, n) in &queues {
-        println!("  {q:<26} {n}");
+        writeln!(out, "  {q:<26} {n}")?;
     }
     Ok(())
 }
 
 /// `optin show`.
-pub async fn optin_show(db: &DatabaseArgs, page: &str, login_id: &str) -> Result<(), CliError> {
+pub async fn optin_show(
+    out: &mut dyn Write,
+    db: &DatabaseArgs,
+    page: &str,
+    login_id: &str,
+) -> Result<(), CliError> {
     let c = client(db).await?;
     let row = c
         .query_opt(
@@ -149,12 +172,17 @@ pub async fn optin_show(db: &DatabaseArgs, page: &str, login_id: &str) -> Result
                        "message": row.get::<_, Option<String>>(14)},
         "replied_at": ts(row.get(15)),
     });
-    println!("{v:#}");
+    writeln!(out, "{v:#}")?;
     Ok(())
 }
 
 /// `optin reset`.
-pub async fn optin_reset(db: &DatabaseArgs, page: &str, login_id: &str) -> Result<(), CliError> {
+pub async fn optin_reset(
+    out: &mut dyn Write,
+    db: &DatabaseArgs,
+    page: &str,
+    login_id: &str,
+) -> Result<(), CliError> {
     let mut c = client(db).await?;
     let tx = c.transaction().await?;
     let sending: Option<String> = tx
@@ -166,7 +194,8 @@ pub async fn optin_reset(db: &DatabaseArgs, page: &str, login_id: &str) -> Resul
         .map(|r| r.get(0));
     if sending.as_deref() == Some("sending") {
         return Err(CliError::Other(
-            "a first message to this login_id is being sent right now; try again in a minute".into(),
+            "a first message to this login_id is being sent right now; try again in a minute"
+                .into(),
         ));
     }
     let optins = tx
@@ -182,12 +211,16 @@ pub async fn optin_reset(db: &DatabaseArgs, page: &str, login_id: &str) -> Resul
         )
         .await?;
     tx.commit().await?;
-    println!("reset: {optins} opt-in(s) and {links} link(s) deleted; the next opt-in starts afresh");
+    writeln!(
+        out,
+        "reset: {optins} opt-in(s) and {links} link(s) deleted; the next opt-in starts afresh"
+    )?;
     Ok(())
 }
 
 /// `link show`.
 pub async fn link_show(
+    out: &mut dyn Write,
     db: &DatabaseArgs,
     login_id: Option<&str>,
     psid: Option<&str>,
@@ -219,15 +252,25 @@ pub async fn link_show(
             "psid": r.get::<_, String>(2), "linked_at": ts(r.get(3)),
             "first_reply_mid": r.get::<_, Option<String>>(4),
         });
-        println!("{v}");
+        writeln!(out, "{v}")?;
     }
     Ok(())
 }
 
 /// `pages check`.
-pub async fn pages_check(path: &Path, graph_url: &str, offline: bool) -> Result<(), CliError> {
+pub async fn pages_check(
+    out: &mut dyn Write,
+    path: &Path,
+    graph_url: &str,
+    offline: bool,
+) -> Result<(), CliError> {
     let pages = PagesConfig::load(path).map_err(|e| CliError::Other(e.to_string()))?;
-    println!("{}: {} page(s), valid", path.display(), pages.pages.len());
+    writeln!(
+        out,
+        "{}: {} page(s), valid",
+        path.display(),
+        pages.pages.len()
+    )?;
     if offline {
         return Ok(());
     }
@@ -236,15 +279,17 @@ pub async fn pages_check(path: &Path, graph_url: &str, offline: bool) -> Result<
     let mut failed = 0;
     for page in &pages.pages {
         match graph.check_token(page).await {
-            Ok(()) => println!("  page {}: token works", page.id),
+            Ok(()) => writeln!(out, "  page {}: token works", page.id)?,
             Err(e) => {
                 failed += 1;
-                println!("  page {}: token check failed: {e}", page.id);
+                writeln!(out, "  page {}: token check failed: {e}", page.id)?;
             }
         }
     }
     if failed > 0 {
-        return Err(CliError::Other(format!("{failed} page token(s) do not work")));
+        return Err(CliError::Other(format!(
+            "{failed} page token(s) do not work"
+        )));
     }
     Ok(())
 }

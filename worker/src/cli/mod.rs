@@ -6,6 +6,7 @@
 mod dead_letters;
 mod inspect;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +14,11 @@ use lc_shared::config::{AmqpArgs, DatabaseArgs};
 
 /// `loginconnect` — operate a loginconnect deployment.
 #[derive(Debug, clap::Parser)]
-#[command(name = "loginconnect", version, about = "Operator CLI of loginconnect.")]
+#[command(
+    name = "loginconnect",
+    version,
+    about = "Operator CLI of loginconnect."
+)]
 pub struct Cli {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -109,7 +114,11 @@ pub enum LinkCommand {
     /// Show the links of a login_id or a PSID.
     Show {
         /// Look up by login_id.
-        #[arg(long = "login-id", conflicts_with = "psid", required_unless_present = "psid")]
+        #[arg(
+            long = "login-id",
+            conflicts_with = "psid",
+            required_unless_present = "psid"
+        )]
         login_id: Option<String>,
         /// Look up by PSID.
         #[arg(long)]
@@ -152,51 +161,55 @@ pub enum CliError {
     /// Broker call failed.
     #[error("RabbitMQ error: {0}")]
     Lapin(#[from] lapin::Error),
+    /// Writing the output failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
     /// Anything else, already phrased for the operator.
     #[error("{0}")]
     Other(String),
 }
 
-/// Runs one CLI command, writing its output to stdout.
-pub async fn run(cli: Cli) -> Result<(), CliError> {
+/// Runs one CLI command, writing its output to `out` (stdout in the binary).
+pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Migrate => {
             lc_shared::db::ensure_database(&cli.database.database_url).await?;
             let pool = lc_shared::db::pool(&cli.database.database_url, 1)?;
             let applied = lc_shared::db::migrate(&pool).await?;
-            println!(
+            writeln!(
+                out,
                 "database at version {} ({} migration(s) applied now)",
                 lc_shared::db::latest_migration_version(),
                 applied.len()
-            );
+            )?;
             Ok(())
         }
-        Command::Status { json } => inspect::status(&cli.database, &cli.amqp, json).await,
+        Command::Status { json } => inspect::status(out, &cli.database, &cli.amqp, json).await,
         Command::DeadLetters(DeadLettersCommand::List { queue, limit }) => {
-            dead_letters::list(&cli.amqp, queue.as_deref(), limit).await
+            dead_letters::list(out, &cli.amqp, queue.as_deref(), limit).await
         }
         Command::DeadLetters(DeadLettersCommand::Replay { queue, limit }) => {
-            dead_letters::replay(&cli.amqp, &queue, limit).await
+            dead_letters::replay(out, &cli.amqp, &queue, limit).await
         }
         Command::Optin(OptinCommand::Show { page, login_id }) => {
-            inspect::optin_show(&cli.database, &page, &login_id).await
+            inspect::optin_show(out, &cli.database, &page, &login_id).await
         }
         Command::Optin(OptinCommand::Reset { page, login_id }) => {
-            inspect::optin_reset(&cli.database, &page, &login_id).await
+            inspect::optin_reset(out, &cli.database, &page, &login_id).await
         }
         Command::Link(LinkCommand::Show { login_id, psid }) => {
-            inspect::link_show(&cli.database, login_id.as_deref(), psid.as_deref()).await
+            inspect::link_show(out, &cli.database, login_id.as_deref(), psid.as_deref()).await
         }
         Command::Pages(PagesCommand::Check {
             pages_file,
             graph_api_url,
             offline,
-        }) => inspect::pages_check(&pages_file, &graph_api_url, offline).await,
-        Command::Probe { url } => probe(&url).await,
+        }) => inspect::pages_check(out, &pages_file, &graph_api_url, offline).await,
+        Command::Probe { url } => probe(out, &url).await,
     }
 }
 
-async fn probe(url: &str) -> Result<(), CliError> {
+async fn probe(out: &mut dyn Write, url: &str) -> Result<(), CliError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -207,7 +220,7 @@ async fn probe(url: &str) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::Other(format!("{url}: {e}")))?;
     if resp.status().is_success() {
-        println!("{url}: {}", resp.status());
+        writeln!(out, "{url}: {}", resp.status())?;
         Ok(())
     } else {
         Err(CliError::Other(format!("{url}: {}", resp.status())))

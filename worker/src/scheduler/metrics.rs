@@ -35,6 +35,8 @@ pub struct SchedulerMetrics {
     pub nearest_deadline: IntGauge,
     /// Messages moved to the dead-letter queue by the opt-in consumer.
     pub dead_lettered: IntCounter,
+    /// Messages waiting in the scheduler's queues (refreshed periodically).
+    pub queue_ready: IntGaugeVec,
 }
 
 impl SchedulerMetrics {
@@ -127,7 +129,26 @@ impl SchedulerMetrics {
                 "scheduler_dead_lettered_total",
                 "Opt-in messages moved to the dead-letter queue",
             )?,
+            queue_ready: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_queue_messages_ready",
+                    "Messages ready in the opt-in queue and its dead-letter queue",
+                ),
+                &["queue"],
+            )?,
         };
+        // Known label values exist from the start, so dashboards and alerts see zeros rather
+        // than missing series.
+        for r in ["pending", "duplicate", "replied", "expired", "unknown_page"] {
+            m.optins_recorded.with_label_values(&[r]);
+        }
+        for o in ["sent", "transient", "rate_limited", "permanent", "token_invalid", "unknown"] {
+            m.sends.with_label_values(&[o]);
+        }
+        for t in ["sent", "replied", "failed", "expired"] {
+            m.terminal.with_label_values(&[t]);
+        }
+        registry.register(Box::new(m.queue_ready.clone()))?;
         registry.register(Box::new(m.optins_recorded.clone()))?;
         registry.register(Box::new(m.sends.clone()))?;
         registry.register(Box::new(m.graph_errors.clone()))?;

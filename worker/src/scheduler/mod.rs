@@ -241,6 +241,7 @@ pub async fn start(
     ));
     tasks.spawn(housekeeping(
         pool.clone(),
+        link.clone(),
         metrics.clone(),
         Duration::from_secs(config.retention_days * 86_400),
         shutdown.clone(),
@@ -285,13 +286,20 @@ pub async fn run(config: SchedulerConfig, shutdown: Shutdown) -> Result<(), Star
 }
 
 /// Refreshes the state gauges and prunes old finished rows.
-async fn housekeeping(pool: Pool, metrics: SchedulerMetrics, retention: Duration, shutdown: Shutdown) {
+async fn housekeeping(
+    pool: Pool,
+    link: lc_shared::amqp::BrokerLink,
+    metrics: SchedulerMetrics,
+    retention: Duration,
+    shutdown: Shutdown,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.wait() => return,
         }
+        queue_depths(&link, &metrics).await;
         let Ok(client) = pool.get().await else { continue };
         if let Ok(rows) = client
             .query("SELECT state, count(*) FROM optins GROUP BY state", &[])
@@ -322,6 +330,35 @@ async fn housekeeping(pool: Pool, metrics: SchedulerMetrics, retention: Duration
             }
         }
     }
+}
+
+/// Reads queue depths with passive declares (cheap; no consumer needed).
+async fn queue_depths(link: &lc_shared::amqp::BrokerLink, metrics: &SchedulerMetrics) {
+    let Ok(channel) = link.open_channel().await else {
+        return;
+    };
+    let dlq = topology::dead_letter_queue(topology::SCHEDULER_QUEUE);
+    for queue in [topology::SCHEDULER_QUEUE, dlq.as_str()] {
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => metrics
+                .queue_ready
+                .with_label_values(&[queue])
+                .set(i64::from(q.message_count())),
+            // A failed passive declare closes the channel; the next round opens another.
+            Err(_) => return,
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
 }
 
 /// Re-reads the pages file on SIGHUP; pages whose token changed are resumed.
