@@ -187,6 +187,9 @@ pub async fn start(
     let relay_metrics = crate::relay::RelayMetrics::new(&registry)?;
     let metrics_addr = metrics_listener.local_addr()?;
 
+    for page in &pages.pages {
+        metrics.paused_pages.with_label_values(&[page.id.as_str()]).set(0);
+    }
     let pages = Arc::new(RwLock::new(Arc::new(pages)));
     let pauses = Arc::new(PagePauses::default());
     let wake = Arc::new(Notify::new());
