@@ -1,8 +1,6 @@
 //! Prometheus metrics of the ingest service.
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric ingest exports, registered in one registry served on `/metrics`.
 #[derive(Clone)]
@@ -30,7 +28,10 @@ impl IngestMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("ingest_http_requests_total", "HTTP requests by route and status"),
+            Opts::new(
+                "ingest_http_requests_total",
+                "HTTP requests by route and status",
+            ),
             &["route", "status"],
         )?;
         let signature_failures = IntCounterVec::new(

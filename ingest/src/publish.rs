@@ -29,7 +29,10 @@ pub struct Outgoing {
 }
 
 /// The AMQP message for one parsed webhook event.
-pub fn event_message(event: &WebhookEvent, traceparent: &str) -> Result<Outgoing, serde_json::Error> {
+pub fn event_message(
+    event: &WebhookEvent,
+    traceparent: &str,
+) -> Result<Outgoing, serde_json::Error> {
     let queued = QueuedEvent::from_webhook(event);
     event_message_from_queued(&queued, traceparent)
 }

@@ -21,7 +21,9 @@ use crate::topology;
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
     /// The broker could not be reached or refused the connection.
-    #[error("cannot connect to RabbitMQ at {url}: {source} (check AMQP_URL and that the broker is running)")]
+    #[error(
+        "cannot connect to RabbitMQ at {url}: {source} (check AMQP_URL and that the broker is running)"
+    )]
     Connect {
         /// The URL with its password removed.
         url: String,

@@ -27,7 +27,11 @@ pub struct DatabaseArgs {
     #[arg(long = "database-url", env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
     /// Most connections this process opens.
-    #[arg(long = "database-pool-size", env = "DATABASE_POOL_SIZE", default_value_t = 8)]
+    #[arg(
+        long = "database-pool-size",
+        env = "DATABASE_POOL_SIZE",
+        default_value_t = 8
+    )]
     pub database_pool_size: usize,
 }
 

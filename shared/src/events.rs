@@ -90,6 +90,25 @@ pub struct FirstMessageExpired {
     pub last_error: Option<GraphErrorData>,
 }
 
+/// `data` of `identity.deleted`: the person asked Meta to delete their data (the data
+/// deletion callback); loginconnect deleted its opt-in and link, downstream services should
+/// delete theirs. Emitted for every (page_id, login_id) the person may have, whether or not
+/// loginconnect still held rows for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityDeleted {
+    /// The Page.
+    pub page_id: String,
+    /// The person's login_id for that Page.
+    pub login_id: String,
+    /// The PSID the login_id was linked to, if loginconnect held a link.
+    pub psid: Option<String>,
+    /// When the deletion was committed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deleted_at: OffsetDateTime,
+    /// The confirmation code Meta shows the person (one per deletion request).
+    pub confirmation_code: String,
+}
+
 /// One public event, before it is wrapped in a CloudEvent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PublicEvent {
@@ -101,6 +120,8 @@ pub enum PublicEvent {
     FirstMessageFailed(FirstMessageFailed),
     /// The window closed before the first message could be sent.
     FirstMessageExpired(FirstMessageExpired),
+    /// A person's data was deleted on their request.
+    IdentityDeleted(IdentityDeleted),
 }
 
 impl PublicEvent {
@@ -111,6 +132,7 @@ impl PublicEvent {
             Self::FirstMessageSent(_) => "first_message.sent",
             Self::FirstMessageFailed(_) => "first_message.failed",
             Self::FirstMessageExpired(_) => "first_message.expired",
+            Self::IdentityDeleted(_) => "identity.deleted",
         }
     }
 
@@ -126,6 +148,7 @@ impl PublicEvent {
             Self::FirstMessageSent(d) => &d.page_id,
             Self::FirstMessageFailed(d) => &d.page_id,
             Self::FirstMessageExpired(d) => &d.page_id,
+            Self::IdentityDeleted(d) => &d.page_id,
         }
     }
 
@@ -136,6 +159,7 @@ impl PublicEvent {
             Self::FirstMessageSent(d) => serde_json::to_value(d),
             Self::FirstMessageFailed(d) => serde_json::to_value(d),
             Self::FirstMessageExpired(d) => serde_json::to_value(d),
+            Self::IdentityDeleted(d) => serde_json::to_value(d),
         };
         // These structs hold only strings, numbers and formatted times: serialising cannot fail.
         v.unwrap_or(serde_json::Value::Null)

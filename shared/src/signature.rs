@@ -131,7 +131,10 @@ fn verify_with<M: Mac + Clone>(
 /// Computes the `X-Hub-Signature-256` header value for `body` (used by tests, the demo and
 /// the benchmark to sign like Meta does).
 pub fn sign_sha256(secret: &str, body: &[u8]) -> String {
-    format!("sha256={}", hex::encode(hmac_sha256(secret.as_bytes(), body)))
+    format!(
+        "sha256={}",
+        hex::encode(hmac_sha256(secret.as_bytes(), body))
+    )
 }
 
 /// Computes a legacy `X-Hub-Signature` header value.
@@ -178,8 +181,14 @@ mod tests {
     fn accepts_any_configured_secret() {
         let v = verifier(&["old", "new"], false);
         let body = br#"{"object":"page"}"#;
-        assert_eq!(v.verify(Some(&sign_sha256("new", body)), None, body), Ok(()));
-        assert_eq!(v.verify(Some(&sign_sha256("old", body)), None, body), Ok(()));
+        assert_eq!(
+            v.verify(Some(&sign_sha256("new", body)), None, body),
+            Ok(())
+        );
+        assert_eq!(
+            v.verify(Some(&sign_sha256("old", body)), None, body),
+            Ok(())
+        );
         assert_eq!(
             v.verify(Some(&sign_sha256("other", body)), None, body),
             Err(SignatureError::Mismatch)
@@ -221,7 +230,10 @@ mod tests {
         let mut other_body = body.to_vec();
         for i in 0..other_body.len() {
             other_body[i] ^= 1;
-            assert!(v.verify(Some(&good), None, &other_body).is_err(), "body byte {i}");
+            assert!(
+                v.verify(Some(&good), None, &other_body).is_err(),
+                "body byte {i}"
+            );
             other_body[i] ^= 1;
         }
     }
@@ -234,7 +246,10 @@ mod tests {
             verifier(&["s"], false).verify(None, Some(&sha1), body),
             Err(SignatureError::Missing)
         );
-        assert_eq!(verifier(&["s"], true).verify(None, Some(&sha1), body), Ok(()));
+        assert_eq!(
+            verifier(&["s"], true).verify(None, Some(&sha1), body),
+            Ok(())
+        );
         let wrong256 = sign_sha256("x", body);
         assert_eq!(
             verifier(&["s"], true).verify(Some(&wrong256), Some(&sha1), body),

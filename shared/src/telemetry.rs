@@ -47,9 +47,12 @@ impl Telemetry {
 /// is set, OTLP/HTTP span export configured by the standard `OTEL_*` variables. Without it
 /// no OpenTelemetry layer is installed at all, so tracing costs nothing.
 pub fn init(service: &str, format: LogFormat) -> Telemetry {
-    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()));
+    let configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()));
     let provider = if configured {
         match opentelemetry_otlp::SpanExporter::builder()
             .with_http()

@@ -140,7 +140,10 @@ pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
         .await?;
     let other_args = table(&[
         ("x-queue-type", long("quorum")),
-        ("x-max-length", AMQPValue::LongLongInt(OTHER_QUEUE_MAX_LENGTH)),
+        (
+            "x-max-length",
+            AMQPValue::LongLongInt(OTHER_QUEUE_MAX_LENGTH),
+        ),
     ]);
     channel
         .queue_declare(OTHER_QUEUE.into(), durable(), other_args)

@@ -18,7 +18,8 @@ pub fn amqp_base() -> String {
 
 /// PostgreSQL server the tests use (the database name is appended per test).
 pub fn postgres_base() -> String {
-    std::env::var("TEST_POSTGRES_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("TEST_POSTGRES_BASE")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 /// A short random name usable for vhosts and databases.
@@ -26,7 +27,11 @@ pub fn unique_name(prefix: &str) -> String {
     format!(
         "{prefix}_{}_{}",
         std::process::id(),
-        uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap_or("x")
+        uuid::Uuid::new_v4()
+            .simple()
+            .to_string()
+            .get(..12)
+            .unwrap_or("x")
     )
 }
 
@@ -100,10 +105,12 @@ impl TestDb {
     /// Creates an empty database.
     pub async fn create() -> Self {
         let name = unique_name("lc");
-        let (client, conn) =
-            tokio_postgres::connect(&format!("{}/postgres", postgres_base()), tokio_postgres::NoTls)
-                .await
-                .expect("connect to PostgreSQL");
+        let (client, conn) = tokio_postgres::connect(
+            &format!("{}/postgres", postgres_base()),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect to PostgreSQL");
         let task = tokio::spawn(conn);
         client
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))

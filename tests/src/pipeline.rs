@@ -107,6 +107,7 @@ impl TestEnv {
             max_attempts: 50,
             unknown_outcome: lc_worker::scheduler::store::UnknownOutcome::Fail,
             retention_days: 30,
+            watchdog: lc_worker::scheduler::watchdog::WatchdogArgs::default(),
         }
     }
 
@@ -152,6 +153,7 @@ impl TestEnv {
             log: LogArgs {
                 log_format: LogFormat::Text,
             },
+            login: lc_ingest::login_events::LoginArgs::default(),
         };
         let running = lc_ingest::start(config, listener, shutdown.clone())
             .await

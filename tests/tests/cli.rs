@@ -32,7 +32,10 @@ async fn migrate_status_optin_and_link_commands() {
     let env = TestEnv::new().await;
     let _conn = declare(&env).await;
     let out = cli(&env, &["migrate"]).await.expect("migrate");
-    let version = format!("database at version {}", lc_shared::db::latest_migration_version());
+    let version = format!(
+        "database at version {}",
+        lc_shared::db::latest_migration_version()
+    );
     assert!(out.contains(&version), "{out}");
     // Idempotent.
     let out = cli(&env, &["migrate"]).await.expect("migrate again");
@@ -56,29 +59,52 @@ async fn migrate_status_optin_and_link_commands() {
     .expect("link");
 
     let status: Value =
-        serde_json::from_str(&cli(&env, &["status", "--json"]).await.expect("status")).expect("json");
+        serde_json::from_str(&cli(&env, &["status", "--json"]).await.expect("status"))
+            .expect("json");
     assert_eq!(status["optins_by_state"]["pending"], 1);
     assert_eq!(status["optins_by_state"]["sent"], 1);
     assert!(status["nearest_pending_deadline"].as_str().is_some());
     assert_eq!(status["queues"]["scheduler.optins.dlq"], 0);
     assert_eq!(status["outbox"]["unpublished"], 0);
     let text = cli(&env, &["status"]).await.expect("status text");
-    assert!(text.contains("pending") && text.contains("scheduler.optins.dlq"), "{text}");
+    assert!(
+        text.contains("pending") && text.contains("scheduler.optins.dlq"),
+        "{text}"
+    );
 
     let shown: Value = serde_json::from_str(
-        &cli(&env, &["optin", "show", "--page", PAGE, "--login-id", "L1"]).await.expect("show"),
+        &cli(&env, &["optin", "show", "--page", PAGE, "--login-id", "L1"])
+            .await
+            .expect("show"),
     )
     .expect("json");
     assert_eq!(shown["state"], "pending");
-    let link = cli(&env, &["link", "show", "--psid", "PSID-2"]).await.expect("link by psid");
+    let link = cli(&env, &["link", "show", "--psid", "PSID-2"])
+        .await
+        .expect("link by psid");
     assert!(link.contains("\"login_id\":\"L2\""), "{link}");
-    let link = cli(&env, &["link", "show", "--login-id", "L2"]).await.expect("link by login_id");
+    let link = cli(&env, &["link", "show", "--login-id", "L2"])
+        .await
+        .expect("link by login_id");
     assert!(link.contains("PSID-2"), "{link}");
 
-    let out = cli(&env, &["optin", "reset", "--page", PAGE, "--login-id", "L2"]).await.expect("reset");
+    let out = cli(
+        &env,
+        &["optin", "reset", "--page", PAGE, "--login-id", "L2"],
+    )
+    .await
+    .expect("reset");
     assert!(out.contains("1 opt-in(s) and 1 link(s) deleted"), "{out}");
-    assert!(cli(&env, &["optin", "show", "--page", PAGE, "--login-id", "L2"]).await.is_err());
-    assert!(cli(&env, &["link", "show", "--login-id", "L2"]).await.is_err());
+    assert!(
+        cli(&env, &["optin", "show", "--page", PAGE, "--login-id", "L2"])
+            .await
+            .is_err()
+    );
+    assert!(
+        cli(&env, &["link", "show", "--login-id", "L2"])
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -90,23 +116,51 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed() {
     // parse at the time but does now (as after a parser fix).
     let dlq = topology::dead_letter_queue(topology::SCHEDULER_QUEUE);
     let original = br#"{"page_id":"1","kind":"optin"}"#;
-    let props = amqp::persistent_properties("m-1", "application/json").with_headers(string_headers(&[
-        (topology::ERROR_HEADER, "queued event does not parse: missing field"),
-        (topology::ORIGIN_QUEUE_HEADER, topology::SCHEDULER_QUEUE),
-        ("x-loginconnect-original-routing-key", "optin.1"),
-    ]));
-    let c = amqp::publish(&ch, topology::DEAD_LETTER_EXCHANGE, topology::SCHEDULER_QUEUE, true, original, props)
+    let props =
+        amqp::persistent_properties("m-1", "application/json").with_headers(string_headers(&[
+            (
+                topology::ERROR_HEADER,
+                "queued event does not parse: missing field",
+            ),
+            (topology::ORIGIN_QUEUE_HEADER, topology::SCHEDULER_QUEUE),
+            ("x-loginconnect-original-routing-key", "optin.1"),
+        ]));
+    let c = amqp::publish(
+        &ch,
+        topology::DEAD_LETTER_EXCHANGE,
+        topology::SCHEDULER_QUEUE,
+        true,
+        original,
+        props,
+    )
+    .await
+    .expect("publish");
+    amqp::await_confirm(c, std::time::Duration::from_secs(5))
         .await
-        .expect("publish");
-    amqp::await_confirm(c, std::time::Duration::from_secs(5)).await.expect("confirm");
-    let webhook = body(PAGE, vec![optin_item(PAGE, "RL1", OffsetDateTime::now_utc())]);
-    let c = amqp::publish(&ch, "", topology::UNPARSED_QUEUE, true, &webhook, amqp::persistent_properties("u-1", "application/octet-stream"))
+        .expect("confirm");
+    let webhook = body(
+        PAGE,
+        vec![optin_item(PAGE, "RL1", OffsetDateTime::now_utc())],
+    );
+    let c = amqp::publish(
+        &ch,
+        "",
+        topology::UNPARSED_QUEUE,
+        true,
+        &webhook,
+        amqp::persistent_properties("u-1", "application/octet-stream"),
+    )
+    .await
+    .expect("publish");
+    amqp::await_confirm(c, std::time::Duration::from_secs(5))
         .await
-        .expect("publish");
-    amqp::await_confirm(c, std::time::Duration::from_secs(5)).await.expect("confirm");
+        .expect("confirm");
 
     let listed = cli(&env, &["dead-letters", "list"]).await.expect("list");
-    assert!(listed.contains("reason=queued event does not parse"), "{listed}");
+    assert!(
+        listed.contains("reason=queued event does not parse"),
+        "{listed}"
+    );
     assert!(listed.contains("origin=scheduler.optins"), "{listed}");
     assert!(listed.contains("key=optin.1"), "{listed}");
     // Listing does not remove anything.
@@ -114,20 +168,37 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed() {
     assert_eq!(queue_depth(&depth_ch, &dlq).await, 1);
     assert_eq!(queue_depth(&depth_ch, topology::UNPARSED_QUEUE).await, 1);
 
-    let out = cli(&env, &["dead-letters", "replay", "--queue", &dlq]).await.expect("replay dlq");
+    let out = cli(&env, &["dead-letters", "replay", "--queue", &dlq])
+        .await
+        .expect("replay dlq");
     assert!(out.contains("replayed 1, kept 0"), "{out}");
-    let out = cli(&env, &["dead-letters", "replay", "--queue", topology::UNPARSED_QUEUE]).await.expect("replay unparsed");
+    let out = cli(
+        &env,
+        &[
+            "dead-letters",
+            "replay",
+            "--queue",
+            topology::UNPARSED_QUEUE,
+        ],
+    )
+    .await
+    .expect("replay unparsed");
     assert!(out.contains("replayed 1, kept 0"), "{out}");
     let back = take_all(&conn, topology::SCHEDULER_QUEUE).await;
     assert_eq!(back.len(), 2);
     assert_eq!(back[0].data.as_slice(), original.as_slice());
     assert_eq!(back[0].routing_key.as_str(), "optin.1");
-    let replayed: lc_shared::webhook::QueuedEvent = serde_json::from_slice(&back[1].data).expect("queued");
+    let replayed: lc_shared::webhook::QueuedEvent =
+        serde_json::from_slice(&back[1].data).expect("queued");
     assert_eq!(replayed.page_id, PAGE);
     assert_eq!(queue_depth(&depth_ch, &dlq).await, 0);
     assert_eq!(queue_depth(&depth_ch, topology::UNPARSED_QUEUE).await, 0);
 
-    assert!(cli(&env, &["dead-letters", "list", "--queue", "nope"]).await.is_err());
+    assert!(
+        cli(&env, &["dead-letters", "list", "--queue", "nope"])
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -135,33 +206,83 @@ async fn pages_check_validates_the_file_and_each_token() {
     let env = TestEnv::new().await;
     let file = env.pages_file.to_string_lossy().to_string();
     let graph = env.graph.base_url();
-    let out = cli(&env, &["pages", "check", "--pages-file", &file, "--graph-api-url", &graph])
-        .await
-        .expect("token works");
+    let out = cli(
+        &env,
+        &[
+            "pages",
+            "check",
+            "--pages-file",
+            &file,
+            "--graph-api-url",
+            &graph,
+        ],
+    )
+    .await
+    .expect("token works");
     assert!(out.contains("token works"), "{out}");
-    assert!(env.graph.calls().iter().any(|c| c.authorization.as_deref() == Some(&*format!("Bearer {PAGE_TOKEN}"))));
+    assert!(
+        env.graph
+            .calls()
+            .iter()
+            .any(|c| c.authorization.as_deref() == Some(&*format!("Bearer {PAGE_TOKEN}")))
+    );
 
     env.graph.set_token(PAGE, "another-token");
-    let err = cli(&env, &["pages", "check", "--pages-file", &file, "--graph-api-url", &graph])
-        .await
-        .expect_err("token rejected");
-    assert!(err.to_string().contains("1 page token(s) do not work"), "{err}");
+    let err = cli(
+        &env,
+        &[
+            "pages",
+            "check",
+            "--pages-file",
+            &file,
+            "--graph-api-url",
+            &graph,
+        ],
+    )
+    .await
+    .expect_err("token rejected");
+    assert!(
+        err.to_string().contains("1 page token(s) do not work"),
+        "{err}"
+    );
 
     let bad = std::env::temp_dir().join(format!("{}-bad.toml", env.db.name));
-    std::fs::write(&bad, "[[pages]]\nid = \"42\"\naccess_token = \"t\"\n[pages.first_message]\ntext = \"\"\n").expect("write");
-    let err = cli(&env, &["pages", "check", "--offline", "--pages-file", &bad.to_string_lossy()])
-        .await
-        .expect_err("invalid file");
+    std::fs::write(
+        &bad,
+        "[[pages]]\nid = \"42\"\naccess_token = \"t\"\n[pages.first_message]\ntext = \"\"\n",
+    )
+    .expect("write");
+    let err = cli(
+        &env,
+        &[
+            "pages",
+            "check",
+            "--offline",
+            "--pages-file",
+            &bad.to_string_lossy(),
+        ],
+    )
+    .await
+    .expect_err("invalid file");
     let _ = std::fs::remove_file(&bad);
     let text = err.to_string();
-    assert!(text.contains("42") && text.contains("text"), "names the page and the field: {text}");
+    assert!(
+        text.contains("42") && text.contains("text"),
+        "names the page and the field: {text}"
+    );
 }
 
 #[tokio::test]
 async fn probe_succeeds_only_on_2xx() {
     let env = TestEnv::new().await;
     let (ingest, _stop) = env.start_ingest().await;
-    let ok = cli(&env, &["probe", &format!("http://{}/healthz", ingest.addr)]).await.expect("healthy");
+    let ok = cli(&env, &["probe", &format!("http://{}/healthz", ingest.addr)])
+        .await
+        .expect("healthy");
     assert!(ok.contains("200"), "{ok}");
-    assert!(cli(&env, &["probe", &format!("http://{}/nope", ingest.addr)]).await.is_err());
+    assert!(
+        cli(&env, &["probe", &format!("http://{}/nope", ingest.addr)])
+            .await
+            .is_err()
+    );
 }

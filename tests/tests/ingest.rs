@@ -33,6 +33,7 @@ fn config(amqp_url: &str) -> IngestConfig {
         log: lc_shared::config::LogArgs {
             log_format: LogFormat::Text,
         },
+        login: lc_ingest::login_events::LoginArgs::default(),
     }
 }
 
@@ -144,9 +145,27 @@ fn envelope(entries: Vec<(&str, Vec<Value>)>) -> Vec<u8> {
 async fn signed_batch_lands_on_the_right_queues_with_ids_and_properties() {
     let h = Harness::start().await;
     let body = envelope(vec![
-        ("111", vec![optin("111", "L1", 1_700_000_000_000), reply("111", "P1", "m_a", "L0")]),
-        ("222", vec![optin("222", "L2", 1_700_000_000_100), postback("222", "P2", "m_b")]),
-        ("111", vec![delivery_receipt("111", "P1"), reply("111", "P3", "m_c", "L9")]),
+        (
+            "111",
+            vec![
+                optin("111", "L1", 1_700_000_000_000),
+                reply("111", "P1", "m_a", "L0"),
+            ],
+        ),
+        (
+            "222",
+            vec![
+                optin("222", "L2", 1_700_000_000_100),
+                postback("222", "P2", "m_b"),
+            ],
+        ),
+        (
+            "111",
+            vec![
+                delivery_receipt("111", "P1"),
+                reply("111", "P3", "m_c", "L9"),
+            ],
+        ),
     ]);
     let resp = h.post_signed(&body).await;
     assert_eq!(resp.status(), 200);
@@ -171,7 +190,10 @@ async fn signed_batch_lands_on_the_right_queues_with_ids_and_properties() {
         vec!["optin:111:L1:1700000000000", "optin:222:L2:1700000000100"]
     );
     let reply_keys: Vec<String> = replies.iter().map(|d| d.routing_key.to_string()).collect();
-    assert_eq!(reply_keys, vec!["message.111", "postback.222", "message.111"]);
+    assert_eq!(
+        reply_keys,
+        vec!["message.111", "postback.222", "message.111"]
+    );
     let reply_ids: Vec<String> = replies
         .iter()
         .map(|d| d.properties.message_id().as_ref().expect("id").to_string())
@@ -187,7 +209,10 @@ async fn signed_batch_lands_on_the_right_queues_with_ids_and_properties() {
         );
         assert!(d.properties.timestamp().is_some());
         let tp = header_str(&d.properties, "traceparent").expect("traceparent header");
-        assert!(lc_shared::telemetry::TraceParent::parse(&tp).is_some(), "{tp}");
+        assert!(
+            lc_shared::telemetry::TraceParent::parse(&tp).is_some(),
+            "{tp}"
+        );
     }
     // The body of each message is the queued form, re-parseable into the same event.
     let queued: lc_shared::webhook::QueuedEvent =
@@ -213,7 +238,10 @@ async fn bad_signatures_are_refused_and_nothing_is_published() {
         ("malformed hex", Some(format!("sha256={}", "g".repeat(64)))),
         ("truncated", Some(good[..good.len() - 4].to_owned())),
         ("wrong prefix", Some(good.replace("sha256=", "sha1="))),
-        ("other body", Some(sign_sha256(SECRET, b"{\"object\":\"page\",\"entry\":[]}"))),
+        (
+            "other body",
+            Some(sign_sha256(SECRET, b"{\"object\":\"page\",\"entry\":[]}")),
+        ),
         ("empty", Some(String::new())),
     ];
     for (name, sig) in cases {
@@ -267,7 +295,11 @@ async fn oversized_bodies_get_413_and_signed_garbage_is_kept_unparsed() {
 
     let garbage = b"{\"object\":\"page\",\"entry\":\"not an array\"}";
     let resp = h.post_signed(garbage).await;
-    assert_eq!(resp.status(), 200, "Meta must not retry a body that can never parse");
+    assert_eq!(
+        resp.status(),
+        200,
+        "Meta must not retry a body that can never parse"
+    );
     let conn = h.vhost.connect().await;
     let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
     assert_eq!(kept.len(), 1);
@@ -285,19 +317,24 @@ async fn oversized_bodies_get_413_and_signed_garbage_is_kept_unparsed() {
         .text()
         .await
         .expect("text");
-    assert!(metrics.contains("ingest_unparsed_bodies_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("ingest_unparsed_bodies_total 1"),
+        "{metrics}"
+    );
     h.stop().await;
 }
 
 #[tokio::test]
 async fn handshake_echoes_the_challenge_only_for_the_right_token() {
     let h = Harness::start().await;
-    let ok = h
-        .http
-        .get(h.url("/webhook?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=1158201444"))
-        .send()
-        .await
-        .expect("get");
+    let ok =
+        h.http
+            .get(h.url(
+                "/webhook?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=1158201444",
+            ))
+            .send()
+            .await
+            .expect("get");
     assert_eq!(ok.status(), 200);
     assert_eq!(ok.text().await.expect("text"), "1158201444");
     for q in [

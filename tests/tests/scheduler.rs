@@ -29,17 +29,34 @@ async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
     let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
 
     let now = OffsetDateTime::now_utc();
-    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await, 200);
-    let calls = env.graph.wait_for_send_calls(1, WAIT).await.expect("one call");
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await,
+        200
+    );
+    let calls = env
+        .graph
+        .wait_for_send_calls(1, WAIT)
+        .await
+        .expect("one call");
     let call = &calls[0];
     assert_eq!(call.path, format!("/v25.0/{PAGE}/messages"));
     assert_eq!(call.token_source, Some(TokenSource::Header));
-    assert_eq!(call.authorization.as_deref(), Some(format!("Bearer {PAGE_TOKEN}").as_str()));
-    assert!(!call.query.contains("access_token"), "token never in the URL: {}", call.query);
+    assert_eq!(
+        call.authorization.as_deref(),
+        Some(format!("Bearer {PAGE_TOKEN}").as_str())
+    );
+    assert!(
+        !call.query.contains("access_token"),
+        "token never in the URL: {}",
+        call.query
+    );
     assert_eq!(call.body["recipient"]["login_id"], "L1");
     assert_eq!(call.body["messaging_type"], "UPDATE");
     assert_eq!(call.body["message"]["text"], FIRST_TEXT);
-    assert_eq!(call.body["message"]["quick_replies"][0]["title"], "Track my order");
+    assert_eq!(
+        call.body["message"]["quick_replies"][0]["title"],
+        "Track my order"
+    );
     assert_eq!(call.body["message"]["quick_replies"][1]["payload"], "AGENT");
 
     let conn = env.vhost.connect().await;
@@ -50,16 +67,31 @@ async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
     assert_eq!(ev["data"]["login_id"], "L1");
     assert_eq!(ev["data"]["page_id"], PAGE);
     assert_eq!(ev["data"]["attempts"], 1);
-    assert!(ev["data"]["message_id"].as_str().is_some_and(|m| m.starts_with("m_")));
+    assert!(
+        ev["data"]["message_id"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("m_"))
+    );
 
     // The same opt-in again, the same login_id with another timestamp inside the window,
     // and a redelivery: all duplicates.
     let later = now + Duration::from_secs(30);
-    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await, 200);
-    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", later)])).await, 200);
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await,
+        200
+    );
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", later)])).await,
+        200
+    );
     let metrics_url = format!("http://{}/metrics", scheduler.metrics_addr);
     eventually(WAIT, "two duplicates recorded", || async {
-        let text = reqwest::get(&metrics_url).await.expect("metrics").text().await.expect("text");
+        let text = reqwest::get(&metrics_url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
         text.contains("scheduler_optins_recorded_total{result=\"duplicate\"} 2")
     })
     .await;
@@ -67,7 +99,10 @@ async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
     let sql = env.sql().await;
     assert_eq!(optin_state(&sql, "L1").await.as_deref(), Some("sent"));
     let outbox: i64 = sql
-        .query_one("SELECT count(*) FROM outbox WHERE event_type = 'first_message.sent'", &[])
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE event_type = 'first_message.sent'",
+            &[],
+        )
         .await
         .expect("count")
         .get(0);
@@ -89,7 +124,11 @@ async fn two_schedulers_send_a_thousand_optins_once_each() {
             .collect();
         assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
     }
-    let calls = env.graph.wait_for_send_calls(1000, Duration::from_secs(60)).await.expect("1000 calls");
+    let calls = env
+        .graph
+        .wait_for_send_calls(1000, Duration::from_secs(60))
+        .await
+        .expect("1000 calls");
     let sql = env.sql().await;
     eventually(WAIT, "all 1000 recorded as sent", || async {
         let n: i64 = sql
@@ -101,8 +140,16 @@ async fn two_schedulers_send_a_thousand_optins_once_each() {
     })
     .await;
     let calls_now = env.graph.send_calls();
-    assert_eq!(calls_now.len(), 1000, "exactly 1000 calls ({} seen at first)", calls.len());
-    let mut ids: Vec<String> = calls_now.iter().filter_map(|c| c.login_id.clone()).collect();
+    assert_eq!(
+        calls_now.len(),
+        1000,
+        "exactly 1000 calls ({} seen at first)",
+        calls.len()
+    );
+    let mut ids: Vec<String> = calls_now
+        .iter()
+        .filter_map(|c| c.login_id.clone())
+        .collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 1000, "no login_id twice");
@@ -130,7 +177,8 @@ async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_
     let in_margin = now - day + margin - Duration::from_secs(5);
     // Four seconds of sending time left, and Graph failing transiently throughout.
     let short = now - day + margin + Duration::from_secs(4);
-    env.graph.script("SHORT", vec![FakeResponse::ServerError(503); 50]);
+    env.graph
+        .script("SHORT", vec![FakeResponse::ServerError(503); 50]);
     let items = vec![
         optin_item(PAGE, "STALE", stale),
         optin_item(PAGE, "MARGIN", in_margin),
@@ -145,17 +193,29 @@ async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_
         .iter()
         .map(event_json)
         .inspect(|e| assert_eq!(e["type"], "com.loginconnect.first_message.expired"))
-        .map(|e| e["data"]["login_id"].as_str().unwrap_or_default().to_owned())
+        .map(|e| {
+            e["data"]["login_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     expired.sort();
     assert_eq!(expired, vec!["MARGIN", "SHORT", "STALE"]);
 
     let calls = env.graph.send_calls();
-    assert!(calls.iter().all(|c| c.login_id.as_deref() == Some("SHORT")), "no call for expired opt-ins");
+    assert!(
+        calls.iter().all(|c| c.login_id.as_deref() == Some("SHORT")),
+        "no call for expired opt-ins"
+    );
     assert!(calls.len() >= 2, "SHORT was retried: {} calls", calls.len());
     let last_send = short + day - margin;
     for c in &calls {
-        assert!(c.at < last_send, "call at {} is past the last send time {last_send}", c.at);
+        assert!(
+            c.at < last_send,
+            "call at {} is past the last send time {last_send}",
+            c.at
+        );
     }
     let short_event = got
         .iter()
@@ -163,7 +223,11 @@ async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_
         .find(|e| e["data"]["login_id"] == "SHORT")
         .expect("short");
     assert_eq!(short_event["data"]["attempts"], calls.len());
-    assert!(short_event["data"]["last_error"]["message"].as_str().is_some());
+    assert!(
+        short_event["data"]["last_error"]["message"]
+            .as_str()
+            .is_some()
+    );
     let sql = env.sql().await;
     assert_eq!(optin_state(&sql, "SHORT").await.as_deref(), Some("expired"));
     stop.trigger();
@@ -197,10 +261,18 @@ async fn earliest_deadline_goes_first_under_a_throttled_graph() {
     config.max_in_flight = 1;
     config.page_rate_limit = 20;
     let (scheduler, stop) = env.start_scheduler(config).await;
-    let calls = env.graph.wait_for_send_calls(10, WAIT).await.expect("10 calls");
+    let calls = env
+        .graph
+        .wait_for_send_calls(10, WAIT)
+        .await
+        .expect("10 calls");
     let order: Vec<usize> = calls
         .iter()
-        .map(|c| c.login_id.as_deref().unwrap_or("L?")[1..].parse().expect("index"))
+        .map(|c| {
+            c.login_id.as_deref().unwrap_or("L?")[1..]
+                .parse()
+                .expect("index")
+        })
         .collect();
     let mut expected: Vec<usize> = (0..10).collect();
     // Oldest opt-in = earliest deadline.
@@ -225,13 +297,37 @@ async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are
         vec![
             FakeResponse::ServerError(502),
             FakeResponse::unexpected(),
-            FakeResponse::Error { http_status: 400, code: 1200, subcode: None, message: "Temporary send message failure. Please try again later.".into() },
-            FakeResponse::RateLimited { code: 613, regain_minutes: 0 },
+            FakeResponse::Error {
+                http_status: 400,
+                code: 1200,
+                subcode: None,
+                message: "Temporary send message failure. Please try again later.".into(),
+            },
+            FakeResponse::RateLimited {
+                code: 613,
+                regain_minutes: 0,
+            },
         ],
     );
     let permanent = [
-        ("P551", FakeResponse::Error { http_status: 400, code: 551, subcode: Some(1545041), message: "This person isn't available right now.".into() }),
-        ("P100", FakeResponse::Error { http_status: 400, code: 100, subcode: Some(2018001), message: "(#100) No matching user found".into() }),
+        (
+            "P551",
+            FakeResponse::Error {
+                http_status: 400,
+                code: 551,
+                subcode: Some(1545041),
+                message: "This person isn't available right now.".into(),
+            },
+        ),
+        (
+            "P100",
+            FakeResponse::Error {
+                http_status: 400,
+                code: 100,
+                subcode: Some(2018001),
+                message: "(#100) No matching user found".into(),
+            },
+        ),
         ("PWIN", FakeResponse::outside_window()),
     ];
     for (login_id, response) in &permanent {
@@ -243,22 +339,37 @@ async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are
     assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
 
     let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 4, WAIT).await.iter().map(event_json).collect();
+    let got: Vec<Value> = consume_n(&conn, &events, 4, WAIT)
+        .await
+        .iter()
+        .map(event_json)
+        .collect();
     assert_eq!(got.len(), 4);
-    let by_login = |l: &str| got.iter().find(|e| e["data"]["login_id"] == l).cloned().expect(l);
+    let by_login = |l: &str| {
+        got.iter()
+            .find(|e| e["data"]["login_id"] == l)
+            .cloned()
+            .expect(l)
+    };
     let flaky = by_login("FLAKY");
     assert_eq!(flaky["type"], "com.loginconnect.first_message.sent");
     assert_eq!(flaky["data"]["attempts"], 5);
     for (login_id, _) in &permanent {
         let ev = by_login(login_id);
-        assert_eq!(ev["type"], "com.loginconnect.first_message.failed", "{login_id}");
+        assert_eq!(
+            ev["type"], "com.loginconnect.first_message.failed",
+            "{login_id}"
+        );
         assert_eq!(ev["data"]["reason"], "graph_permanent");
         assert_eq!(ev["data"]["attempts"], 1);
         assert!(ev["data"]["last_error"]["code"].as_i64().is_some());
     }
     let calls = env.graph.send_calls();
     for (login_id, _) in &permanent {
-        let n = calls.iter().filter(|c| c.login_id.as_deref() == Some(*login_id)).count();
+        let n = calls
+            .iter()
+            .filter(|c| c.login_id.as_deref() == Some(*login_id))
+            .count();
         assert_eq!(n, 1, "{login_id} called once");
     }
     let flaky_times: Vec<OffsetDateTime> = calls
@@ -267,13 +378,22 @@ async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are
         .map(|c| c.at)
         .collect();
     assert_eq!(flaky_times.len(), 5);
-    let gaps: Vec<f64> = flaky_times.windows(2).map(|w| (w[1] - w[0]).as_seconds_f64()).collect();
+    let gaps: Vec<f64> = flaky_times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_seconds_f64())
+        .collect();
     // Ceilings without jitter: 0.15, 0.3, 0.6, 1.2 s (the poll interval may add up to 0.2 s).
     for (i, gap) in gaps.iter().enumerate() {
         let ceiling = 0.15 * f64::from(1u32 << i);
-        assert!(*gap >= ceiling * 0.95, "gap {i} = {gap:.3}s, expected ≥ {ceiling}s: {gaps:?}");
+        assert!(
+            *gap >= ceiling * 0.95,
+            "gap {i} = {gap:.3}s, expected ≥ {ceiling}s: {gaps:?}"
+        );
     }
-    assert!(gaps.windows(2).all(|w| w[1] > w[0]), "delays grow: {gaps:?}");
+    assert!(
+        gaps.windows(2).all(|w| w[1] > w[0]),
+        "delays grow: {gaps:?}"
+    );
     stop.trigger();
     scheduler.task.await.expect("stopped");
 }
@@ -286,12 +406,27 @@ async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
     env.graph.set_token(PAGE, "EAAG-rotated-token");
     let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
     let now = OffsetDateTime::now_utc();
-    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "T1", now)])).await, 200);
-    let calls = env.graph.wait_for_send_calls(1, WAIT).await.expect("first call");
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "T1", now)])).await,
+        200
+    );
+    let calls = env
+        .graph
+        .wait_for_send_calls(1, WAIT)
+        .await
+        .expect("first call");
     assert_eq!(calls[0].outcome, "error:190");
     let metrics_url = format!("http://{}/metrics", scheduler.metrics_addr);
-    let text = reqwest::get(&metrics_url).await.expect("metrics").text().await.expect("text");
-    assert!(text.contains(&format!("scheduler_paused_pages{{page_id=\"{PAGE}\"}} 1")), "{text}");
+    let text = reqwest::get(&metrics_url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains(&format!("scheduler_paused_pages{{page_id=\"{PAGE}\"}} 1")),
+        "{text}"
+    );
 
     // More opt-ins for the paused page wait; nothing is lost and no attempts are burnt.
     let items = vec![optin_item(PAGE, "T2", now), optin_item(PAGE, "T3", now)];
@@ -304,9 +439,17 @@ async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
     // Several poll rounds pass without any call.
     let rounds = Duration::from_millis(600);
     tokio::time::sleep(rounds).await;
-    assert_eq!(env.graph.send_calls().len(), 1, "a paused page makes no calls");
+    assert_eq!(
+        env.graph.send_calls().len(),
+        1,
+        "a paused page makes no calls"
+    );
     for l in ["T1", "T2", "T3"] {
-        assert_eq!(optin_state(&sql, l).await.as_deref(), Some("pending"), "{l}");
+        assert_eq!(
+            optin_state(&sql, l).await.as_deref(),
+            Some("pending"),
+            "{l}"
+        );
     }
 
     // The operator fixes the token and reloads the configuration.
@@ -316,7 +459,11 @@ async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
         .status()
         .expect("kill");
     assert!(status.success());
-    let calls = env.graph.wait_for_send_calls(4, WAIT).await.expect("resumed");
+    let calls = env
+        .graph
+        .wait_for_send_calls(4, WAIT)
+        .await
+        .expect("resumed");
     assert!(calls[1..].iter().all(|c| c.outcome == "ok"), "{calls:?}");
     eventually(WAIT, "all three sent", || async {
         let mut all = true;
@@ -345,8 +492,14 @@ async fn unknown_pages_fail_once_and_replies_first_mean_no_message() {
     )
     .await
     .expect("link");
-    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "R1", now)])).await, 200);
-    assert_eq!(post_signed(&ingest, body("999", vec![optin_item("999", "U1", now)])).await, 200);
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "R1", now)])).await,
+        200
+    );
+    assert_eq!(
+        post_signed(&ingest, body("999", vec![optin_item("999", "U1", now)])).await,
+        200
+    );
 
     let conn = env.vhost.connect().await;
     let got = consume_n(&conn, &events, 1, WAIT).await;
@@ -355,7 +508,10 @@ async fn unknown_pages_fail_once_and_replies_first_mean_no_message() {
     assert_eq!(ev["type"], "com.loginconnect.first_message.failed");
     assert_eq!(ev["data"]["reason"], "unknown_page");
     assert_eq!(ev["data"]["page_id"], "999");
-    eventually(WAIT, "R1 recorded", || async { optin_state(&sql, "R1").await.is_some() }).await;
+    eventually(WAIT, "R1 recorded", || async {
+        optin_state(&sql, "R1").await.is_some()
+    })
+    .await;
     assert_eq!(optin_state(&sql, "R1").await.as_deref(), Some("replied"));
     assert!(env.graph.send_calls().is_empty(), "nothing sent");
     stop.trigger();
@@ -377,18 +533,35 @@ async fn crash_inside_the_window(policy: UnknownOutcome) -> (TestEnv, Vec<Value>
         .start_scheduler_with_hook(config.clone(), Some(hook))
         .await;
     let now = OffsetDateTime::now_utc();
-    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "C1", now)])).await, 200);
-    env.graph.wait_for_send_calls(1, WAIT).await.expect("the call went out");
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "C1", now)])).await,
+        200
+    );
+    env.graph
+        .wait_for_send_calls(1, WAIT)
+        .await
+        .expect("the call went out");
     // Killed inside the window: no task of it runs on.
     first.task.abort();
     let _ = first.task.await;
 
     let (second, stop) = env.start_scheduler(config).await;
-    let want = if policy == UnknownOutcome::Retry { 2 } else { 1 };
+    let want = if policy == UnknownOutcome::Retry {
+        2
+    } else {
+        1
+    };
     let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT).await.iter().map(event_json).collect();
+    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
+        .await
+        .iter()
+        .map(event_json)
+        .collect();
     if policy == UnknownOutcome::Retry {
-        env.graph.wait_for_send_calls(want, WAIT).await.expect("retried");
+        env.graph
+            .wait_for_send_calls(want, WAIT)
+            .await
+            .expect("retried");
     }
     stop.trigger();
     second.task.await.expect("stopped");
@@ -432,29 +605,58 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
     .expect("insert");
     let mut client = pool.get().await.expect("client");
     let lease = Duration::from_secs(30);
-    let old = store::claim_due(&client, "worker-a", lease, 10, &[]).await.expect("claim");
+    let old = store::claim_due(&client, "worker-a", lease, 10, &[])
+        .await
+        .expect("claim");
     assert_eq!(old.len(), 1);
     // Worker A stalls; its lease runs out and the rescuer hands the row to worker B.
-    sql.execute("UPDATE optins SET lease_expires_at = now() - interval '1 second'", &[])
-        .await
-        .expect("expire lease");
+    sql.execute(
+        "UPDATE optins SET lease_expires_at = now() - interval '1 second'",
+        &[],
+    )
+    .await
+    .expect("expire lease");
     let rescued = store::rescue_expired_leases(&mut client, UnknownOutcome::Retry, 10)
         .await
         .expect("rescue");
     assert_eq!(rescued, 1);
-    let new = store::claim_due(&client, "worker-b", lease, 10, &[]).await.expect("claim");
+    let new = store::claim_due(&client, "worker-b", lease, 10, &[])
+        .await
+        .expect("claim");
     assert_eq!(new.len(), 1);
     assert!(new[0].fence > old[0].fence);
 
     // A's late result is refused and changes nothing; B's is recorded.
-    assert!(!store::finish_sent(&mut client, &old[0], "m_stale", now).await.expect("stale write"));
-    let err = store::StoredError { message: "late".into(), ..Default::default() };
-    assert!(!store::reschedule(&client, &old[0], now, &err).await.expect("stale reschedule"));
-    assert!(!store::finish_unsent(&mut client, &old[0], store::Ending::Expired, true, None).await.expect("stale end"));
+    assert!(
+        !store::finish_sent(&mut client, &old[0], "m_stale", now)
+            .await
+            .expect("stale write")
+    );
+    let err = store::StoredError {
+        message: "late".into(),
+        ..Default::default()
+    };
+    assert!(
+        !store::reschedule(&client, &old[0], now, &err)
+            .await
+            .expect("stale reschedule")
+    );
+    assert!(
+        !store::finish_unsent(&mut client, &old[0], store::Ending::Expired, true, None)
+            .await
+            .expect("stale end")
+    );
     assert_eq!(optin_state(&sql, "F1").await.as_deref(), Some("sending"));
-    assert!(store::finish_sent(&mut client, &new[0], "m_new", now).await.expect("write"));
+    assert!(
+        store::finish_sent(&mut client, &new[0], "m_new", now)
+            .await
+            .expect("write")
+    );
     let row = sql
-        .query_one("SELECT state, message_id FROM optins WHERE login_id = 'F1'", &[])
+        .query_one(
+            "SELECT state, message_id FROM optins WHERE login_id = 'F1'",
+            &[],
+        )
         .await
         .expect("row");
     assert_eq!(row.get::<_, String>(0), "sent");
@@ -486,9 +688,16 @@ async fn a_login_id_messaged_through_one_page_is_refused_for_another() {
     let events = env.capture_events(&["first_message.*"]).await;
     let (ingest, _stop_ingest) = env.start_ingest().await;
     let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
-    assert_eq!(post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "X1", now)])).await, 200);
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "X1", now)])).await,
+        200
+    );
     let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT).await.iter().map(event_json).collect();
+    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
+        .await
+        .iter()
+        .map(event_json)
+        .collect();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["data"]["reason"], "other_page");
     assert!(env.graph.send_calls().is_empty());

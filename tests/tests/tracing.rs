@@ -18,7 +18,8 @@ async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
-    let telemetry = init_with_provider("loginconnect-test", LogFormat::Text, Some(provider.clone()));
+    let telemetry =
+        init_with_provider("loginconnect-test", LogFormat::Text, Some(provider.clone()));
     assert!(telemetry.tracing_enabled());
 
     let env = TestEnv::new().await;
@@ -28,7 +29,10 @@ async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
 
     // The caller (a proxy in front of ingest, say) already started a trace.
     let incoming = TraceParent::new_root();
-    let payload = body(PAGE, vec![optin_item(PAGE, "TR1", OffsetDateTime::now_utc())]);
+    let payload = body(
+        PAGE,
+        vec![optin_item(PAGE, "TR1", OffsetDateTime::now_utc())],
+    );
     let status = reqwest::Client::new()
         .post(format!("http://{}/webhook", ingest.addr))
         .header(
@@ -63,24 +67,43 @@ async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
     let spans = exporter.get_finished_spans().expect("spans");
     let want = opentelemetry::trace::TraceId::from_bytes(incoming.trace_id);
     for name in ["webhook_delivery", "first_message", "send_api_call"] {
-        let span = spans
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no span {name} among {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>()));
-        assert_eq!(span.span_context.trace_id(), want, "span {name} is in the caller's trace");
+        let span = spans.iter().find(|s| s.name == name).unwrap_or_else(|| {
+            panic!(
+                "no span {name} among {:?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+        assert_eq!(
+            span.span_context.trace_id(),
+            want,
+            "span {name} is in the caller's trace"
+        );
     }
-    let delivery = spans.iter().find(|s| s.name == "webhook_delivery").expect("delivery span");
+    let delivery = spans
+        .iter()
+        .find(|s| s.name == "webhook_delivery")
+        .expect("delivery span");
     assert_eq!(
         delivery.parent_span_id,
         opentelemetry::trace::SpanId::from_bytes(incoming.span_id),
         "ingest's span is a child of the caller's"
     );
-    let first = spans.iter().find(|s| s.name == "first_message").expect("first_message span");
+    let first = spans
+        .iter()
+        .find(|s| s.name == "first_message")
+        .expect("first_message span");
     assert_eq!(
         first.parent_span_id,
         delivery.span_context.span_id(),
         "the scheduler's span continues ingest's span across the queue and the database"
     );
-    let call = spans.iter().find(|s| s.name == "send_api_call").expect("call span");
-    assert_eq!(call.parent_span_id, first.span_context.span_id(), "the call nests in the scheduler's span");
+    let call = spans
+        .iter()
+        .find(|s| s.name == "send_api_call")
+        .expect("call span");
+    assert_eq!(
+        call.parent_span_id,
+        first.span_context.span_id(),
+        "the call nests in the scheduler's span"
+    );
 }

@@ -55,11 +55,19 @@ pub struct RelayArgs {
     pub relay_poll_ms: u64,
 
     /// Bound on waiting for the broker's confirms of one round (milliseconds).
-    #[arg(long = "relay-confirm-timeout-ms", env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(
+        long = "relay-confirm-timeout-ms",
+        env = "RELAY_CONFIRM_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
     pub relay_confirm_timeout_ms: u64,
 
     /// Delete published rows older than this many hours (0 keeps them).
-    #[arg(long = "outbox-retention-hours", env = "OUTBOX_RETENTION_HOURS", default_value_t = 72)]
+    #[arg(
+        long = "outbox-retention-hours",
+        env = "OUTBOX_RETENTION_HOURS",
+        default_value_t = 72
+    )]
     pub outbox_retention_hours: u64,
 }
 
@@ -108,7 +116,10 @@ impl WorkerArgs {
     /// Creates the database if needed, builds the pool and applies migrations (if enabled).
     pub async fn prepare_database(&self) -> Result<Pool, StartError> {
         db::ensure_database(&self.database.database_url).await?;
-        let pool = db::pool(&self.database.database_url, self.database.database_pool_size)?;
+        let pool = db::pool(
+            &self.database.database_url,
+            self.database.database_pool_size,
+        )?;
         if self.migrate_on_start {
             let applied = db::migrate(&pool).await?;
             if !applied.is_empty() {

@@ -74,8 +74,7 @@ pub async fn run<H, F, E>(
     settings: ConsumerSettings,
     shutdown: Shutdown,
     handler: H,
-)
-where
+) where
     H: Fn(Vec<Incoming>) -> F,
     F: Future<Output = Result<Vec<Verdict>, E>>,
     E: std::fmt::Display,
@@ -125,7 +124,11 @@ where
             FieldTable::default(),
         )
         .await?;
-    tracing::info!(queue = settings.queue, prefetch = settings.prefetch, "consuming");
+    tracing::info!(
+        queue = settings.queue,
+        prefetch = settings.prefetch,
+        "consuming"
+    );
     let mut batches = consumer.ready_chunks(settings.max_batch.max(1));
     loop {
         let chunk = tokio::select! {
@@ -145,7 +148,8 @@ where
         for item in chunk {
             deliveries.push(item?);
         }
-        let Some(verdicts) = handle_with_retry(handler, &deliveries, shutdown, settings.queue).await
+        let Some(verdicts) =
+            handle_with_retry(handler, &deliveries, shutdown, settings.queue).await
         else {
             // Shutting down mid-retry: give the batch back untouched (not a poison signal
             // worth counting, but the broker counts it; the limit leaves ample room).
@@ -204,9 +208,7 @@ async fn settle(
         if let Some(last) = deliveries.last() {
             // Batches are handled one at a time, so every earlier delivery on this channel is
             // settled already: one multiple-ack covers the batch.
-            last.acker
-                .ack(BasicAckOptions { multiple: true })
-                .await?;
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
         return Ok(());
     }
@@ -232,11 +234,7 @@ pub async fn dead_letter(
     reason: &str,
 ) -> Result<(), AmqpError> {
     tracing::warn!(queue, reason, message_id = ?delivery.properties.message_id(), "dead-lettering message");
-    let mut headers = delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
         ShortString::from(topology::ERROR_HEADER),
         AMQPValue::LongString(LongString::from(reason)),
@@ -249,7 +247,11 @@ pub async fn dead_letter(
         ShortString::from("x-loginconnect-original-routing-key"),
         AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
     );
-    let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+    let props = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
     let confirm = amqp::publish(
         channel,
         topology::DEAD_LETTER_EXCHANGE,

@@ -5,6 +5,7 @@
 
 mod dead_letters;
 mod inspect;
+mod login;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Validate the pages file and check each token against the Graph API.
     #[command(subcommand)]
     Pages(PagesCommand),
+    /// Print the manual Facebook Login dialog URL for Login Connect (and the JS SDK call).
+    LoginUrl(login::LoginUrlArgs),
     /// GET a URL and exit 0 on 2xx (container healthchecks without curl).
     Probe {
         /// The URL, e.g. http://127.0.0.1:8080/readyz.
@@ -205,6 +208,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             graph_api_url,
             offline,
         }) => inspect::pages_check(out, &pages_file, &graph_api_url, offline).await,
+        Command::LoginUrl(args) => login::login_url(out, &args),
         Command::Probe { url } => probe(out, &url).await,
     }
 }

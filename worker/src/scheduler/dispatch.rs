@@ -25,7 +25,8 @@ use super::store::{self, Claimed, Ending, StoreError, StoredError, Timing, Unkno
 
 /// A hook run after Graph accepted a message and before the result is recorded. Tests use it
 /// to stop a worker inside the crash window; it is `None` in production.
-pub type AfterSendHook = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+pub type AfterSendHook =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Settings of the dispatcher.
 #[derive(Clone)]
@@ -178,7 +179,10 @@ impl Dispatcher {
             Ok(n) => {
                 self.metrics.leases_rescued.inc_by(n as u64);
                 if self.settings.unknown_outcome == UnknownOutcome::Fail {
-                    self.metrics.terminal.with_label_values(&["failed"]).inc_by(n as u64);
+                    self.metrics
+                        .terminal
+                        .with_label_values(&["failed"])
+                        .inc_by(n as u64);
                 }
             }
             Err(e) => tracing::error!(error = %e, "rescuing expired leases failed"),
@@ -227,7 +231,9 @@ impl Dispatcher {
         let page = self.pages.read().await.get(&c.page_id).cloned();
         let Some(page) = page else {
             tracing::error!("page is no longer in PAGES_FILE; failing the opt-in");
-            return self.end(c, Ending::Failed("unknown_page"), false, None).await;
+            return self
+                .end(c, Ending::Failed("unknown_page"), false, None)
+                .await;
         };
         if self.pauses.paused(&c.page_id).is_some() {
             let client = self.pool.get().await?;
@@ -236,7 +242,8 @@ impl Dispatcher {
         }
         {
             let client = self.pool.get().await?;
-            if let Some(other) = store::page_that_messaged(&client, &c.login_id, &c.page_id).await? {
+            if let Some(other) = store::page_that_messaged(&client, &c.login_id, &c.page_id).await?
+            {
                 let err = StoredError {
                     message: format!(
                         "this login_id was already messaged through page {other}; Meta allows only that page to use it"
@@ -244,7 +251,9 @@ impl Dispatcher {
                     ..StoredError::default()
                 };
                 tracing::error!(other_page = %other, "refusing to message a login_id through a second page");
-                return self.end(c, Ending::Failed("other_page"), false, Some(&err)).await;
+                return self
+                    .end(c, Ending::Failed("other_page"), false, Some(&err))
+                    .await;
             }
         }
         let slot = self.limiter.reserve(&c.page_id);
@@ -312,7 +321,10 @@ impl Dispatcher {
                 }
                 Ok(false) => {
                     self.metrics.fenced_out.inc();
-                    tracing::error!(message_id, "first message sent, but the claim was taken over meanwhile; the newer claim's outcome stands");
+                    tracing::error!(
+                        message_id,
+                        "first message sent, but the claim was taken over meanwhile; the newer claim's outcome stands"
+                    );
                     return Ok(());
                 }
                 Err(e) => last_err = Some(e),
@@ -329,9 +341,18 @@ impl Dispatcher {
         f: GraphFailure,
         last_send: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.metrics.sends.with_label_values(&[f.class.as_str()]).inc();
-        let code = f.code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
-        let subcode = f.subcode.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        self.metrics
+            .sends
+            .with_label_values(&[f.class.as_str()])
+            .inc();
+        let code = f
+            .code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "none".into());
+        let subcode = f
+            .subcode
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "none".into());
         self.metrics
             .graph_errors
             .with_label_values(&[code.as_str(), subcode.as_str()])
@@ -346,7 +367,9 @@ impl Dispatcher {
         let retryable = match f.class {
             FailureClass::Permanent => {
                 tracing::warn!(error = %f, "permanent Send API error; not retrying");
-                return self.end(c, Ending::Failed("graph_permanent"), true, Some(&err)).await;
+                return self
+                    .end(c, Ending::Failed("graph_permanent"), true, Some(&err))
+                    .await;
             }
             FailureClass::TokenInvalid => {
                 self.pauses.stop_for_token(&c.page_id);
@@ -375,11 +398,17 @@ impl Dispatcher {
         };
         if !retryable || attempts_after >= self.settings.max_attempts {
             tracing::warn!(error = %f, attempts = attempts_after, "giving up after repeated failures");
-            return self.end(c, Ending::Failed("retries_exhausted"), true, Some(&err)).await;
+            return self
+                .end(c, Ending::Failed("retries_exhausted"), true, Some(&err))
+                .await;
         }
         let now = OffsetDateTime::now_utc();
         let attempts = u32::try_from(attempts_after).unwrap_or(u32::MAX);
-        let jitter = if self.settings.jitter { fastrand::f64() } else { 1.0 };
+        let jitter = if self.settings.jitter {
+            fastrand::f64()
+        } else {
+            1.0
+        };
         match self
             .settings
             .retry

@@ -142,7 +142,14 @@ impl SchedulerMetrics {
         for r in ["pending", "duplicate", "replied", "expired", "unknown_page"] {
             m.optins_recorded.with_label_values(&[r]);
         }
-        for o in ["sent", "transient", "rate_limited", "permanent", "token_invalid", "unknown"] {
+        for o in [
+            "sent",
+            "transient",
+            "rate_limited",
+            "permanent",
+            "token_invalid",
+            "unknown",
+        ] {
             m.sends.with_label_values(&[o]);
         }
         for t in ["sent", "replied", "failed", "expired"] {

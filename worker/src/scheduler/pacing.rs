@@ -155,7 +155,11 @@ mod tests {
         let start = Instant::now();
         // The first second's worth goes at once.
         let first: Vec<Instant> = (0..10).map(|_| limiter.reserve("p")).collect();
-        assert!(first.iter().all(|t| *t <= start + Duration::from_millis(1000)));
+        assert!(
+            first
+                .iter()
+                .all(|t| *t <= start + Duration::from_millis(1000))
+        );
         let later = limiter.reserve("p");
         assert!(later >= start, "{later:?}");
         // Another page is independent.
@@ -165,7 +169,11 @@ mod tests {
         for _ in 0..20 {
             last = limiter.reserve("p");
         }
-        assert!(last >= start + Duration::from_millis(1900), "{:?}", last - start);
+        assert!(
+            last >= start + Duration::from_millis(1900),
+            "{:?}",
+            last - start
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -116,6 +116,9 @@ mod tests {
             p.next(now, 1, Some(Duration::from_secs(10)), last, 0.0),
             NextAttempt::NoTimeLeft
         );
-        assert!(matches!(p.next(now, 3, None, last, 0.5), NextAttempt::At(_)));
+        assert!(matches!(
+            p.next(now, 3, None, last, 0.5),
+            NextAttempt::At(_)
+        ));
     }
 }

@@ -442,11 +442,9 @@ pub async fn finish_unsent(
     }
     let last_error = match error {
         Some(e) => Some(e.data()),
-        None => {
-            last_stored_error(&tx, &c.page_id, &c.login_id)
-                .await?
-                .map(|e| e.data())
-        }
+        None => last_stored_error(&tx, &c.page_id, &c.login_id)
+            .await?
+            .map(|e| e.data()),
     };
     let ev = match ending {
         Ending::Failed(reason) => PublicEvent::FirstMessageFailed(FirstMessageFailed {
