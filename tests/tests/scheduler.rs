@@ -704,3 +704,60 @@ async fn a_login_id_messaged_through_one_page_is_refused_for_another() {
     stop.trigger();
     scheduler.task.await.expect("stopped");
 }
+
+#[tokio::test]
+async fn undecodable_messages_are_dead_lettered_with_the_reason_and_do_not_block_the_queue() {
+    use lc_shared::{amqp, topology};
+    let env = TestEnv::new().await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let conn = env.vhost.connect().await;
+    let ch = amqp::confirm_channel(&conn).await.expect("channel");
+    for garbage in [&b"not json at all"[..], br#"{"page_id":"1","kind":"message","source":"webhook","timestamp_ms":1,"idempotency_key":"k","event":{"sender":{"id":"P"},"recipient":{"id":"1"},"timestamp":1,"message":{"mid":"m","text":"hi"}}}"#] {
+        let c = amqp::publish(
+            &ch,
+            topology::WEBHOOK_EXCHANGE,
+            "optin.1",
+            true,
+            garbage,
+            amqp::persistent_properties("garbage", "application/json"),
+        )
+        .await
+        .expect("publish");
+        amqp::await_confirm(c, WAIT).await.expect("confirm");
+    }
+    // A valid opt-in behind them still goes out.
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "AFTER", now)])).await,
+        200
+    );
+    env.graph
+        .wait_for_send_calls(1, WAIT)
+        .await
+        .expect("not blocked");
+
+    let dlq = topology::dead_letter_queue(topology::SCHEDULER_QUEUE);
+    let dead = consume_n(&conn, &dlq, 2, WAIT).await;
+    assert_eq!(dead.len(), 2);
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| amqp::header_str(&d.properties, topology::ERROR_HEADER).expect("reason"))
+        .collect();
+    assert!(
+        reasons[0].contains("not a queued webhook event"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("expected an opt-in"), "{reasons:?}");
+    assert_eq!(
+        dead[0].data.as_slice(),
+        b"not json at all",
+        "kept as received"
+    );
+    assert_eq!(
+        amqp::header_str(&dead[0].properties, topology::ORIGIN_QUEUE_HEADER).as_deref(),
+        Some(topology::SCHEDULER_QUEUE)
+    );
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
