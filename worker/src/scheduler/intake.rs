@@ -17,6 +17,11 @@ use super::metrics::SchedulerMetrics;
 use super::store::{self, NewOptin, Recorded, StoreError, Timing};
 use crate::consumer::{Incoming, Verdict};
 
+/// Longest page id or login_id accepted. Meta's are far shorter (a login_id is 64 hex
+/// characters); a hostile value beyond PostgreSQL's btree entry limit (~2.7 kB) would fail the
+/// whole batch on every retry and block the queue, so it is dead-lettered instead.
+const MAX_ID_BYTES: usize = 1024;
+
 /// Decodes one delivery into an opt-in, or says why it cannot be one.
 pub fn decode(msg: &Incoming) -> Result<NewOptin, String> {
     let queued: QueuedEvent = serde_json::from_slice(&msg.data)
@@ -30,6 +35,18 @@ pub fn decode(msg: &Incoming) -> Result<NewOptin, String> {
             event.kind.as_str()
         ));
     };
+    if optin.login_id.is_empty() || optin.login_id.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "login_id must be 1 to {MAX_ID_BYTES} bytes, got {}",
+            optin.login_id.len()
+        ));
+    }
+    if event.page_id.is_empty() || event.page_id.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "page id must be 1 to {MAX_ID_BYTES} bytes, got {}",
+            event.page_id.len()
+        ));
+    }
     Ok(NewOptin {
         page_id: event.page_id,
         login_id: optin.login_id,
@@ -97,4 +114,41 @@ pub async fn record_batch(
         wake.notify_one();
     }
     Ok(verdicts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lc_shared::webhook::{EventKind, QueuedEvent};
+
+    fn incoming(login_id: &str) -> Incoming {
+        let event = serde_json::value::RawValue::from_string(format!(
+            r#"{{"recipient":{{"id":"1"}},"timestamp":1700000000000,"optin":{{"login_id":"{login_id}"}}}}"#
+        ))
+        .expect("raw");
+        let queued = QueuedEvent {
+            page_id: "1".into(),
+            kind: EventKind::Optin,
+            source: "webhook".into(),
+            timestamp_ms: 1_700_000_000_000,
+            idempotency_key: "k".into(),
+            event,
+        };
+        Incoming {
+            data: serde_json::to_vec(&queued).expect("json"),
+            routing_key: "optin.1".into(),
+            properties: lapin::BasicProperties::default(),
+            redelivered: false,
+        }
+    }
+
+    #[test]
+    fn decodes_an_optin_and_refuses_oversized_ids() {
+        let ok = decode(&incoming("abc")).expect("decodes");
+        assert_eq!(ok.login_id, "abc");
+        assert_eq!(ok.page_id, "1");
+        assert_eq!(ok.source, "webhook");
+        let err = decode(&incoming(&"x".repeat(5000))).expect_err("too long");
+        assert!(err.contains("login_id must be 1 to 1024 bytes"), "{err}");
+    }
 }
