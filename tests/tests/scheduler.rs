@@ -761,3 +761,49 @@ async fn undecodable_messages_are_dead_lettered_with_the_reason_and_do_not_block
     stop.trigger();
     scheduler.task.await.expect("stopped");
 }
+
+#[tokio::test]
+async fn a_reply_committed_alongside_its_optin_still_prevents_the_send() {
+    // The correlator and the scheduler committed at the same moment: the link exists, but the
+    // opt-in was recorded `pending` because neither transaction saw the other.
+    let env = TestEnv::new().await;
+    let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
+    lc_shared::db::migrate(&pool).await.expect("migrate");
+    let sql = env.sql().await;
+    let now = OffsetDateTime::now_utc();
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         VALUES ($1, 'RACE', $2, $2::timestamptz + interval '24 hours', $2, 'pending', $2)",
+        &[&PAGE, &now],
+    )
+    .await
+    .expect("optin");
+    sql.execute(
+        "INSERT INTO links (page_id, login_id, psid, linked_at) VALUES ($1, 'RACE', 'P', $2)",
+        &[&PAGE, &(now + Duration::from_secs(1))],
+    )
+    .await
+    .expect("link");
+    // A control opt-in without a reply proves the scheduler did run.
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         VALUES ($1, 'CONTROL', $2, $2::timestamptz + interval '24 hours', $2, 'pending', $2)",
+        &[&PAGE, &now],
+    )
+    .await
+    .expect("control");
+    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    env.graph
+        .wait_for_send_calls(1, WAIT)
+        .await
+        .expect("control sent");
+    eventually(WAIT, "RACE resolved", || async {
+        optin_state(&sql, "RACE").await.as_deref() == Some("replied")
+    })
+    .await;
+    let calls = env.graph.send_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].login_id.as_deref(), Some("CONTROL"));
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}

@@ -1,1 +1,150 @@
-//! TODO
+//! The correlator: joins a person's login_id to their PSID when they reply.
+//!
+//! It consumes `correlator.replies` (messages and postbacks routed by ingest). A reply that
+//! carries `prior_message` with a login_id creates the link `(page_id, login_id) → psid`,
+//! moves a still-`pending` opt-in to `replied` (so the scheduler never sends it) and writes one
+//! `identity.linked` event to the outbox, all in the batch's transaction; the delivery is
+//! acked only after the commit. Redeliveries and repeated `prior_message`s find the link and do
+//! nothing (invariant 9). A second PSID for a linked login_id keeps the first link and is
+//! recorded in `link_conflicts`. The outbox relay in the same process publishes the events.
+//!
+//! - [`replies`]: decoding and the per-batch transaction;
+//! - [`metrics`]: the Prometheus metrics.
+
+pub mod metrics;
+pub mod replies;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use lc_shared::amqp::BrokerLink;
+use lc_shared::shutdown::Shutdown;
+use lc_shared::topology;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::config::{StartError, WorkerArgs};
+use crate::consumer::{self, ConsumerSettings};
+use crate::relay::{self, OutboxDb, RelayMetrics};
+use metrics::CorrelatorMetrics;
+
+/// Settings of the `correlator` binary.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "correlator",
+    version,
+    about = "Joins login_ids to PSIDs when people reply, and announces each link (identity.linked)."
+)]
+pub struct CorrelatorConfig {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub worker: WorkerArgs,
+
+    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoints.
+    #[arg(
+        long = "metrics-addr",
+        env = "METRICS_ADDR",
+        default_value = "0.0.0.0:9102"
+    )]
+    pub metrics_addr: SocketAddr,
+}
+
+/// A running correlator.
+pub struct RunningCorrelator {
+    /// Completes when everything has stopped after `shutdown`.
+    pub task: JoinHandle<()>,
+    /// Address of its metrics endpoint (useful with port 0).
+    pub metrics_addr: SocketAddr,
+    /// Its database pool.
+    pub pool: Pool,
+    /// Its broker link (tests wait for it to be ready before publishing).
+    pub broker: BrokerLink,
+    /// Its metrics.
+    pub metrics: CorrelatorMetrics,
+}
+
+/// Starts the correlator: returns once the database is ready and migrated; the consumer,
+/// the outbox relay and the metrics server run in the background until `shutdown`, when the
+/// consumer stops taking deliveries, the batch in hand and the relay's round finish, and the
+/// broker connection closes.
+pub async fn start(
+    config: CorrelatorConfig,
+    metrics_listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<RunningCorrelator, StartError> {
+    let worker_id = config.worker.worker_id("correlator");
+    let pool = config.worker.prepare_database().await?;
+    let outbox = OutboxDb::new(pool.clone(), &config.worker.database.database_url)
+        .map_err(|e| StartError::Config(format!("DATABASE_URL: {e}")))?;
+    let link = config.worker.broker(&worker_id);
+    let registry = prometheus::Registry::new();
+    let metrics = CorrelatorMetrics::new(&registry)?;
+    let relay_metrics = RelayMetrics::new(&registry)?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
+    let mut tasks = JoinSet::new();
+    {
+        let settings = ConsumerSettings {
+            queue: topology::CORRELATOR_QUEUE,
+            prefetch: config.worker.prefetch,
+            max_batch: config.worker.consumer_batch,
+            tag: worker_id.clone(),
+        };
+        let (pool, metrics) = (pool.clone(), metrics.clone());
+        tasks.spawn(consumer::run(
+            link.clone(),
+            settings,
+            shutdown.clone(),
+            move |batch| {
+                let (pool, metrics) = (pool.clone(), metrics.clone());
+                async move { replies::handle_batch(&pool, &metrics, &batch).await }
+            },
+        ));
+    }
+    tasks.spawn(relay::run(
+        outbox,
+        link.clone(),
+        config.worker.relay.clone(),
+        relay_metrics,
+        shutdown.clone(),
+    ));
+    {
+        let ready_link = link.clone();
+        let stop = shutdown.clone();
+        let ready: crate::http::ReadinessCheck =
+            Arc::new(move || ready_link.is_ready() && !stop.is_triggered());
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::http::serve(metrics_listener, registry, ready, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+    tracing::info!(worker_id, %metrics_addr, "correlator started");
+    let closing = link.clone();
+    let task = tokio::spawn(async move {
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "a correlator task panicked");
+            }
+        }
+        closing.close().await;
+        tracing::info!("correlator stopped");
+    });
+    Ok(RunningCorrelator {
+        task,
+        metrics_addr,
+        pool,
+        broker: link,
+        metrics,
+    })
+}
+
+/// Binds `config.metrics_addr` and runs until `shutdown` has drained everything.
+pub async fn run(config: CorrelatorConfig, shutdown: Shutdown) -> Result<(), StartError> {
+    let listener = crate::http::bind(config.metrics_addr).await?;
+    let running = start(config, listener, shutdown).await?;
+    let _ = running.task.await;
+    Ok(())
+}

@@ -242,6 +242,13 @@ impl Dispatcher {
         }
         {
             let client = self.pool.get().await?;
+            if let Some(at) = store::linked_at(&client, c).await? {
+                tracing::info!("the person already replied; no first message needed");
+                if store::finish_replied(&client, c, at).await? {
+                    self.metrics.terminal.with_label_values(&["replied"]).inc();
+                }
+                return Ok(());
+            }
             if let Some(other) = store::page_that_messaged(&client, &c.login_id, &c.page_id).await?
             {
                 let err = StoredError {

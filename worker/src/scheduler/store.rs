@@ -519,6 +519,40 @@ pub async fn reschedule(
     Ok(n == 1)
 }
 
+/// When the person already replied (the correlator linked them): a link made at or after the
+/// opt-in (allowing the same clock skew as [`record_optin`]). Checked again right before the
+/// call, because a reply and its opt-in committed at the same moment do not see each other.
+pub async fn linked_at(client: &Client, c: &Claimed) -> Result<Option<OffsetDateTime>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
+               AND linked_at >= $3::timestamptz - interval '5 minutes'",
+            &[&c.page_id, &c.login_id, &c.opted_in_at],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Ends a claimed opt-in as `replied` without a call (its `identity.linked` event, written by
+/// the correlator, announces it).
+pub async fn finish_replied(
+    client: &Client,
+    c: &Claimed,
+    replied_at: OffsetDateTime,
+) -> Result<bool, StoreError> {
+    let n = client
+        .execute(
+            &format!(
+                "UPDATE optins SET state = 'replied', replied_at = COALESCE(replied_at, $4), \
+                 lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), \
+                 updated_at = now() WHERE {FENCED}"
+            ),
+            &[&c.page_id, &c.login_id, &c.fence, &replied_at],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
 /// The page another opt-in of this login_id was already messaged through, if any (Meta lets
 /// only that page use the login_id).
 pub async fn page_that_messaged(

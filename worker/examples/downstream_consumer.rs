@@ -1,0 +1,209 @@
+//! A downstream service of loginconnect, as small as it can be while doing everything a real
+//! one must: it declares its **own** durable quorum queue, binds it to `loginconnect.events`
+//! with the routing key it wants (`identity.linked`), dedupes on the CloudEvent `id` (delivery
+//! is at-least-once), prints each link as one line and acks only after that.
+//!
+//! ```text
+//! cargo run -p loginconnect-worker --example downstream_consumer -- --queue crm.identity-links
+//! ```
+//!
+//! Bind the queue before you need its events: loginconnect publishes without `mandatory`, so
+//! events published while no queue is bound are dropped by the broker.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use clap::Parser;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Connection, ExchangeKind};
+use lc_shared::events::{CloudEvent, IdentityLinked};
+use lc_shared::topology::EVENTS_EXCHANGE;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+/// Prints every identity link loginconnect announces.
+#[derive(Debug, Parser)]
+#[command(
+    name = "downstream_consumer",
+    version,
+    about = "Prints every identity link loginconnect announces (an example downstream service)."
+)]
+struct Args {
+    /// RabbitMQ URL, including the vhost.
+    #[arg(long = "amqp-url", env = "AMQP_URL", default_value = lc_shared::config::DEFAULT_AMQP_URL, hide_env_values = true)]
+    amqp_url: String,
+
+    /// This service's own queue (declared durable, quorum).
+    #[arg(long, default_value = "crm.identity-links")]
+    queue: String,
+
+    /// Routing key bound to the queue (`identity.linked`; `first_message.*` or `#` for more).
+    #[arg(long = "routing-key", default_value = "identity.linked")]
+    routing_key: String,
+
+    /// Event ids remembered for dedupe (the oldest are forgotten first).
+    #[arg(long = "dedupe-capacity", default_value_t = 100_000)]
+    dedupe_capacity: usize,
+
+    /// Unacked deliveries the broker may push ahead.
+    #[arg(long, default_value_t = 50)]
+    prefetch: u16,
+}
+
+/// Remembers the last `capacity` event ids.
+///
+/// In memory only for the example: a real service dedupes in its own store, in the same
+/// transaction as the write the event causes (e.g. a `processed_events(id)` table with a
+/// unique key), so a restart or a second replica does not apply an event twice.
+struct Seen {
+    capacity: usize,
+    ids: HashSet<Uuid>,
+    order: VecDeque<Uuid>,
+}
+
+impl Seen {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            ids: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// True the first time an id is seen.
+    fn first_time(&mut self, id: Uuid) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        true
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let mut seen = Seen::new(args.dedupe_capacity);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            result = consume(&args, &mut seen) => match result {
+                Ok(()) => eprintln!("the broker closed the consumer; reconnecting"),
+                Err(e) => eprintln!("connection problem: {e}; reconnecting in {delay:?}"),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        // What was unacked when the connection dropped is redelivered; `seen` skips repeats.
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Consumes until the connection or channel fails.
+async fn consume(args: &Args, seen: &mut Seen) -> Result<(), lapin::Error> {
+    let conn = Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    // Declaring the exchange too (same flags as loginconnect) lets this start first.
+    ch.exchange_declare(
+        EVENTS_EXCHANGE.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let mut queue_args = FieldTable::default();
+    queue_args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    ch.queue_declare(
+        args.queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        queue_args,
+    )
+    .await?;
+    ch.queue_bind(
+        args.queue.as_str().into(),
+        EVENTS_EXCHANGE.into(),
+        args.routing_key.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut deliveries = ch
+        .basic_consume(
+            args.queue.as_str().into(),
+            "downstream-example".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    eprintln!(
+        "consuming {} (bound to {EVENTS_EXCHANGE} with {})",
+        args.queue, args.routing_key
+    );
+    while let Some(delivery) = deliveries.next().await {
+        let delivery = delivery?;
+        let event: CloudEvent = match serde_json::from_slice(&delivery.data) {
+            Ok(event) => event,
+            Err(e) => {
+                // Not something this version understands; a real service would dead-letter
+                // it (a queue with x-dead-letter-exchange) and alert, not drop it.
+                eprintln!("rejecting a message that is not a CloudEvent: {e}");
+                delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await?;
+                continue;
+            }
+        };
+        if !seen.first_time(event.id) {
+            eprintln!("duplicate {} ignored", event.id);
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            continue;
+        }
+        println!("{}", describe(&event));
+        // Acked only once handled: a crash before this line means a redelivery, not a loss.
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(())
+}
+
+/// One line per event: the link's fields for `identity.linked`, the type and id otherwise.
+fn describe(event: &CloudEvent) -> String {
+    let fmt = |t: time::OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
+    match serde_json::from_value::<IdentityLinked>(event.data.clone()) {
+        Ok(link) if event.event_type == "com.loginconnect.identity.linked" => format!(
+            "linked page_id={} login_id={} psid={} linked_at={} opted_in_at={} first_reply_mid={} event_id={}",
+            link.page_id,
+            link.login_id,
+            link.psid,
+            fmt(link.linked_at),
+            link.opted_in_at.map_or_else(|| "-".to_owned(), fmt),
+            link.first_reply_mid.as_deref().unwrap_or("-"),
+            event.id,
+        ),
+        _ => format!(
+            "{} event_id={} data={}",
+            event.event_type, event.id, event.data
+        ),
+    }
+}
