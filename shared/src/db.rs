@@ -28,11 +28,22 @@ pub enum DbError {
     #[error("cannot connect to PostgreSQL (check DATABASE_URL and that the server runs): {0}")]
     Connect(#[from] deadpool_postgres::PoolError),
     /// A statement failed.
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     /// A migration failed; the database is left at the last version that applied fully.
     #[error("database migration failed: {0}")]
     Migration(#[from] refinery::Error),
+}
+
+/// PostgreSQL's own message for an error (tokio-postgres's `Display` says only "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({}: {})", e, db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 /// Builds a pool of at most `max_size` connections (deadpool's default, 4 × cores, is more
@@ -72,9 +83,17 @@ pub async fn ensure_database(url: &str) -> Result<(), DbError> {
             .await
         {
             Ok(()) => tracing::info!(database = %name, "created database"),
-            // Another replica created it between our check and our CREATE.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // Another process created it between our check and our CREATE (concurrent
+                // creates fail with a unique violation, not always `duplicate_database`).
+                let exists_now = client
+                    .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+                    .await?
+                    .is_some();
+                if !exists_now {
+                    return Err(e.into());
+                }
+            }
         }
     }
     drop(client);

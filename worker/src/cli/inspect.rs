@@ -92,6 +92,10 @@ pub async fn status(
                     .await
                     .map(|q| json!(q.message_count()))
                     .unwrap_or(Value::Null);
+                // A failed passive declare has closed the channel already.
+                if ch.status().connected() {
+                    let _ = ch.close(200, "done".into()).await;
+                }
                 queues.insert(q, depth);
             }
             let _ = conn.close(200, "done".into()).await;
