@@ -69,6 +69,9 @@ impl IngestMetrics {
             "ingest_broker_ready",
             "1 while connected to RabbitMQ with the topology declared",
         )?;
+        for reason in ["missing", "wrong_prefix", "malformed", "mismatch"] {
+            signature_failures.with_label_values(&[reason]);
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(signature_failures.clone()))?;
         registry.register(Box::new(events_published.clone()))?;

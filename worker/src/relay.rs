@@ -146,6 +146,10 @@ impl RelayMetrics {
             ))?,
         };
         registry.register(Box::new(m.published.clone()))?;
+        // Zero series from the start, so alerts see the metric before the first failure.
+        for stage in ["database", "broker"] {
+            m.failures.with_label_values(&[stage]);
+        }
         registry.register(Box::new(m.failures.clone()))?;
         registry.register(Box::new(m.lag_seconds.clone()))?;
         registry.register(Box::new(m.pruned.clone()))?;
