@@ -55,6 +55,10 @@ pub struct IngestConfig {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub log: LogArgs,
+
+    /// The Login half: `POST /login-events` and data deletion (all off unless configured).
+    #[command(flatten)]
+    pub login: crate::login_events::LoginArgs,
 }
 
 impl IngestConfig {

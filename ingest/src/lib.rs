@@ -8,11 +8,16 @@
 //! - [`routes`]: the HTTP handlers (`/webhook`, `/healthz`, `/readyz`, `/metrics`).
 //! - [`publish`]: building messages and publishing them with confirms.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`login_events`]: the Login half's settings and routes, and `POST /login-events`
+//!   (opt-ins reported by the business's backend; off unless configured).
+//! - [`data_deletion`]: Meta's user data deletion callback and its status page.
 //!
 //! [`start`] runs the service in-process (tests use it on port 0); the binary's `main` only
 //! parses the configuration and calls [`run`].
 
 pub mod config;
+pub mod data_deletion;
+pub mod login_events;
 pub mod metrics;
 pub mod publish;
 pub mod routes;
@@ -77,6 +82,13 @@ pub async fn start(
         &format!("ingest@{addr}"),
         config.publish_channels,
     );
+    let login = login_events::LoginFeatures::new(
+        &config.login,
+        &config.app_secrets,
+        &broker,
+        config.confirm_timeout(),
+        &metrics.registry,
+    )?;
     let state = routes::AppState::new(
         SignatureVerifier::new(&config.app_secrets, config.accept_sha1),
         config.verify_token.clone(),
@@ -84,20 +96,82 @@ pub async fn start(
         metrics,
         config.confirm_timeout(),
         shutdown.clone(),
-    );
+    )
+    .with_login(login);
     let app = routes::router(state, config.max_body_bytes, config.request_timeout());
     let link = broker.clone();
+    // Refuses a declared Content-Length over the limit with 413 before reading any of the
+    // body (the router's own limit only trips once that much has arrived, so a client that
+    // declares 100 MB and sends a trickle would hold the request until the timeout).
+    let app = app.layer(tower_http::limit::RequestBodyLimitLayer::new(
+        config.max_body_bytes,
+    ));
+    let header_timeout = config.request_timeout();
     let task = tokio::spawn(async move {
-        let stop = shutdown.clone();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.wait().await })
-            .await;
+        let served = serve(listener, app, header_timeout, shutdown).await;
         link.close().await;
         tracing::info!("ingest stopped");
         served.map_err(IngestError::Serve)
     });
     tracing::info!(%addr, "ingest listening");
     Ok(RunningIngest { addr, broker, task })
+}
+
+/// Serves `app` on `listener` until `shutdown` fires, then stops accepting and waits until
+/// every open connection has finished its request (idle ones are closed at once).
+///
+/// Not `axum::serve`, because it sets no bound on reading request headers: a client sending
+/// one header byte at a time would hold its connection and task for ever (slow loris).
+/// Here hyper closes a connection whose request headers are not complete within
+/// `header_timeout` (`INGEST_REQUEST_TIMEOUT_MS`, which also bounds the body through the
+/// router's timeout layer). The timer also runs while a kept-alive connection waits for its
+/// next request, so idle connections are closed after the same time.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: Shutdown,
+) -> Result<(), std::io::Error> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was accepted:
+                    // not fatal. A short pause lets a flood drain instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.wait() => break,
+        };
+        // Small answers (200/503) must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Binds `config.addr`, runs ingest until `shutdown` fires and the server has drained.

@@ -30,6 +30,8 @@ use crate::publish::{self, Outgoing};
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<StateInner>,
+    /// Routes of the Login half (`/login-events`, `/data-deletion`), off unless configured.
+    login: crate::login_events::LoginFeatures,
 }
 
 struct StateInner {
@@ -60,7 +62,14 @@ impl AppState {
                 confirm_timeout,
                 shutdown,
             }),
+            login: crate::login_events::LoginFeatures::default(),
         }
+    }
+
+    /// Enables the Login half's configured routes.
+    pub fn with_login(mut self, login: crate::login_events::LoginFeatures) -> Self {
+        self.login = login;
+        self
     }
 }
 
@@ -71,6 +80,7 @@ pub fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::login_events::routes(state.login.clone()))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(TimeoutLayer::with_status_code(

@@ -11,6 +11,8 @@
 //! - [`events`]: the public CloudEvents model and the transactional outbox insert.
 //! - [`pages`]: the `PAGES_FILE` format and its validation against Meta's limits.
 //! - [`graph`]: the Graph Send API client and the classification of its answers.
+//! - [`login`]: the Login half: computed login_ids, the Login dialog URL, login-event
+//!   signatures, Meta's `signed_request` and data deletion requests.
 //! - [`telemetry`]: logs, traces and the Prometheus registry.
 //! - [`shutdown`]: one signal future for graceful shutdown.
 //! - [`config`]: command-line/environment arguments every binary shares.
@@ -20,6 +22,7 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod graph;
+pub mod login;
 pub mod pages;
 pub mod secret;
 pub mod shutdown;

@@ -48,8 +48,14 @@ pub fn inspectable_queues() -> Vec<String> {
         .iter()
         .map(|(q, _)| dead_letter_queue(q))
         .collect();
+    names.push(dead_letter_queue(crate::login::deletion::DELETION_QUEUE));
     names.push(UNPARSED_QUEUE.to_owned());
     names
+}
+
+/// The work queue a dead-letter queue belongs to (`None` for other queues).
+pub fn work_queue_of(dead_letter_queue: &str) -> Option<&str> {
+    dead_letter_queue.strip_suffix(".dlq")
 }
 
 /// Routing key of a webhook event on [`WEBHOOK_EXCHANGE`].
@@ -157,5 +163,6 @@ pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
             FieldTable::default(),
         )
         .await?;
+    crate::login::deletion::declare_deletion_queue(channel).await?;
     Ok(())
 }

@@ -309,3 +309,21 @@ pub async fn optin_state(sql: &tokio_postgres::Client, login_id: &str) -> Option
     .expect("query")
     .map(|r| r.get(0))
 }
+
+/// Inserts an opt-in row directly (as the scheduler would have recorded it), for tests that
+/// set up a backlog or a state before any worker runs. Its deadline is `at` + 24 h.
+pub async fn insert_optin(
+    sql: &tokio_postgres::Client,
+    page_id: &str,
+    login_id: &str,
+    at: OffsetDateTime,
+    state: &str,
+) {
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         VALUES ($1, $2, $3, $3::timestamptz + interval '24 hours', $3, $4, $3)",
+        &[&page_id, &login_id, &at, &state],
+    )
+    .await
+    .expect("insert opt-in");
+}

@@ -84,8 +84,8 @@ pub async fn list(
     Ok(())
 }
 
-/// Replays messages: dead letters go back to `messenger.webhook` with their original routing
-/// key; unparsed bodies are parsed again and their events published. Each original is acked
+/// Replays messages: dead letters go back onto their work queue; unparsed bodies are parsed
+/// again and their events published to `messenger.webhook`. Each original is acked
 /// only after the broker confirmed its replacement; what still cannot be replayed stays.
 pub async fn replay(
     out: &mut dyn Write,
@@ -118,6 +118,7 @@ pub async fn replay(
                             amqp::persistent_properties(&q.idempotency_key, "application/json")
                                 .with_timestamp(u64::try_from(q.timestamp_ms / 1000).unwrap_or(0));
                         (
+                            topology::WEBHOOK_EXCHANGE.to_owned(),
                             topology::webhook_routing_key(q.kind.as_str(), &q.page_id),
                             body,
                             props,
@@ -137,21 +138,15 @@ pub async fn replay(
                 }
             }
         } else {
-            let key = header_str(&d.properties, "x-loginconnect-original-routing-key")
-                .unwrap_or_else(|| d.routing_key.to_string());
-            vec![(key, d.data.clone(), d.properties.clone())]
+            // Straight back onto the work queue through the default exchange: right for every
+            // work queue, and for messages the broker dead-lettered itself (delivery limit),
+            // which carry the dead-letter routing key rather than the original one.
+            let origin = topology::work_queue_of(queue).unwrap_or(queue).to_owned();
+            vec![(String::new(), origin, d.data.clone(), d.properties.clone())]
         };
         let mut ok = true;
-        for (key, body, props) in outgoing {
-            let confirm = amqp::publish(
-                &pub_ch,
-                topology::WEBHOOK_EXCHANGE,
-                &key,
-                true,
-                &body,
-                props,
-            )
-            .await?;
+        for (exchange, key, body, props) in outgoing {
+            let confirm = amqp::publish(&pub_ch, &exchange, &key, true, &body, props).await?;
             if let Err(e) = amqp::await_confirm(confirm, std::time::Duration::from_secs(5)).await {
                 writeln!(out, "replay of one message failed, kept: {e}")?;
                 ok = false;

@@ -3,19 +3,25 @@
 //! - [`intake`] consumes `scheduler.optins` and records opt-ins idempotently;
 //! - [`dispatch`] claims due rows earliest deadline first under fenced leases and calls the
 //!   Send API, classifying answers into sent / retry / failed / expired;
-//! - [`store`] holds the SQL; [`retry`] the backoff; [`pacing`] per-page rate limits and
+//! - [`store`] holds the SQL; [`rescue`] resolves expired leases; [`retry`] the backoff;
+//!   [`pacing`] per-page rate limits and
 //!   pauses; [`metrics`] the Prometheus metrics.
+//! - [`watchdog`] re-subscribes pages whose webhook subscription Meta dropped (one active
+//!   replica at a time); [`deletion`] carries out user data deletion requests.
 //!
 //! Rules: the deadline is the opt-in's own timestamp + 24 h; no call starts at or after the
 //! deadline minus a safety margin; opt-ins for the same (page, login_id) inside an existing
 //! window are the same opt-in; a reply processed first (a link exists) means nothing is sent.
 
+pub mod deletion;
 pub mod dispatch;
 pub mod intake;
 pub mod metrics;
 pub mod pacing;
+pub mod rescue;
 pub mod retry;
 pub mod store;
+pub mod watchdog;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,7 +58,11 @@ pub struct SchedulerConfig {
     pub worker: WorkerArgs,
 
     /// Address of the `/metrics`, `/healthz`, `/readyz` endpoints.
-    #[arg(long = "metrics-addr", env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
+    #[arg(
+        long = "metrics-addr",
+        env = "METRICS_ADDR",
+        default_value = "0.0.0.0:9101"
+    )]
     pub metrics_addr: SocketAddr,
 
     /// TOML file of the pages this deployment messages for (see the README).
@@ -64,7 +74,11 @@ pub struct SchedulerConfig {
     pub graph_api_url: String,
 
     /// Timeout of one Send API call (milliseconds).
-    #[arg(long = "graph-timeout-ms", env = "GRAPH_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long = "graph-timeout-ms",
+        env = "GRAPH_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub graph_timeout_ms: u64,
 
     /// Delay between the opt-in and the first message (seconds).
@@ -72,19 +86,36 @@ pub struct SchedulerConfig {
     pub send_delay_secs: u64,
 
     /// No Send API call starts this close to the deadline (seconds).
-    #[arg(long = "safety-margin-secs", env = "SAFETY_MARGIN_SECS", default_value_t = 120)]
+    #[arg(
+        long = "safety-margin-secs",
+        env = "SAFETY_MARGIN_SECS",
+        default_value_t = 120
+    )]
     pub safety_margin_secs: u64,
 
     /// Length of the first-message window (seconds); Meta's rule is 24 hours.
-    #[arg(long = "window-secs", env = "WINDOW_SECS", default_value_t = 86_400, hide = true)]
+    #[arg(
+        long = "window-secs",
+        env = "WINDOW_SECS",
+        default_value_t = 86_400,
+        hide = true
+    )]
     pub window_secs: u64,
 
     /// Most Send API calls in flight in this replica.
-    #[arg(long = "max-in-flight", env = "MAX_IN_FLIGHT_SENDS", default_value_t = 256)]
+    #[arg(
+        long = "max-in-flight",
+        env = "MAX_IN_FLIGHT_SENDS",
+        default_value_t = 256
+    )]
     pub max_in_flight: usize,
 
     /// Send API calls per second per page (Meta allows 300).
-    #[arg(long = "page-rate-limit", env = "PAGE_RATE_LIMIT", default_value_t = 250)]
+    #[arg(
+        long = "page-rate-limit",
+        env = "PAGE_RATE_LIMIT",
+        default_value_t = 250
+    )]
     pub page_rate_limit: u32,
 
     /// Lease of a claimed opt-in (seconds); must exceed the Graph timeout.
@@ -113,7 +144,11 @@ pub struct SchedulerConfig {
     pub retry_jitter: bool,
 
     /// Attempts after which unknown Graph error codes stop being retried.
-    #[arg(long = "max-unknown-attempts", env = "MAX_UNKNOWN_ATTEMPTS", default_value_t = 5)]
+    #[arg(
+        long = "max-unknown-attempts",
+        env = "MAX_UNKNOWN_ATTEMPTS",
+        default_value_t = 5
+    )]
     pub max_unknown_attempts: i32,
 
     /// Attempts after which any opt-in gives up.
@@ -125,8 +160,16 @@ pub struct SchedulerConfig {
     pub unknown_outcome: UnknownOutcome,
 
     /// Delete finished opt-ins after this many days (0 keeps them).
-    #[arg(long = "retention-days", env = "OPTIN_RETENTION_DAYS", default_value_t = 30)]
+    #[arg(
+        long = "retention-days",
+        env = "OPTIN_RETENTION_DAYS",
+        default_value_t = 30
+    )]
     pub retention_days: u64,
+
+    /// The webhook subscription watchdog (off until `META_APP_ID` is set).
+    #[command(flatten)]
+    pub watchdog: watchdog::WatchdogArgs,
 }
 
 impl SchedulerConfig {
@@ -173,22 +216,29 @@ pub async fn start(
     after_send: Option<AfterSendHook>,
 ) -> Result<RunningScheduler, StartError> {
     config.validate()?;
-    let pages = PagesConfig::load(&config.pages_file).map_err(|e| StartError::Config(e.to_string()))?;
+    let pages =
+        PagesConfig::load(&config.pages_file).map_err(|e| StartError::Config(e.to_string()))?;
     let graph = GraphClient::new(
         &config.graph_api_url,
         Duration::from_millis(config.graph_timeout_ms),
     )
     .map_err(|e| StartError::Config(e.to_string()))?;
+    let watchdog_graph = graph.clone();
     let worker_id = config.worker.worker_id("scheduler");
     let pool = config.worker.prepare_database().await?;
     let link = config.worker.broker(&worker_id);
     let registry = prometheus::Registry::new();
     let metrics = SchedulerMetrics::new(&registry)?;
     let relay_metrics = crate::relay::RelayMetrics::new(&registry)?;
+    let watchdog_metrics = watchdog::WatchdogMetrics::new(&registry)?;
+    let deletion_metrics = deletion::DeletionMetrics::new(&registry)?;
     let metrics_addr = metrics_listener.local_addr()?;
 
     for page in &pages.pages {
-        metrics.paused_pages.with_label_values(&[page.id.as_str()]).set(0);
+        metrics
+            .paused_pages
+            .with_label_values(&[page.id.as_str()])
+            .set(0);
     }
     let pages = Arc::new(RwLock::new(Arc::new(pages)));
     let pauses = Arc::new(PagePauses::default());
@@ -222,7 +272,8 @@ pub async fn start(
 
     let mut tasks = JoinSet::new();
     {
-        let (pool, pages, metrics, wake) = (pool.clone(), pages.clone(), metrics.clone(), wake.clone());
+        let (pool, pages, metrics, wake) =
+            (pool.clone(), pages.clone(), metrics.clone(), wake.clone());
         let settings = ConsumerSettings {
             queue: topology::SCHEDULER_QUEUE,
             prefetch: config.worker.prefetch,
@@ -235,8 +286,26 @@ pub async fn start(
         }));
     }
     tasks.spawn(dispatcher.run(wake, shutdown.clone()));
-    tasks.spawn(crate::relay::run(
+    tasks.spawn(watchdog::run(
         pool.clone(),
+        watchdog_graph,
+        pages.clone(),
+        config.watchdog.clone(),
+        watchdog_metrics,
+        shutdown.clone(),
+    ));
+    tasks.spawn(deletion::run(
+        pool.clone(),
+        link.clone(),
+        deletion_metrics,
+        worker_id.clone(),
+        shutdown.clone(),
+    ));
+    // A relay with its own LISTEN connection: pooled connections drop notifications.
+    let outbox = crate::relay::OutboxDb::new(pool.clone(), &config.worker.database.database_url)
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    tasks.spawn(crate::relay::run(
+        outbox,
         link.clone(),
         config.worker.relay.clone(),
         relay_metrics,
@@ -259,7 +328,8 @@ pub async fn start(
     {
         let link = link.clone();
         let stop = shutdown.clone();
-        let ready: crate::http::ReadinessCheck = Arc::new(move || link.is_ready() && !stop.is_triggered());
+        let ready: crate::http::ReadinessCheck =
+            Arc::new(move || link.is_ready() && !stop.is_triggered());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             if let Err(e) = crate::http::serve(metrics_listener, registry, ready, shutdown).await {
@@ -296,6 +366,12 @@ async fn housekeeping(
     retention: Duration,
     shutdown: Shutdown,
 ) {
+    // Queue depths need the broker; the first round waits for it (bounded) so the gauges
+    // exist soon after start.
+    tokio::select! {
+        _ = link.wait_ready(Duration::from_secs(30)) => {}
+        () = shutdown.wait() => return,
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     loop {
         tokio::select! {
@@ -303,16 +379,23 @@ async fn housekeeping(
             () = shutdown.wait() => return,
         }
         queue_depths(&link, &metrics).await;
-        let Ok(client) = pool.get().await else { continue };
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
         if let Ok(rows) = client
             .query("SELECT state, count(*) FROM optins GROUP BY state", &[])
             .await
         {
-            metrics.optins_by_state.reset();
+            for state in ["pending", "sending", "sent", "replied", "failed", "expired"] {
+                metrics.optins_by_state.with_label_values(&[state]).set(0);
+            }
             for r in rows {
                 let state: String = r.get(0);
                 let n: i64 = r.get(1);
-                metrics.optins_by_state.with_label_values(&[state.as_str()]).set(n);
+                metrics
+                    .optins_by_state
+                    .with_label_values(&[state.as_str()])
+                    .set(n);
             }
         }
         if let Ok(row) = client
@@ -392,14 +475,19 @@ async fn reload_on_sighup(
                             .get(&page.id)
                             .is_none_or(|o| o.access_token != page.access_token);
                         if changed && pauses.resume(&page.id) {
-                            metrics.paused_pages.with_label_values(&[page.id.as_str()]).set(0);
+                            metrics
+                                .paused_pages
+                                .with_label_values(&[page.id.as_str()])
+                                .set(0);
                             tracing::info!(page_id = %page.id, "page token changed; sends resumed");
                         }
                     }
                     *pages.write().await = Arc::new(new);
                     tracing::info!(path = %path.display(), "pages file reloaded");
                 }
-                Err(e) => tracing::error!(error = %e, "pages file reload failed; keeping the previous configuration"),
+                Err(e) => {
+                    tracing::error!(error = %e, "pages file reload failed; keeping the previous configuration")
+                }
             }
         }
     }

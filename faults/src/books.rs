@@ -1,0 +1,718 @@
+//! The books: after the system settled, what was acknowledged, stored, sent and announced
+//! must balance. Each check prints `PASS` or `FAIL` with its evidence; violations of "at most
+//! one message" come with their timeline (calls, row, faults around them).
+
+use std::collections::{HashMap, HashSet};
+
+use lc_testkit::fake_graph::{RecordedCall, TokenSource};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::chaos::Timeline;
+use crate::workload::{ItemRef, OptinKind, Plan, PostResults};
+
+/// `(page_id, login_id)`.
+type Key = (String, String);
+
+/// One `optins` row.
+#[derive(Debug, Clone)]
+pub struct OptinRow {
+    /// Its state.
+    pub state: String,
+    /// `failure_reason`.
+    pub failure_reason: Option<String>,
+    /// Send API calls it counted.
+    pub attempts: i32,
+    /// Its deadline.
+    pub deadline: OffsetDateTime,
+}
+
+/// One outbox row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// The CloudEvent id.
+    pub event_id: String,
+    /// Routing key, e.g. `first_message.sent`.
+    pub event_type: String,
+    /// The key it is about.
+    pub key: Key,
+    /// Whether the relay marked it published.
+    pub published: bool,
+}
+
+/// One event taken from the capture queue.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// CloudEvent id.
+    pub id: String,
+    /// Routing key derived from the CloudEvent type.
+    pub event_type: String,
+    /// The key it is about.
+    pub key: Key,
+}
+
+/// Everything the checks look at.
+pub struct Snapshot {
+    /// `optins` by key.
+    pub optins: HashMap<Key, OptinRow>,
+    /// `links`: key → psid.
+    pub links: HashMap<Key, String>,
+    /// The outbox.
+    pub outbox: Vec<OutboxRow>,
+    /// Captured public events (with at-least-once duplicates).
+    pub captured: Vec<Captured>,
+    /// Every call the fake Graph received.
+    pub calls: Vec<RecordedCall>,
+    /// Queue depths of the vhost at the end.
+    pub depths: HashMap<String, u64>,
+}
+
+impl Snapshot {
+    /// Reads the tables.
+    pub async fn load(
+        sql: &tokio_postgres::Client,
+        captured: Vec<Vec<u8>>,
+        calls: Vec<RecordedCall>,
+        depths: HashMap<String, u64>,
+    ) -> anyhow::Result<Self> {
+        let mut optins = HashMap::new();
+        for r in sql
+            .query(
+                "SELECT page_id, login_id, state, failure_reason, attempts, deadline FROM optins",
+                &[],
+            )
+            .await?
+        {
+            optins.insert(
+                (r.get(0), r.get(1)),
+                OptinRow {
+                    state: r.get(2),
+                    failure_reason: r.get(3),
+                    attempts: r.get(4),
+                    deadline: r.get(5),
+                },
+            );
+        }
+        let links = sql
+            .query("SELECT page_id, login_id, psid FROM links", &[])
+            .await?
+            .into_iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect();
+        let outbox = sql
+            .query(
+                "SELECT event_id::text, event_type, page_id, cloudevent->'data'->>'login_id', \
+                 published_at IS NOT NULL FROM outbox",
+                &[],
+            )
+            .await?
+            .into_iter()
+            .map(|r| OutboxRow {
+                event_id: r.get(0),
+                event_type: r.get(1),
+                key: (r.get(2), r.get::<_, Option<String>>(3).unwrap_or_default()),
+                published: r.get(4),
+            })
+            .collect();
+        let captured = captured
+            .iter()
+            .filter_map(|body| {
+                let v: Value = serde_json::from_slice(body).ok()?;
+                let ty = v.get("type")?.as_str()?;
+                Some(Captured {
+                    id: v.get("id")?.as_str()?.to_owned(),
+                    event_type: ty
+                        .strip_prefix("com.loginconnect.")
+                        .unwrap_or(ty)
+                        .to_owned(),
+                    key: (
+                        v.pointer("/data/page_id")?.as_str()?.to_owned(),
+                        v.pointer("/data/login_id")?.as_str()?.to_owned(),
+                    ),
+                })
+            })
+            .collect();
+        Ok(Self {
+            optins,
+            links,
+            outbox,
+            captured,
+            calls,
+            depths,
+        })
+    }
+}
+
+/// The result of one check.
+pub struct Check {
+    /// What it checks.
+    pub name: &'static str,
+    /// Violations (empty: passed).
+    pub problems: Vec<String>,
+    /// What it counted.
+    pub detail: String,
+}
+
+/// How many problem lines a failed check prints.
+const SHOW: usize = 10;
+
+impl Check {
+    fn new(name: &'static str, problems: Vec<String>, detail: String) -> Self {
+        Self {
+            name,
+            problems,
+            detail,
+        }
+    }
+
+    /// Prints `PASS`/`FAIL` with the evidence.
+    pub fn print(&self) {
+        let verdict = if self.problems.is_empty() {
+            "PASS"
+        } else {
+            "FAIL"
+        };
+        println!("{verdict} {}: {}", self.name, self.detail);
+        for p in self.problems.iter().take(SHOW) {
+            println!("     - {p}");
+        }
+        if self.problems.len() > SHOW {
+            println!("     … and {} more", self.problems.len() - SHOW);
+        }
+    }
+}
+
+/// What the books need besides the snapshot.
+pub struct Context<'a> {
+    /// The load.
+    pub plan: &'a Plan,
+    /// What ingest answered.
+    pub posted: &'a PostResults,
+    /// The faults.
+    pub timeline: &'a Timeline,
+    /// When the run started (to put calls on the timeline).
+    pub run_start: OffsetDateTime,
+    /// The schedulers' safety margin.
+    pub margin: time::Duration,
+    /// Slack for the arrival of a call at the fake after the scheduler's last check.
+    pub tolerance: time::Duration,
+    /// `UNKNOWN_OUTCOME=retry`: crash-window duplicates are allowed (and counted).
+    pub retry_policy: bool,
+    /// Process exits the suite did not cause.
+    pub unexpected_exits: &'a [String],
+}
+
+const TERMINAL: [&str; 4] = ["sent", "replied", "failed", "expired"];
+
+/// Runs every check.
+pub fn check(ctx: &Context<'_>, s: &Snapshot) -> (Vec<Check>, Vec<String>) {
+    let mut acked_optins: HashSet<usize> = HashSet::new();
+    let mut acked_replies: HashSet<usize> = HashSet::new();
+    for (k, d) in ctx.plan.deliveries.iter().enumerate() {
+        if ctx.posted.acked.get(k).copied().unwrap_or(false) {
+            for item in &d.items {
+                match item {
+                    ItemRef::Optin(i) => acked_optins.insert(*i),
+                    ItemRef::Reply(j) => acked_replies.insert(*j),
+                };
+            }
+        }
+    }
+    let sends: Vec<&RecordedCall> = s.calls.iter().filter(|c| c.is_send()).collect();
+    let mut ok_calls: HashMap<Key, Vec<&RecordedCall>> = HashMap::new();
+    let mut all_calls: HashMap<Key, Vec<&RecordedCall>> = HashMap::new();
+    for c in &sends {
+        let key = (c.page_id.clone(), c.login_id.clone().unwrap_or_default());
+        all_calls.entry(key.clone()).or_default().push(c);
+        if c.outcome == "ok" {
+            ok_calls.entry(key).or_default().push(c);
+        }
+    }
+    let mut checks = Vec::new();
+
+    checks.push(Check::new(
+        "processes exit only when killed",
+        ctx.unexpected_exits.to_vec(),
+        format!("{} unexpected exits", ctx.unexpected_exits.len()),
+    ));
+
+    // Every acknowledged opt-in has a row in a terminal state fitting its kind.
+    let mut problems = Vec::new();
+    let mut unfit = Vec::new();
+    for i in &acked_optins {
+        let o = &ctx.plan.optins[*i];
+        let key = (o.page.clone(), o.login_id.clone());
+        match s.optins.get(&key) {
+            None => problems.push(format!(
+                "opt-in {} of page {} acknowledged but never recorded",
+                o.login_id, o.page
+            )),
+            Some(row) if !TERMINAL.contains(&row.state.as_str()) => {
+                problems.push(format!(
+                    "opt-in {} of page {} still {}",
+                    o.login_id, o.page, row.state
+                ));
+            }
+            Some(row) => {
+                let reason = row.failure_reason.as_deref().unwrap_or("");
+                let fits = row.state == "replied"
+                    || match o.kind {
+                        OptinKind::Fresh => row.state == "sent" || reason == "outcome_unknown",
+                        OptinKind::NearDeadline => {
+                            row.state != "failed" || reason == "outcome_unknown"
+                        }
+                        OptinKind::Stale => row.state == "expired",
+                        OptinKind::UnknownPage => reason == "unknown_page",
+                    };
+                if !fits {
+                    unfit.push(format!(
+                        "{:?} opt-in {} ended {} ({reason}) after {} attempts",
+                        o.kind, o.login_id, row.state, row.attempts
+                    ));
+                }
+            }
+        }
+    }
+    checks.push(Check::new(
+        "every acknowledged opt-in is in a terminal state",
+        problems,
+        format!(
+            "{} acknowledged opt-ins, {} rows",
+            acked_optins.len(),
+            s.optins.len()
+        ),
+    ));
+    checks.push(Check::new(
+        "terminal states fit the opt-ins",
+        unfit,
+        "fresh→sent, stale→expired, unknown page→failed, any→replied or failed(outcome_unknown)"
+            .into(),
+    ));
+
+    // At most one message per login_id.
+    let mut problems = Vec::new();
+    let mut allowed = 0;
+    for (key, calls) in &ok_calls {
+        if calls.len() <= 1 {
+            continue;
+        }
+        if ctx.retry_policy {
+            allowed += 1;
+        }
+        problems.push(timeline_of(ctx, s, key, &all_calls));
+    }
+    let max = ok_calls.values().map(Vec::len).max().unwrap_or(0);
+    let detail = format!(
+        "{} login_ids messaged, most messages to one: {max}{}",
+        ok_calls.len(),
+        if ctx.retry_policy {
+            format!("; {allowed} duplicates allowed by UNKNOWN_OUTCOME=retry")
+        } else {
+            String::new()
+        }
+    );
+    checks.push(Check::new(
+        "at most one message per login_id",
+        if ctx.retry_policy {
+            Vec::new()
+        } else {
+            problems.clone()
+        },
+        detail,
+    ));
+    if ctx.retry_policy {
+        for p in problems.iter().take(SHOW) {
+            println!("     (allowed by policy) {p}");
+        }
+    }
+
+    // Every message Graph accepted is recorded: sent, or failed by the crash-window policy.
+    let mut problems = Vec::new();
+    for (key, calls) in &ok_calls {
+        let state = s
+            .optins
+            .get(key)
+            .map(|r| (r.state.as_str(), r.failure_reason.as_deref()));
+        match state {
+            Some(("sent", _)) | Some(("failed", Some("outcome_unknown"))) => {}
+            Some(("pending", _)) if ctx.retry_policy => {}
+            other => problems.push(format!(
+                "{} got {} message(s) but its opt-in is {:?}: {}",
+                key.1,
+                calls.len(),
+                other,
+                timeline_of(ctx, s, key, &all_calls)
+            )),
+        }
+    }
+    for (key, row) in &s.optins {
+        if row.state == "sent" && !ok_calls.contains_key(key) {
+            problems.push(format!(
+                "{} recorded sent but Graph accepted no call",
+                key.1
+            ));
+        }
+    }
+    checks.push(Check::new(
+        "every accepted message is recorded as sent (or as the crash-window policy says)",
+        problems,
+        format!(
+            "{} rows sent",
+            s.optins.values().filter(|r| r.state == "sent").count()
+        ),
+    ));
+
+    // No call at or after deadline − margin.
+    let mut problems = Vec::new();
+    let mut closest: Option<time::Duration> = None;
+    for c in &sends {
+        let key = (c.page_id.clone(), c.login_id.clone().unwrap_or_default());
+        match s.optins.get(&key) {
+            None => problems.push(format!(
+                "call for {} of page {} that has no opt-in row",
+                key.1, key.0
+            )),
+            Some(row) => {
+                let last = row.deadline - ctx.margin;
+                let slack = last - c.at;
+                closest = Some(closest.map_or(slack, |m| m.min(slack)));
+                if c.at >= last + ctx.tolerance {
+                    problems.push(format!(
+                        "{} called {:.3}s after its last send time",
+                        key.1,
+                        (c.at - last).as_seconds_f64()
+                    ));
+                }
+            }
+        }
+    }
+    checks.push(Check::new(
+        "no call at or after deadline minus margin",
+        problems,
+        format!(
+            "{} calls; least time left before the last send time at a call's arrival: {} (arrivals up to {:.1}s late count as transport delay)",
+            sends.len(),
+            closest.map_or("-".into(), |d| format!("{:.3}s", d.as_seconds_f64())),
+            ctx.tolerance.as_seconds_f64()
+        ),
+    ));
+
+    // Replies.
+    let mut problems = Vec::new();
+    let mut with_prior = 0;
+    for j in &acked_replies {
+        let r = &ctx.plan.replies[*j];
+        let Some(login_id) = &r.login_id else {
+            continue;
+        };
+        with_prior += 1;
+        match s.links.get(&(r.page.clone(), login_id.clone())) {
+            None => problems.push(format!(
+                "reply {} names {login_id} but no link exists",
+                r.mid
+            )),
+            Some(psid) if *psid != r.psid => {
+                problems.push(format!("{login_id} linked to {psid}, expected {}", r.psid))
+            }
+            Some(_) => {}
+        }
+    }
+    checks.push(Check::new(
+        "every acknowledged reply with prior_message has its link",
+        problems,
+        format!(
+            "{} acknowledged replies ({with_prior} with prior_message), {} links",
+            acked_replies.len(),
+            s.links.len()
+        ),
+    ));
+
+    checks.extend(event_checks(s));
+    checks.push(dead_letters(s));
+
+    let problems: Vec<String> = s
+        .calls
+        .iter()
+        .filter(|c| c.token_source != Some(TokenSource::Header) || c.query.contains("access_token"))
+        .map(|c| {
+            format!(
+                "{} {} carried its token in {:?}",
+                c.method, c.path, c.token_source
+            )
+        })
+        .collect();
+    checks.push(Check::new(
+        "page tokens only in the Authorization header",
+        problems,
+        format!("{} Graph calls", s.calls.len()),
+    ));
+
+    (
+        checks,
+        counts(ctx, s, &acked_optins, &sends, &ok_calls, &all_calls),
+    )
+}
+
+/// The outbox against the tables and against what the capture queue received.
+fn event_checks(s: &Snapshot) -> Vec<Check> {
+    let mut per_key: HashMap<(&Key, &str), usize> = HashMap::new();
+    for e in &s.outbox {
+        *per_key.entry((&e.key, e.event_type.as_str())).or_default() += 1;
+    }
+    let count = |key: &Key, ty: &str| per_key.get(&(key, ty)).copied().unwrap_or(0);
+    let mut problems = Vec::new();
+    for (key, row) in &s.optins {
+        for ty in ["sent", "failed", "expired"] {
+            let expected = usize::from(row.state == ty);
+            let n = count(key, &format!("first_message.{ty}"));
+            if n != expected {
+                problems.push(format!(
+                    "{} is {} but has {n} first_message.{ty} events",
+                    key.1, row.state
+                ));
+            }
+        }
+    }
+    for key in s.links.keys() {
+        let n = count(key, "identity.linked");
+        if n != 1 {
+            problems.push(format!("link of {} has {n} identity.linked events", key.1));
+        }
+    }
+    let mut orphans = Vec::new();
+    for e in &s.outbox {
+        let backed = match e.event_type.strip_prefix("first_message.") {
+            Some(state) => s.optins.get(&e.key).is_some_and(|r| r.state == state),
+            None => e.event_type == "identity.linked" && s.links.contains_key(&e.key),
+        };
+        if !backed {
+            orphans.push(format!(
+                "outbox event {} ({}) for {} has no matching change",
+                e.event_id, e.event_type, e.key.1
+            ));
+        }
+    }
+    let outbox_ids: HashMap<&str, &OutboxRow> =
+        s.outbox.iter().map(|e| (e.event_id.as_str(), e)).collect();
+    let captured_ids: HashSet<&str> = s.captured.iter().map(|c| c.id.as_str()).collect();
+    let unpublished: Vec<String> = s
+        .outbox
+        .iter()
+        .filter(|e| !e.published || !captured_ids.contains(e.event_id.as_str()))
+        .map(|e| {
+            format!(
+                "{} ({}, {}) published={} but never received",
+                e.event_id, e.event_type, e.key.1, e.published
+            )
+        })
+        .collect();
+    let mut strays = Vec::new();
+    for c in &s.captured {
+        match outbox_ids.get(c.id.as_str()) {
+            None => strays.push(format!(
+                "received event {} ({}) that no committed change wrote",
+                c.id, c.event_type
+            )),
+            Some(row) if row.event_type != c.event_type || row.key != c.key => {
+                strays.push(format!(
+                    "received event {} differs from its outbox row",
+                    c.id
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    orphans.extend(strays);
+    vec![
+        Check::new(
+            "every committed state change has exactly one event in the outbox",
+            problems,
+            format!("{} outbox events", s.outbox.len()),
+        ),
+        Check::new(
+            "every outbox event was published and received",
+            unpublished,
+            format!(
+                "{} received ({} unique, {} redelivered by the at-least-once relay)",
+                s.captured.len(),
+                captured_ids.len(),
+                s.captured.len() - captured_ids.len()
+            ),
+        ),
+        Check::new(
+            "no event without its change",
+            orphans,
+            "each received id is an outbox row with a matching row in optins/links".into(),
+        ),
+    ]
+}
+
+fn dead_letters(s: &Snapshot) -> Check {
+    let mut problems = Vec::new();
+    let mut idle = Vec::new();
+    for q in [
+        "scheduler.optins.dlq",
+        "correlator.replies.dlq",
+        "messenger.unparsed",
+    ] {
+        let n = s.depths.get(q).copied().unwrap_or(0);
+        if n > 0 {
+            problems.push(format!("{q} holds {n} messages"));
+        }
+    }
+    for q in ["scheduler.optins", "correlator.replies"] {
+        let n = s.depths.get(q).copied().unwrap_or(0);
+        if n > 0 {
+            idle.push(format!("{q} still holds {n} messages"));
+        }
+    }
+    problems.extend(idle);
+    Check::new(
+        "work queues drained, nothing dead-lettered",
+        problems,
+        "scheduler.optins, correlator.replies, their .dlq, messenger.unparsed".into(),
+    )
+}
+
+/// The calls for one key, its row, and the faults around them.
+fn timeline_of(
+    ctx: &Context<'_>,
+    s: &Snapshot,
+    key: &Key,
+    all: &HashMap<Key, Vec<&RecordedCall>>,
+) -> String {
+    let rel = |t: OffsetDateTime| (t - ctx.run_start).as_seconds_f64();
+    let calls = all.get(key).cloned().unwrap_or_default();
+    let mut parts: Vec<String> = calls
+        .iter()
+        .map(|c| format!("call@{:.2}s→{}", rel(c.at), c.outcome))
+        .collect();
+    if let Some(row) = s.optins.get(key) {
+        parts.push(format!(
+            "row {} ({}) attempts {}",
+            row.state,
+            row.failure_reason.as_deref().unwrap_or("-"),
+            row.attempts
+        ));
+    }
+    let mut cause = "";
+    let first_ok = calls.iter().find(|c| c.outcome == "ok").map(|c| rel(c.at));
+    if let (Some(first), Some(last)) = (calls.first(), calls.last()) {
+        let (lo, hi) = (rel(first.at) - 10.0, rel(last.at) + 5.0);
+        for (at, what) in &ctx.timeline.entries {
+            if *at >= lo && *at <= hi {
+                parts.push(format!("fault@{at:.2}s {what}"));
+            }
+            // A hang injected just before the first call: that call was processed by Graph
+            // but its answer came after the client's timeout, and the client retried.
+            if what.contains("hang")
+                && first_ok.is_some_and(|ok| *at <= ok + 0.05 && *at >= ok - 5.0)
+            {
+                cause = " — likely cause: the first call hung past GRAPH_TIMEOUT_MS, Graph delivered it, the scheduler classified the timeout as transient and called again";
+            }
+        }
+    }
+    format!("{} [{}]{cause}", key.1, parts.join("; "))
+}
+
+fn counts(
+    ctx: &Context<'_>,
+    s: &Snapshot,
+    acked_optins: &HashSet<usize>,
+    sends: &[&RecordedCall],
+    ok_calls: &HashMap<Key, Vec<&RecordedCall>>,
+    all: &HashMap<Key, Vec<&RecordedCall>>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let acked = ctx.posted.acked.iter().filter(|a| **a).count();
+    let redeliveries = ctx.plan.deliveries.iter().filter(|d| d.redelivery).count();
+    let mut statuses: Vec<_> = ctx.posted.statuses.iter().collect();
+    statuses.sort();
+    lines.push(format!(
+        "deliveries: {} posted ({redeliveries} verbatim redeliveries), {acked} answered 200, {} retried posts; answers {statuses:?}",
+        ctx.plan.deliveries.len(),
+        ctx.posted.retries
+    ));
+    let mut by_kind: HashMap<String, usize> = HashMap::new();
+    for i in acked_optins {
+        *by_kind
+            .entry(format!("{:?}", ctx.plan.optins[*i].kind))
+            .or_default() += 1;
+    }
+    let mut by_kind: Vec<_> = by_kind.into_iter().collect();
+    by_kind.sort();
+    lines.push(format!(
+        "opt-ins: {} planned, {} acknowledged {by_kind:?}; replies: {} planned",
+        ctx.plan.optins.len(),
+        acked_optins.len(),
+        ctx.plan.replies.len()
+    ));
+    let mut states: HashMap<String, usize> = HashMap::new();
+    for r in s.optins.values() {
+        let label = match &r.failure_reason {
+            Some(reason) => format!("{}({reason})", r.state),
+            None => r.state.clone(),
+        };
+        *states.entry(label).or_default() += 1;
+    }
+    let mut states: Vec<_> = states.into_iter().collect();
+    states.sort();
+    lines.push(format!(
+        "opt-in rows: {} {states:?}; links: {}",
+        s.optins.len(),
+        s.links.len()
+    ));
+    let mut events: HashMap<&str, usize> = HashMap::new();
+    for e in &s.outbox {
+        *events.entry(e.event_type.as_str()).or_default() += 1;
+    }
+    let mut events: Vec<_> = events.into_iter().collect();
+    events.sort();
+    lines.push(format!(
+        "outbox events: {} {events:?}; received: {}",
+        s.outbox.len(),
+        s.captured.len()
+    ));
+    let mut outcomes: HashMap<&str, usize> = HashMap::new();
+    for c in sends {
+        let label = if c.outcome.starts_with("error:") {
+            c.outcome.as_str()
+        } else {
+            "ok"
+        };
+        *outcomes.entry(label).or_default() += 1;
+    }
+    let mut outcomes: Vec<_> = outcomes.into_iter().collect();
+    outcomes.sort();
+    lines.push(format!(
+        "send calls: {} {outcomes:?}; login_ids messaged: {}",
+        sends.len(),
+        ok_calls.len()
+    ));
+    let unknown: Vec<&Key> = s
+        .optins
+        .iter()
+        .filter(|(_, r)| r.failure_reason.as_deref() == Some("outcome_unknown"))
+        .map(|(k, _)| k)
+        .collect();
+    let delivered = unknown
+        .iter()
+        .filter(|k| ok_calls.contains_key(**k))
+        .count();
+    let called = unknown.iter().filter(|k| all.contains_key(**k)).count();
+    lines.push(format!(
+        "crash window (UNKNOWN_OUTCOME={}): {} opt-ins failed outcome_unknown: {delivered} had a message Graph accepted (person messaged, recorded failed), {} had a call without a message, {} had no call at all",
+        if ctx.retry_policy { "retry" } else { "fail" },
+        unknown.len(),
+        called - delivered,
+        unknown.len() - called
+    ));
+    let faults: Vec<String> = ctx
+        .timeline
+        .counts
+        .iter()
+        .map(|(k, v)| format!("{k}×{v}"))
+        .collect();
+    lines.push(format!("faults injected: {}", faults.join(", ")));
+    lines
+}

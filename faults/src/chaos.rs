@@ -1,0 +1,378 @@
+//! The fault loop: while the load runs, at random moments, one fault at a time.
+//!
+//! Faults: `kill -9` of a random process (restarted after a pause), closing every broker
+//! connection of the suite's vhost, terminating every backend of the suite's database,
+//! bursts of Graph rate-limit answers and of hung calls (longer than the client timeout),
+//! and once per run a page token turned invalid at Graph and then fixed in the pages file
+//! (with `SIGHUP` to the schedulers). With the flags, also a broker stop/start and a
+//! database server restart, once each (they hit every user of the machine). The 30 %
+//! transient Graph errors are on for the whole load and are not part of this loop.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lc_testkit::fake_graph::{FakeGraph, FakeResponse};
+
+use crate::procs::{Fleet, Role};
+use crate::setup::{self, Services};
+use crate::workload::PAGES;
+
+/// The kinds of fault the loop may pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// SIGKILL of a process, then a restart.
+    Kill,
+    /// Every broker connection of the vhost closed.
+    BrokerClose,
+    /// Every database backend of the suite's database terminated.
+    DbTerminate,
+    /// A burst of Graph rate-limit answers.
+    RateLimit,
+    /// A burst of Graph calls that hang past the client timeout.
+    Hang,
+    /// A page token turned invalid at Graph, fixed later by the pages file + SIGHUP.
+    Token,
+    /// `rabbitmqctl stop_app` / `start_app` (flag).
+    BrokerRestart,
+    /// PostgreSQL server restart (flag).
+    DbRestart,
+}
+
+impl Fault {
+    /// Name used on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kill => "kill",
+            Self::BrokerClose => "broker-close",
+            Self::DbTerminate => "db-terminate",
+            Self::RateLimit => "rate-limit",
+            Self::Hang => "hang",
+            Self::Token => "token",
+            Self::BrokerRestart => "broker-restart",
+            Self::DbRestart => "db-restart",
+        }
+    }
+
+    /// Parses [`Fault::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Kill,
+            Self::BrokerClose,
+            Self::DbTerminate,
+            Self::RateLimit,
+            Self::Hang,
+            Self::Token,
+            Self::BrokerRestart,
+            Self::DbRestart,
+        ]
+        .into_iter()
+        .find(|f| f.name() == s)
+    }
+}
+
+/// The pages file the schedulers read, and its generation (bumped at every rewrite).
+pub struct PagesFile {
+    /// Its path.
+    pub path: PathBuf,
+    /// Token per page, as written.
+    pub tokens: BTreeMap<String, String>,
+    /// Incremented at every rewrite.
+    pub generation: u64,
+}
+
+impl PagesFile {
+    /// Writes the file for the current tokens.
+    pub fn write(&mut self) -> anyhow::Result<()> {
+        let mut text = String::new();
+        for (id, token) in &self.tokens {
+            text.push_str(&format!(
+                "[[pages]]\nid = \"{id}\"\naccess_token = \"{token}\"\n[pages.first_message]\n\
+                 text = \"Thanks for signing up! What can we help you with?\"\n\
+                 quick_replies = [ {{ title = \"Track my order\", payload = \"TRACK\" }} ]\n\n"
+            ));
+        }
+        // Written to a temporary file and renamed, so a scheduler never reads half a file.
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.generation += 1;
+        Ok(())
+    }
+}
+
+/// Settings of the loop.
+pub struct ChaosConfig {
+    /// Faults the loop may pick (the flag-only ones are done once each if present).
+    pub enabled: Vec<Fault>,
+    /// Pause between two faults: uniformly in this range.
+    pub gap: (Duration, Duration),
+    /// How long a hung Graph call hangs (longer than the client timeout).
+    pub hang: Duration,
+    /// How long the load runs (the once-per-run faults are placed in it).
+    pub load: Duration,
+}
+
+/// The token a page gets when the token fault "fixes" it.
+fn new_token(page: &str) -> String {
+    format!("faults-token-{page}-v2")
+}
+
+/// What happened, when (seconds since the run started).
+pub struct Timeline {
+    start: Instant,
+    /// The entries.
+    pub entries: Vec<(f64, String)>,
+    /// How many of each fault were injected.
+    pub counts: BTreeMap<&'static str, u32>,
+}
+
+impl Timeline {
+    /// An empty timeline starting now.
+    pub fn new(start: Instant) -> Self {
+        Self {
+            start,
+            entries: Vec::new(),
+            counts: BTreeMap::new(),
+        }
+    }
+
+    /// Seconds since the start.
+    pub fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// Records and prints one entry.
+    pub fn note(&mut self, text: String) {
+        let at = self.now();
+        println!("  [{at:7.1}s] {text}");
+        self.entries.push((at, text));
+    }
+
+    fn count(&mut self, fault: Fault) {
+        *self.counts.entry(fault.name()).or_default() += 1;
+    }
+}
+
+/// Everything the loop acts on.
+pub struct Chaos<'a> {
+    /// The processes.
+    pub fleet: &'a mut Fleet,
+    /// The suite's vhost and database.
+    pub services: &'a Services,
+    /// The fake Graph.
+    pub graph: &'a FakeGraph,
+    /// The pages file.
+    pub pages: &'a mut PagesFile,
+    /// The record.
+    pub timeline: &'a mut Timeline,
+    /// Random choices (seeded).
+    pub rng: fastrand::Rng,
+}
+
+impl Chaos<'_> {
+    /// Injects faults until `stop` resolves; then makes sure every process runs and every
+    /// scheduler has the current pages file.
+    pub async fn run(
+        &mut self,
+        config: &ChaosConfig,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(stop);
+        let repeatable: Vec<Fault> = config
+            .enabled
+            .iter()
+            .copied()
+            .filter(|f| {
+                matches!(
+                    f,
+                    Fault::Kill
+                        | Fault::BrokerClose
+                        | Fault::DbTerminate
+                        | Fault::RateLimit
+                        | Fault::Hang
+                )
+            })
+            .collect();
+        // The once-per-run faults go at fixed points of the load (30 %, 50 %, 70 % …), so
+        // they never overlap and each meets a system under load.
+        let once_faults: Vec<Fault> = config
+            .enabled
+            .iter()
+            .copied()
+            .filter(|f| matches!(f, Fault::Token | Fault::BrokerRestart | Fault::DbRestart))
+            .collect();
+        let started = Instant::now();
+        let mut once: Vec<(Instant, Fault)> = once_faults
+            .iter()
+            .enumerate()
+            .map(|(k, f)| (started + config.load.mul_f64(0.3 + 0.2 * k as f64), *f))
+            .collect();
+        let mut token_fix_due: Option<(Instant, String)> = None;
+        let mut next_fault = Instant::now() + self.gap(config);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            self.fleet.reap_unexpected(self.pages.generation)?;
+            self.refresh_schedulers().await;
+            if let Some((due, page)) = token_fix_due.clone()
+                && Instant::now() >= due
+            {
+                self.fix_token(&page)?;
+                token_fix_due = None;
+                self.refresh_schedulers().await;
+            }
+            if let Some(k) = once.iter().position(|(at, _)| Instant::now() >= *at) {
+                let (_, fault) = once.remove(k);
+                if let Err(e) = self.inject(fault, config, &mut token_fix_due).await {
+                    self.timeline.note(format!(
+                        "fault {} could not be injected: {e:#}",
+                        fault.name()
+                    ));
+                }
+                next_fault = Instant::now() + self.gap(config);
+                continue;
+            }
+            if Instant::now() < next_fault || repeatable.is_empty() {
+                continue;
+            }
+            let fault = repeatable[self.rng.usize(..repeatable.len())];
+            if let Err(e) = self.inject(fault, config, &mut token_fix_due).await {
+                self.timeline.note(format!(
+                    "fault {} could not be injected: {e:#}",
+                    fault.name()
+                ));
+            }
+            next_fault = Instant::now() + self.gap(config);
+        }
+        if let Some((_, page)) = token_fix_due {
+            self.fix_token(&page)?;
+        }
+        self.fleet.reap_unexpected(self.pages.generation)?;
+        for i in 0..self.fleet.procs.len() {
+            if self.fleet.procs[i].pid().is_none() {
+                self.fleet.spawn(i, self.pages.generation)?;
+            }
+            self.fleet.wait_ready(i, Duration::from_secs(120)).await?;
+        }
+        self.refresh_schedulers().await;
+        Ok(())
+    }
+
+    /// Puts the page's new (valid) token into the pages file; the schedulers get SIGHUP.
+    fn fix_token(&mut self, page: &str) -> anyhow::Result<()> {
+        self.pages.tokens.insert(page.to_owned(), new_token(page));
+        self.pages.write()?;
+        self.timeline.note(format!(
+            "pages file: token of page {page} fixed; SIGHUP to the schedulers"
+        ));
+        Ok(())
+    }
+
+    fn gap(&mut self, config: &ChaosConfig) -> Duration {
+        let (lo, hi) = config.gap;
+        lo + (hi.saturating_sub(lo)).mul_f64(self.rng.f64())
+    }
+
+    /// SIGHUP to every scheduler that runs with an older pages file than the current one,
+    /// once it is up (a process that has not installed its handler yet would die of it; a
+    /// process started after the rewrite read the new file anyway).
+    async fn refresh_schedulers(&mut self) {
+        for i in self.fleet.of_role(Role::Scheduler) {
+            let p = &self.fleet.procs[i];
+            if p.pages_generation >= self.pages.generation
+                || p.started.elapsed() < Duration::from_secs(2)
+            {
+                continue;
+            }
+            if !self.fleet.is_ready(i).await {
+                continue;
+            }
+            if self.fleet.signal(i, "HUP").is_ok() {
+                self.fleet.procs[i].pages_generation = self.pages.generation;
+            }
+        }
+    }
+
+    async fn inject(
+        &mut self,
+        fault: Fault,
+        config: &ChaosConfig,
+        token_fix_due: &mut Option<(Instant, String)>,
+    ) -> anyhow::Result<()> {
+        self.timeline.count(fault);
+        match fault {
+            Fault::Kill => {
+                let i = self.rng.usize(..self.fleet.procs.len());
+                let name = self.fleet.procs[i].name();
+                let pid = self.fleet.procs[i].pid().unwrap_or(0);
+                self.fleet.kill9(i).await;
+                self.timeline.note(format!("kill -9 {name} (pid {pid})"));
+                tokio::time::sleep(Duration::from_millis(self.rng.u64(200..2000))).await;
+                self.fleet.spawn(i, self.pages.generation)?;
+                self.timeline.note(format!(
+                    "restarted {name} (pid {})",
+                    self.fleet.procs[i].pid().unwrap_or(0)
+                ));
+            }
+            Fault::BrokerClose => {
+                let n = self.services.close_vhost_connections()?;
+                self.timeline.note(format!(
+                    "broker: closed {n} connections of vhost {}",
+                    self.services.vhost
+                ));
+            }
+            Fault::DbTerminate => {
+                let n = self.services.terminate_backends().await?;
+                self.timeline.note(format!(
+                    "database: terminated {n} backends of {}",
+                    self.services.database
+                ));
+            }
+            Fault::RateLimit => {
+                let n = self.rng.usize(10..40);
+                let code = [613, 80006, 4][self.rng.usize(..3)];
+                self.graph.push_global(vec![
+                    FakeResponse::RateLimited {
+                        code,
+                        regain_minutes: 0
+                    };
+                    n
+                ]);
+                self.timeline.note(format!(
+                    "graph: next {n} sends answer rate limit (code {code}, regain 0 min)"
+                ));
+            }
+            Fault::Hang => {
+                let n = self.rng.usize(1..4);
+                self.graph
+                    .push_global(vec![FakeResponse::Hang(config.hang); n]);
+                self.timeline.note(format!(
+                    "graph: next {n} sends hang {:?} (past the client timeout)",
+                    config.hang
+                ));
+            }
+            Fault::Token => {
+                let page = PAGES[1].to_owned();
+                self.graph.set_token(&page, &new_token(&page));
+                let fix_in = Duration::from_secs(self.rng.u64(3..8));
+                *token_fix_due = Some((Instant::now() + fix_in, page.clone()));
+                self.timeline.note(format!(
+                    "graph: token of page {page} now invalid (fixed in {fix_in:?})"
+                ));
+            }
+            Fault::BrokerRestart => {
+                self.timeline.note("broker: rabbitmqctl stop_app".into());
+                setup::restart_broker(Duration::from_secs(5)).await?;
+                self.timeline.note("broker: rabbitmqctl start_app".into());
+            }
+            Fault::DbRestart => {
+                setup::restart_database()?;
+                self.timeline.note("database: server restarted".into());
+            }
+        }
+        Ok(())
+    }
+}

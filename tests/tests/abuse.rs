@@ -1,0 +1,480 @@
+//! Hostile HTTP against ingest: oversized and slow requests, connection floods, bodies that
+//! are not UTF-8 or nest absurdly deep, the largest batch Meta sends, and a verify token that
+//! is almost right. Ingest must bound each of them and keep answering valid deliveries.
+//!
+//! Slow clients are written on raw TCP sockets, because an HTTP client library would not
+//! send a request one byte at a time.
+
+use std::time::{Duration, Instant};
+
+use lc_ingest::{IngestConfig, RunningIngest};
+use lc_shared::config::{AmqpArgs, LogArgs};
+use lc_shared::secret::Secret;
+use lc_shared::shutdown::Shutdown;
+use lc_shared::signature::sign_sha256;
+use lc_shared::telemetry::LogFormat;
+use lc_shared::topology;
+use lc_testkit::harness::{TestVhost, queue_depth, take_all};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SECRET: &str = "abuse-app-secret";
+const VERIFY_TOKEN: &str = "abuse-verify-token-0123456789";
+/// Bound on reading one request (headers or body) in these tests.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Ingest {
+    vhost: TestVhost,
+    running: RunningIngest,
+    shutdown: Shutdown,
+    http: reqwest::Client,
+}
+
+impl Ingest {
+    async fn start() -> Self {
+        let vhost = TestVhost::create();
+        let config = IngestConfig {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            app_secrets: vec![Secret::new(SECRET)],
+            verify_token: Secret::new(VERIFY_TOKEN),
+            accept_sha1: false,
+            max_body_bytes: 4 * 1024 * 1024,
+            confirm_timeout_ms: 5000,
+            request_timeout_ms: u64::try_from(REQUEST_TIMEOUT.as_millis()).expect("ms"),
+            publish_channels: 2,
+            amqp: AmqpArgs {
+                amqp_url: vhost.url(),
+            },
+            log: LogArgs {
+                log_format: LogFormat::Text,
+            },
+            login: lc_ingest::login_events::LoginArgs::default(),
+        };
+        let shutdown = Shutdown::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let running = lc_ingest::start(config, listener, shutdown.clone())
+            .await
+            .expect("start ingest");
+        running
+            .broker
+            .wait_ready(Duration::from_secs(10))
+            .await
+            .expect("broker ready");
+        Self {
+            vhost,
+            running,
+            shutdown,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running.addr)
+    }
+
+    async fn post_signed(&self, body: &[u8]) -> u16 {
+        self.http
+            .post(self.url("/webhook"))
+            .header("x-hub-signature-256", sign_sha256(SECRET, body))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("post")
+            .status()
+            .as_u16()
+    }
+
+    /// A valid one-opt-in delivery must get its 200 within a second, whatever else is going
+    /// on. A fresh client each time: a pooled connection would hide a stalled accept loop.
+    async fn assert_responsive(&self, what: &str) {
+        let body = optins_body(1, &format!("responsive-{}", uuid::Uuid::new_v4().simple()));
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(1),
+            reqwest::Client::new()
+                .post(self.url("/webhook"))
+                .header("x-hub-signature-256", sign_sha256(SECRET, &body))
+                .header("content-type", "application/json")
+                .body(body)
+                .send(),
+        )
+        .await;
+        match answer {
+            Ok(Ok(r)) => assert_eq!(r.status(), 200, "{what}: valid delivery refused"),
+            Ok(Err(e)) => panic!("{what}: valid delivery failed: {e}"),
+            Err(_) => panic!(
+                "{what}: valid delivery not answered within 1 s ({:?})",
+                started.elapsed()
+            ),
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
+        let conn = self.vhost.connect().await;
+        let ch = conn.create_channel().await.expect("channel");
+        queue_depth(&ch, queue).await
+    }
+
+    async fn stop(self) {
+        self.shutdown.trigger();
+        let result = tokio::time::timeout(Duration::from_secs(15), self.running.task)
+            .await
+            .expect("ingest drains within 15 s")
+            .expect("join");
+        assert!(result.is_ok(), "ingest stopped with {result:?}");
+    }
+}
+
+/// A delivery of `n` opt-ins for one page.
+fn optins_body(n: usize, prefix: &str) -> Vec<u8> {
+    let items: Vec<_> = (0..n)
+        .map(|i| {
+            json!({"recipient": {"id": "1234567890"}, "timestamp": 1_700_000_000_000_i64 + i as i64,
+                   "optin": {"login_id": format!("{prefix}-{i}")}})
+        })
+        .collect();
+    serde_json::to_vec(&json!({"object": "page", "entry": [
+        {"id": "1234567890", "time": 1_700_000_000_000_i64, "messaging": items}
+    ]}))
+    .expect("json")
+}
+
+/// Reads until the server answers or closes; returns what arrived (empty: closed without an
+/// answer) or `None` if nothing happened within `within`.
+async fn read_answer(stream: &mut TcpStream, within: Duration) -> Option<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => {
+                return if got.is_empty() {
+                    None
+                } else {
+                    Some(String::from_utf8_lossy(&got).into_owned())
+                };
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    return Some(String::from_utf8_lossy(&got).into_owned());
+                }
+            }
+        }
+    }
+}
+
+/// Writes `bytes` one at a time, `gap` apart, until the peer stops accepting them or `for_at_most`
+/// passes. Returns how long the server kept the connection usable.
+async fn trickle(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    gap: Duration,
+    for_at_most: Duration,
+) -> Duration {
+    let started = Instant::now();
+    for b in bytes.iter().cycle() {
+        if started.elapsed() >= for_at_most || stream.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        // A closed connection shows up on the read side first (the write may still succeed
+        // into the socket buffer).
+        let mut probe = [0u8; 1024];
+        match tokio::time::timeout(gap, stream.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => break, // an answer (e.g. 408) ends the request too
+            Err(_) => {}
+        }
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_huge_content_length_is_refused_with_413_before_the_body_arrives() {
+    let ingest = Ingest::start().await;
+    let mut stream = TcpStream::connect(ingest.running.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nhost: ingest\r\ncontent-type: application/json\r\n\
+         x-hub-signature-256: {}\r\ncontent-length: {}\r\n\r\n",
+        sign_sha256(SECRET, b"{}"),
+        100 * 1024 * 1024
+    );
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream
+        .write_all(&[b' '; 1024])
+        .await
+        .expect("write a little body");
+    let started = Instant::now();
+    let answer = read_answer(&mut stream, Duration::from_secs(1)).await;
+    let answer = answer.unwrap_or_else(|| {
+        panic!("no answer within 1 s to a 100 MB Content-Length with 1 KB sent: ingest waits for a body it will refuse")
+    });
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "expected a prompt 413, got after {:?}: {answer:?}",
+        started.elapsed()
+    );
+    ingest
+        .assert_responsive("after a 100 MB Content-Length")
+        .await;
+    assert_eq!(
+        ingest.depth(topology::SCHEDULER_QUEUE).await,
+        1,
+        "only the valid delivery was stored"
+    );
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn slow_loris_headers_are_cut_off_after_the_request_timeout() {
+    let ingest = Ingest::start().await;
+    let mut stream = TcpStream::connect(ingest.running.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"POST /webhook HTTP/1.1\r\nhost: ingest\r\n")
+        .await
+        .expect("write start");
+    // One header byte every 200 ms, never finishing the headers.
+    let endless_header = b"x-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let held = tokio::spawn(async move {
+        trickle(
+            &mut stream,
+            endless_header,
+            Duration::from_millis(200),
+            Duration::from_secs(15),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ingest
+        .assert_responsive("while a client trickles headers")
+        .await;
+    let held = held.await.expect("join");
+    assert!(
+        held < REQUEST_TIMEOUT + Duration::from_secs(3),
+        "a client sending headers one byte at a time kept its connection for {held:?} (bound: {REQUEST_TIMEOUT:?})"
+    );
+    ingest
+        .assert_responsive("after the slow client was cut off")
+        .await;
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn slow_loris_bodies_are_cut_off_after_the_request_timeout() {
+    let ingest = Ingest::start().await;
+    let body = optins_body(1, "slow-body");
+    let mut stream = TcpStream::connect(ingest.running.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nhost: ingest\r\ncontent-type: application/json\r\n\
+         x-hub-signature-256: {}\r\ncontent-length: {}\r\n\r\n",
+        sign_sha256(SECRET, &body),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    let held = tokio::spawn(async move {
+        let held = trickle(
+            &mut stream,
+            &body,
+            Duration::from_millis(200),
+            Duration::from_secs(15),
+        )
+        .await;
+        (held, stream)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ingest
+        .assert_responsive("while a client trickles a body")
+        .await;
+    let (held, _stream) = held.await.expect("join");
+    assert!(
+        held < REQUEST_TIMEOUT + Duration::from_secs(3),
+        "a client sending its body one byte at a time kept the request for {held:?} (bound: {REQUEST_TIMEOUT:?})"
+    );
+    ingest
+        .assert_responsive("after the slow body was cut off")
+        .await;
+    // The cut-off body was never acknowledged, so nothing of it may be stored.
+    assert_eq!(
+        ingest.depth(topology::SCHEDULER_QUEUE).await,
+        2,
+        "only the two valid deliveries"
+    );
+    ingest.stop().await;
+}
+
+/// How many idle connections to open: 2,000, or fewer if the process may not hold that many
+/// sockets (each connection is two in this process: ours and ingest's).
+fn idle_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(3)
+                        .and_then(|n| n.parse::<usize>().ok())
+                })
+        })
+        .unwrap_or(1024);
+    2000.min(soft.saturating_sub(200) / 2)
+}
+
+#[tokio::test]
+async fn thousands_of_idle_connections_do_not_starve_valid_deliveries() {
+    let ingest = Ingest::start().await;
+    let n = idle_connections();
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(
+            TcpStream::connect(ingest.running.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    for round in 0..5 {
+        ingest
+            .assert_responsive(&format!("with {n} idle connections open (round {round})"))
+            .await;
+    }
+    // A few with a started but unfinished request, too.
+    for s in idle.iter_mut().take(100) {
+        let _ = s.write_all(b"POST /webhook HTTP/1.1\r\nhost: x\r\n").await;
+    }
+    ingest
+        .assert_responsive("with half-written requests pending")
+        .await;
+    drop(idle);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn signed_invalid_utf8_is_kept_on_the_unparsed_queue() {
+    let ingest = Ingest::start().await;
+    let mut body = br#"{"object":"page","entry":[{"id":"1","time":1,"messaging":[{"x":""#.to_vec();
+    body.extend_from_slice(&[0xff, 0xfe, 0xc3, 0x28, 0x80]);
+    body.extend_from_slice(br#""}]}]}"#);
+    assert_eq!(ingest.post_signed(&body).await, 200);
+    let conn = ingest.vhost.connect().await;
+    let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].data, body, "kept byte for byte");
+    ingest.assert_responsive("after invalid UTF-8").await;
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn signed_json_nested_ten_thousand_deep_is_kept_and_ingest_survives() {
+    let ingest = Ingest::start().await;
+    let depth = 10_000;
+    let deep_array = format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
+    assert_eq!(ingest.post_signed(&deep_array).await, 200);
+    // Deep inside an item that is otherwise a valid delivery.
+    let inner = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
+    let deep_item = format!(
+        r#"{{"object":"page","entry":[{{"id":"1234567890","time":1,"messaging":[{{"recipient":{{"id":"1234567890"}},"timestamp":1700000000000,"x":{inner}}}]}}]}}"#
+    )
+    .into_bytes();
+    assert_eq!(ingest.post_signed(&deep_item).await, 200);
+    let conn = ingest.vhost.connect().await;
+    // The deep array cannot be a delivery: kept raw for inspection.
+    let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
+    assert_eq!(
+        kept.len(),
+        1,
+        "the deep array is kept on {}",
+        topology::UNPARSED_QUEUE
+    );
+    assert_eq!(kept[0].data, deep_array);
+    // The parser never descends into an item it does not act on, so the deep item is an
+    // `other` event like any unknown one, kept byte for byte.
+    let other = take_all(&conn, topology::OTHER_QUEUE).await;
+    assert_eq!(
+        other.len(),
+        1,
+        "the deep item is kept on {}",
+        topology::OTHER_QUEUE
+    );
+    assert!(String::from_utf8_lossy(&other[0].data).contains(&"{\"a\":".repeat(100)));
+    ingest.assert_responsive("after 10,000-deep JSON").await;
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_of_a_thousand_events_is_stored_whole() {
+    let ingest = Ingest::start().await;
+    let body = optins_body(1000, "batch");
+    assert_eq!(ingest.post_signed(&body).await, 200);
+    assert_eq!(
+        ingest.depth(topology::SCHEDULER_QUEUE).await,
+        1000,
+        "exactly one message per event"
+    );
+    for q in [
+        topology::CORRELATOR_QUEUE,
+        topology::OTHER_QUEUE,
+        topology::UNPARSED_QUEUE,
+    ] {
+        assert_eq!(ingest.depth(q).await, 0, "{q}");
+    }
+    ingest.assert_responsive("after a 1000-event batch").await;
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn every_single_byte_change_of_the_verify_token_is_refused() {
+    let ingest = Ingest::start().await;
+    let handshake = |token: String| {
+        let http = ingest.http.clone();
+        let url = ingest.url("/webhook");
+        async move {
+            let url = reqwest::Url::parse_with_params(
+                &url,
+                &[
+                    ("hub.mode", "subscribe"),
+                    ("hub.verify_token", token.as_str()),
+                    ("hub.challenge", "c-42"),
+                ],
+            )
+            .expect("url");
+            let r = http.get(url).send().await.expect("get");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    assert_eq!(
+        handshake(VERIFY_TOKEN.to_owned()).await,
+        (200, "c-42".to_owned())
+    );
+    let bytes = VERIFY_TOKEN.as_bytes();
+    for i in 0..bytes.len() {
+        let mut changed = bytes.to_vec();
+        changed[i] = if changed[i] == b'x' { b'y' } else { b'x' };
+        let token = String::from_utf8(changed).expect("ascii");
+        let (status, body) = handshake(token).await;
+        assert_eq!(status, 403, "byte {i} changed was accepted");
+        assert!(
+            !body.contains("c-42"),
+            "the challenge must not be echoed on refusal"
+        );
+    }
+    for token in [
+        &VERIFY_TOKEN[..VERIFY_TOKEN.len() - 1],
+        &format!("{VERIFY_TOKEN}x"),
+        "",
+    ] {
+        assert_eq!(handshake(token.to_owned()).await.0, 403, "{token:?}");
+    }
+    ingest.stop().await;
+}

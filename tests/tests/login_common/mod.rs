@@ -1,0 +1,168 @@
+//! What the Login-half tests share: an ingest with the Login half configured, signed login
+//! events, and small probes of queues and metrics.
+
+// Each test file uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use lc_ingest::login_events::LoginArgs;
+use lc_ingest::{IngestConfig, RunningIngest};
+use lc_shared::config::{AmqpArgs, LogArgs};
+use lc_shared::login::event_signature::{LOGIN_SIGNATURE_HEADER, sign_login_event};
+use lc_shared::login::login_id::compute_login_id;
+use lc_shared::secret::Secret;
+use lc_shared::shutdown::Shutdown;
+use lc_shared::telemetry::LogFormat;
+use lc_testkit::harness::{TestVhost, queue_depth};
+use lc_testkit::pipeline::{APP_SECRET, PAGE, TestEnv};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+/// The shared secret the business backend signs login events with.
+pub const LOGIN_SECRET: &str = "login-events-shared-secret";
+/// The Login app.
+pub const APP_ID: &str = "111111111111111";
+/// Its client token.
+pub const CLIENT_TOKEN: &str = "test-client-token";
+/// A second configured page (data deletion derives a login_id for it too).
+pub const OTHER_PAGE: &str = "9876543210";
+/// Public base URL of the test ingest's data deletion status pages.
+pub const STATUS_BASE: &str = "https://hooks.example.com/";
+
+/// Login settings: login events on; data deletion on when `database_url` is given.
+pub fn login_args(database_url: Option<String>) -> LoginArgs {
+    LoginArgs {
+        login_events_secrets: vec![Secret::new("previous-secret"), Secret::new(LOGIN_SECRET)],
+        login_events_max_skew_secs: 300,
+        client_tokens: vec![
+            format!("{APP_ID}={CLIENT_TOKEN}")
+                .parse()
+                .expect("token pair"),
+        ],
+        page_ids: vec![PAGE.to_owned(), OTHER_PAGE.to_owned()],
+        data_deletion_base_url: database_url.as_ref().map(|_| STATUS_BASE.to_owned()),
+        database_url: database_url.map(Secret::new),
+    }
+}
+
+/// Starts ingest on `vhost` with `login`.
+pub async fn start_ingest(vhost: &TestVhost, login: LoginArgs) -> (RunningIngest, Shutdown) {
+    let shutdown = Shutdown::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let config = IngestConfig {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        app_secrets: vec![Secret::new(APP_SECRET)],
+        verify_token: Secret::new("verify"),
+        accept_sha1: false,
+        max_body_bytes: 4 * 1024 * 1024,
+        confirm_timeout_ms: 2000,
+        request_timeout_ms: 10_000,
+        publish_channels: 2,
+        amqp: AmqpArgs {
+            amqp_url: vhost.url(),
+        },
+        log: LogArgs {
+            log_format: LogFormat::Text,
+        },
+        login,
+    };
+    let running = lc_ingest::start(config, listener, shutdown.clone())
+        .await
+        .expect("start ingest");
+    running
+        .broker
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("ingest connected");
+    (running, shutdown)
+}
+
+/// Starts ingest for `env` with login events on and data deletion on.
+pub async fn start_login_ingest(env: &TestEnv) -> (RunningIngest, Shutdown) {
+    start_ingest(&env.vhost, login_args(Some(env.db.url()))).await
+}
+
+/// The login_id the test Login app computes for `asid` on `page`.
+pub fn login_id_for(asid: &str, page: &str) -> String {
+    compute_login_id(&Secret::new(CLIENT_TOKEN), asid, APP_ID, page)
+}
+
+/// Unix milliseconds of a time.
+pub fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).expect("ms")
+}
+
+/// A login event body.
+pub fn login_event_body(asid: &str, page: &str, at: OffsetDateTime) -> Vec<u8> {
+    serde_json::to_vec(&json!({"asid": asid, "app_id": APP_ID, "page_id": page,
+                               "logged_in_at": ms(at)}))
+    .expect("json")
+}
+
+/// The signature header of `body`, signed now with [`LOGIN_SECRET`].
+pub fn sign_now(body: &[u8]) -> String {
+    sign_login_event(
+        LOGIN_SECRET,
+        OffsetDateTime::now_utc().unix_timestamp(),
+        body,
+    )
+}
+
+/// Posts a login event with `signature` (none: no header); returns the status and JSON body.
+pub async fn post_login_event(
+    ingest: &RunningIngest,
+    body: &[u8],
+    signature: Option<&str>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{}/login-events", ingest.addr))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(sig) = signature {
+        req = req.header(LOGIN_SIGNATURE_HEADER, sig);
+    }
+    let resp = req.send().await.expect("post login event");
+    let status = resp.status().as_u16();
+    let json = resp.json().await.unwrap_or(Value::Null);
+    (status, json)
+}
+
+/// Posts `pairs` form-encoded (as Meta posts `signed_request`) to `path` on ingest; returns
+/// the status and JSON body.
+pub async fn post_form(ingest: &RunningIngest, path: &str, pairs: &[(&str, &str)]) -> (u16, Value) {
+    let mut encoder = reqwest::Url::parse("http://form.invalid/").expect("url");
+    encoder.query_pairs_mut().extend_pairs(pairs);
+    let body = encoder.query().unwrap_or_default().to_owned();
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}{path}", ingest.addr))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .expect("post form");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Messages ready on `queue` (a fresh channel each time: a passive declare of a missing queue
+/// closes its channel).
+pub async fn depth(vhost: &TestVhost, queue: &str) -> u32 {
+    let conn = vhost.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
+    let n = queue_depth(&ch, queue).await;
+    let _ = conn.close(200, "done".into()).await;
+    n
+}
+
+/// The text of a `/metrics` endpoint.
+pub async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}

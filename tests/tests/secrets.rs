@@ -1,0 +1,438 @@
+//! Secrets stay secret (invariant 12): the whole pipeline runs in-process at debug log level
+//! with recognisable secret values, through its success and error paths, and then every
+//! output is searched for them: log lines, `/metrics` of each service, ingest's error
+//! answers, dead-letter and unparsed messages (headers and bodies), public events, what the
+//! fake Graph received (path, query and body: the token belongs only in `Authorization`),
+//! and the `Debug` text of every configuration struct.
+//!
+//! One test function on purpose: the log capture is the process-wide subscriber, which a
+//! second test in the same binary would share.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lc_ingest::IngestConfig;
+use lc_shared::config::{AmqpArgs, LogArgs};
+use lc_shared::graph::GraphClient;
+use lc_shared::pages::PagesConfig;
+use lc_shared::secret::Secret;
+use lc_shared::shutdown::Shutdown;
+use lc_shared::signature::{SignatureVerifier, sign_sha256};
+use lc_shared::telemetry::LogFormat;
+use lc_shared::topology;
+use lc_testkit::fake_graph::{FakeResponse, TokenSource};
+use lc_testkit::harness::{consume_n, take_all};
+use lc_testkit::pipeline::{PAGE, TestEnv, body, optin_item, reply_item};
+use lc_worker::correlator::CorrelatorConfig;
+use time::OffsetDateTime;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+const APP_SECRET: &str = "SECRET-appsecret-6b1f0e93d2";
+const OLD_APP_SECRET: &str = "SECRET-oldappsecret-a83c55e017";
+const VERIFY_TOKEN: &str = "SECRET-verifytoken-41d7c2b8f5";
+const PAGE_TOKEN: &str = "SECRET-pagetoken-EAAG9c0ffee77";
+const PROOF_SECRET: &str = "SECRET-proofappsecret-5e2a19d4";
+const SECRETS: [&str; 5] = [
+    APP_SECRET,
+    OLD_APP_SECRET,
+    VERIFY_TOKEN,
+    PAGE_TOKEN,
+    PROOF_SECRET,
+];
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Every log line of the process, as text.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// The places searched, each with its text.
+#[derive(Default)]
+struct Outputs(Vec<(String, String)>);
+
+impl Outputs {
+    fn add(&mut self, place: impl Into<String>, text: impl Into<String>) {
+        self.0.push((place.into(), text.into()));
+    }
+
+    /// Every (place, secret) pair where the secret shows up.
+    fn leaks(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for (place, text) in &self.0 {
+            for secret in SECRETS {
+                if let Some(at) = text.find(secret) {
+                    let start = at.saturating_sub(120);
+                    let context: String = text[start..].chars().take(240).collect();
+                    found.push(format!("{secret} in {place}: …{context}…"));
+                }
+            }
+        }
+        found
+    }
+}
+
+fn write_pages_file(path: &std::path::Path) {
+    let text = format!(
+        r#"[[pages]]
+id = "{PAGE}"
+access_token = "{PAGE_TOKEN}"
+app_secret = "{PROOF_SECRET}"
+[pages.first_message]
+text = "Thanks for signing up!"
+quick_replies = [ {{ title = "Talk to an agent", payload = "AGENT" }} ]
+"#
+    );
+    std::fs::write(path, text).expect("write pages file");
+}
+
+fn ingest_config(amqp_url: &str) -> IngestConfig {
+    IngestConfig {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        app_secrets: vec![Secret::new(APP_SECRET), Secret::new(OLD_APP_SECRET)],
+        verify_token: Secret::new(VERIFY_TOKEN),
+        accept_sha1: false,
+        max_body_bytes: 64 * 1024,
+        confirm_timeout_ms: 5000,
+        request_timeout_ms: 5000,
+        publish_channels: 2,
+        amqp: AmqpArgs {
+            amqp_url: amqp_url.to_owned(),
+        },
+        log: LogArgs {
+            log_format: LogFormat::Text,
+        },
+        login: lc_ingest::login_events::LoginArgs::default(),
+    }
+}
+
+async fn get_text(http: &reqwest::Client, url: String) -> (u16, String) {
+    let r = http.get(url).send().await.expect("get");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
+    let logs = LogBuffer::default();
+    tracing_subscriber::registry()
+        .with(EnvFilter::new("debug"))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(logs.clone()),
+        )
+        .try_init()
+        .expect("the capture must be the process-wide subscriber");
+    let mut out = Outputs::default();
+    let http = reqwest::Client::new();
+
+    let env = TestEnv::new().await;
+    write_pages_file(&env.pages_file);
+    env.graph.set_token(PAGE, PAGE_TOKEN);
+    env.graph.require_appsecret_proof(PAGE, PROOF_SECRET);
+    let capture = env.capture_events(&["#"]).await;
+
+    let ingest_cfg = ingest_config(&env.vhost.url());
+    let ingest_stop = Shutdown::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let ingest = lc_ingest::start(ingest_cfg.clone(), listener, ingest_stop.clone())
+        .await
+        .expect("start ingest");
+    ingest.broker.wait_ready(WAIT).await.expect("ingest ready");
+    let scheduler_cfg = env.scheduler_config();
+    let (scheduler, scheduler_stop) = env.start_scheduler(scheduler_cfg.clone()).await;
+    let correlator_cfg = CorrelatorConfig {
+        worker: env.worker_args(),
+        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+    };
+    let correlator_stop = Shutdown::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let correlator =
+        lc_worker::correlator::start(correlator_cfg.clone(), listener, correlator_stop.clone())
+            .await
+            .expect("start correlator");
+    correlator
+        .broker
+        .wait_ready(WAIT)
+        .await
+        .expect("correlator ready");
+
+    // The handshake, right and wrong.
+    let base = format!("http://{}", ingest.addr);
+    let handshake = |token: &str| {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{base}/webhook"),
+            &[
+                ("hub.mode", "subscribe"),
+                ("hub.verify_token", token),
+                ("hub.challenge", "ch-1"),
+            ],
+        )
+        .expect("url");
+        http.get(url).send()
+    };
+    let ok = handshake(VERIFY_TOKEN).await.expect("handshake");
+    assert_eq!(ok.status(), 200);
+    let refused = handshake("SECRET-verifytoken-41d7c2b8f6")
+        .await
+        .expect("handshake");
+    assert_eq!(refused.status(), 403);
+    out.add(
+        "403 answer of the handshake",
+        refused.text().await.unwrap_or_default(),
+    );
+
+    // Refused deliveries: unsigned, wrongly signed, signed with a near-miss secret, too big.
+    let delivery = body(
+        PAGE,
+        vec![optin_item(PAGE, "unused", OffsetDateTime::now_utc())],
+    );
+    let post = |body: Vec<u8>, sig: Option<String>| {
+        let mut req = http
+            .post(format!("{base}/webhook"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(sig) = sig {
+            req = req.header("x-hub-signature-256", sig);
+        }
+        req.send()
+    };
+    for (what, sig) in [
+        ("unsigned", None),
+        ("malformed signature", Some("sha256=zz".to_owned())),
+        (
+            "wrong secret",
+            Some(sign_sha256("SECRET-appsecret-6b1f0e93d3", &delivery)),
+        ),
+    ] {
+        let r = post(delivery.clone(), sig).await.expect("post");
+        assert_eq!(r.status(), 401, "{what}");
+        out.add(
+            format!("401 answer ({what})"),
+            r.text().await.unwrap_or_default(),
+        );
+    }
+    let big = vec![b'x'; 128 * 1024];
+    let r = post(big.clone(), Some(sign_sha256(APP_SECRET, &big)))
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 413);
+    out.add("413 answer", r.text().await.unwrap_or_default());
+
+    // Graph answers: an error that echoes the token and the app secret (must be scrubbed
+    // before it reaches logs or the failed event), a transient error, and success.
+    let now = OffsetDateTime::now_utc();
+    env.graph.script(
+        "login-echo",
+        vec![FakeResponse::Error {
+            http_status: 400,
+            code: 100,
+            subcode: None,
+            message: format!(
+                "(#100) Invalid parameter access_token={PAGE_TOKEN} proof_key={PROOF_SECRET}"
+            ),
+        }],
+    );
+    env.graph
+        .script("login-retry", vec![FakeResponse::unexpected()]);
+    let optins = body(
+        PAGE,
+        vec![
+            optin_item(PAGE, "login-echo", now),
+            optin_item(PAGE, "login-retry", now),
+            optin_item(PAGE, "login-ok", now),
+        ],
+    );
+    let r = post(optins.clone(), Some(sign_sha256(OLD_APP_SECRET, &optins)))
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    let conn = env.vhost.connect().await;
+    // failed (login-echo) and sent ×2 first; the reply after them, so login-ok is `sent`.
+    let mut events = consume_n(&conn, &capture, 3, WAIT).await;
+    assert_eq!(events.len(), 3, "expected 3 first_message events");
+    let reply = body(
+        PAGE,
+        vec![reply_item(
+            PAGE,
+            "9000000000000001",
+            "m_secret_1",
+            "login-ok",
+            now,
+        )],
+    );
+    assert_eq!(
+        post(reply.clone(), Some(sign_sha256(APP_SECRET, &reply)))
+            .await
+            .expect("post")
+            .status(),
+        200
+    );
+    events.extend(consume_n(&conn, &capture, 1, WAIT).await);
+    assert_eq!(events.len(), 4, "expected identity.linked too");
+    let garbage = b"not json at all".to_vec();
+    assert_eq!(
+        post(garbage.clone(), Some(sign_sha256(APP_SECRET, &garbage)))
+            .await
+            .expect("post")
+            .status(),
+        200
+    );
+
+    // A poison message straight onto the correlator's queue: it ends dead-lettered.
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_publish(
+        "".into(),
+        topology::CORRELATOR_QUEUE.into(),
+        BasicPublishOptions::default(),
+        b"\xff poison",
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+
+    for e in &events {
+        out.add(
+            "public event",
+            String::from_utf8_lossy(&e.data).into_owned(),
+        );
+    }
+    lc_testkit::pipeline::eventually(WAIT, "poison message dead-lettered", || async {
+        let ch = conn.create_channel().await.expect("channel");
+        lc_testkit::harness::queue_depth(
+            &ch,
+            &topology::dead_letter_queue(topology::CORRELATOR_QUEUE),
+        )
+        .await
+            == 1
+    })
+    .await;
+    for queue in [
+        topology::dead_letter_queue(topology::CORRELATOR_QUEUE),
+        topology::UNPARSED_QUEUE.to_owned(),
+    ] {
+        let kept = take_all(&conn, &queue).await;
+        assert!(!kept.is_empty(), "{queue} should hold a message");
+        for m in kept {
+            out.add(format!("{queue} headers"), format!("{:?}", m.properties));
+            out.add(
+                format!("{queue} body"),
+                String::from_utf8_lossy(&m.data).into_owned(),
+            );
+        }
+    }
+
+    for (name, addr) in [
+        ("ingest", ingest.addr),
+        ("scheduler", scheduler.metrics_addr),
+        ("correlator", correlator.metrics_addr),
+    ] {
+        let (status, text) = get_text(&http, format!("http://{addr}/metrics")).await;
+        assert_eq!(status, 200, "{name} /metrics");
+        out.add(format!("/metrics of {name}"), text);
+    }
+
+    // The fake Graph: the token only ever in the Authorization header.
+    let calls = env.graph.calls();
+    assert!(
+        calls.iter().filter(|c| c.is_send()).count() >= 4,
+        "sends: {calls:?}"
+    );
+    for c in &calls {
+        assert_eq!(
+            c.token_source,
+            Some(TokenSource::Header),
+            "{} {}",
+            c.method,
+            c.path
+        );
+        assert_eq!(
+            c.authorization.as_deref(),
+            Some(format!("Bearer {PAGE_TOKEN}").as_str())
+        );
+        assert!(
+            c.query.contains("appsecret_proof="),
+            "proof missing: {}",
+            c.query
+        );
+        out.add(
+            format!("Graph call URL {}", c.path),
+            format!("{}?{}", c.path, c.query),
+        );
+        out.add(format!("Graph call body {}", c.path), c.body.to_string());
+    }
+
+    // Debug output of every configuration and of the objects built from it.
+    out.add("IngestConfig", format!("{ingest_cfg:?}"));
+    out.add("SchedulerConfig", format!("{scheduler_cfg:?}"));
+    out.add("CorrelatorConfig", format!("{correlator_cfg:?}"));
+    let pages = PagesConfig::load(&env.pages_file).expect("pages");
+    assert_eq!(pages.pages[0].access_token.expose(), PAGE_TOKEN);
+    out.add("PagesConfig", format!("{pages:?}"));
+    out.add("PageConfig", format!("{:?}", pages.pages[0]));
+    let verifier = SignatureVerifier::new(&ingest_cfg.app_secrets, false);
+    out.add("SignatureVerifier", format!("{verifier:?}"));
+    let client = GraphClient::new(&env.graph.base_url(), Duration::from_secs(1)).expect("client");
+    out.add("GraphClient", format!("{client:?}"));
+
+    ingest_stop.trigger();
+    scheduler_stop.trigger();
+    correlator_stop.trigger();
+    let _ = tokio::time::timeout(WAIT, ingest.task).await;
+    let _ = tokio::time::timeout(WAIT, scheduler.task).await;
+    let _ = tokio::time::timeout(WAIT, correlator.task).await;
+
+    let log_text = logs.text();
+    assert!(log_text.contains("DEBUG"), "debug logging was not captured");
+    assert!(
+        log_text.contains("first message sent"),
+        "the pipeline's logs were not captured"
+    );
+    assert!(
+        log_text.contains("Graph call failed"),
+        "the Graph error path (which handles the echoed token) did not run"
+    );
+    out.add("logs", log_text);
+    // The search itself works: a planted secret is found.
+    let mut planted = Outputs::default();
+    planted.add("planted", format!("Bearer {PAGE_TOKEN}"));
+    assert_eq!(planted.leaks().len(), 1);
+    let leaks = out.leaks();
+    assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
+}

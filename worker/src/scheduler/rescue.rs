@@ -1,0 +1,98 @@
+//! Resolving claims whose worker died or stalled, and pruning finished rows.
+//!
+//! A lease that expires with the row still `sending` means a Send API call may or may not have
+//! been made; [`UnknownOutcome`] decides what the row becomes. The fence is bumped either way,
+//! so the stalled worker's late result is refused.
+
+use std::time::Duration;
+
+use deadpool_postgres::Client;
+use lc_shared::events::{FirstMessageFailed, GraphErrorData, PublicEvent, insert_outbox};
+
+use super::store::{EVENT_SOURCE, StoreError};
+
+/// What to do with a row whose lease expired while a call may have been in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownOutcome {
+    /// At most once: mark it failed (`outcome_unknown`); the person may get no message.
+    Fail,
+    /// At least once: try again; the person may get the message twice.
+    Retry,
+}
+
+/// Resolves rows whose lease expired (their worker died or stalled) by `policy`, bumping the
+/// fence so the old worker's late result is refused. Returns how many rows were resolved.
+pub async fn rescue_expired_leases(
+    client: &mut Client,
+    policy: UnknownOutcome,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    let tx = client.transaction().await?;
+    let (state, reason) = match policy {
+        UnknownOutcome::Fail => ("failed", Some("outcome_unknown")),
+        UnknownOutcome::Retry => ("pending", None),
+    };
+    let rows = tx
+        .query(
+            "WITH stale AS ( \
+                 SELECT page_id, login_id FROM optins \
+                 WHERE state = 'sending' AND lease_expires_at < now() \
+                 ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             UPDATE optins o SET state = $2, failure_reason = $3, attempts = o.attempts + 1, \
+                 fence = o.fence + 1, next_attempt_at = now(), lease_owner = NULL, \
+                 lease_expires_at = NULL, \
+                 last_error_message = 'lease expired during a Send API call: outcome unknown', \
+                 finished_at = CASE WHEN $2 = 'failed' THEN now() END, updated_at = now() \
+             FROM stale WHERE o.page_id = stale.page_id AND o.login_id = stale.login_id \
+             RETURNING o.page_id, o.login_id, o.attempts, o.traceparent",
+            &[&limit, &state, &reason],
+        )
+        .await?;
+    for r in &rows {
+        let page_id: String = r.get(0);
+        let login_id: String = r.get(1);
+        tracing::warn!(
+            page_id = %page_id,
+            login_id = %lc_shared::telemetry::login_id_label(&login_id),
+            policy = ?policy,
+            "lease expired while a send may have been in flight"
+        );
+        if policy == UnknownOutcome::Fail {
+            let traceparent: Option<String> = r.get(3);
+            let ev = PublicEvent::FirstMessageFailed(FirstMessageFailed {
+                page_id,
+                login_id,
+                attempts: r.get(2),
+                reason: "outcome_unknown".into(),
+                last_error: Some(GraphErrorData {
+                    code: None,
+                    subcode: None,
+                    message: "lease expired during a Send API call: outcome unknown".into(),
+                }),
+            });
+            insert_outbox(&*tx, &ev, EVENT_SOURCE, traceparent.as_deref()).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(rows.len())
+}
+
+/// Deletes terminal rows finished more than `older_than` ago, a batch at a time, to keep
+/// the hot table small. Returns how many were deleted.
+pub async fn prune_finished(
+    client: &Client,
+    older_than: Duration,
+    batch: i64,
+) -> Result<u64, StoreError> {
+    let secs = older_than.as_secs_f64();
+    Ok(client
+        .execute(
+            "DELETE FROM optins WHERE ctid IN ( \
+                 SELECT ctid FROM optins \
+                 WHERE finished_at < now() - make_interval(secs => $1) \
+                   AND state IN ('sent', 'replied', 'failed', 'expired') \
+                 LIMIT $2)",
+            &[&secs, &batch],
+        )
+        .await?)
+}
