@@ -101,6 +101,10 @@ pub enum FailureClass {
     TokenInvalid,
     /// A code this table does not know: retry a bounded number of times.
     Unknown,
+    /// The request may have reached Graph but no usable answer came back (a timeout or a
+    /// connection lost after sending, a success without a message id): the message may have
+    /// been sent, so a retry could message the person twice. The caller's policy decides.
+    OutcomeUnknown,
 }
 
 impl FailureClass {
@@ -112,6 +116,7 @@ impl FailureClass {
             Self::Permanent => "permanent",
             Self::TokenInvalid => "token_invalid",
             Self::Unknown => "unknown",
+            Self::OutcomeUnknown => "outcome_unknown",
         }
     }
 }
@@ -193,7 +198,8 @@ pub fn classify(http_status: Option<u16>, code: Option<i64>, subcode: Option<i64
     };
     match (code, subcode) {
         // "Received invalid JSON reply": the message may have gone out; reconcile, don't retry.
-        (1, Some(1357046)) => Permanent,
+        // "Received invalid JSON reply": messages may have been sent.
+        (1, Some(1357046)) => OutcomeUnknown,
         // Custom labels terms not accepted: a configuration problem.
         (2, Some(2018344)) => Permanent,
         (1 | 2 | 1200 | 2018321, _) => Transient,
@@ -314,7 +320,7 @@ impl GraphClient {
                     .map(str::to_owned),
             },
             _ => SendOutcome::Failed(GraphFailure::local(
-                FailureClass::Unknown,
+                FailureClass::OutcomeUnknown,
                 Some(200),
                 "Graph answered success without a message_id; the message may or may not \
                  have been sent",
@@ -447,15 +453,19 @@ impl GraphClient {
         let mut response = match request.send().await {
             Ok(r) => r,
             Err(e) => {
-                let kind = if e.is_timeout() {
-                    "timeout"
+                // Only a failed connection proves Graph never saw the request; after that
+                // (a timeout, a reset) the message may have gone out.
+                let (kind, class) = if e.is_connect() {
+                    ("cannot connect", FailureClass::Transient)
+                } else if e.is_timeout() {
+                    ("timeout", FailureClass::OutcomeUnknown)
                 } else {
-                    "network error"
+                    ("network error after sending", FailureClass::OutcomeUnknown)
                 };
                 // `without_url`: the URL carries appsecret_proof.
                 let text = scrub(&format!("{kind}: {}", error_chain(&e.without_url())));
                 tracing::debug!(page_id = %page.id, %method, %path, error = %text, "Graph call failed");
-                return Err(GraphFailure::local(FailureClass::Transient, None, text));
+                return Err(GraphFailure::local(class, None, text));
             }
         };
         let status = response.status().as_u16();
@@ -481,7 +491,7 @@ impl GraphClient {
                     GraphFailure::local(classify(Some(status), None, None), Some(status), text);
                 if (200..300).contains(&status) {
                     // A 2xx whose body was lost: the call may have worked.
-                    f.class = FailureClass::Unknown;
+                    f.class = FailureClass::OutcomeUnknown;
                 }
                 f.retry_after = retry_after;
                 return Err(f);
@@ -522,7 +532,8 @@ impl GraphClient {
             _ => {
                 let snippet: String = String::from_utf8_lossy(&bytes).chars().take(200).collect();
                 let class = if (200..300).contains(&status) {
-                    FailureClass::Unknown
+                    // A 2xx we cannot read: the call may have worked.
+                    FailureClass::OutcomeUnknown
                 } else {
                     classify(Some(status), None, None)
                 };

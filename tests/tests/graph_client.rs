@@ -224,7 +224,7 @@ async fn bare_5xx_is_transient() {
 }
 
 #[tokio::test]
-async fn a_hang_longer_than_the_timeout_is_transient_but_was_processed() {
+async fn a_hang_longer_than_the_timeout_has_an_unknown_outcome_because_it_was_processed() {
     let (fake, client, page) = setup(Duration::from_millis(300)).await;
     fake.script("login-1", vec![FakeResponse::Hang(Duration::from_secs(3))]);
     let started = std::time::Instant::now();
@@ -233,7 +233,7 @@ async fn a_hang_longer_than_the_timeout_is_transient_but_was_processed() {
         started.elapsed() < Duration::from_secs(2),
         "timeout not applied"
     );
-    assert_eq!(f.class, FailureClass::Transient);
+    assert_eq!(f.class, FailureClass::OutcomeUnknown);
     assert_eq!(f.http_status, None);
     assert!(f.message.contains("timeout"), "{f}");
     // Graph processed it: the "sent but never heard" case the caller must handle.
@@ -241,11 +241,11 @@ async fn a_hang_longer_than_the_timeout_is_transient_but_was_processed() {
 }
 
 #[tokio::test]
-async fn latency_beyond_the_timeout_is_transient() {
+async fn latency_beyond_the_timeout_has_an_unknown_outcome() {
     let (fake, client, page) = setup(Duration::from_millis(200)).await;
     fake.set_latency(Duration::from_secs(2));
     let f = failure(send(&client, &page, "login-1").await);
-    assert_eq!(f.class, FailureClass::Transient);
+    assert_eq!(f.class, FailureClass::OutcomeUnknown);
     fake.set_latency(Duration::from_millis(10));
     sent(send(&client, &page, "login-2").await);
 }
@@ -540,4 +540,23 @@ async fn fake_accepts_query_tokens_and_me_and_rejects_bad_bodies() {
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["error"]["code"], 190, "missing token: {v}");
     assert_eq!(fake.send_calls().last().map(|c| c.token_source), Some(None));
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_transient_because_nothing_was_sent() {
+    // Nothing listens on this port (bound, then dropped).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let (_fake, _client, page) = setup(Duration::from_millis(500)).await;
+    let client = lc_shared::graph::GraphClient::new(
+        &format!("http://127.0.0.1:{port}/v25.0"),
+        Duration::from_millis(500),
+    )
+    .expect("client");
+    let f = failure(send(&client, &page, "login-1").await);
+    assert_eq!(f.class, FailureClass::Transient, "{f}");
+    assert!(f.message.contains("cannot connect"), "{f}");
 }

@@ -290,3 +290,42 @@ async fn a_reply_committed_alongside_its_optin_still_prevents_the_send() {
     stop.trigger();
     scheduler.task.await.expect("stopped");
 }
+
+#[tokio::test]
+async fn a_send_that_times_out_is_not_retried_because_it_may_have_been_delivered() {
+    use lc_testkit::fake_graph::FakeResponse;
+    let env = TestEnv::new().await;
+    let events = env.capture_events(&["first_message.*"]).await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let mut config = env.scheduler_config();
+    config.graph_timeout_ms = 500;
+    config.lease_secs = 2;
+    // Graph takes the message but answers after our timeout.
+    env.graph
+        .script("SLOW", vec![FakeResponse::Hang(Duration::from_secs(2))]);
+    let (scheduler, stop) = env.start_scheduler(config).await;
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "SLOW", now)])).await,
+        200
+    );
+    let conn = env.vhost.connect().await;
+    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
+        .await
+        .iter()
+        .map(event_json)
+        .collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["type"], "com.loginconnect.first_message.failed");
+    assert_eq!(got[0]["data"]["reason"], "outcome_unknown");
+    assert_eq!(got[0]["data"]["attempts"], 1);
+    assert!(
+        got[0]["data"]["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("timeout")),
+        "{got:?}"
+    );
+    assert_eq!(env.graph.send_calls().len(), 1, "never a second call");
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}

@@ -400,6 +400,15 @@ impl Dispatcher {
                 tracing::warn!(error = %f, pause_secs = pause.as_secs(), "page rate-limited by Graph; throttling it");
                 true
             }
+            FailureClass::OutcomeUnknown
+                if self.settings.unknown_outcome == UnknownOutcome::Fail =>
+            {
+                tracing::warn!(error = %f, "Send API outcome unknown (the message may have been sent); not retrying (UNKNOWN_OUTCOME=fail)");
+                return self
+                    .end(c, Ending::Failed("outcome_unknown"), true, Some(&err))
+                    .await;
+            }
+            FailureClass::OutcomeUnknown => true,
             FailureClass::Unknown => attempts_after < self.settings.max_unknown_attempts,
             FailureClass::Transient => true,
         };
