@@ -329,3 +329,44 @@ async fn a_send_that_times_out_is_not_retried_because_it_may_have_been_delivered
     stop.trigger();
     scheduler.task.await.expect("stopped");
 }
+
+#[tokio::test]
+async fn claiming_due_work_is_an_index_scan_in_deadline_order_with_a_large_backlog() {
+    let env = TestEnv::new().await;
+    let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
+    lc_shared::db::migrate(&pool).await.expect("migrate");
+    let sql = env.sql().await;
+    // 100,000 pending opt-ins spread over 24 hours, most already finished elsewhere.
+    sql.batch_execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         SELECT '1', 'L' || g, now() - (g % 86400) * interval '1 second', \
+                now() - (g % 86400) * interval '1 second' + interval '24 hours', \
+                now(), CASE WHEN g % 10 = 0 THEN 'pending' ELSE 'sent' END, now() \
+         FROM generate_series(1, 100000) g; ANALYZE optins;",
+    )
+    .await
+    .expect("backlog");
+    // The claim's inner query, as `store::claim_due` runs it.
+    let plan: Vec<String> = sql
+        .query(
+            "EXPLAIN SELECT page_id, login_id FROM optins \
+             WHERE state = 'pending' AND next_attempt_at <= now() AND NOT (page_id = ANY($1)) \
+             ORDER BY deadline LIMIT 100 FOR UPDATE SKIP LOCKED",
+            &[&Vec::<String>::new()],
+        )
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let text = plan.join("\n");
+    assert!(
+        text.contains("optins_pending_by_deadline"),
+        "the claim must walk the partial deadline index:\n{text}"
+    );
+    assert!(!text.contains("Seq Scan"), "no sequential scan:\n{text}");
+    assert!(
+        !text.contains("Sort"),
+        "deadline order comes from the index:\n{text}"
+    );
+}
