@@ -100,8 +100,22 @@ pub async fn run(params: &SchedulerParams, quick: bool) -> anyhow::Result<Report
         let rate = backlog_run(&env, &sql, params.batch_n, latency, &mut report).await?;
         sends_at.push((latency, rate));
     }
-    let ceiling = db_ceiling(&env, &sql, params.ceiling_n, params.ceiling_connections, false).await?;
-    let batched = db_ceiling(&env, &sql, params.ceiling_n, params.ceiling_connections, true).await?;
+    let ceiling = db_ceiling(
+        &env,
+        &sql,
+        params.ceiling_n,
+        params.ceiling_connections,
+        false,
+    )
+    .await?;
+    let batched = db_ceiling(
+        &env,
+        &sql,
+        params.ceiling_n,
+        params.ceiling_connections,
+        true,
+    )
+    .await?;
     report.add(
         "scheduler_db_ceiling_rows_per_s",
         ceiling.round(),
@@ -118,18 +132,36 @@ pub async fn run(params: &SchedulerParams, quick: bool) -> anyhow::Result<Report
         "the same, one transaction per claimed batch (what batching the dispatcher's commits would reach)",
     );
     if let Some((_, rate)) = sends_at.iter().find(|(l, _)| *l == 0) {
-        report.add("scheduler_vs_db", round3(rate / ceiling.max(1.0)), "ratio", "headline: sends/s at 0 ms Graph latency / DB ceiling");
+        report.add(
+            "scheduler_vs_db",
+            round3(rate / ceiling.max(1.0)),
+            "ratio",
+            "headline: sends/s at 0 ms Graph latency / DB ceiling",
+        );
     }
     if let Some((_, rate)) = sends_at.iter().find(|(l, _)| *l == 100) {
-        report.add("scheduler_100ms_vs_db", round3(rate / ceiling.max(1.0)), "ratio", "sends/s at 100 ms Graph latency / DB ceiling");
+        report.add(
+            "scheduler_100ms_vs_db",
+            round3(rate / ceiling.max(1.0)),
+            "ratio",
+            "sends/s at 100 ms Graph latency / DB ceiling",
+        );
     }
     if params.open_rate > 0.0 {
         open_loop_run(&env, params, &mut report).await?;
     }
     report.finish();
-    report.target("scheduler ≥ 2000 first messages/s with 100 ms Graph latency", "scheduler_100ms_sends_per_s", 2000.0, false);
     report.target(
-        &format!("webhook→Graph p99 < 250 ms at 500 opt-ins/s (this run: {} /s)", params.open_rate),
+        "scheduler ≥ 2000 first messages/s with 100 ms Graph latency",
+        "scheduler_100ms_sends_per_s",
+        2000.0,
+        false,
+    );
+    report.target(
+        &format!(
+            "webhook→Graph p99 < 250 ms at 500 opt-ins/s (this run: {} /s)",
+            params.open_rate
+        ),
         "scheduler_e2e_p99_ms",
         250.0,
         true,
@@ -158,7 +190,12 @@ pub async fn insert_due(
 }
 
 /// Polls until `count_sql` (a count) reaches `n`; returns when it did.
-async fn wait_count(sql: &tokio_postgres::Client, count_sql: &str, n: i64, timeout: Duration) -> anyhow::Result<Instant> {
+async fn wait_count(
+    sql: &tokio_postgres::Client,
+    count_sql: &str,
+    n: i64,
+    timeout: Duration,
+) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
         let got: i64 = sql.query_one(count_sql, &[]).await?.get(0);
@@ -185,7 +222,11 @@ pub fn steady_rate(calls: &[&RecordedCall]) -> f64 {
     }
     let (lo, hi) = (at.len() / 10, at.len() * 9 / 10);
     let span = (at[hi] - at[lo]).as_seconds_f64();
-    if span <= 0.0 { 0.0 } else { (hi - lo) as f64 / span }
+    if span <= 0.0 {
+        0.0
+    } else {
+        (hi - lo) as f64 / span
+    }
 }
 
 async fn backlog_run(
@@ -224,11 +265,20 @@ async fn backlog_run(
 
     let mine: Vec<&RecordedCall> = calls
         .iter()
-        .filter(|c| c.login_id.as_deref().is_some_and(|l| l.starts_with(&prefix)))
+        .filter(|c| {
+            c.login_id
+                .as_deref()
+                .is_some_and(|l| l.starts_with(&prefix))
+        })
         .collect();
     let p = format!("scheduler_{latency_ms}ms");
     let rate = steady_rate(&mine);
-    report.add(format!("{p}_sends_per_s"), rate.round(), "sends/s", format!("Graph calls/s, steady state (10th–90th pct), {n} due, Graph {latency_ms} ms"));
+    report.add(
+        format!("{p}_sends_per_s"),
+        rate.round(),
+        "sends/s",
+        format!("Graph calls/s, steady state (10th–90th pct), {n} due, Graph {latency_ms} ms"),
+    );
     report.add(
         format!("{p}_committed_per_s"),
         (n as f64 / committed.duration_since(started).as_secs_f64()).round(),
@@ -247,7 +297,11 @@ async fn backlog_run(
     for c in &mine {
         lat.record_secs((c.at - opted).as_seconds_f64());
     }
-    lat.report(report, &format!("{p}_optin_to_send"), "opted_in_at → Graph call (backlog drain)");
+    lat.report(
+        report,
+        &format!("{p}_optin_to_send"),
+        "opted_in_at → Graph call (backlog drain)",
+    );
     Ok(rate)
 }
 
@@ -273,8 +327,15 @@ pub async fn db_ceiling(
             let mut done = 0u64;
             let mut client = pool.get().await?;
             loop {
-                let claimed =
-                    store::claim_due(&client, &format!("bench-{w}"), Duration::from_secs(60), 100, &[]).await?;
+                let claimed = store::claim_due(
+                    &client,
+                    &format!("bench-{w}"),
+                    Duration::from_secs(60),
+                    100,
+                    &[],
+                    Duration::ZERO,
+                )
+                .await?;
                 if claimed.is_empty() {
                     return Ok::<u64, anyhow::Error>(done);
                 }
@@ -283,7 +344,9 @@ pub async fn db_ceiling(
                     continue;
                 }
                 for c in &claimed {
-                    if store::finish_sent(&mut client, c, "m_bench", OffsetDateTime::now_utc()).await? {
+                    if store::finish_sent(&mut client, c, "m_bench", OffsetDateTime::now_utc())
+                        .await?
+                    {
                         done += 1;
                     }
                 }
@@ -298,7 +361,10 @@ pub async fn db_ceiling(
 }
 
 /// `store::finish_sent`'s UPDATE and outbox insert for every claimed row, in one transaction.
-async fn finish_batch(client: &mut deadpool_postgres::Client, claimed: &[store::Claimed]) -> anyhow::Result<u64> {
+async fn finish_batch(
+    client: &mut deadpool_postgres::Client,
+    claimed: &[store::Claimed],
+) -> anyhow::Result<u64> {
     let tx = client.transaction().await?;
     let mut done = 0;
     for c in claimed {
@@ -309,7 +375,14 @@ async fn finish_batch(client: &mut deadpool_postgres::Client, claimed: &[store::
                 "UPDATE optins SET state = 'sent', message_id = $4, sent_at = $5, attempts = $6, \
                  lease_owner = NULL, lease_expires_at = NULL, finished_at = $5, updated_at = now() \
                  WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending'",
-                &[&c.page_id, &c.login_id, &c.fence, &"m_bench", &sent_at, &attempts],
+                &[
+                    &c.page_id,
+                    &c.login_id,
+                    &c.fence,
+                    &"m_bench",
+                    &sent_at,
+                    &attempts,
+                ],
             )
             .await?;
         if n == 1 {
@@ -328,8 +401,13 @@ async fn finish_batch(client: &mut deadpool_postgres::Client, claimed: &[store::
     Ok(done)
 }
 
-async fn open_loop_run(env: &BenchEnv, params: &SchedulerParams, report: &mut Report) -> anyhow::Result<()> {
-    env.graph.set_latency(Duration::from_millis(params.open_latency_ms));
+async fn open_loop_run(
+    env: &BenchEnv,
+    params: &SchedulerParams,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    env.graph
+        .set_latency(Duration::from_millis(params.open_latency_ms));
     let ingest = env.start_ingest(env.ingest_config()?).await?;
     let scheduler = env.start_scheduler(env.scheduler_config()?).await?;
     let before = env.graph.send_calls().len();
@@ -343,13 +421,26 @@ async fn open_loop_run(env: &BenchEnv, params: &SchedulerParams, report: &mut Re
         move |i: u64| {
             let now = OffsetDateTime::now_utc();
             let page = &pages[i as usize % pages.len()];
-            let signed = sign(delivery(page, vec![optin_item(page, &format!("o{i}"), unix_ms(now))], unix_ms(now)), 1);
+            let signed = sign(
+                delivery(
+                    page,
+                    vec![optin_item(page, &format!("o{i}"), unix_ms(now))],
+                    unix_ms(now),
+                ),
+                1,
+            );
             if let Some(slot) = posted.get(i as usize) {
-                slot.store(i64::try_from(now.unix_timestamp_nanos()).unwrap_or(0), Ordering::Relaxed);
+                slot.store(
+                    i64::try_from(now.unix_timestamp_nanos()).unwrap_or(0),
+                    Ordering::Relaxed,
+                );
             }
             let req = client
                 .post(&url)
-                .header(lc_shared::signature::SIGNATURE_256_HEADER, &signed.signature)
+                .header(
+                    lc_shared::signature::SIGNATURE_256_HEADER,
+                    &signed.signature,
+                )
                 .header("content-type", "application/json")
                 .body(signed.body);
             async move {
@@ -375,11 +466,20 @@ async fn open_loop_run(env: &BenchEnv, params: &SchedulerParams, report: &mut Re
     let mut lat = Latency::new();
     let mut matched = 0usize;
     for c in &calls[before.min(calls.len())..] {
-        let Some(i) = c.login_id.as_deref().and_then(|l| l.strip_prefix('o')).and_then(|s| s.parse::<usize>().ok()) else {
+        let Some(i) = c
+            .login_id
+            .as_deref()
+            .and_then(|l| l.strip_prefix('o'))
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
             continue;
         };
         matched += 1;
-        let Some(at) = posted.get(i).map(|a| a.load(Ordering::Relaxed)).filter(|ns| *ns > 0) else {
+        let Some(at) = posted
+            .get(i)
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|ns| *ns > 0)
+        else {
             continue;
         };
         if i >= warm {
@@ -387,9 +487,31 @@ async fn open_loop_run(env: &BenchEnv, params: &SchedulerParams, report: &mut Re
             lat.record_secs((call_ns - at as f64) / 1e9);
         }
     }
-    report.add("scheduler_e2e_rate_per_s", params.open_rate, "optins/s", format!("open loop through ingest for {:?}, Graph {} ms", params.open, params.open_latency_ms));
-    report.add("scheduler_e2e_sent", matched as f64, "count", format!("Graph calls seen for {} accepted posts", posts.ok));
-    add_run(report, "scheduler_e2e_post", &posts, "POST /webhook of one opt-in");
-    lat.report(report, "scheduler_e2e", "webhook POST → Graph call (after the first second)");
+    report.add(
+        "scheduler_e2e_rate_per_s",
+        params.open_rate,
+        "optins/s",
+        format!(
+            "open loop through ingest for {:?}, Graph {} ms",
+            params.open, params.open_latency_ms
+        ),
+    );
+    report.add(
+        "scheduler_e2e_sent",
+        matched as f64,
+        "count",
+        format!("Graph calls seen for {} accepted posts", posts.ok),
+    );
+    add_run(
+        report,
+        "scheduler_e2e_post",
+        &posts,
+        "POST /webhook of one opt-in",
+    );
+    lat.report(
+        report,
+        "scheduler_e2e",
+        "webhook POST → Graph call (after the first second)",
+    );
     Ok(())
 }

@@ -100,7 +100,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
     insert_optin(&sql, PAGE, "F1", now, "pending").await;
     let mut client = pool.get().await.expect("client");
     let lease = Duration::from_secs(30);
-    let old = store::claim_due(&client, "worker-a", lease, 10, &[])
+    let old = store::claim_due(&client, "worker-a", lease, 10, &[], Duration::ZERO)
         .await
         .expect("claim");
     assert_eq!(old.len(), 1);
@@ -115,7 +115,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
         .await
         .expect("rescue");
     assert_eq!(rescued, 1);
-    let new = store::claim_due(&client, "worker-b", lease, 10, &[])
+    let new = store::claim_due(&client, "worker-b", lease, 10, &[], Duration::ZERO)
         .await
         .expect("claim");
     assert_eq!(new.len(), 1);
@@ -351,6 +351,7 @@ async fn claiming_due_work_is_an_index_scan_in_deadline_order_with_a_large_backl
         .query(
             "EXPLAIN SELECT page_id, login_id FROM optins \
              WHERE state = 'pending' AND next_attempt_at <= now() AND NOT (page_id = ANY($1)) \
+               AND deadline > now() + make_interval(secs => 120) \
              ORDER BY deadline LIMIT 100 FOR UPDATE SKIP LOCKED",
             &[&Vec::<String>::new()],
         )

@@ -100,9 +100,13 @@ impl Dispatcher {
             .checked_sub(self.settings.poll_interval)
             .unwrap_or_else(Instant::now);
         while !shutdown.is_triggered() {
+            // Reap every finished send, not one per wake-up: under a backlog completions
+            // outrun the loop and finished tasks would pile up in the set.
+            while in_flight.try_join_next().is_some() {}
             if last_rescue.elapsed() >= self.settings.poll_interval {
                 last_rescue = Instant::now();
                 self.rescue().await;
+                self.expire_overdue().await;
             }
             if let Err(e) = self.fill(&mut in_flight, &shutdown).await {
                 tracing::error!(error = %e, "claiming due opt-ins failed; retrying");
@@ -140,6 +144,7 @@ impl Dispatcher {
                 self.settings.lease,
                 limit,
                 &self.pauses.paused_pages(),
+                self.settings.timing.safety_margin,
             )
             .await?;
             drop(client);
@@ -186,6 +191,41 @@ impl Dispatcher {
                 }
             }
             Err(e) => tracing::error!(error = %e, "rescuing expired leases failed"),
+        }
+    }
+
+    /// Expires pending opt-ins that can no longer be sent, in bulk, so that under overload
+    /// no send slot is spent on a row that is already dead.
+    async fn expire_overdue(&self) {
+        let mut client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot expire overdue opt-ins");
+                return;
+            }
+        };
+        loop {
+            match store::expire_overdue(&mut client, self.settings.timing.safety_margin, 1000).await
+            {
+                Ok(0) => return,
+                Ok(n) => {
+                    self.metrics
+                        .terminal
+                        .with_label_values(&["expired"])
+                        .inc_by(n as u64);
+                    tracing::warn!(
+                        expired = n,
+                        "opt-ins expired before they could be sent (backlog beyond capacity?)"
+                    );
+                    if n < 1000 {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "expiring overdue opt-ins failed");
+                    return;
+                }
+            }
         }
     }
 

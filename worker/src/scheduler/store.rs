@@ -286,22 +286,26 @@ pub async fn record_optin(
     Ok(outcome)
 }
 
-/// Claims up to `limit` due opt-ins, earliest deadline first, skipping rows other replicas
-/// hold and pages in `excluded_pages` (paused or throttled here).
+/// Claims up to `limit` due opt-ins that can still be sent, earliest deadline first, skipping
+/// rows other replicas hold and pages in `excluded_pages` (paused or throttled here). Rows
+/// past their last send time are left to [`expire_overdue`].
 pub async fn claim_due(
     client: &Client,
     owner: &str,
     lease: Duration,
     limit: i64,
     excluded_pages: &[String],
+    safety_margin: Duration,
 ) -> Result<Vec<Claimed>, StoreError> {
     let lease_secs = lease.as_secs_f64();
+    let margin_secs = safety_margin.as_secs_f64();
     let rows = client
         .query(
             "WITH due AS ( \
                  SELECT page_id, login_id FROM optins \
                  WHERE state = 'pending' AND next_attempt_at <= now() \
                    AND NOT (page_id = ANY($4)) \
+                   AND deadline > now() + make_interval(secs => $5) \
                  ORDER BY deadline \
                  LIMIT $3 \
                  FOR UPDATE SKIP LOCKED) \
@@ -311,7 +315,7 @@ pub async fn claim_due(
              FROM due WHERE o.page_id = due.page_id AND o.login_id = due.login_id \
              RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
                  o.traceparent",
-            &[&owner, &lease_secs, &limit, &excluded_pages],
+            &[&owner, &lease_secs, &limit, &excluded_pages, &margin_secs],
         )
         .await?;
     let mut claimed: Vec<Claimed> = rows
@@ -329,6 +333,49 @@ pub async fn claim_due(
     // UPDATE … RETURNING does not keep the CTE's order.
     claimed.sort_by_key(|c| c.deadline);
     Ok(claimed)
+}
+
+/// Expires up to `limit` pending opt-ins whose last send time has passed, with their
+/// `first_message.expired` events, in one transaction. Returns how many.
+pub async fn expire_overdue(
+    client: &mut Client,
+    safety_margin: Duration,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    let margin_secs = safety_margin.as_secs_f64();
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "WITH dead AS ( \
+                 SELECT page_id, login_id FROM optins \
+                 WHERE state = 'pending' AND deadline <= now() + make_interval(secs => $1) \
+                 ORDER BY deadline LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             UPDATE optins o SET state = 'expired', finished_at = now(), updated_at = now(), \
+                 fence = o.fence + 1 \
+             FROM dead WHERE o.page_id = dead.page_id AND o.login_id = dead.login_id \
+             RETURNING o.page_id, o.login_id, o.attempts, o.deadline, o.traceparent, \
+                 o.last_error_code, o.last_error_subcode, o.last_error_message",
+            &[&margin_secs, &limit],
+        )
+        .await?;
+    for r in &rows {
+        let message: Option<String> = r.get(7);
+        let traceparent: Option<String> = r.get(4);
+        let ev = PublicEvent::FirstMessageExpired(FirstMessageExpired {
+            page_id: r.get(0),
+            login_id: r.get(1),
+            attempts: r.get(2),
+            deadline: r.get(3),
+            last_error: message.map(|message| GraphErrorData {
+                code: r.get(5),
+                subcode: r.get(6),
+                message,
+            }),
+        });
+        insert_outbox(&*tx, &ev, EVENT_SOURCE, traceparent.as_deref()).await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len())
 }
 
 const FENCED: &str = "page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending'";
