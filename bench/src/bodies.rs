@@ -38,8 +38,13 @@ pub fn reply_item(page: &str, psid: &str, mid: &str, login_id: &str, at_ms: i64)
         "prior_message": {"source": "login_connect", "identifier": login_id}
     });
     let bare = item.to_string().len();
-    let words = "Hi, I signed up on your site yesterday and I would like to know where my order is. ";
-    let text: String = words.chars().cycle().take(EVENT_BYTES.saturating_sub(bare)).collect();
+    let words =
+        "Hi, I signed up on your site yesterday and I would like to know where my order is. ";
+    let text: String = words
+        .chars()
+        .cycle()
+        .take(EVENT_BYTES.saturating_sub(bare))
+        .collect();
     item["message"]["text"] = Value::String(text);
     item
 }
@@ -79,7 +84,12 @@ pub fn login_id(n: usize) -> String {
 }
 
 /// Like [`reply_bodies`], starting at body number `first`.
-pub fn reply_bodies_from(pages: &[String], first: usize, count: usize, events_per_body: usize) -> Vec<SignedBody> {
+pub fn reply_bodies_from(
+    pages: &[String],
+    first: usize,
+    count: usize,
+    events_per_body: usize,
+) -> Vec<SignedBody> {
     let now = unix_ms(OffsetDateTime::now_utc());
     (first..first + count)
         .map(|b| {
@@ -109,10 +119,18 @@ mod tests {
     fn bodies_are_realistic_and_parse() {
         let pages = vec!["1".to_owned(), "2".to_owned()];
         let one = reply_bodies(&pages, 2, 1);
-        assert!((1000..1200).contains(&one[0].body.len()), "{}", one[0].body.len());
+        assert!(
+            (1000..1200).contains(&one[0].body.len()),
+            "{}",
+            one[0].body.len()
+        );
         let batch = reply_bodies(&pages, 1, 50);
         let events = lc_shared::webhook::parse_delivery(&batch[0].body).expect("parses");
         assert_eq!(events.len(), 50);
-        assert!(events.iter().all(|e| e.kind == lc_shared::webhook::EventKind::Message));
+        assert!(
+            events
+                .iter()
+                .all(|e| e.kind == lc_shared::webhook::EventKind::Message)
+        );
     }
 }

@@ -76,24 +76,63 @@ pub async fn run(params: &CorrelatorParams, quick: bool) -> anyhow::Result<Repor
     let link_rate = correlator_run(&env, &sql, &conn, n, 0, None, &mut report).await?;
     if let Some((batch, prefetch)) = params.tuned {
         // The same work with larger consumer batches: what configuration alone buys.
-        correlator_run(&env, &sql, &conn, n, n, Some((batch, prefetch)), &mut report).await?;
+        correlator_run(
+            &env,
+            &sql,
+            &conn,
+            n,
+            n,
+            Some((batch, prefetch)),
+            &mut report,
+        )
+        .await?;
     }
 
     insert_sent_optins(&sql, &env.pages, "cx-", 2 * params.ceiling_n).await?;
     let serial = ceiling(&pool, &env.pages, 0, params.ceiling_n, 1).await?;
-    let parallel = ceiling(&pool, &env.pages, params.ceiling_n, params.ceiling_n, params.ceiling_connections).await?;
-    report.add("correlator_db_ceiling_serial_per_s", serial.round(), "links/s", "bare loop, 1 connection, 100 links per transaction");
+    let parallel = ceiling(
+        &pool,
+        &env.pages,
+        params.ceiling_n,
+        params.ceiling_n,
+        params.ceiling_connections,
+    )
+    .await?;
+    report.add(
+        "correlator_db_ceiling_serial_per_s",
+        serial.round(),
+        "links/s",
+        "bare loop, 1 connection, 100 links per transaction",
+    );
     report.add(
         "correlator_db_ceiling_per_s",
         parallel.round(),
         "links/s",
-        format!("bare loop, {} connections, 100 links per transaction", params.ceiling_connections),
+        format!(
+            "bare loop, {} connections, 100 links per transaction",
+            params.ceiling_connections
+        ),
     );
-    report.add("correlator_vs_db", round3(link_rate / serial.max(parallel).max(1.0)), "ratio", "headline: links/s / best DB ceiling");
-    report.add("correlator_vs_db_serial", round3(link_rate / serial.max(1.0)), "ratio", "links/s / one-connection DB ceiling");
+    report.add(
+        "correlator_vs_db",
+        round3(link_rate / serial.max(parallel).max(1.0)),
+        "ratio",
+        "headline: links/s / best DB ceiling",
+    );
+    report.add(
+        "correlator_vs_db_serial",
+        round3(link_rate / serial.max(1.0)),
+        "ratio",
+        "links/s / one-connection DB ceiling",
+    );
     let _ = conn.close(200, "done".into()).await;
     report.finish();
-    report.target("correlator ≥ 5000 links/s", "correlator_links_per_s", 5000.0, false);
+    report.target(
+        "correlator ≥ 5000 links/s",
+        "correlator_links_per_s",
+        5000.0,
+        false,
+    );
     Ok(report)
 }
 
@@ -108,18 +147,29 @@ async fn correlator_run(
     tuned: Option<(usize, u16)>,
     report: &mut Report,
 ) -> anyhow::Result<f64> {
-    let links_before: i64 = sql.query_one("SELECT count(*) FROM links", &[]).await?.get(0);
+    let links_before: i64 = sql
+        .query_one("SELECT count(*) FROM links", &[])
+        .await?
+        .get(0);
     let loaded = Instant::now();
     publish_replies(conn, &env.pages, first, n).await?;
     let (prefix, what) = match tuned {
-        None => ("correlator".to_owned(), "production defaults (batch 100, prefetch 200)".to_owned()),
+        None => (
+            "correlator".to_owned(),
+            "production defaults (batch 100, prefetch 200)".to_owned(),
+        ),
         Some((batch, prefetch)) => (
             format!("correlator_batch{batch}"),
             format!("CONSUMER_BATCH {batch}, CONSUMER_PREFETCH {prefetch}"),
         ),
     };
     if tuned.is_none() {
-        report.add("correlator_load_per_s", (n as f64 / loaded.elapsed().as_secs_f64()).round(), "msgs/s", "loading the queue (publish with confirms)");
+        report.add(
+            "correlator_load_per_s",
+            (n as f64 / loaded.elapsed().as_secs_f64()).round(),
+            "msgs/s",
+            "loading the queue (publish with confirms)",
+        );
     }
     let mut config = env.correlator_config()?;
     if let Some((batch, prefetch)) = tuned {
@@ -134,19 +184,49 @@ async fn correlator_run(
     let links: Vec<(Instant, i64)> = samples.iter().map(|(t, l, _)| (*t, *l)).collect();
     let published: Vec<(Instant, i64)> = samples.iter().map(|(t, _, p)| (*t, *p)).collect();
     let link_rate = steady(&links, n as i64);
-    report.add(format!("{prefix}_links_per_s"), link_rate.round(), "links/s", format!("links committed/s, steady state (10%–90%), {what}"));
-    report.add(format!("{prefix}_events_published_per_s"), steady(&published, n as i64).round(), "events/s", "identity.linked published by the relay/s (10%–90%)");
-    let done_at = |series: &[(Instant, i64)]| series.iter().find(|(_, c)| *c >= n as i64).map(|(t, _)| t.duration_since(started).as_secs_f64());
+    report.add(
+        format!("{prefix}_links_per_s"),
+        link_rate.round(),
+        "links/s",
+        format!("links committed/s, steady state (10%–90%), {what}"),
+    );
+    report.add(
+        format!("{prefix}_events_published_per_s"),
+        steady(&published, n as i64).round(),
+        "events/s",
+        "identity.linked published by the relay/s (10%–90%)",
+    );
+    let done_at = |series: &[(Instant, i64)]| {
+        series
+            .iter()
+            .find(|(_, c)| *c >= n as i64)
+            .map(|(t, _)| t.duration_since(started).as_secs_f64())
+    };
     if let (Some(l), Some(p)) = (done_at(&links), done_at(&published)) {
-        report.add(format!("{prefix}_all_linked_s"), round3(l), "s", "start → every link committed");
-        report.add(format!("{prefix}_all_published_s"), round3(p), "s", "start → every event published");
+        report.add(
+            format!("{prefix}_all_linked_s"),
+            round3(l),
+            "s",
+            "start → every link committed",
+        );
+        report.add(
+            format!("{prefix}_all_published_s"),
+            round3(p),
+            "s",
+            "start → every event published",
+        );
     }
     Ok(link_rate)
 }
 
 /// Inserts `n` opt-ins in state `sent` named `<prefix><i:08>`, on the page the bench's reply
 /// `i` goes to.
-async fn insert_sent_optins(sql: &tokio_postgres::Client, pages: &[String], prefix: &str, n: usize) -> anyhow::Result<()> {
+async fn insert_sent_optins(
+    sql: &tokio_postgres::Client,
+    pages: &[String],
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<()> {
     sql.execute(
         "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at, \
              message_id, sent_at, attempts, finished_at) \
@@ -163,7 +243,12 @@ async fn insert_sent_optins(sql: &tokio_postgres::Client, pages: &[String], pref
 
 /// Publishes replies `first..first + n` (ingest's messages for the bench bodies) with
 /// confirms, 1000 in flight.
-async fn publish_replies(conn: &lapin::Connection, pages: &[String], first: usize, n: usize) -> anyhow::Result<()> {
+async fn publish_replies(
+    conn: &lapin::Connection,
+    pages: &[String],
+    first: usize,
+    n: usize,
+) -> anyhow::Result<()> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let trace = TraceParent::new_root().to_string();
@@ -218,13 +303,18 @@ async fn sample_until(
                 &[],
             )
             .await?;
-        let (links, published) = (row.get::<_, i64>(0) - links_before, row.get::<_, i64>(1) - links_before);
+        let (links, published) = (
+            row.get::<_, i64>(0) - links_before,
+            row.get::<_, i64>(1) - links_before,
+        );
         samples.push((Instant::now(), links, published));
         if links >= n && published >= n {
             return Ok(samples);
         }
         if Instant::now() > deadline {
-            anyhow::bail!("timed out waiting for {n} links and events (have {links} and {published})");
+            anyhow::bail!(
+                "timed out waiting for {n} links and events (have {links} and {published})"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -232,7 +322,12 @@ async fn sample_until(
 
 /// Rate between the samples where the count first reached 10% and 90% of `n`.
 pub fn steady(samples: &[(Instant, i64)], n: i64) -> f64 {
-    let first_at = |frac: f64| samples.iter().find(|(_, c)| *c as f64 >= frac * n as f64).copied();
+    let first_at = |frac: f64| {
+        samples
+            .iter()
+            .find(|(_, c)| *c as f64 >= frac * n as f64)
+            .copied()
+    };
     match (first_at(0.1), first_at(0.9)) {
         (Some((t1, c1)), Some((t2, c2))) if t2 > t1 => (c2 - c1) as f64 / (t2 - t1).as_secs_f64(),
         // Everything landed between two samples: bound the rate by the sampling interval.
@@ -246,7 +341,13 @@ pub fn steady(samples: &[(Instant, i64)], n: i64) -> f64 {
 
 /// The correlator's SQL for one reply, without the consumer: `INSERT … links … ON CONFLICT DO
 /// NOTHING`, the opt-in update and the `identity.linked` outbox row; 100 per transaction.
-async fn ceiling(pool: &deadpool_postgres::Pool, pages: &[String], first: usize, n: usize, connections: usize) -> anyhow::Result<f64> {
+async fn ceiling(
+    pool: &deadpool_postgres::Pool,
+    pages: &[String],
+    first: usize,
+    n: usize,
+    connections: usize,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut workers = JoinSet::new();
     let per = n.div_ceil(connections.max(1));
@@ -260,7 +361,13 @@ async fn ceiling(pool: &deadpool_postgres::Pool, pages: &[String], first: usize,
             for chunk in ids.chunks(100) {
                 let tx = client.transaction().await?;
                 for &i in chunk {
-                    link_one(&tx, &pages[(i / PER_BODY) % pages.len()], &format!("cx-{i:08}"), i).await?;
+                    link_one(
+                        &tx,
+                        &pages[(i / PER_BODY) % pages.len()],
+                        &format!("cx-{i:08}"),
+                        i,
+                    )
+                    .await?;
                 }
                 tx.commit().await?;
             }
@@ -273,7 +380,12 @@ async fn ceiling(pool: &deadpool_postgres::Pool, pages: &[String], first: usize,
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn link_one(tx: &deadpool_postgres::Transaction<'_>, page: &str, login_id: &str, i: usize) -> anyhow::Result<()> {
+async fn link_one(
+    tx: &deadpool_postgres::Transaction<'_>,
+    page: &str,
+    login_id: &str,
+    i: usize,
+) -> anyhow::Result<()> {
     let at = OffsetDateTime::now_utc();
     let psid = format!("{}", 8_000_000_000_000_000u64 + i as u64);
     let mid = format!("m_ceiling{i:012}");

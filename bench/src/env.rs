@@ -48,7 +48,9 @@ impl BenchEnv {
         let vhost = TestVhost::create();
         let db = TestDb::create().await;
         let graph = FakeGraph::start().await;
-        let pages: Vec<String> = (0..pages.max(1)).map(|i| format!("{}", 900_000_000_000_000u64 + i as u64)).collect();
+        let pages: Vec<String> = (0..pages.max(1))
+            .map(|i| format!("{}", 900_000_000_000_000u64 + i as u64))
+            .collect();
         let mut text = String::new();
         for page in &pages {
             graph.add_page(page, &token(page));
@@ -139,7 +141,10 @@ impl BenchEnv {
     }
 
     /// Starts ingest and waits until it is connected to the broker.
-    pub async fn start_ingest(&self, config: IngestConfig) -> anyhow::Result<Running<RunningIngest>> {
+    pub async fn start_ingest(
+        &self,
+        config: IngestConfig,
+    ) -> anyhow::Result<Running<RunningIngest>> {
         let shutdown = Shutdown::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let service = lc_ingest::start(config, listener, shutdown.clone()).await?;
@@ -152,7 +157,10 @@ impl BenchEnv {
     }
 
     /// Starts the scheduler.
-    pub async fn start_scheduler(&self, config: SchedulerConfig) -> anyhow::Result<Running<RunningScheduler>> {
+    pub async fn start_scheduler(
+        &self,
+        config: SchedulerConfig,
+    ) -> anyhow::Result<Running<RunningScheduler>> {
         let shutdown = Shutdown::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let service = lc_worker::scheduler::start(config, listener, shutdown.clone(), None).await?;
@@ -160,7 +168,10 @@ impl BenchEnv {
     }
 
     /// Starts the correlator.
-    pub async fn start_correlator(&self, config: CorrelatorConfig) -> anyhow::Result<Running<RunningCorrelator>> {
+    pub async fn start_correlator(
+        &self,
+        config: CorrelatorConfig,
+    ) -> anyhow::Result<Running<RunningCorrelator>> {
         let shutdown = Shutdown::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let service = lc_worker::correlator::start(config, listener, shutdown.clone()).await?;
@@ -205,7 +216,10 @@ pub fn token(page: &str) -> String {
 pub async fn stop<T>(shutdown: &Shutdown, task: tokio::task::JoinHandle<T>) {
     shutdown.trigger();
     let abort = task.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(20), task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .is_err()
+    {
         abort.abort();
     }
 }

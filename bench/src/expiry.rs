@@ -88,7 +88,8 @@ pub async fn run(params: &ExpiryParams, report: &mut Report) -> anyhow::Result<(
     .await
     .context("inserting the deadline run's opt-ins")?;
 
-    env.graph.set_latency(Duration::from_millis(params.latency_ms));
+    env.graph
+        .set_latency(Duration::from_millis(params.latency_ms));
     let mut config = env.scheduler_config()?;
     config.window_secs = WINDOW_SECS;
     config.safety_margin_secs = MARGIN_SECS;
@@ -97,7 +98,10 @@ pub async fn run(params: &ExpiryParams, report: &mut Report) -> anyhow::Result<(
     let limit = tokio::time::Instant::now() + Duration::from_secs_f64(horizon + 60.0);
     loop {
         let open: i64 = sql
-            .query_one("SELECT count(*) FROM optins WHERE state IN ('pending', 'sending')", &[])
+            .query_one(
+                "SELECT count(*) FROM optins WHERE state IN ('pending', 'sending')",
+                &[],
+            )
             .await?
             .get(0);
         if open == 0 || tokio::time::Instant::now() > limit {
@@ -108,7 +112,10 @@ pub async fn run(params: &ExpiryParams, report: &mut Report) -> anyhow::Result<(
     stop(&scheduler.shutdown, scheduler.service.task).await;
 
     let mut by_state: HashMap<String, i64> = HashMap::new();
-    for row in sql.query("SELECT state, count(*) FROM optins GROUP BY state", &[]).await? {
+    for row in sql
+        .query("SELECT state, count(*) FROM optins GROUP BY state", &[])
+        .await?
+    {
         by_state.insert(row.get(0), row.get(1));
     }
     let calls: Vec<RecordedCall> = env.graph.send_calls();
@@ -116,31 +123,80 @@ pub async fn run(params: &ExpiryParams, report: &mut Report) -> anyhow::Result<(
     // the call, so an arrival a few milliseconds after it is the HTTP hop, not a late start.
     let lateness: Vec<f64> = calls
         .iter()
-        .filter_map(|c| c.login_id.as_ref().and_then(|l| last_send.get(l)).map(|last| (c.at - *last).as_seconds_f64()))
+        .filter_map(|c| {
+            c.login_id
+                .as_ref()
+                .and_then(|l| last_send.get(l))
+                .map(|last| (c.at - *last).as_seconds_f64())
+        })
         .filter(|late| *late >= 0.0)
         .collect();
     let late = lateness.len();
     let max_late_ms = lateness.iter().copied().fold(0.0, f64::max) * 1000.0;
-    let (Some(first), Some(last)) = (calls.iter().map(|c| c.at).min(), calls.iter().map(|c| c.at).max()) else {
+    let (Some(first), Some(last)) = (
+        calls.iter().map(|c| c.at).min(),
+        calls.iter().map(|c| c.at).max(),
+    ) else {
         report.note("scale deadline run: no Graph call was made");
         return Ok(());
     };
     let span = (last - first).as_seconds_f64().max(0.001);
     let capacity = calls.len() as f64 / span;
-    let deadlines: Vec<f64> = last_send.values().map(|t| (*t - first).as_seconds_f64()).collect();
+    let deadlines: Vec<f64> = last_send
+        .values()
+        .map(|t| (*t - first).as_seconds_f64())
+        .collect();
     let service = params.max_in_flight as f64 / capacity;
     let edf_min = crate::edf::min_expired(&deadlines, params.max_in_flight, service);
     let nominal_service = params.latency_ms as f64 / 1000.0;
     let edf_nominal = crate::edf::min_expired(&deadlines, params.max_in_flight, nominal_service);
     let expired = by_state.get("expired").copied().unwrap_or(0);
 
-    report.add("scale_expiry_n", params.n as f64, "optins", format!("all due at once, last send 1–{horizon:.1} s after start"));
-    report.add("scale_expiry_capacity_per_s", capacity.round(), "sends/s", format!("achieved: calls / span of calls ({} in flight, Graph {} ms)", params.max_in_flight, params.latency_ms));
-    report.add("scale_expiry_nominal_capacity_per_s", nominal.round(), "sends/s", "in flight / Graph latency");
-    report.add("scale_expiry_sent", by_state.get("sent").copied().unwrap_or(0) as f64, "optins", "sent before their deadline");
-    report.add("scale_expiry_expired", expired as f64, "optins", "expired (measured)");
-    report.add("scale_expiry_expired_edf_min", edf_min as f64, "optins", "offline EDF optimum at the achieved capacity");
-    report.add("scale_expiry_expired_edf_nominal", edf_nominal as f64, "optins", "offline EDF optimum at the nominal capacity");
+    report.add(
+        "scale_expiry_n",
+        params.n as f64,
+        "optins",
+        format!("all due at once, last send 1–{horizon:.1} s after start"),
+    );
+    report.add(
+        "scale_expiry_capacity_per_s",
+        capacity.round(),
+        "sends/s",
+        format!(
+            "achieved: calls / span of calls ({} in flight, Graph {} ms)",
+            params.max_in_flight, params.latency_ms
+        ),
+    );
+    report.add(
+        "scale_expiry_nominal_capacity_per_s",
+        nominal.round(),
+        "sends/s",
+        "in flight / Graph latency",
+    );
+    report.add(
+        "scale_expiry_sent",
+        by_state.get("sent").copied().unwrap_or(0) as f64,
+        "optins",
+        "sent before their deadline",
+    );
+    report.add(
+        "scale_expiry_expired",
+        expired as f64,
+        "optins",
+        "expired (measured)",
+    );
+    report.add(
+        "scale_expiry_expired_edf_min",
+        edf_min as f64,
+        "optins",
+        "offline EDF optimum at the achieved capacity",
+    );
+    report.add(
+        "scale_expiry_expired_edf_nominal",
+        edf_nominal as f64,
+        "optins",
+        "offline EDF optimum at the nominal capacity",
+    );
     report.add(
         "scale_expiry_excess",
         round3((expired as f64 - edf_min as f64) / params.n as f64),
@@ -153,14 +209,21 @@ pub async fn run(params: &ExpiryParams, report: &mut Report) -> anyhow::Result<(
         "count",
         "Graph calls arriving at the fake at/after their last send time (checked before the call; the margin covers the hop)",
     );
-    report.add("scale_expiry_max_arrival_after_last_send_ms", round3(max_late_ms), "ms", "the latest such arrival");
+    report.add(
+        "scale_expiry_max_arrival_after_last_send_ms",
+        round3(max_late_ms),
+        "ms",
+        "the latest such arrival",
+    );
     let other: i64 = by_state
         .iter()
         .filter(|(s, _)| !matches!(s.as_str(), "sent" | "expired"))
         .map(|(_, n)| *n)
         .sum();
     if other > 0 {
-        report.note(format!("scale deadline run: {other} opt-ins ended neither sent nor expired: {by_state:?}"));
+        report.note(format!(
+            "scale deadline run: {other} opt-ins ended neither sent nor expired: {by_state:?}"
+        ));
     }
     Ok(())
 }

@@ -78,7 +78,12 @@ impl Latency {
                 format!("{what}, {label}"),
             );
         }
-        report.add(format!("{prefix}_max_ms"), round3(self.max_ms()), "ms", format!("{what}, max"));
+        report.add(
+            format!("{prefix}_max_ms"),
+            round3(self.max_ms()),
+            "ms",
+            format!("{what}, max"),
+        );
     }
 }
 
@@ -98,7 +103,11 @@ mod tests {
             h.record(Duration::from_millis(ms));
         }
         assert_eq!(h.count(), 100);
-        assert!((h.quantile_ms(0.5) - 50.0).abs() < 0.1, "{}", h.quantile_ms(0.5));
+        assert!(
+            (h.quantile_ms(0.5) - 50.0).abs() < 0.1,
+            "{}",
+            h.quantile_ms(0.5)
+        );
         assert!((h.max_ms() - 100.0).abs() < 0.1);
         let mut other = Latency::new();
         other.record_secs(-1.0);

@@ -83,7 +83,12 @@ pub fn per_second(n: u64, d: Duration) -> f64 {
 
 /// Runs `op` in `concurrency` loops for `warmup + measure`; only operations that complete
 /// inside the `measure` window after the warm-up are counted.
-pub async fn closed_loop<F, Fut>(concurrency: usize, warmup: Duration, measure: Duration, op: F) -> LoadResult
+pub async fn closed_loop<F, Fut>(
+    concurrency: usize,
+    warmup: Duration,
+    measure: Duration,
+    op: F,
+) -> LoadResult
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = OpResult> + Send + 'static,
@@ -181,10 +186,15 @@ mod tests {
 
     #[tokio::test]
     async fn closed_loop_counts_only_the_window() {
-        let r = closed_loop(2, Duration::from_millis(20), Duration::from_millis(100), |_, _| async {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            Ok(3)
-        })
+        let r = closed_loop(
+            2,
+            Duration::from_millis(20),
+            Duration::from_millis(100),
+            |_, _| async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok(3)
+            },
+        )
         .await;
         assert!(r.ok > 0 && r.failed == 0);
         assert_eq!(r.events, r.ok * 3);
@@ -193,9 +203,13 @@ mod tests {
 
     #[tokio::test]
     async fn open_loop_runs_every_arrival() {
-        let r = open_loop(200.0, Duration::from_millis(100), Duration::ZERO, 100, |i| async move {
-            if i % 2 == 0 { Ok(1) } else { Err("odd".into()) }
-        })
+        let r = open_loop(
+            200.0,
+            Duration::from_millis(100),
+            Duration::ZERO,
+            100,
+            |i| async move { if i % 2 == 0 { Ok(1) } else { Err("odd".into()) } },
+        )
         .await;
         assert_eq!(r.ok + r.failed, 20);
         assert_eq!(r.first_error.as_deref(), Some("odd"));

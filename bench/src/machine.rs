@@ -48,7 +48,10 @@ impl Machine {
             ("machine_load_start", self.load_start.replace(' ', ",")),
             ("machine_load_end", self.load_end.replace(' ', ",")),
             ("machine_rabbitmq_version", self.rabbitmq_version.clone()),
-            ("machine_postgres_version", short_pg_version(&self.postgres_version)),
+            (
+                "machine_postgres_version",
+                short_pg_version(&self.postgres_version),
+            ),
         ]
     }
 
@@ -133,7 +136,11 @@ fn cpu_model() -> String {
 }
 
 async fn rabbitmq_version() -> String {
-    match tokio::process::Command::new("rabbitmqctl").arg("version").output().await {
+    match tokio::process::Command::new("rabbitmqctl")
+        .arg("version")
+        .output()
+        .await
+    {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
         Ok(out) => format!("unknown: {}", String::from_utf8_lossy(&out.stderr).trim()),
         Err(e) => format!("unknown: {e}"),
@@ -160,10 +167,7 @@ async fn postgres_version() -> String {
 
 /// `PostgreSQL 15.14 (Debian …) on x86_64…` → `15.14`.
 fn short_pg_version(full: &str) -> String {
-    full.split_whitespace()
-        .nth(1)
-        .unwrap_or(full)
-        .to_owned()
+    full.split_whitespace().nth(1).unwrap_or(full).to_owned()
 }
 
 #[cfg(test)]
@@ -172,10 +176,16 @@ mod tests {
 
     #[test]
     fn reads_proc_fields() {
-        assert_eq!(kb_field("VmHWM:\t  1234 kB\nVmRSS: 10 kB", "VmRSS:"), Some(10));
+        assert_eq!(
+            kb_field("VmHWM:\t  1234 kB\nVmRSS: 10 kB", "VmRSS:"),
+            Some(10)
+        );
         assert_eq!(kb_field("x", "VmRSS:"), None);
         assert!(rss_kb() > 0);
         assert!(peak_rss_kb() >= rss_kb() / 2);
-        assert_eq!(short_pg_version("PostgreSQL 15.14 (Debian) on x86_64"), "15.14");
+        assert_eq!(
+            short_pg_version("PostgreSQL 15.14 (Debian) on x86_64"),
+            "15.14"
+        );
     }
 }

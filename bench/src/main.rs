@@ -10,7 +10,10 @@ use lc_bench::suites::{Suite, run_one};
 
 /// Command line of the harness.
 #[derive(Debug, Parser)]
-#[command(name = "bench", about = "Measures loginconnect's stages against the ceiling of this machine (in-process).")]
+#[command(
+    name = "bench",
+    about = "Measures loginconnect's stages against the ceiling of this machine (in-process)."
+)]
 struct Args {
     /// Which suite to run.
     #[arg(value_enum)]
@@ -33,7 +36,9 @@ fn main() -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run(args))
 }
 
@@ -42,10 +47,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut combined: Option<Report> = None;
     for suite in args.suite.expand() {
         let t = Instant::now();
-        eprintln!("running {} ({})…", suite.name(), if args.quick { "quick" } else { "full" });
+        eprintln!(
+            "running {} ({})…",
+            suite.name(),
+            if args.quick { "quick" } else { "full" }
+        );
         let report = run_one(suite, args.quick).await?;
         print!("{}", report.render());
-        println!("{}_elapsed_s={:.1}", suite.name(), t.elapsed().as_secs_f64());
+        println!(
+            "{}_elapsed_s={:.1}",
+            suite.name(),
+            t.elapsed().as_secs_f64()
+        );
         let path = report.write(&args.out)?;
         println!("written: {}", path.display());
         match combined.as_mut() {

@@ -73,7 +73,13 @@ impl Report {
     }
 
     /// Adds a figure.
-    pub fn add(&mut self, name: impl Into<String>, value: f64, unit: &'static str, what: impl Into<String>) {
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        what: impl Into<String>,
+    ) {
         self.figures.push(Figure {
             name: name.into(),
             value,
@@ -94,13 +100,20 @@ impl Report {
 
     /// The value of a figure, if measured.
     pub fn get(&self, name: &str) -> Option<f64> {
-        self.figures.iter().find(|f| f.name == name).map(|f| f.value)
+        self.figures
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.value)
     }
 
     /// Records a target: `figure` must be at least `min` (or at most, with `at_most`).
     pub fn target(&mut self, text: &str, figure: &str, bound: f64, at_most: bool) {
         if let Some(measured) = self.get(figure) {
-            let met = if at_most { measured <= bound } else { measured >= bound };
+            let met = if at_most {
+                measured <= bound
+            } else {
+                measured >= bound
+            };
             self.targets.push(Target {
                 text: text.to_owned(),
                 figure: figure.to_owned(),
@@ -144,9 +157,20 @@ impl Report {
         let _ = writeln!(
             out,
             "machine: {} cores ({}), {} MB RAM, load {} → {}, RabbitMQ {}, {}",
-            m.cores, m.cpu_model, m.ram_mb, m.load_start, m.load_end, m.rabbitmq_version, m.postgres_version
+            m.cores,
+            m.cpu_model,
+            m.ram_mb,
+            m.load_start,
+            m.load_end,
+            m.rabbitmq_version,
+            m.postgres_version
         );
-        let width = self.figures.iter().map(|f| f.name.len()).max().unwrap_or(10);
+        let width = self
+            .figures
+            .iter()
+            .map(|f| f.name.len())
+            .max()
+            .unwrap_or(10);
         for f in &self.figures {
             let _ = writeln!(
                 out,

@@ -1,8 +1,9 @@
 //! The `scale` suite: a million pending opt-ins (deadlines spread over the next 24 hours, next
 //! attempts in the future: delayed sends and scheduled retries) plus a steady stream of opt-ins
-//! due now → latency of `store::claim_due`, its plan, table and index sizes; the same with an
-//! extra index the bench proposes, and with the whole backlog due; the real scheduler draining
-//! that backlog with its resident memory sampled; then the deadline run ([`crate::expiry`]).
+//! due now → latency of `store::claim_due`, its plan, table and index sizes, without and with
+//! the next-attempt index (migration V3; measured both ways whatever ships), and again with the
+//! whole backlog due; the real scheduler draining that backlog (schema as shipped) with its
+//! resident memory sampled; then the deadline run ([`crate::expiry`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,8 +75,10 @@ pub const CLAIM_SQL: &str = "WITH due AS ( \
  RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
      o.traceparent";
 
-/// The index the bench tries beside the shipped ones (see BENCHMARKS.md).
-pub const PROPOSED_INDEX: &str = "CREATE INDEX optins_pending_by_next_attempt ON optins (next_attempt_at) \
+/// The index on the next attempt of pending rows (migration V3). The suite measures claims
+/// without it and with it, whatever the migrations ship, and checks the targets against the
+/// shipped schema.
+pub const PROPOSED_INDEX: &str = "CREATE INDEX IF NOT EXISTS optins_pending_by_next_attempt ON optins (next_attempt_at) \
      INCLUDE (deadline) WHERE state = 'pending'";
 
 /// Runs the suite.
@@ -108,6 +111,22 @@ pub async fn run(params: &ScaleParams, quick: bool) -> anyhow::Result<Report> {
         params.due_rate
     ));
 
+    let shipped: bool = sql
+        .query_one(
+            "SELECT to_regclass('optins_pending_by_next_attempt') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    report.add(
+        "scale_next_attempt_index_shipped",
+        f64::from(u8::from(shipped)),
+        "bool",
+        "the migrations create optins_pending_by_next_attempt (1) or not (0)",
+    );
+    sql.batch_execute("DROP INDEX IF EXISTS optins_pending_by_next_attempt")
+        .await?;
+    sql.batch_execute("ANALYZE optins").await?;
     claim_phase(&pool, &env.pages, params, "scale_claim", &mut report).await?;
     sql.batch_execute(PROPOSED_INDEX).await?;
     sql.batch_execute("ANALYZE optins").await?;
@@ -136,6 +155,11 @@ pub async fn run(params: &ScaleParams, quick: bool) -> anyhow::Result<Report> {
     sql.batch_execute("DROP INDEX optins_pending_by_next_attempt; ANALYZE optins")
         .await?;
     claim_phase(&pool, &env.pages, params, "scale_claim_alldue", &mut report).await?;
+    if shipped {
+        // The drain runs against the schema as shipped.
+        sql.batch_execute(PROPOSED_INDEX).await?;
+        sql.batch_execute("ANALYZE optins").await?;
+    }
 
     drain(&env, &sql, params.drain, &mut report).await?;
     drop(sql);
@@ -143,15 +167,20 @@ pub async fn run(params: &ScaleParams, quick: bool) -> anyhow::Result<Report> {
     drop(env);
     crate::expiry::run(&params.expiry, &mut report).await?;
     report.finish();
+    let (pending, all_due) = if shipped {
+        ("scale_claim_idx_p99_ms", "scale_claim_alldue_idx_p99_ms")
+    } else {
+        ("scale_claim_p99_ms", "scale_claim_alldue_p99_ms")
+    };
     report.target(
-        "claim p99 < 5 ms with the pending backlog (shipped indexes)",
-        "scale_claim_p99_ms",
+        "claim p99 < 5 ms with the pending backlog (shipped schema)",
+        pending,
         5.0,
         true,
     );
     report.target(
-        "claim p99 < 5 ms with the whole backlog due (shipped indexes)",
-        "scale_claim_alldue_p99_ms",
+        "claim p99 < 5 ms with the whole backlog due (shipped schema)",
+        all_due,
         5.0,
         true,
     );
@@ -272,16 +301,15 @@ async fn claim_phase(
     let end = Instant::now() + params.claim_window;
     while Instant::now() < end {
         let t = Instant::now();
-        let rows =
-            store::claim_due(
-                &client,
-                "bench-claim",
-                Duration::from_secs(60),
-                100,
-                &[],
-                Duration::ZERO,
-            )
-            .await?;
+        let rows = store::claim_due(
+            &client,
+            "bench-claim",
+            Duration::from_secs(60),
+            100,
+            &[],
+            Duration::ZERO,
+        )
+        .await?;
         lat.record(t.elapsed());
         claims += 1;
         claimed += rows.len();

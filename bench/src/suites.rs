@@ -46,19 +46,35 @@ impl Suite {
 pub async fn run_one(suite: Suite, quick: bool) -> anyhow::Result<Report> {
     match suite {
         Suite::Ingest => {
-            let p = if quick { IngestParams::quick() } else { IngestParams::full() };
+            let p = if quick {
+                IngestParams::quick()
+            } else {
+                IngestParams::full()
+            };
             crate::ingest::run(&p, quick).await
         }
         Suite::Scheduler => {
-            let p = if quick { SchedulerParams::quick() } else { SchedulerParams::full() };
+            let p = if quick {
+                SchedulerParams::quick()
+            } else {
+                SchedulerParams::full()
+            };
             crate::scheduler::run(&p, quick).await
         }
         Suite::Correlator => {
-            let p = if quick { CorrelatorParams::quick() } else { CorrelatorParams::full() };
+            let p = if quick {
+                CorrelatorParams::quick()
+            } else {
+                CorrelatorParams::full()
+            };
             crate::correlator::run(&p, quick).await
         }
         Suite::Scale => {
-            let p = if quick { ScaleParams::quick() } else { ScaleParams::full() };
+            let p = if quick {
+                ScaleParams::quick()
+            } else {
+                ScaleParams::full()
+            };
             crate::scale::run(&p, quick).await
         }
         Suite::All => anyhow::bail!("`all` is run suite by suite"),

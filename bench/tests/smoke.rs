@@ -6,7 +6,9 @@ use lc_bench::scheduler::{SchedulerParams, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tiniest_scheduler_suite_produces_figures() {
-    let report = run(&SchedulerParams::tiny(), true).await.expect("scheduler suite runs");
+    let report = run(&SchedulerParams::tiny(), true)
+        .await
+        .expect("scheduler suite runs");
     for name in [
         "scheduler_0ms_sends_per_s",
         "scheduler_0ms_optin_to_send_p99_ms",
@@ -14,7 +16,9 @@ async fn the_tiniest_scheduler_suite_produces_figures() {
         "scheduler_vs_db",
         "scheduler_peak_rss_mb",
     ] {
-        let value = report.get(name).unwrap_or_else(|| panic!("figure {name} missing:\n{}", report.render()));
+        let value = report
+            .get(name)
+            .unwrap_or_else(|| panic!("figure {name} missing:\n{}", report.render()));
         assert!(value.is_finite() && value > 0.0, "{name} = {value}");
     }
     let rendered = report.render();
@@ -23,5 +27,10 @@ async fn the_tiniest_scheduler_suite_produces_figures() {
     assert!(rendered.contains("machine_cores="), "{rendered}");
     let json = report.to_json();
     assert!(json["figures"]["scheduler_vs_db"].is_number(), "{json}");
-    assert!(json["machine"]["postgres_version"].as_str().is_some_and(|v| v.contains("PostgreSQL")), "{json}");
+    assert!(
+        json["machine"]["postgres_version"]
+            .as_str()
+            .is_some_and(|v| v.contains("PostgreSQL")),
+        "{json}"
+    );
 }

@@ -20,15 +20,29 @@ pub struct IngestConfig {
 
     /// Meta app secrets, comma-separated; a delivery signed with any one of them is accepted
     /// (secret rotation, or one deployment serving two apps).
-    #[arg(long = "app-secrets", env = "META_APP_SECRETS", value_delimiter = ',', required = true, hide_env_values = true)]
+    #[arg(
+        long = "app-secrets",
+        env = "META_APP_SECRETS",
+        value_delimiter = ',',
+        required = true,
+        hide_env_values = true
+    )]
     pub app_secrets: Vec<Secret>,
 
     /// Token Meta echoes in the `GET /webhook` subscription handshake.
-    #[arg(long = "verify-token", env = "META_VERIFY_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "verify-token",
+        env = "META_VERIFY_TOKEN",
+        hide_env_values = true
+    )]
     pub verify_token: Secret,
 
     /// Also accept the legacy `X-Hub-Signature: sha1=…` header when the SHA-256 one is absent.
-    #[arg(long = "accept-sha1-signature", env = "ACCEPT_SHA1_SIGNATURE", default_value_t = false)]
+    #[arg(
+        long = "accept-sha1-signature",
+        env = "ACCEPT_SHA1_SIGNATURE",
+        default_value_t = false
+    )]
     pub accept_sha1: bool,
 
     /// Largest accepted webhook body in bytes (Meta batches up to 1000 events).
@@ -37,15 +51,27 @@ pub struct IngestConfig {
 
     /// How long to wait for the broker to confirm a body's messages before answering 503
     /// (Meta gives up after about 5 s and redelivers).
-    #[arg(long = "confirm-timeout-ms", env = "INGEST_CONFIRM_TIMEOUT_MS", default_value_t = 2000)]
+    #[arg(
+        long = "confirm-timeout-ms",
+        env = "INGEST_CONFIRM_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
     pub confirm_timeout_ms: u64,
 
     /// Bound on reading and handling one request, so a slow client cannot hold a connection.
-    #[arg(long = "request-timeout-ms", env = "INGEST_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long = "request-timeout-ms",
+        env = "INGEST_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub request_timeout_ms: u64,
 
     /// Confirm-mode channels used for publishing (round robin).
-    #[arg(long = "publish-channels", env = "INGEST_PUBLISH_CHANNELS", default_value_t = 4)]
+    #[arg(
+        long = "publish-channels",
+        env = "INGEST_PUBLISH_CHANNELS",
+        default_value_t = 4
+    )]
     pub publish_channels: usize,
 
     #[command(flatten)]

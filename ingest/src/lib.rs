@@ -40,7 +40,9 @@ pub enum IngestError {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The listen address cannot be bound.
-    #[error("cannot listen on {addr}: {source} (is another process using the port? set INGEST_ADDR)")]
+    #[error(
+        "cannot listen on {addr}: {source} (is another process using the port? set INGEST_ADDR)"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -183,8 +185,15 @@ pub async fn run(config: IngestConfig, shutdown: Shutdown) -> Result<(), IngestE
             source,
         })?;
     let running = start(config, listener, shutdown).await?;
-    if running.broker.wait_ready(Duration::from_secs(30)).await.is_err() {
-        tracing::warn!("RabbitMQ not reachable yet; answering 503 until it is (retrying in the background)");
+    if running
+        .broker
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "RabbitMQ not reachable yet; answering 503 until it is (retrying in the background)"
+        );
     }
     match running.task.await {
         Ok(result) => result,

@@ -82,7 +82,10 @@ pub fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration)
         .route("/metrics", get(metrics))
         .merge(crate::login_events::routes(state.login.clone()))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
@@ -201,7 +204,11 @@ async fn handle_delivery(
                         // Serialising our own struct of strings cannot fail; if it ever does,
                         // keep the whole body rather than lose the event.
                         tracing::error!(error = %e, "cannot encode event; keeping body as unparsed");
-                        out = vec![publish::unparsed_message(body, &e.to_string(), &traceparent)];
+                        out = vec![publish::unparsed_message(
+                            body,
+                            &e.to_string(),
+                            &traceparent,
+                        )];
                         break;
                     }
                 }
@@ -211,7 +218,11 @@ async fn handle_delivery(
         Err(e) => {
             tracing::warn!(error = %e, "signed webhook body does not parse; keeping it on messenger.unparsed");
             (
-                vec![publish::unparsed_message(body, &e.to_string(), &traceparent)],
+                vec![publish::unparsed_message(
+                    body,
+                    &e.to_string(),
+                    &traceparent,
+                )],
                 true,
             )
         }
@@ -230,7 +241,11 @@ async fn handle_delivery(
                     s.metrics.events_published.with_label_values(&[kind]).inc();
                 }
             }
-            tracing::debug!(latency_ms = latency.as_millis(), unparsed, "delivery stored");
+            tracing::debug!(
+                latency_ms = latency.as_millis(),
+                unparsed,
+                "delivery stored"
+            );
             (StatusCode::OK, "EVENT_RECEIVED\n").into_response()
         }
         Err(e) => {
@@ -252,7 +267,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if ready {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: broker not connected or shutting down\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: broker not connected or shutting down\n",
+        )
             .into_response()
     }
 }

@@ -26,8 +26,13 @@ mod common {
             "prior_message": {"source": "login_connect", "identifier": format!("login-bench-{n:08}")}
         });
         let bare = item.to_string().len();
-        let words = "Hi, I signed up on your site yesterday and I would like to know where my order is. ";
-        let text: String = words.chars().cycle().take(1000usize.saturating_sub(bare)).collect();
+        let words =
+            "Hi, I signed up on your site yesterday and I would like to know where my order is. ";
+        let text: String = words
+            .chars()
+            .cycle()
+            .take(1000usize.saturating_sub(bare))
+            .collect();
         item["message"]["text"] = Value::String(text);
         item
     }
@@ -52,7 +57,13 @@ mod common {
 
 fn verify(c: &mut Criterion) {
     let one = SignatureVerifier::new(&[Secret::new("bench-app-secret")], false);
-    let two = SignatureVerifier::new(&[Secret::new("old-app-secret"), Secret::new("bench-app-secret")], false);
+    let two = SignatureVerifier::new(
+        &[
+            Secret::new("old-app-secret"),
+            Secret::new("bench-app-secret"),
+        ],
+        false,
+    );
     let mut group = c.benchmark_group("signature_verify");
     for (label, body) in [
         ("optin_200B", common::optin_body()),
@@ -90,7 +101,9 @@ fn parse(c: &mut Criterion) {
         let queued = QueuedEvent::from_webhook(ev);
         let json = serde_json::to_vec(&queued).unwrap_or_default();
         group.throughput(Throughput::Elements(1));
-        group.bench_function("encode_1KB", |b| b.iter(|| serde_json::to_vec(black_box(&queued))));
+        group.bench_function("encode_1KB", |b| {
+            b.iter(|| serde_json::to_vec(black_box(&queued)))
+        });
         group.bench_function("decode_and_parse_1KB", |b| {
             b.iter(|| {
                 serde_json::from_slice::<QueuedEvent>(black_box(&json))

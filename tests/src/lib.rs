@@ -6,7 +6,7 @@
 //! - [`pipeline`]: starting ingest and the workers in-process against those, and helpers to
 //!   post signed deliveries and watch public events.
 
+pub mod contract;
 pub mod fake_graph;
 pub mod harness;
 pub mod pipeline;
-pub mod contract;
