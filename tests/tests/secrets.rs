@@ -154,7 +154,13 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
         .try_init()
         .expect("the capture must be the process-wide subscriber");
     let mut out = Outputs::default();
-    let http = reqwest::Client::new();
+    // No connection reuse: ingest closes idle keep-alive connections after its request
+    // timeout, and a pooled connection reused at that moment fails with IncompleteMessage
+    // (a client-side race unrelated to what this test checks).
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
 
     let env = TestEnv::new().await;
     write_pages_file(&env.pages_file);
