@@ -4,8 +4,8 @@
 //! connection of the suite's vhost, terminating every backend of the suite's database,
 //! bursts of Graph rate-limit answers and of hung calls (longer than the client timeout),
 //! and once per run a page token turned invalid at Graph and then fixed in the pages file
-//! (with `SIGHUP` to the schedulers). With the flags, also a broker stop/start and a
-//! database server restart, once each (they hit every user of the machine). The 30 %
+//! (with `SIGHUP` to the schedulers). On the suite's private services, also a broker
+//! stop/start and a database server crash and restart, once each. The 30 %
 //! transient Graph errors are on for the whole load and are not part of this loop.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use lc_testkit::fake_graph::{FakeGraph, FakeResponse};
 
 use crate::procs::{Fleet, Role};
-use crate::setup::{self, Services};
+use crate::setup::Services;
 use crate::workload::PAGES;
 
 /// The kinds of fault the loop may pick.
@@ -33,9 +33,9 @@ pub enum Fault {
     Hang,
     /// A page token turned invalid at Graph, fixed later by the pages file + SIGHUP.
     Token,
-    /// `rabbitmqctl stop_app` / `start_app` (flag).
+    /// `rabbitmqctl stop_app` / `start_app` (private services only).
     BrokerRestart,
-    /// PostgreSQL server restart (flag).
+    /// PostgreSQL server crash-stop and start (private services only).
     DbRestart,
 }
 
@@ -365,12 +365,16 @@ impl Chaos<'_> {
             }
             Fault::BrokerRestart => {
                 self.timeline.note("broker: rabbitmqctl stop_app".into());
-                setup::restart_broker(Duration::from_secs(5)).await?;
+                self.services.restart_broker(Duration::from_secs(5)).await?;
                 self.timeline.note("broker: rabbitmqctl start_app".into());
             }
             Fault::DbRestart => {
-                setup::restart_database()?;
-                self.timeline.note("database: server restarted".into());
+                self.timeline
+                    .note("database: server crash-stopped (pg_ctl stop -m immediate)".into());
+                self.services
+                    .restart_database(Duration::from_secs(3))
+                    .await?;
+                self.timeline.note("database: server started".into());
             }
         }
         Ok(())

@@ -1,21 +1,24 @@
 //! `faults`: the fault suite of loginconnect.
 //!
 //! Runs the real `ingest`, `scheduler` and `correlator` binaries as child processes (two
-//! schedulers, two correlators, two ingests) against the local RabbitMQ (its own vhost) and
-//! PostgreSQL (its own database), with the fake Graph API in this process so faults can be
+//! schedulers, two correlators, two ingests) against RabbitMQ (its own vhost) and PostgreSQL
+//! (its own database) — by default a broker node and a database cluster the suite starts
+//! itself from the local installations (see [`private`]), so that it may also stop the
+//! broker and crash the database server — with the fake Graph API in this process so faults can be
 //! scripted and every call read back. It posts a stream of signed opt-ins and replies
 //! through ingest, injects faults meanwhile (see [`chaos`]), waits for the system to settle
 //! and checks the books (see [`books`]). The last line is `N passed, N failed`; the exit
 //! code is 0 only if every check passed.
 //!
 //! ```text
-//! scripts/faults --short          # CI: 1,000 opt-ins, 300 replies, about 3 minutes
-//! scripts/faults                  # full: 10,000 opt-ins, 3,000 replies
-//! scripts/faults --broker-restart --db-restart   # also stop the broker and the database
+//! scripts/faults --short             # CI: 1,000 opt-ins, 300 replies, about 3 minutes
+//! scripts/faults                     # full: 10,000 opt-ins, 3,000 replies
+//! scripts/faults --services shared   # on the machine's broker and server (no restarts)
 //! ```
 
 mod books;
 mod chaos;
+mod private;
 mod procs;
 mod setup;
 mod workload;
@@ -58,16 +61,15 @@ struct Args {
     /// with --short).
     #[arg(long)]
     load_secs: Option<u64>,
-    /// Also stop and start the RabbitMQ application once. Off by default: it cuts every
-    /// connection on the broker, other developers' tests included.
-    #[arg(long)]
-    broker_restart: bool,
-    /// Also restart the PostgreSQL server once. Off by default: it cuts every database on
-    /// the server, other developers' tests included.
-    #[arg(long)]
-    db_restart: bool,
+    /// `private`: start a RabbitMQ node and a PostgreSQL cluster of the suite's own (from the
+    /// local installations, on free ports; needs root or the services' users) and run every
+    /// fault there, broker stop/start and database crash included. `shared`: use the
+    /// machine's broker and server (TEST_AMQP_BASE, TEST_POSTGRES_BASE) with a vhost and a
+    /// database of the suite's own, and leave out the two faults that would hit other users.
+    #[arg(long, value_enum, default_value_t = ServicesMode::Private)]
+    services: ServicesMode,
     /// Faults to leave out (comma-separated): kill, broker-close, db-terminate, rate-limit,
-    /// hang, token, graph-errors.
+    /// hang, token, broker-restart, db-restart, graph-errors.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Share of Send API calls failing transiently during the load.
@@ -93,6 +95,15 @@ struct Args {
     keep: bool,
 }
 
+/// Where the suite's broker and database run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ServicesMode {
+    /// A broker node and a database cluster of the suite's own.
+    Private,
+    /// The machine's broker and server (own vhost and database).
+    Shared,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // The fake Graph logs every call at info; the suite prints its own report.
@@ -106,10 +117,20 @@ async fn main() -> anyhow::Result<()> {
         "--unknown-outcome must be fail or retry"
     );
     anyhow::ensure!(args.ingests >= 1, "--ingests must be at least 1");
-    let services = Services::create(args.keep).await?;
+    let mut services =
+        match Services::create(args.keep, args.services == ServicesMode::Private).await {
+            Ok(services) => services,
+            Err(e) => {
+                println!("FAIL cannot set up the suite's broker and database: {e:#}");
+                println!("0 passed, 1 failed");
+                std::process::exit(1);
+            }
+        };
     println!(
-        "faults: vhost {} and database {}",
-        services.vhost, services.database
+        "faults: vhost {} and database {} on {}",
+        services.vhost,
+        services.database,
+        services.describe()
     );
     let result = run(&args, &services).await;
     services.remove().await;
@@ -137,24 +158,30 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
     let replies = args.replies.unwrap_or(if args.short { 300 } else { 3_000 });
     let load = Duration::from_secs(args.load_secs.unwrap_or(if args.short { 60 } else { 240 }));
     let skip = |name: &str| args.skip.iter().any(|s| s == name);
-    let mut enabled: Vec<Fault> = [
+    let enabled: Vec<Fault> = [
         "kill",
         "broker-close",
         "db-terminate",
         "rate-limit",
         "hang",
         "token",
+        "broker-restart",
+        "db-restart",
     ]
     .into_iter()
     .filter(|f| !skip(f))
     .filter_map(Fault::parse)
+    .filter(|f| {
+        let restart = matches!(f, Fault::BrokerRestart | Fault::DbRestart);
+        if restart && !services.is_private() {
+            println!(
+                "faults: {} left out: the broker and server are shared (--services shared)",
+                f.name()
+            );
+        }
+        !restart || services.is_private()
+    })
     .collect();
-    if args.broker_restart {
-        enabled.push(Fault::BrokerRestart);
-    }
-    if args.db_restart {
-        enabled.push(Fault::DbRestart);
-    }
     for s in &args.skip {
         anyhow::ensure!(
             s == "graph-errors" || Fault::parse(s).is_some(),

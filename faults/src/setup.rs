@@ -1,11 +1,14 @@
-//! The suite's own corner of the shared services: a RabbitMQ vhost and a PostgreSQL database,
+//! The suite's own corner of the services: a RabbitMQ vhost and a PostgreSQL database,
 //! created at start and removed at the end, and the operator commands the faults use.
 //!
-//! Every broker and database fault is aimed at this vhost or database only, because other
-//! developers' tests run on the same broker and server at the same time. The two faults that
-//! cannot be aimed (stopping the broker app, restarting the database server) are behind
-//! explicit flags.
+//! By default the suite starts a private RabbitMQ node and PostgreSQL cluster (see
+//! [`crate::private`]) and works there, so every fault, the broker stop/start and the
+//! database server restart included, hits only the suite. With `--services shared` it uses
+//! the machine's broker and server instead; every fault is then aimed at its own vhost or
+//! database, because other developers' tests run there at the same time, and the two faults
+//! that cannot be aimed are left out.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,19 +21,21 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use lc_shared::topology;
 
-/// RabbitMQ host and credentials (the vhost is appended).
-pub fn amqp_base() -> String {
+use crate::private::{PrivateBroker, PrivateCluster};
+
+/// The machine's RabbitMQ host and credentials (the vhost is appended).
+fn shared_amqp_base() -> String {
     std::env::var("TEST_AMQP_BASE").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
 }
 
-/// PostgreSQL server (the database name is appended).
-pub fn postgres_base() -> String {
+/// The machine's PostgreSQL server (the database name is appended).
+fn shared_postgres_base() -> String {
     std::env::var("TEST_POSTGRES_BASE")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-/// Runs `rabbitmqctl` with `args` and returns its standard output.
-pub fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+/// Runs the machine's `rabbitmqctl` with `args` and returns its standard output.
+fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("rabbitmqctl")
         .args(args)
         .output()
@@ -44,7 +49,7 @@ pub fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The suite's vhost and database.
+/// The suite's vhost and database, on private or shared services.
 pub struct Services {
     /// The vhost name.
     pub vhost: String,
@@ -52,39 +57,92 @@ pub struct Services {
     pub database: String,
     /// Keep both after the run (for inspection).
     pub keep: bool,
+    /// The suite's own broker node, if it runs one.
+    broker: Option<PrivateBroker>,
+    /// The suite's own PostgreSQL cluster, if it runs one.
+    cluster: Option<PrivateCluster>,
+    /// Folder of the private services' files.
+    private_dir: Option<PathBuf>,
 }
 
 impl Services {
-    /// Creates a fresh vhost (with permissions for `guest`) and an empty database.
-    pub async fn create(keep: bool) -> anyhow::Result<Self> {
+    /// Creates a fresh vhost (with permissions for `guest`) and an empty database, on a
+    /// broker node and a database cluster of the suite's own when `private`.
+    pub async fn create(keep: bool, private: bool) -> anyhow::Result<Self> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("faults_{}_{}", std::process::id(), &suffix[..8]);
-        rabbitmqctl(&["add_vhost", &name])?;
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"])?;
-        let services = Self {
+        let mut services = Self {
             vhost: name.clone(),
-            database: name,
+            database: name.clone(),
             keep,
+            broker: None,
+            cluster: None,
+            private_dir: None,
         };
+        if private {
+            let dir = std::env::temp_dir().join(format!("lc-{name}"));
+            services.private_dir = Some(dir.clone());
+            // Set before starting, so a failed start still stops what did start.
+            services.cluster = Some(PrivateCluster::start(&dir)?);
+            services.broker = Some(PrivateBroker::start(&dir, &name).await?);
+        }
+        services.ctl(&["add_vhost", &name])?;
+        services.ctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"])?;
         services
             .admin_sql(&format!("CREATE DATABASE \"{}\"", services.database))
             .await?;
         Ok(services)
     }
 
+    /// Where the services run, for the report.
+    pub fn describe(&self) -> String {
+        match (&self.broker, &self.cluster) {
+            (Some(b), Some(c)) => format!(
+                "private RabbitMQ node {} (port {}) and PostgreSQL cluster (port {})",
+                b.node, b.port, c.port
+            ),
+            _ => "the machine's RabbitMQ and PostgreSQL (shared)".into(),
+        }
+    }
+
+    /// Whether the broker and the database server are the suite's own (restarts allowed).
+    pub fn is_private(&self) -> bool {
+        self.broker.is_some() && self.cluster.is_some()
+    }
+
+    /// `rabbitmqctl` against the suite's broker.
+    fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        match &self.broker {
+            Some(b) => b.ctl(args),
+            None => rabbitmqctl(args),
+        }
+    }
+
+    fn amqp_base(&self) -> String {
+        self.broker
+            .as_ref()
+            .map_or_else(shared_amqp_base, PrivateBroker::amqp_base)
+    }
+
+    fn postgres_base(&self) -> String {
+        self.cluster
+            .as_ref()
+            .map_or_else(shared_postgres_base, PrivateCluster::postgres_base)
+    }
+
     /// AMQP URL of the vhost.
     pub fn amqp_url(&self) -> String {
-        format!("{}/{}", amqp_base(), self.vhost)
+        format!("{}/{}", self.amqp_base(), self.vhost)
     }
 
     /// URL of the database.
     pub fn database_url(&self) -> String {
-        format!("{}/{}", postgres_base(), self.database)
+        format!("{}/{}", self.postgres_base(), self.database)
     }
 
     /// One statement on the `postgres` maintenance database.
     async fn admin_sql(&self, statement: &str) -> anyhow::Result<u64> {
-        let url = format!("{}/postgres", postgres_base());
+        let url = format!("{}/postgres", self.postgres_base());
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .context("cannot connect to PostgreSQL")?;
@@ -191,7 +249,7 @@ impl Services {
 
     /// Ready + unacknowledged messages of every queue of the vhost.
     pub fn queue_depths(&self) -> anyhow::Result<std::collections::HashMap<String, u64>> {
-        let out = rabbitmqctl(&[
+        let out = self.ctl(&[
             "-q",
             "list_queues",
             "-p",
@@ -214,7 +272,7 @@ impl Services {
     /// Closes every broker connection of this vhost (never other vhosts': other developers'
     /// tests share the broker). Returns how many were closed.
     pub fn close_vhost_connections(&self) -> anyhow::Result<usize> {
-        let out = rabbitmqctl(&[
+        let out = self.ctl(&[
             "-q",
             "list_connections",
             "pid",
@@ -229,7 +287,10 @@ impl Services {
             };
             if vhost.trim() == self.vhost {
                 // A connection may close by itself between listing and closing: not an error.
-                if rabbitmqctl(&["close_connection", pid.trim(), "fault test"]).is_ok() {
+                if self
+                    .ctl(&["close_connection", pid.trim(), "fault test"])
+                    .is_ok()
+                {
                     closed += 1;
                 }
             }
@@ -239,7 +300,7 @@ impl Services {
 
     /// Terminates every backend connected to this database (only this one). Returns how many.
     pub async fn terminate_backends(&self) -> anyhow::Result<u64> {
-        let url = format!("{}/postgres", postgres_base());
+        let url = format!("{}/postgres", self.postgres_base());
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         let task = tokio::spawn(conn);
         let rows = client
@@ -254,59 +315,64 @@ impl Services {
         Ok(rows.len() as u64)
     }
 
-    /// Removes the vhost and the database (unless `keep`).
-    pub async fn remove(&self) {
+    /// Removes the vhost and the database (unless `keep`), and stops the private services.
+    pub async fn remove(&mut self) {
         if self.keep {
             println!(
                 "kept vhost {} and database {} for inspection",
                 self.vhost, self.database
             );
-            return;
+        } else {
+            let _ = self.ctl(&["delete_vhost", &self.vhost]);
+            let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
+            if let Err(e) = self.admin_sql(&drop).await {
+                eprintln!("could not drop database {}: {e}", self.database);
+            }
         }
-        let _ = rabbitmqctl(&["delete_vhost", &self.vhost]);
-        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
-        if let Err(e) = self.admin_sql(&drop).await {
-            eprintln!("could not drop database {}: {e}", self.database);
+        self.stop_private();
+    }
+
+    /// Stops the private broker and cluster, if any (their files stay with `keep`).
+    fn stop_private(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.stop(self.keep);
+        }
+        if let Some(c) = self.cluster.take() {
+            c.stop(self.keep);
+        }
+        if let Some(dir) = self.private_dir.take() {
+            if self.keep {
+                println!("kept the private services' files in {}", dir.display());
+            } else {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+
+    /// Stops and starts the broker application (the private node only: on a shared broker
+    /// it would cut every other user's connections).
+    pub async fn restart_broker(&self, down_for: Duration) -> anyhow::Result<()> {
+        match &self.broker {
+            Some(b) => b.restart_app(down_for).await,
+            None => bail!("refusing to stop a shared broker; run with --services private"),
+        }
+    }
+
+    /// Crash-stops and starts the database server (the private cluster only).
+    pub async fn restart_database(&self, down_for: Duration) -> anyhow::Result<()> {
+        match &self.cluster {
+            Some(c) => c.restart(down_for).await,
+            None => {
+                bail!("refusing to restart a shared database server; run with --services private")
+            }
         }
     }
 }
 
-/// Stops and starts the RabbitMQ application (every vhost on the machine loses its
-/// connections: only with `--broker-restart`).
-pub async fn restart_broker(down_for: Duration) -> anyhow::Result<()> {
-    rabbitmqctl(&["stop_app"])?;
-    tokio::time::sleep(down_for).await;
-    rabbitmqctl(&["start_app"])?;
-    Ok(())
-}
-
-/// Restarts the PostgreSQL server (every database on the machine: only with `--db-restart`).
-pub fn restart_database() -> anyhow::Result<()> {
-    let versions = std::fs::read_dir("/etc/postgresql")
-        .context("no /etc/postgresql: cannot find the cluster to restart")?;
-    let mut names: Vec<String> = versions
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
-    names.sort_by_key(|v| v.parse::<u32>().unwrap_or(0));
-    let Some(version) = names.last() else {
-        bail!("no PostgreSQL cluster under /etc/postgresql");
-    };
-    let out = Command::new("pg_ctlcluster")
-        .args([
-            "--skip-systemctl-redirect",
-            version,
-            "main",
-            "restart",
-            "-m",
-            "fast",
-        ])
-        .output()
-        .context("cannot run pg_ctlcluster")?;
-    if !out.status.success() {
-        bail!(
-            "pg_ctlcluster restart failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+impl Drop for Services {
+    /// A suite that stops on an error or a panic must not leave a broker node and a database
+    /// server running behind it.
+    fn drop(&mut self) {
+        self.stop_private();
     }
-    Ok(())
 }

@@ -1,0 +1,260 @@
+//! A private RabbitMQ node and PostgreSQL cluster, started by the suite from the machine's own
+//! installations on free ports, so that the two faults that cannot be aimed at one vhost or
+//! one database (stopping the broker application, restarting the database server) hit only
+//! the suite.
+//!
+//! Both run as the services' own system users when the suite runs as root (the broker's
+//! Erlang cookie and PostgreSQL's refusal to run as root leave no other choice), with their
+//! files in one temporary folder that is removed when they are stopped.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Where the PostgreSQL server programs are (Debian's layout), newest version first.
+fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
+        .with_context(|| format!("no {}: is the PostgreSQL server installed?", root.display()))?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().into_string().ok()?.parse().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .filter(|(_, bin)| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    match versions.pop() {
+        Some((_, bin)) => Ok(bin),
+        None => bail!("no PostgreSQL server under {}", root.display()),
+    }
+}
+
+/// A port nobody listens on right now (the OS picks it; it is released at once, so a race
+/// with another program is possible but unlikely; the start-up fails clearly if it happens).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `program` run as the system `user` when we are root, as ourselves otherwise.
+fn as_user(user: &str, program: &Path) -> Command {
+    if running_as_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", user, "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Runs `cmd`; an error names `what` and carries the command's own error output.
+fn run(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run the command to {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "could not {what}: {}{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Creates `dir` (and parents) owned by `user` when we are root.
+fn make_dir_for(dir: &Path, user: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if running_as_root() {
+        let mut chown = Command::new("chown");
+        chown.args(["-R", &format!("{user}:{user}")]).arg(dir);
+        run(chown, &format!("give {} to {user}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A RabbitMQ node of the suite's own.
+pub struct PrivateBroker {
+    /// Erlang node name (`rabbitmqctl -n`).
+    pub node: String,
+    /// Its AMQP port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateBroker {
+    /// Starts a node named `name` with its files under `dir` and waits until it answers.
+    pub async fn start(dir: &Path, name: &str) -> anyhow::Result<Self> {
+        let (port, dist_port) = (free_port()?, free_port()?);
+        let node = format!("{name}@localhost");
+        let dir = dir.join("rabbitmq");
+        std::fs::create_dir_all(dir.join("mnesia"))?;
+        std::fs::create_dir_all(dir.join("log"))?;
+        // Its own config and env files: the machine's files name the system node and its port.
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )?;
+        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
+        // No plugins: the management plugin would want the system node's HTTP port.
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        make_dir_for(&dir, "rabbitmq")?;
+        let mut cmd = as_user(
+            "rabbitmq",
+            Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server"),
+        );
+        cmd.arg("-detached")
+            .current_dir(&dir)
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1");
+        run(cmd, &format!("start the RabbitMQ node {node}"))?;
+        let broker = Self { node, port, dir };
+        broker.await_running(Duration::from_secs(90)).await?;
+        Ok(broker)
+    }
+
+    /// `rabbitmqctl -n <node> args…`.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("rabbitmqctl");
+        cmd.args(["-n", &self.node]).args(args);
+        run(cmd, &format!("run rabbitmqctl {args:?} on {}", self.node))
+    }
+
+    /// Waits until the node's `rabbit` application is up (a `-detached` start returns before
+    /// the node has even registered, so `await_startup` alone fails at first).
+    async fn await_running(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.ctl(&["-q", "await_startup", "--timeout", "10"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e.context(format!(
+                        "the RabbitMQ node {} did not start; its logs are in {}",
+                        self.node,
+                        self.dir.join("log").display()
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// AMQP URL of the node without a vhost.
+    pub fn amqp_base(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}", self.port)
+    }
+
+    /// `stop_app`, `down_for`, then `start_app`, retried while the listener's port is still
+    /// held by the closing sockets (seen here: `eaddrinuse` right after `stop_app`).
+    pub async fn restart_app(&self, down_for: Duration) -> anyhow::Result<()> {
+        self.ctl(&["stop_app"])?;
+        tokio::time::sleep(down_for).await;
+        let mut last = None;
+        for _ in 0..20 {
+            match self.ctl(&["start_app"]) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("start_app never ran")))
+    }
+
+    /// Shuts the node down and removes its files (errors are reported, not returned: this
+    /// runs on the way out).
+    pub fn stop(&self, keep_files: bool) {
+        if let Err(e) = self.ctl(&["-q", "shutdown"]) {
+            eprintln!("could not shut down the RabbitMQ node {}: {e:#}", self.node);
+        }
+        if !keep_files {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A PostgreSQL cluster of the suite's own (trust authentication for `postgres`).
+pub struct PrivateCluster {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PrivateCluster {
+    /// Creates a cluster under `dir`, starts it and waits until it answers.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let bin = postgres_bin_dir()?;
+        let port = free_port()?;
+        let dir = dir.join("postgres");
+        make_dir_for(&dir, "postgres")?;
+        let mut initdb = as_user("postgres", &bin.join("initdb"));
+        // -N: no fsync during initdb; the cluster only lives for one run.
+        initdb
+            .args(["-A", "trust", "-U", "postgres", "-N", "-D"])
+            .arg(dir.join("data"));
+        run(initdb, "create a PostgreSQL cluster (initdb)")?;
+        let cluster = Self { port, dir, bin };
+        cluster.pg_ctl("start")?;
+        Ok(cluster)
+    }
+
+    /// `pg_ctl <action>` with the cluster's options; waits for the action to finish.
+    fn pg_ctl(&self, action: &str) -> anyhow::Result<()> {
+        let mut cmd = as_user("postgres", &self.bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "-m", "immediate"])
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off",
+                self.port,
+                self.dir.display()
+            ))
+            .arg(action);
+        run(cmd, &format!("{action} the PostgreSQL cluster"))
+            .map(drop)
+            .with_context(|| format!("its log: {}", self.dir.join("server.log").display()))
+    }
+
+    /// URL of the server without a database.
+    pub fn postgres_base(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server the way a crash would (`immediate`: no checkpoint, so the start runs
+    /// WAL recovery), keeps it down for `down_for`, then starts it.
+    pub async fn restart(&self, down_for: Duration) -> anyhow::Result<()> {
+        self.pg_ctl("stop")?;
+        tokio::time::sleep(down_for).await;
+        self.pg_ctl("start")
+    }
+
+    /// Stops the server and removes its files (errors are reported, not returned).
+    pub fn stop(&self, keep_files: bool) {
+        if let Err(e) = self.pg_ctl("stop") {
+            eprintln!("could not stop the PostgreSQL cluster: {e:#}");
+        }
+        if !keep_files {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
