@@ -31,6 +31,8 @@ pub struct OptinRow {
     pub attempts: i32,
     /// Its deadline.
     pub deadline: OffsetDateTime,
+    /// Whether its last claim marked the call as started (`call_started_at`).
+    pub call_started: bool,
 }
 
 /// One outbox row.
@@ -84,7 +86,8 @@ impl Snapshot {
         let mut optins = HashMap::new();
         for r in sql
             .query(
-                "SELECT page_id, login_id, state, failure_reason, attempts, deadline FROM optins",
+                "SELECT page_id, login_id, state, failure_reason, attempts, deadline, \
+                        call_started_at IS NOT NULL FROM optins",
                 &[],
             )
             .await?
@@ -96,6 +99,7 @@ impl Snapshot {
                     failure_reason: r.get(3),
                     attempts: r.get(4),
                     deadline: r.get(5),
+                    call_started: r.get(6),
                 },
             );
         }
@@ -365,6 +369,37 @@ pub fn check(ctx: &Context<'_>, s: &Snapshot) -> (Vec<Check>, Vec<String>) {
         format!(
             "{} rows sent",
             s.optins.values().filter(|r| r.state == "sent").count()
+        ),
+    ));
+
+    // An unknown outcome only where a call had started: a worker that died before calling
+    // leaves a safe retry, not a person who never gets a message.
+    let unknown: Vec<(&Key, &OptinRow)> = s
+        .optins
+        .iter()
+        .filter(|(_, r)| r.failure_reason.as_deref() == Some("outcome_unknown"))
+        .collect();
+    let problems: Vec<String> = unknown
+        .iter()
+        .filter(|(_, r)| !r.call_started)
+        .map(|(key, _)| {
+            format!(
+                "{} failed outcome_unknown although no call had started: {}",
+                key.1,
+                timeline_of(ctx, s, key, &all_calls)
+            )
+        })
+        .collect();
+    let unreached = unknown
+        .iter()
+        .filter(|(key, _)| !all_calls.contains_key(*key))
+        .count();
+    checks.push(Check::new(
+        "an unknown outcome only after the call started",
+        problems,
+        format!(
+            "{} opt-ins failed outcome_unknown, {unreached} of them without a call reaching Graph (died between the mark and the request)",
+            unknown.len()
         ),
     ));
 

@@ -1,9 +1,10 @@
 //! The dispatcher: claims due opt-ins earliest deadline first and makes their Send API calls.
 //!
-//! It claims only as many rows as it can start calls for at once (free concurrency slots),
-//! so a claimed row's call starts within milliseconds and a lease that expires means a worker
-//! died with a call possibly in flight. Such rows are resolved by the configured
-//! [`UnknownOutcome`] policy (see the README's "crash window" section).
+//! It claims only as many rows as it can start calls for at once (free concurrency slots).
+//! Right before each call the row is marked `call_started_at` (with the last checks, see
+//! [`store::begin_call`]): a lease that expires on a marked row means a worker died with a
+//! call possibly in flight, resolved by the configured [`UnknownOutcome`] policy (see the
+//! README's "crash window" section); an unmarked one simply goes back to `pending`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,9 @@ use tracing::Instrument;
 use super::metrics::SchedulerMetrics;
 use super::pacing::{PagePauses, PageRateLimiter, PauseReason};
 use super::retry::{NextAttempt, RetryPolicy};
-use super::store::{self, Claimed, Ending, StoreError, StoredError, Timing, UnknownOutcome};
+use super::store::{
+    self, CallCheck, Claimed, Ending, StoreError, StoredError, Timing, UnknownOutcome,
+};
 
 /// A hook run after Graph accepted a message and before the result is recorded. Tests use it
 /// to stop a worker inside the crash window; it is `None` in production.
@@ -180,14 +183,15 @@ impl Dispatcher {
             }
         };
         match store::rescue_expired_leases(&mut client, self.settings.unknown_outcome, 500).await {
-            Ok(0) => {}
-            Ok(n) => {
-                self.metrics.leases_rescued.inc_by(n as u64);
+            Ok(r) => {
+                self.metrics
+                    .leases_rescued
+                    .inc_by((r.returned + r.unknown) as u64);
                 if self.settings.unknown_outcome == UnknownOutcome::Fail {
                     self.metrics
                         .terminal
                         .with_label_values(&["failed"])
-                        .inc_by(n as u64);
+                        .inc_by(r.unknown as u64);
                 }
             }
             Err(e) => tracing::error!(error = %e, "rescuing expired leases failed"),
@@ -280,29 +284,6 @@ impl Dispatcher {
             store::release(&client, c, OffsetDateTime::now_utc()).await?;
             return Ok(());
         }
-        {
-            let client = self.pool.get().await?;
-            if let Some(at) = store::linked_at(&client, c).await? {
-                tracing::info!("the person already replied; no first message needed");
-                if store::finish_replied(&client, c, at).await? {
-                    self.metrics.terminal.with_label_values(&["replied"]).inc();
-                }
-                return Ok(());
-            }
-            if let Some(other) = store::page_that_messaged(&client, &c.login_id, &c.page_id).await?
-            {
-                let err = StoredError {
-                    message: format!(
-                        "this login_id was already messaged through page {other}; Meta allows only that page to use it"
-                    ),
-                    ..StoredError::default()
-                };
-                tracing::error!(other_page = %other, "refusing to message a login_id through a second page");
-                return self
-                    .end(c, Ending::Failed("other_page"), false, Some(&err))
-                    .await;
-            }
-        }
         let slot = self.limiter.reserve(&c.page_id);
         tokio::select! {
             () = tokio::time::sleep_until(slot) => {}
@@ -314,6 +295,9 @@ impl Dispatcher {
         }
         if OffsetDateTime::now_utc() >= last_send {
             return self.end(c, Ending::Expired, false, None).await;
+        }
+        if !self.begin_call(c).await? {
+            return Ok(());
         }
 
         // The call gets its own span, so the trace shows Graph's latency apart from ours.
@@ -336,6 +320,40 @@ impl Dispatcher {
                 self.record_sent(c, &message_id).await
             }
             SendOutcome::Failed(f) => self.record_failure(c, f, last_send).await,
+        }
+    }
+
+    /// The checks right before the call and the row's "call started" mark (see
+    /// [`store::begin_call`]). Returns whether to call; every other outcome is recorded here.
+    async fn begin_call(&self, c: &Claimed) -> Result<bool, StoreError> {
+        let mut client = self.pool.get().await?;
+        match store::begin_call(&mut client, c).await? {
+            CallCheck::Go => Ok(true),
+            CallCheck::Replied(at) => {
+                tracing::info!("the person already replied; no first message needed");
+                if store::finish_replied(&client, c, at).await? {
+                    self.metrics.terminal.with_label_values(&["replied"]).inc();
+                }
+                Ok(false)
+            }
+            CallCheck::OtherPage(other) => {
+                drop(client);
+                let err = StoredError {
+                    message: format!(
+                        "this login_id was already messaged through page {other}; Meta allows only that page to use it"
+                    ),
+                    ..StoredError::default()
+                };
+                tracing::error!(other_page = %other, "refusing to message a login_id through a second page");
+                self.end(c, Ending::Failed("other_page"), false, Some(&err))
+                    .await?;
+                Ok(false)
+            }
+            CallCheck::Lost => {
+                self.metrics.fenced_out.inc();
+                tracing::warn!("the claim was taken over before the call; not calling");
+                Ok(false)
+            }
         }
     }
 

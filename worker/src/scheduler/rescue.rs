@@ -1,8 +1,10 @@
 //! Resolving claims whose worker died or stalled, and pruning finished rows.
 //!
-//! A lease that expires with the row still `sending` means a Send API call may or may not have
-//! been made; [`UnknownOutcome`] decides what the row becomes. The fence is bumped either way,
-//! so the stalled worker's late result is refused.
+//! A lease that expires with the row still `sending` and marked `call_started_at` means a
+//! Send API call may or may not have been made; [`UnknownOutcome`] decides what the row
+//! becomes. Without the mark no call was made (the worker died between claim and call), so
+//! the row simply goes back to `pending`. The fence is bumped either way, so the stalled
+//! worker's late result is refused.
 
 use std::time::Duration;
 
@@ -20,14 +22,44 @@ pub enum UnknownOutcome {
     Retry,
 }
 
-/// Resolves rows whose lease expired (their worker died or stalled) by `policy`, bumping the
-/// fence so the old worker's late result is refused. Returns how many rows were resolved.
+/// What one rescue round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rescued {
+    /// Claimed but never called: back to `pending` (a safe retry).
+    pub returned: usize,
+    /// A call may have been in flight: resolved by the [`UnknownOutcome`] policy.
+    pub unknown: usize,
+}
+
+/// Resolves rows whose lease expired (their worker died or stalled): those whose call never
+/// started go back to `pending`, the others follow `policy`; the fence is bumped so the old
+/// worker's late result is refused.
 pub async fn rescue_expired_leases(
     client: &mut Client,
     policy: UnknownOutcome,
     limit: i64,
-) -> Result<usize, StoreError> {
+) -> Result<Rescued, StoreError> {
     let tx = client.transaction().await?;
+    let returned = tx
+        .execute(
+            "WITH stale AS ( \
+                 SELECT page_id, login_id FROM optins \
+                 WHERE state = 'sending' AND lease_expires_at < now() \
+                   AND call_started_at IS NULL \
+                 ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             UPDATE optins o SET state = 'pending', fence = o.fence + 1, \
+                 next_attempt_at = now(), lease_owner = NULL, lease_expires_at = NULL, \
+                 updated_at = now() \
+             FROM stale WHERE o.page_id = stale.page_id AND o.login_id = stale.login_id",
+            &[&limit],
+        )
+        .await?;
+    if returned > 0 {
+        tracing::warn!(
+            returned,
+            "leases expired before any call was made (a worker died or stalled); back to pending"
+        );
+    }
     let (state, reason) = match policy {
         UnknownOutcome::Fail => ("failed", Some("outcome_unknown")),
         UnknownOutcome::Retry => ("pending", None),
@@ -37,6 +69,7 @@ pub async fn rescue_expired_leases(
             "WITH stale AS ( \
                  SELECT page_id, login_id FROM optins \
                  WHERE state = 'sending' AND lease_expires_at < now() \
+                   AND call_started_at IS NOT NULL \
                  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
              UPDATE optins o SET state = $2, failure_reason = $3, attempts = o.attempts + 1, \
                  fence = o.fence + 1, next_attempt_at = now(), lease_owner = NULL, \
@@ -74,7 +107,10 @@ pub async fn rescue_expired_leases(
         }
     }
     tx.commit().await?;
-    Ok(rows.len())
+    Ok(Rescued {
+        returned: usize::try_from(returned).unwrap_or(usize::MAX),
+        unknown: rows.len(),
+    })
 }
 
 /// Deletes terminal rows finished more than `older_than` ago, a batch at a time, to keep

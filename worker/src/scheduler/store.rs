@@ -311,7 +311,7 @@ pub async fn claim_due(
                  FOR UPDATE SKIP LOCKED) \
              UPDATE optins o SET state = 'sending', lease_owner = $1, \
                  lease_expires_at = now() + make_interval(secs => $2), fence = o.fence + 1, \
-                 updated_at = now() \
+                 call_started_at = NULL, updated_at = now() \
              FROM due WHERE o.page_id = due.page_id AND o.login_id = due.login_id \
              RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
                  o.traceparent",
@@ -573,18 +573,66 @@ pub async fn reschedule(
     Ok(n == 1)
 }
 
-/// When the person already replied (the correlator linked them): a link made at or after the
-/// opt-in (allowing the same clock skew as [`record_optin`]). Checked again right before the
-/// call, because a reply and its opt-in committed at the same moment do not see each other.
-pub async fn linked_at(client: &Client, c: &Claimed) -> Result<Option<OffsetDateTime>, StoreError> {
-    let row = client
-        .query_opt(
-            "SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
-               AND linked_at >= $3::timestamptz - interval '5 minutes'",
-            &[&c.page_id, &c.login_id, &c.opted_in_at],
+/// What [`begin_call`] decided for a claimed opt-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallCheck {
+    /// The row is marked as called: make the Send API call now.
+    Go,
+    /// The person already replied (linked at this time): no first message is needed.
+    Replied(OffsetDateTime),
+    /// This login_id was (or may have been) messaged through this other page: Meta lets only
+    /// that page use it.
+    OtherPage(String),
+    /// The claim is no longer ours (rescued and claimed again): make no call.
+    Lost,
+}
+
+/// The last step before a Send API call: checks, under a per-login_id lock, that the person
+/// has not replied (a reply and its opt-in committed at the same moment do not see each
+/// other, so this is checked again here) and that no other page has messaged the login_id,
+/// then marks the row `call_started_at`, all in one transaction.
+///
+/// The mark is what lets the rescuer tell a worker that died before calling (safe to retry)
+/// from one that died with a call in flight (outcome unknown). The lock makes two workers
+/// calling for two pages of one login_id take turns, so the second sees the first's mark.
+pub async fn begin_call(client: &mut Client, c: &Claimed) -> Result<CallCheck, StoreError> {
+    let tx = client.transaction().await?;
+    let lock_key = format!("one_page:{}", c.login_id);
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&lock_key],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "WITH link AS ( \
+                 SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
+                   AND linked_at >= $4::timestamptz - interval '5 minutes'), \
+             other AS ( \
+                 SELECT page_id FROM optins WHERE login_id = $2 AND page_id <> $1 \
+                   AND (message_id IS NOT NULL OR failure_reason = 'outcome_unknown' \
+                        OR (state = 'sending' AND call_started_at IS NOT NULL)) \
+                 LIMIT 1), \
+             mark AS ( \
+                 UPDATE optins SET call_started_at = now(), updated_at = now() \
+                 WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending' \
+                   AND NOT EXISTS (SELECT 1 FROM link) AND NOT EXISTS (SELECT 1 FROM other) \
+                 RETURNING 1) \
+             SELECT (SELECT linked_at FROM link LIMIT 1), (SELECT page_id FROM other), \
+                    EXISTS (SELECT 1 FROM mark)",
+            &[&c.page_id, &c.login_id, &c.fence, &c.opted_in_at],
         )
         .await?;
-    Ok(row.map(|r| r.get(0)))
+    tx.commit().await?;
+    let linked_at: Option<OffsetDateTime> = row.get(0);
+    let other: Option<String> = row.get(1);
+    let marked: bool = row.get(2);
+    Ok(match (linked_at, other, marked) {
+        (_, _, true) => CallCheck::Go,
+        (Some(at), _, false) => CallCheck::Replied(at),
+        (None, Some(page), false) => CallCheck::OtherPage(page),
+        (None, None, false) => CallCheck::Lost,
+    })
 }
 
 /// Ends a claimed opt-in as `replied` without a call (its `identity.linked` event, written by
@@ -607,23 +655,4 @@ pub async fn finish_replied(
     Ok(n == 1)
 }
 
-/// The page another opt-in of this login_id was already messaged through, if any (Meta lets
-/// only that page use the login_id).
-pub async fn page_that_messaged(
-    client: &Client,
-    login_id: &str,
-    page_id: &str,
-) -> Result<Option<String>, StoreError> {
-    let row = client
-        .query_opt(
-            "SELECT page_id FROM optins WHERE login_id = $1 AND page_id <> $2 \
-               AND (message_id IS NOT NULL OR state = 'sending' \
-                    OR failure_reason = 'outcome_unknown') \
-             LIMIT 1",
-            &[&login_id, &page_id],
-        )
-        .await?;
-    Ok(row.map(|r| r.get(0)))
-}
-
-pub use super::rescue::{UnknownOutcome, prune_finished, rescue_expired_leases};
+pub use super::rescue::{Rescued, UnknownOutcome, prune_finished, rescue_expired_leases};

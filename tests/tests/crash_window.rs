@@ -1,0 +1,225 @@
+//! The "call started" mark: a worker that dies between claiming an opt-in and calling Graph
+//! leaves a safe retry (not an unknown outcome), only a marked claim follows
+//! `UNKNOWN_OUTCOME`, a superseded claim makes no call, and two pages' opt-ins for one
+//! login_id marked at the same moment let only one call go out.
+
+use std::time::Duration;
+
+use lc_testkit::harness::consume_n;
+use lc_testkit::pipeline::{PAGE, TestEnv, insert_optin, optin_state};
+use lc_worker::scheduler::store::{self, CallCheck, Rescued, UnknownOutcome};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A migrated pool on the test's database and a plain connection for assertions.
+async fn store_env() -> (TestEnv, deadpool_postgres::Pool, tokio_postgres::Client) {
+    let env = TestEnv::new().await;
+    let pool = lc_shared::db::pool(&env.db.url(), 4).expect("pool");
+    lc_shared::db::migrate(&pool).await.expect("migrate");
+    let sql = env.sql().await;
+    (env, pool, sql)
+}
+
+/// Claims every due row for `owner` (no pages excluded, no safety margin).
+async fn claim(
+    client: &deadpool_postgres::Client,
+    owner: &str,
+    lease: Duration,
+) -> Vec<store::Claimed> {
+    store::claim_due(client, owner, lease, 10, &[], Duration::ZERO)
+        .await
+        .expect("claim")
+}
+
+async fn expire_leases(sql: &tokio_postgres::Client) {
+    sql.execute(
+        "UPDATE optins SET lease_expires_at = now() - interval '1 second' WHERE state = 'sending'",
+        &[],
+    )
+    .await
+    .expect("expire leases");
+}
+
+#[tokio::test]
+async fn a_worker_killed_between_claim_and_call_leaves_the_optin_to_be_sent() {
+    let (env, pool, sql) = store_env().await;
+    insert_optin(&sql, PAGE, "K1", OffsetDateTime::now_utc(), "pending").await;
+    // A worker claims the row and dies before calling (nothing of it runs on).
+    let client = pool.get().await.expect("client");
+    let claimed = claim(&client, "dead-worker", Duration::from_secs(1)).await;
+    assert_eq!(claimed.len(), 1);
+    drop(client);
+
+    let events = env.capture_events(&["first_message.*"]).await;
+    // The default policy: a call in flight at the crash would end the opt-in failed.
+    let mut config = env.scheduler_config();
+    config.unknown_outcome = UnknownOutcome::Fail;
+    let (scheduler, stop) = env.start_scheduler(config).await;
+    let conn = env.vhost.connect().await;
+    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
+        .await
+        .iter()
+        .map(|d| serde_json::from_slice(&d.data).expect("cloudevent json"))
+        .collect();
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["type"], "com.loginconnect.first_message.sent");
+    assert_eq!(
+        env.graph.send_calls().len(),
+        1,
+        "exactly one call, by the rescuer's retry"
+    );
+    assert_eq!(optin_state(&sql, "K1").await.as_deref(), Some("sent"));
+}
+
+#[tokio::test]
+async fn only_a_claim_marked_as_called_follows_the_unknown_outcome_policy() {
+    let (_env, pool, sql) = store_env().await;
+    let now = OffsetDateTime::now_utc();
+    insert_optin(&sql, PAGE, "M1", now, "pending").await;
+    insert_optin(&sql, PAGE, "M2", now, "pending").await;
+    let mut client = pool.get().await.expect("client");
+    let lease = Duration::from_secs(30);
+    let claimed = claim(&client, "worker-a", lease).await;
+    assert_eq!(claimed.len(), 2);
+    // The call of M1 started; M2's never did.
+    let m1 = claimed.iter().find(|c| c.login_id == "M1").expect("M1");
+    assert_eq!(
+        store::begin_call(&mut client, m1).await.expect("mark"),
+        CallCheck::Go
+    );
+    expire_leases(&sql).await;
+    let rescued = store::rescue_expired_leases(&mut client, UnknownOutcome::Fail, 10)
+        .await
+        .expect("rescue");
+    assert_eq!(
+        rescued,
+        Rescued {
+            returned: 1,
+            unknown: 1
+        }
+    );
+    let row = sql
+        .query_one(
+            "SELECT state, failure_reason FROM optins WHERE login_id = 'M1'",
+            &[],
+        )
+        .await
+        .expect("M1");
+    assert_eq!(row.get::<_, String>(0), "failed");
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("outcome_unknown")
+    );
+    assert_eq!(optin_state(&sql, "M2").await.as_deref(), Some("pending"));
+    let events: Vec<String> = sql
+        .query("SELECT event_type FROM outbox ORDER BY id", &[])
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events, ["first_message.failed"]);
+
+    // Under `retry`, a marked row goes back to pending, and its next claim starts unmarked
+    // (else a crash before that claim's call would count as an unknown outcome again).
+    sql.execute("DELETE FROM optins", &[]).await.expect("clear");
+    insert_optin(&sql, PAGE, "M3", now, "pending").await;
+    let claimed = claim(&client, "worker-b", lease).await;
+    assert_eq!(
+        store::begin_call(&mut client, &claimed[0])
+            .await
+            .expect("mark"),
+        CallCheck::Go
+    );
+    expire_leases(&sql).await;
+    let rescued = store::rescue_expired_leases(&mut client, UnknownOutcome::Retry, 10)
+        .await
+        .expect("rescue");
+    assert_eq!(
+        rescued,
+        Rescued {
+            returned: 0,
+            unknown: 1
+        }
+    );
+    let again = claim(&client, "worker-c", lease).await;
+    assert_eq!(again.len(), 1);
+    let marked: Option<OffsetDateTime> = sql
+        .query_one(
+            "SELECT call_started_at FROM optins WHERE login_id = 'M3'",
+            &[],
+        )
+        .await
+        .expect("M3")
+        .get(0);
+    assert_eq!(marked, None);
+}
+
+#[tokio::test]
+async fn a_superseded_claim_is_not_marked_and_makes_no_call() {
+    let (_env, pool, sql) = store_env().await;
+    insert_optin(&sql, PAGE, "S1", OffsetDateTime::now_utc(), "pending").await;
+    let mut client = pool.get().await.expect("client");
+    let lease = Duration::from_secs(30);
+    let old = claim(&client, "worker-a", lease).await;
+    expire_leases(&sql).await;
+    store::rescue_expired_leases(&mut client, UnknownOutcome::Fail, 10)
+        .await
+        .expect("rescue");
+    let new = claim(&client, "worker-b", lease).await;
+    assert_eq!(
+        store::begin_call(&mut client, &old[0]).await.expect("old"),
+        CallCheck::Lost
+    );
+    assert_eq!(
+        store::begin_call(&mut client, &new[0]).await.expect("new"),
+        CallCheck::Go
+    );
+}
+
+#[tokio::test]
+async fn two_pages_marking_one_login_id_at_once_let_only_one_call_go_out() {
+    let (_env, pool, sql) = store_env().await;
+    let now = OffsetDateTime::now_utc();
+    // Rounds, so that both orders of the two transactions are likely to occur.
+    for round in 0..20 {
+        let login_id = format!("P{round}");
+        insert_optin(&sql, "111", &login_id, now, "pending").await;
+        insert_optin(&sql, "222", &login_id, now, "pending").await;
+        let (mut a, mut b) = (
+            pool.get().await.expect("client a"),
+            pool.get().await.expect("client b"),
+        );
+        let claimed = claim(&a, "worker", Duration::from_secs(30)).await;
+        assert_eq!(claimed.len(), 2);
+        let (first, second) = tokio::join!(
+            store::begin_call(&mut a, &claimed[0]),
+            store::begin_call(&mut b, &claimed[1])
+        );
+        let checks = [first.expect("first"), second.expect("second")];
+        let go: Vec<usize> = (0..2).filter(|&k| checks[k] == CallCheck::Go).collect();
+        assert_eq!(
+            go.len(),
+            1,
+            "round {round}: exactly one call may go out: {checks:?}"
+        );
+        let winner = &claimed[go[0]].page_id;
+        let loser = 1 - go[0];
+        assert_eq!(
+            checks[loser],
+            CallCheck::OtherPage(winner.clone()),
+            "round {round}"
+        );
+        // Both rows stay claimed; end them so the next round claims only its own.
+        sql.execute(
+            "UPDATE optins SET state = 'failed', failure_reason = 'test' WHERE login_id = $1",
+            &[&login_id],
+        )
+        .await
+        .expect("end round");
+    }
+}
