@@ -132,38 +132,9 @@ impl TestEnv {
         (running, shutdown)
     }
 
-    /// Starts ingest on this vhost.
+    /// Starts ingest on this vhost with [`ingest_config`].
     pub async fn start_ingest(&self) -> (RunningIngest, Shutdown) {
-        let shutdown = Shutdown::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let config = IngestConfig {
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            app_secrets: vec![Secret::new(APP_SECRET)],
-            verify_token: Secret::new("verify"),
-            accept_sha1: false,
-            max_body_bytes: 4 * 1024 * 1024,
-            confirm_timeout_ms: 2000,
-            request_timeout_ms: 10_000,
-            publish_channels: 2,
-            amqp: AmqpArgs {
-                amqp_url: self.vhost.url(),
-            },
-            log: LogArgs {
-                log_format: LogFormat::Text,
-            },
-            login: lc_ingest::login_events::LoginArgs::default(),
-        };
-        let running = lc_ingest::start(config, listener, shutdown.clone())
-            .await
-            .expect("start ingest");
-        running
-            .broker
-            .wait_ready(Duration::from_secs(10))
-            .await
-            .expect("ingest connected");
-        (running, shutdown)
+        start_ingest_with(ingest_config(self.vhost.url())).await
     }
 
     /// A plain connection to the database.
@@ -221,6 +192,43 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.pages_file);
     }
+}
+
+/// Ingest settings for tests on the vhost at `amqp_url`: [`APP_SECRET`], a 4 MiB body limit,
+/// the Login half off. Tests change the fields they are about.
+pub fn ingest_config(amqp_url: String) -> IngestConfig {
+    IngestConfig {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        app_secrets: vec![Secret::new(APP_SECRET)],
+        verify_token: Secret::new("verify"),
+        accept_sha1: false,
+        max_body_bytes: 4 * 1024 * 1024,
+        confirm_timeout_ms: 2000,
+        request_timeout_ms: 10_000,
+        publish_channels: 2,
+        amqp: AmqpArgs { amqp_url },
+        log: LogArgs {
+            log_format: LogFormat::Text,
+        },
+        login: lc_ingest::login_events::LoginArgs::default(),
+    }
+}
+
+/// Starts ingest with `config` on a free port and waits until it is connected to the broker.
+pub async fn start_ingest_with(config: IngestConfig) -> (RunningIngest, Shutdown) {
+    let shutdown = Shutdown::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let running = lc_ingest::start(config, listener, shutdown.clone())
+        .await
+        .expect("start ingest");
+    running
+        .broker
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("ingest connected");
+    (running, shutdown)
 }
 
 /// Writes a pages file for [`PAGE`] with `token` and two quick replies.

@@ -7,14 +7,13 @@
 
 use std::time::{Duration, Instant};
 
-use lc_ingest::{IngestConfig, RunningIngest};
-use lc_shared::config::{AmqpArgs, LogArgs};
+use lc_ingest::RunningIngest;
 use lc_shared::secret::Secret;
 use lc_shared::shutdown::Shutdown;
 use lc_shared::signature::sign_sha256;
-use lc_shared::telemetry::LogFormat;
 use lc_shared::topology;
 use lc_testkit::harness::{TestVhost, queue_depth, take_all};
+use lc_testkit::pipeline::{ingest_config, start_ingest_with};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,35 +33,12 @@ struct Ingest {
 impl Ingest {
     async fn start() -> Self {
         let vhost = TestVhost::create();
-        let config = IngestConfig {
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            app_secrets: vec![Secret::new(SECRET)],
-            verify_token: Secret::new(VERIFY_TOKEN),
-            accept_sha1: false,
-            max_body_bytes: 4 * 1024 * 1024,
-            confirm_timeout_ms: 5000,
-            request_timeout_ms: u64::try_from(REQUEST_TIMEOUT.as_millis()).expect("ms"),
-            publish_channels: 2,
-            amqp: AmqpArgs {
-                amqp_url: vhost.url(),
-            },
-            log: LogArgs {
-                log_format: LogFormat::Text,
-            },
-            login: lc_ingest::login_events::LoginArgs::default(),
-        };
-        let shutdown = Shutdown::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let running = lc_ingest::start(config, listener, shutdown.clone())
-            .await
-            .expect("start ingest");
-        running
-            .broker
-            .wait_ready(Duration::from_secs(10))
-            .await
-            .expect("broker ready");
+        let mut config = ingest_config(vhost.url());
+        config.app_secrets = vec![Secret::new(SECRET)];
+        config.verify_token = Secret::new(VERIFY_TOKEN);
+        config.confirm_timeout_ms = 5000;
+        config.request_timeout_ms = u64::try_from(REQUEST_TIMEOUT.as_millis()).expect("ms");
+        let (running, shutdown) = start_ingest_with(config).await;
         Self {
             vhost,
             running,

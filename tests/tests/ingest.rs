@@ -12,6 +12,7 @@ use lc_shared::signature::sign_sha256;
 use lc_shared::telemetry::LogFormat;
 use lc_shared::topology;
 use lc_testkit::harness::{TestVhost, queue_depth, take_all};
+use lc_testkit::pipeline::start_ingest_with;
 use serde_json::{Value, json};
 
 const SECRET: &str = "app-secret-one";
@@ -51,18 +52,7 @@ impl Harness {
     }
 
     async fn start_on(vhost: TestVhost, cfg: fn(&str) -> IngestConfig) -> Self {
-        let shutdown = Shutdown::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let ingest = lc_ingest::start(cfg(&vhost.url()), listener, shutdown.clone())
-            .await
-            .expect("start ingest");
-        ingest
-            .broker
-            .wait_ready(Duration::from_secs(10))
-            .await
-            .expect("broker ready");
+        let (ingest, shutdown) = start_ingest_with(cfg(&vhost.url())).await;
         Self {
             vhost,
             ingest,

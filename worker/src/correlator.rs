@@ -15,7 +15,6 @@ pub mod metrics;
 pub mod replies;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use lc_shared::amqp::BrokerLink;
@@ -26,7 +25,8 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{StartError, WorkerArgs};
 use crate::consumer::{self, ConsumerSettings};
-use crate::relay::{self, OutboxDb, RelayMetrics};
+use crate::process;
+use crate::relay::RelayMetrics;
 use metrics::CorrelatorMetrics;
 
 /// Settings of the `correlator` binary.
@@ -75,8 +75,6 @@ pub async fn start(
 ) -> Result<RunningCorrelator, StartError> {
     let worker_id = config.worker.worker_id("correlator");
     let pool = config.worker.prepare_database().await?;
-    let outbox = OutboxDb::new(pool.clone(), &config.worker.database.database_url)
-        .map_err(|e| StartError::Config(format!("DATABASE_URL: {e}")))?;
     let link = config.worker.broker(&worker_id);
     let registry = prometheus::Registry::new();
     let metrics = CorrelatorMetrics::new(&registry)?;
@@ -102,36 +100,17 @@ pub async fn start(
             },
         ));
     }
-    tasks.spawn(relay::run(
-        outbox,
-        link.clone(),
-        config.worker.relay.clone(),
+    process::spawn_relay(
+        &mut tasks,
+        &pool,
+        &config.worker,
+        &link,
         relay_metrics,
-        shutdown.clone(),
-    ));
-    {
-        let ready_link = link.clone();
-        let stop = shutdown.clone();
-        let ready: crate::http::ReadinessCheck =
-            Arc::new(move || ready_link.is_ready() && !stop.is_triggered());
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = crate::http::serve(metrics_listener, registry, ready, shutdown).await {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
-    }
+        &shutdown,
+    )?;
+    process::spawn_http(&mut tasks, metrics_listener, registry, &link, &shutdown);
     tracing::info!(worker_id, %metrics_addr, "correlator started");
-    let closing = link.clone();
-    let task = tokio::spawn(async move {
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = joined {
-                tracing::error!(error = %e, "a correlator task panicked");
-            }
-        }
-        closing.close().await;
-        tracing::info!("correlator stopped");
-    });
+    let task = process::supervise(tasks, link.clone(), "correlator");
     Ok(RunningCorrelator {
         task,
         metrics_addr,

@@ -5,6 +5,8 @@
 //! - [`config`]: arguments and start-up steps shared by the workers.
 //! - [`consumer`]: the batched AMQP consumer that acks after commit and dead-letters.
 //! - [`http`]: the `/metrics`, `/healthz`, `/readyz` server of each worker.
+//! - [`process`]: what both workers run beside their own work (that server, the relay, the
+//!   supervisor task).
 //! - [`relay`]: the outbox relay that publishes public events with confirms.
 //! - [`scheduler`]: recording opt-ins and dispatching first messages.
 //! - [`correlator`]: joining replies to opt-ins.
@@ -15,5 +17,6 @@ pub mod config;
 pub mod consumer;
 pub mod correlator;
 pub mod http;
+pub mod process;
 pub mod relay;
 pub mod scheduler;

@@ -4,18 +4,14 @@
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::time::Duration;
-
+use lc_ingest::RunningIngest;
 use lc_ingest::login_events::LoginArgs;
-use lc_ingest::{IngestConfig, RunningIngest};
-use lc_shared::config::{AmqpArgs, LogArgs};
 use lc_shared::login::event_signature::{LOGIN_SIGNATURE_HEADER, sign_login_event};
 use lc_shared::login::login_id::compute_login_id;
 use lc_shared::secret::Secret;
 use lc_shared::shutdown::Shutdown;
-use lc_shared::telemetry::LogFormat;
 use lc_testkit::harness::{TestVhost, queue_depth};
-use lc_testkit::pipeline::{APP_SECRET, PAGE, TestEnv};
+use lc_testkit::pipeline::{PAGE, TestEnv, ingest_config, start_ingest_with};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -48,36 +44,9 @@ pub fn login_args(database_url: Option<String>) -> LoginArgs {
 
 /// Starts ingest on `vhost` with `login`.
 pub async fn start_ingest(vhost: &TestVhost, login: LoginArgs) -> (RunningIngest, Shutdown) {
-    let shutdown = Shutdown::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let config = IngestConfig {
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        app_secrets: vec![Secret::new(APP_SECRET)],
-        verify_token: Secret::new("verify"),
-        accept_sha1: false,
-        max_body_bytes: 4 * 1024 * 1024,
-        confirm_timeout_ms: 2000,
-        request_timeout_ms: 10_000,
-        publish_channels: 2,
-        amqp: AmqpArgs {
-            amqp_url: vhost.url(),
-        },
-        log: LogArgs {
-            log_format: LogFormat::Text,
-        },
-        login,
-    };
-    let running = lc_ingest::start(config, listener, shutdown.clone())
-        .await
-        .expect("start ingest");
-    running
-        .broker
-        .wait_ready(Duration::from_secs(10))
-        .await
-        .expect("ingest connected");
-    (running, shutdown)
+    let mut config = ingest_config(vhost.url());
+    config.login = login;
+    start_ingest_with(config).await
 }
 
 /// Starts ingest for `env` with login events on and data deletion on.

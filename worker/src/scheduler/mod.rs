@@ -301,16 +301,14 @@ pub async fn start(
         worker_id.clone(),
         shutdown.clone(),
     ));
-    // A relay with its own LISTEN connection: pooled connections drop notifications.
-    let outbox = crate::relay::OutboxDb::new(pool.clone(), &config.worker.database.database_url)
-        .map_err(|e| StartError::Config(e.to_string()))?;
-    tasks.spawn(crate::relay::run(
-        outbox,
-        link.clone(),
-        config.worker.relay.clone(),
+    crate::process::spawn_relay(
+        &mut tasks,
+        &pool,
+        &config.worker,
+        &link,
         relay_metrics,
-        shutdown.clone(),
-    ));
+        &shutdown,
+    )?;
     tasks.spawn(housekeeping(
         pool.clone(),
         link.clone(),
@@ -325,24 +323,9 @@ pub async fn start(
         metrics,
         shutdown.clone(),
     ));
-    {
-        let link = link.clone();
-        let stop = shutdown.clone();
-        let ready: crate::http::ReadinessCheck =
-            Arc::new(move || link.is_ready() && !stop.is_triggered());
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = crate::http::serve(metrics_listener, registry, ready, shutdown).await {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
-    }
+    crate::process::spawn_http(&mut tasks, metrics_listener, registry, &link, &shutdown);
     tracing::info!(worker_id, %metrics_addr, "scheduler started");
-    let task = tokio::spawn(async move {
-        while tasks.join_next().await.is_some() {}
-        link.close().await;
-        tracing::info!("scheduler stopped");
-    });
+    let task = crate::process::supervise(tasks, link, "scheduler");
     Ok(RunningScheduler {
         metrics_addr,
         pool,
