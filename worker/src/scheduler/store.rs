@@ -242,7 +242,7 @@ pub async fn record_optin(
                  send_at = $6, state = $7, next_attempt_at = $6, failure_reason = $8, \
                  replied_at = $9, traceparent = $10, finished_at = $11, attempts = 0, \
                  fence = fence + 1, lease_owner = NULL, lease_expires_at = NULL, \
-                 message_id = NULL, sent_at = NULL, last_error_code = NULL, \
+                 call_started_at = NULL, message_id = NULL, sent_at = NULL, last_error_code = NULL, \
                  last_error_subcode = NULL, last_error_message = NULL, last_error_fbtrace = NULL, \
                  updated_at = $12 \
              WHERE page_id = $1 AND login_id = $2",
