@@ -1,7 +1,8 @@
 //! The "call started" mark: a worker that dies between claiming an opt-in and calling Graph
 //! leaves a safe retry (not an unknown outcome), only a marked claim follows
 //! `UNKNOWN_OUTCOME`, a superseded claim makes no call, and two pages' opt-ins for one
-//! login_id marked at the same moment let only one call go out.
+//! login_id marked at the same moment let only one call go out; and the group commits of
+//! marks and of sent records.
 
 use std::time::Duration;
 
@@ -222,4 +223,80 @@ async fn two_pages_marking_one_login_id_at_once_let_only_one_call_go_out() {
         .await
         .expect("end round");
     }
+}
+
+#[tokio::test]
+async fn claims_of_one_login_id_in_one_group_commit_see_each_other() {
+    let (_env, pool, sql) = store_env().await;
+    let now = OffsetDateTime::now_utc();
+    insert_optin(&sql, "111", "G1", now, "pending").await;
+    insert_optin(&sql, "222", "G1", now, "pending").await;
+    insert_optin(&sql, PAGE, "G2", now, "pending").await;
+    let mut client = pool.get().await.expect("client");
+    let claimed = claim(&client, "worker", Duration::from_secs(30)).await;
+    assert_eq!(claimed.len(), 3);
+    let checks = store::begin_calls(&mut client, &claimed)
+        .await
+        .expect("group");
+    let of = |login_id: &str| -> Vec<&CallCheck> {
+        claimed
+            .iter()
+            .zip(&checks)
+            .filter(|(c, _)| c.login_id == login_id)
+            .map(|(_, check)| check)
+            .collect()
+    };
+    assert_eq!(of("G2"), [&CallCheck::Go]);
+    let g1 = of("G1");
+    assert_eq!(
+        g1.iter().filter(|c| ***c == CallCheck::Go).count(),
+        1,
+        "{g1:?}"
+    );
+    assert!(
+        g1.iter().any(|c| matches!(c, CallCheck::OtherPage(_))),
+        "{g1:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_group_of_sent_records_writes_each_current_claim_and_skips_a_stale_one() {
+    let (_env, pool, sql) = store_env().await;
+    let now = OffsetDateTime::now_utc();
+    insert_optin(&sql, PAGE, "R1", now, "pending").await;
+    insert_optin(&sql, PAGE, "R2", now, "pending").await;
+    let mut client = pool.get().await.expect("client");
+    let claimed = claim(&client, "worker", Duration::from_secs(30)).await;
+    assert_eq!(claimed.len(), 2);
+    let mut stale = claimed[1].clone();
+    stale.fence -= 1;
+    let records = [
+        store::SentRecord {
+            claim: claimed[0].clone(),
+            message_id: "m_1".into(),
+            sent_at: now,
+        },
+        store::SentRecord {
+            claim: stale,
+            message_id: "m_stale".into(),
+            sent_at: now,
+        },
+    ];
+    let written = store::finish_sent_group(&mut client, &records)
+        .await
+        .expect("group");
+    assert_eq!(written, [true, false]);
+    let sent_login = &claimed[0].login_id;
+    let other_login = &claimed[1].login_id;
+    assert_eq!(optin_state(&sql, sent_login).await.as_deref(), Some("sent"));
+    assert_eq!(
+        optin_state(&sql, other_login).await.as_deref(),
+        Some("sending")
+    );
+    let events: i64 = sql
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .expect("outbox")
+        .get(0);
+    assert_eq!(events, 1, "one event, for the written record only");
 }

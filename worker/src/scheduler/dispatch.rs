@@ -19,11 +19,12 @@ use tokio::sync::{Notify, RwLock, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::group_commit::GroupCommit;
 use super::metrics::SchedulerMetrics;
 use super::pacing::{PagePauses, PageRateLimiter, PauseReason};
 use super::retry::{NextAttempt, RetryPolicy};
 use super::store::{
-    self, CallCheck, Claimed, Ending, StoreError, StoredError, Timing, UnknownOutcome,
+    self, CallCheck, Claimed, Ending, SentRecord, StoreError, StoredError, Timing, UnknownOutcome,
 };
 
 /// A hook run after Graph accepted a message and before the result is recorded. Tests use it
@@ -70,7 +71,15 @@ pub struct Dispatcher {
     metrics: SchedulerMetrics,
     settings: DispatchSettings,
     slots: Arc<Semaphore>,
+    /// "Call started" marks, committed in groups.
+    marks: GroupCommit<Claimed, CallCheck>,
+    /// "Sent" records, committed in groups.
+    sent: GroupCommit<SentRecord, bool>,
 }
+
+/// Most writes in one group commit: enough to cover a claim batch's worth of sends finishing
+/// together, small enough to keep each transaction short.
+const GROUP_MAX: usize = 128;
 
 impl Dispatcher {
     /// Builds a dispatcher.
@@ -84,6 +93,30 @@ impl Dispatcher {
         settings: DispatchSettings,
     ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+        let marks_pool = pool.clone();
+        let marks = GroupCommit::start(
+            "call-start marks",
+            GROUP_MAX,
+            Arc::new(move |claims: Vec<Claimed>| {
+                let pool = marks_pool.clone();
+                Box::pin(async move {
+                    let mut client = pool.get().await?;
+                    store::begin_calls(&mut client, &claims).await
+                })
+            }),
+        );
+        let sent_pool = pool.clone();
+        let sent = GroupCommit::start(
+            "sent records",
+            GROUP_MAX,
+            Arc::new(move |records: Vec<SentRecord>| {
+                let pool = sent_pool.clone();
+                Box::pin(async move {
+                    let mut client = pool.get().await?;
+                    store::finish_sent_group(&mut client, &records).await
+                })
+            }),
+        );
         Arc::new(Self {
             pool,
             graph,
@@ -93,6 +126,8 @@ impl Dispatcher {
             metrics,
             settings,
             slots,
+            marks,
+            sent,
         })
     }
 
@@ -326,18 +361,17 @@ impl Dispatcher {
     /// The checks right before the call and the row's "call started" mark (see
     /// [`store::begin_call`]). Returns whether to call; every other outcome is recorded here.
     async fn begin_call(&self, c: &Claimed) -> Result<bool, StoreError> {
-        let mut client = self.pool.get().await?;
-        match store::begin_call(&mut client, c).await? {
+        match self.marks.submit(c.clone()).await? {
             CallCheck::Go => Ok(true),
             CallCheck::Replied(at) => {
                 tracing::info!("the person already replied; no first message needed");
+                let client = self.pool.get().await?;
                 if store::finish_replied(&client, c, at).await? {
                     self.metrics.terminal.with_label_values(&["replied"]).inc();
                 }
                 Ok(false)
             }
             CallCheck::OtherPage(other) => {
-                drop(client);
                 let err = StoredError {
                     message: format!(
                         "this login_id was already messaged through page {other}; Meta allows only that page to use it"
@@ -365,14 +399,12 @@ impl Dispatcher {
         let mut last_err = None;
         for delay_ms in [0u64, 100, 500, 2000] {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            let mut client = match self.pool.get().await {
-                Ok(c) => c,
-                Err(e) => {
-                    last_err = Some(StoreError::from(e));
-                    continue;
-                }
+            let record = SentRecord {
+                claim: c.clone(),
+                message_id: message_id.to_owned(),
+                sent_at,
             };
-            match store::finish_sent(&mut client, c, message_id, sent_at).await {
+            match self.sent.submit(record).await {
                 Ok(true) => {
                     self.metrics.terminal.with_label_values(&["sent"]).inc();
                     self.metrics

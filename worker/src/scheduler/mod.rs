@@ -3,7 +3,9 @@
 //! - [`intake`] consumes `scheduler.optins` and records opt-ins idempotently;
 //! - [`dispatch`] claims due rows earliest deadline first under fenced leases and calls the
 //!   Send API, classifying answers into sent / retry / failed / expired;
-//! - [`store`] holds the SQL; [`rescue`] resolves expired leases; [`retry`] the backoff;
+//! - [`store`] holds the SQL; [`call_start`] the last checks and the "call started" mark
+//!   before each call; [`group_commit`] commits many send tasks' writes together;
+//!   [`rescue`] resolves expired leases; [`retry`] the backoff;
 //!   [`pacing`] per-page rate limits and
 //!   pauses; [`metrics`] the Prometheus metrics.
 //! - [`watchdog`] re-subscribes pages whose webhook subscription Meta dropped (one active
@@ -13,8 +15,10 @@
 //! deadline minus a safety margin; opt-ins for the same (page, login_id) inside an existing
 //! window are the same opt-in; a reply processed first (a link exists) means nothing is sent.
 
+pub mod call_start;
 pub mod deletion;
 pub mod dispatch;
+pub mod group_commit;
 pub mod intake;
 pub mod metrics;
 pub mod pacing;

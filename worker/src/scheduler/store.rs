@@ -29,6 +29,9 @@ pub enum StoreError {
     /// A connection could not be taken from the pool.
     #[error("database pool error: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// A group of writes failed (see [`super::group_commit`]); the text names the cause.
+    #[error("{0}")]
+    Group(String),
     /// An opt-in arrived for a new window while the previous one is still being sent; the
     /// batch is retried shortly, once that send has finished.
     #[error("opt-in for page {page_id} starts a new window while the previous send is in flight")]
@@ -378,7 +381,8 @@ pub async fn expire_overdue(
     Ok(rows.len())
 }
 
-const FENCED: &str = "page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending'";
+pub(super) const FENCED: &str =
+    "page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending'";
 
 /// Gives a claimed row back without a call having been made (page paused, shutdown).
 /// Returns false if the claim was no longer ours.
@@ -399,6 +403,17 @@ pub async fn release(
     Ok(n == 1)
 }
 
+/// A successful send to record.
+#[derive(Debug, Clone)]
+pub struct SentRecord {
+    /// The claim it was made under.
+    pub claim: Claimed,
+    /// Graph's `message_id`.
+    pub message_id: String,
+    /// When Graph accepted it.
+    pub sent_at: OffsetDateTime,
+}
+
 /// Records a successful send and its `first_message.sent` event. Returns false (and writes
 /// nothing) if the claim was taken over.
 pub async fn finish_sent(
@@ -407,38 +422,56 @@ pub async fn finish_sent(
     message_id: &str,
     sent_at: OffsetDateTime,
 ) -> Result<bool, StoreError> {
-    let attempts = c.attempts + 1;
-    let tx = client.transaction().await?;
-    let n = tx
-        .execute(
-            &format!(
-                "UPDATE optins SET state = 'sent', message_id = $4, sent_at = $5, attempts = $6, \
-                 lease_owner = NULL, lease_expires_at = NULL, finished_at = $5, updated_at = now() \
-                 WHERE {FENCED}"
-            ),
-            &[
-                &c.page_id,
-                &c.login_id,
-                &c.fence,
-                &message_id,
-                &sent_at,
-                &attempts,
-            ],
-        )
-        .await?;
-    if n == 0 {
-        return Ok(false);
-    }
-    let ev = PublicEvent::FirstMessageSent(FirstMessageSent {
-        page_id: c.page_id.clone(),
-        login_id: c.login_id.clone(),
+    let record = SentRecord {
+        claim: c.clone(),
         message_id: message_id.to_owned(),
         sent_at,
-        attempts,
-    });
-    insert_outbox(&*tx, &ev, EVENT_SOURCE, c.traceparent.as_deref()).await?;
+    };
+    let done = finish_sent_group(client, std::slice::from_ref(&record)).await?;
+    Ok(done.first().copied().unwrap_or(false))
+}
+
+/// [`finish_sent`] for several sends in one transaction (one commit), as the dispatcher's
+/// group commit uses it. Returns, per record, whether it was written.
+pub async fn finish_sent_group(
+    client: &mut Client,
+    records: &[SentRecord],
+) -> Result<Vec<bool>, StoreError> {
+    let tx = client.transaction().await?;
+    let mut written = Vec::with_capacity(records.len());
+    for r in records {
+        let (c, attempts) = (&r.claim, r.claim.attempts + 1);
+        let n = tx
+            .execute(
+                &format!(
+                    "UPDATE optins SET state = 'sent', message_id = $4, sent_at = $5, \
+                     attempts = $6, lease_owner = NULL, lease_expires_at = NULL, \
+                     finished_at = $5, updated_at = now() WHERE {FENCED}"
+                ),
+                &[
+                    &c.page_id,
+                    &c.login_id,
+                    &c.fence,
+                    &r.message_id,
+                    &r.sent_at,
+                    &attempts,
+                ],
+            )
+            .await?;
+        if n == 1 {
+            let ev = PublicEvent::FirstMessageSent(FirstMessageSent {
+                page_id: c.page_id.clone(),
+                login_id: c.login_id.clone(),
+                message_id: r.message_id.clone(),
+                sent_at: r.sent_at,
+                attempts,
+            });
+            insert_outbox(&*tx, &ev, EVENT_SOURCE, c.traceparent.as_deref()).await?;
+        }
+        written.push(n == 1);
+    }
     tx.commit().await?;
-    Ok(true)
+    Ok(written)
 }
 
 /// How a claimed row ends without success.
@@ -573,68 +606,6 @@ pub async fn reschedule(
     Ok(n == 1)
 }
 
-/// What [`begin_call`] decided for a claimed opt-in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CallCheck {
-    /// The row is marked as called: make the Send API call now.
-    Go,
-    /// The person already replied (linked at this time): no first message is needed.
-    Replied(OffsetDateTime),
-    /// This login_id was (or may have been) messaged through this other page: Meta lets only
-    /// that page use it.
-    OtherPage(String),
-    /// The claim is no longer ours (rescued and claimed again): make no call.
-    Lost,
-}
-
-/// The last step before a Send API call: checks, under a per-login_id lock, that the person
-/// has not replied (a reply and its opt-in committed at the same moment do not see each
-/// other, so this is checked again here) and that no other page has messaged the login_id,
-/// then marks the row `call_started_at`, all in one transaction.
-///
-/// The mark is what lets the rescuer tell a worker that died before calling (safe to retry)
-/// from one that died with a call in flight (outcome unknown). The lock makes two workers
-/// calling for two pages of one login_id take turns, so the second sees the first's mark.
-pub async fn begin_call(client: &mut Client, c: &Claimed) -> Result<CallCheck, StoreError> {
-    let tx = client.transaction().await?;
-    let lock_key = format!("one_page:{}", c.login_id);
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[&lock_key],
-    )
-    .await?;
-    let row = tx
-        .query_one(
-            "WITH link AS ( \
-                 SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
-                   AND linked_at >= $4::timestamptz - interval '5 minutes'), \
-             other AS ( \
-                 SELECT page_id FROM optins WHERE login_id = $2 AND page_id <> $1 \
-                   AND (message_id IS NOT NULL OR failure_reason = 'outcome_unknown' \
-                        OR (state = 'sending' AND call_started_at IS NOT NULL)) \
-                 LIMIT 1), \
-             mark AS ( \
-                 UPDATE optins SET call_started_at = now(), updated_at = now() \
-                 WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending' \
-                   AND NOT EXISTS (SELECT 1 FROM link) AND NOT EXISTS (SELECT 1 FROM other) \
-                 RETURNING 1) \
-             SELECT (SELECT linked_at FROM link LIMIT 1), (SELECT page_id FROM other), \
-                    EXISTS (SELECT 1 FROM mark)",
-            &[&c.page_id, &c.login_id, &c.fence, &c.opted_in_at],
-        )
-        .await?;
-    tx.commit().await?;
-    let linked_at: Option<OffsetDateTime> = row.get(0);
-    let other: Option<String> = row.get(1);
-    let marked: bool = row.get(2);
-    Ok(match (linked_at, other, marked) {
-        (_, _, true) => CallCheck::Go,
-        (Some(at), _, false) => CallCheck::Replied(at),
-        (None, Some(page), false) => CallCheck::OtherPage(page),
-        (None, None, false) => CallCheck::Lost,
-    })
-}
-
 /// Ends a claimed opt-in as `replied` without a call (its `identity.linked` event, written by
 /// the correlator, announces it).
 pub async fn finish_replied(
@@ -655,4 +626,5 @@ pub async fn finish_replied(
     Ok(n == 1)
 }
 
+pub use super::call_start::{CallCheck, begin_call, begin_calls};
 pub use super::rescue::{Rescued, UnknownOutcome, prune_finished, rescue_expired_leases};

@@ -1,0 +1,91 @@
+//! The last step before a Send API call: the checks that must see the latest state, and the
+//! row's `call_started_at` mark.
+//!
+//! The mark is what lets the rescuer tell a worker that died before calling (safe to retry)
+//! from one that died with a call in flight (outcome unknown, see [`super::rescue`]). The
+//! checks: the person has not replied (a reply and its opt-in committed at the same moment do
+//! not see each other, so this is checked again here), and no other page has messaged the
+//! login_id (Meta lets only that page use it). They run under a per-login_id advisory lock,
+//! so two workers calling for two pages of one login_id take turns and the second sees the
+//! first one's mark.
+
+use deadpool_postgres::Client;
+use time::OffsetDateTime;
+
+use super::store::{Claimed, StoreError};
+
+/// What [`begin_calls`] decided for a claimed opt-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallCheck {
+    /// The row is marked as called: make the Send API call now.
+    Go,
+    /// The person already replied (linked at this time): no first message is needed.
+    Replied(OffsetDateTime),
+    /// This login_id was (or may have been) messaged through this other page: Meta lets only
+    /// that page use it.
+    OtherPage(String),
+    /// The claim is no longer ours (rescued and claimed again): make no call.
+    Lost,
+}
+
+/// [`begin_calls`] for one claim.
+pub async fn begin_call(client: &mut Client, c: &Claimed) -> Result<CallCheck, StoreError> {
+    let mut checks = begin_calls(client, std::slice::from_ref(c)).await?;
+    checks
+        .pop()
+        .ok_or_else(|| StoreError::Group("no check for the claim".into()))
+}
+
+/// Checks and marks several claims in one transaction (one commit), returning one decision
+/// per claim, in order. Claims of one login_id in the same group see each other: they run
+/// one after the other, and the first one marked makes the others [`CallCheck::OtherPage`].
+pub async fn begin_calls(
+    client: &mut Client,
+    claims: &[Claimed],
+) -> Result<Vec<CallCheck>, StoreError> {
+    // Locks are taken in one global order (by key), so two groups cannot deadlock.
+    let mut order: Vec<usize> = (0..claims.len()).collect();
+    order.sort_by(|&a, &b| claims[a].login_id.cmp(&claims[b].login_id));
+    let tx = client.transaction().await?;
+    let mut checks = vec![CallCheck::Lost; claims.len()];
+    for k in order {
+        let c = &claims[k];
+        let lock_key = format!("one_page:{}", c.login_id);
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&lock_key],
+        )
+        .await?;
+        let row = tx
+            .query_one(
+                "WITH link AS ( \
+                     SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
+                       AND linked_at >= $4::timestamptz - interval '5 minutes'), \
+                 other AS ( \
+                     SELECT page_id FROM optins WHERE login_id = $2 AND page_id <> $1 \
+                       AND (message_id IS NOT NULL OR failure_reason = 'outcome_unknown' \
+                            OR (state = 'sending' AND call_started_at IS NOT NULL)) \
+                     LIMIT 1), \
+                 mark AS ( \
+                     UPDATE optins SET call_started_at = now(), updated_at = now() \
+                     WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending' \
+                       AND NOT EXISTS (SELECT 1 FROM link) AND NOT EXISTS (SELECT 1 FROM other) \
+                     RETURNING 1) \
+                 SELECT (SELECT linked_at FROM link LIMIT 1), (SELECT page_id FROM other), \
+                        EXISTS (SELECT 1 FROM mark)",
+                &[&c.page_id, &c.login_id, &c.fence, &c.opted_in_at],
+            )
+            .await?;
+        let linked_at: Option<OffsetDateTime> = row.get(0);
+        let other: Option<String> = row.get(1);
+        let marked: bool = row.get(2);
+        checks[k] = match (linked_at, other, marked) {
+            (_, _, true) => CallCheck::Go,
+            (Some(at), _, false) => CallCheck::Replied(at),
+            (None, Some(page), false) => CallCheck::OtherPage(page),
+            (None, None, false) => CallCheck::Lost,
+        };
+    }
+    tx.commit().await?;
+    Ok(checks)
+}
