@@ -47,35 +47,56 @@ pub async fn begin_calls(
     let mut order: Vec<usize> = (0..claims.len()).collect();
     order.sort_by(|&a, &b| claims[a].login_id.cmp(&claims[b].login_id));
     let tx = client.transaction().await?;
-    let mut checks = vec![CallCheck::Lost; claims.len()];
-    for k in order {
-        let c = &claims[k];
-        let lock_key = format!("one_page:{}", c.login_id);
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&lock_key],
+    // Issued together, the statements are pipelined on the one connection (one round trip
+    // per step for the whole group); the server runs them in the order they were issued:
+    // first every lock, in key order, then every check and mark, in the same order.
+    let lock = tx
+        .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .await?;
+    let keys: Vec<String> = order
+        .iter()
+        .map(|&k| format!("one_page:{}", claims[k].login_id))
+        .collect();
+    let (tx_ref, lock) = (&tx, &lock);
+    futures_util::future::try_join_all(
+        keys.iter()
+            .map(|key| async move { tx_ref.execute(lock, &[key]).await }),
+    )
+    .await?;
+    let check_and_mark = tx
+        .prepare_cached(
+            "WITH link AS ( \
+                 SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
+                   AND linked_at >= $4::timestamptz - interval '5 minutes'), \
+             other AS ( \
+                 SELECT page_id FROM optins WHERE login_id = $2 AND page_id <> $1 \
+                   AND (message_id IS NOT NULL OR failure_reason = 'outcome_unknown' \
+                        OR (state = 'sending' AND call_started_at IS NOT NULL)) \
+                 LIMIT 1), \
+             mark AS ( \
+                 UPDATE optins SET call_started_at = now(), updated_at = now() \
+                 WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending' \
+                   AND NOT EXISTS (SELECT 1 FROM link) AND NOT EXISTS (SELECT 1 FROM other) \
+                 RETURNING 1) \
+             SELECT (SELECT linked_at FROM link LIMIT 1), (SELECT page_id FROM other), \
+                    EXISTS (SELECT 1 FROM mark)",
         )
         .await?;
-        let row = tx
-            .query_one(
-                "WITH link AS ( \
-                     SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
-                       AND linked_at >= $4::timestamptz - interval '5 minutes'), \
-                 other AS ( \
-                     SELECT page_id FROM optins WHERE login_id = $2 AND page_id <> $1 \
-                       AND (message_id IS NOT NULL OR failure_reason = 'outcome_unknown' \
-                            OR (state = 'sending' AND call_started_at IS NOT NULL)) \
-                     LIMIT 1), \
-                 mark AS ( \
-                     UPDATE optins SET call_started_at = now(), updated_at = now() \
-                     WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending' \
-                       AND NOT EXISTS (SELECT 1 FROM link) AND NOT EXISTS (SELECT 1 FROM other) \
-                     RETURNING 1) \
-                 SELECT (SELECT linked_at FROM link LIMIT 1), (SELECT page_id FROM other), \
-                        EXISTS (SELECT 1 FROM mark)",
-                &[&c.page_id, &c.login_id, &c.fence, &c.opted_in_at],
-            )
-            .await?;
+    let check_and_mark = &check_and_mark;
+    let rows = futures_util::future::try_join_all(order.iter().map(|&k| {
+        let c = &claims[k];
+        async move {
+            tx_ref
+                .query_one(
+                    check_and_mark,
+                    &[&c.page_id, &c.login_id, &c.fence, &c.opted_in_at],
+                )
+                .await
+        }
+    }))
+    .await?;
+    let mut checks = vec![CallCheck::Lost; claims.len()];
+    for (&k, row) in order.iter().zip(&rows) {
         let linked_at: Option<OffsetDateTime> = row.get(0);
         let other: Option<String> = row.get(1);
         let marked: bool = row.get(2);
