@@ -394,42 +394,30 @@ impl Dispatcher {
     async fn record_sent(&self, c: &Claimed, message_id: &str) -> Result<(), StoreError> {
         self.metrics.sends.with_label_values(&["sent"]).inc();
         let sent_at = OffsetDateTime::now_utc();
-        // The crash window: Graph has sent the message; only this commit records it. Retry
-        // it briefly on database errors rather than give up on a message that went out.
-        let mut last_err = None;
-        for delay_ms in [0u64, 100, 500, 2000] {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            let record = SentRecord {
-                claim: c.clone(),
-                message_id: message_id.to_owned(),
-                sent_at,
-            };
-            match self.sent.submit(record).await {
-                Ok(true) => {
-                    self.metrics.terminal.with_label_values(&["sent"]).inc();
-                    self.metrics
-                        .optin_to_send
-                        .observe((sent_at - c.opted_in_at).as_seconds_f64().max(0.0));
-                    self.metrics
-                        .deadline_slack
-                        .observe((c.deadline - sent_at).as_seconds_f64().max(0.0));
-                    tracing::info!(message_id, "first message sent");
-                    return Ok(());
-                }
-                Ok(false) => {
-                    self.metrics.fenced_out.inc();
-                    tracing::error!(
-                        message_id,
-                        "first message sent, but the claim was taken over meanwhile; the newer claim's outcome stands"
-                    );
-                    return Ok(());
-                }
-                Err(e) => last_err = Some(e),
-            }
+        // The crash window: Graph has sent the message; only this commit records it.
+        let record = SentRecord {
+            claim: c.clone(),
+            message_id: message_id.to_owned(),
+            sent_at,
+        };
+        let written = until_lease_end(c, || self.sent.submit(record.clone())).await?;
+        if written {
+            self.metrics.terminal.with_label_values(&["sent"]).inc();
+            self.metrics
+                .optin_to_send
+                .observe((sent_at - c.opted_in_at).as_seconds_f64().max(0.0));
+            self.metrics
+                .deadline_slack
+                .observe((c.deadline - sent_at).as_seconds_f64().max(0.0));
+            tracing::info!(message_id, "first message sent");
+        } else {
+            self.metrics.fenced_out.inc();
+            tracing::error!(
+                message_id,
+                "first message sent, but the claim was taken over meanwhile; the newer claim's outcome stands"
+            );
         }
-        Err(last_err.unwrap_or(StoreError::Busy {
-            page_id: c.page_id.clone(),
-        }))
+        Ok(())
     }
 
     async fn record_failure(
@@ -475,8 +463,12 @@ impl Dispatcher {
                     .with_label_values(&[c.page_id.as_str()])
                     .set(1);
                 tracing::error!(error = %f, "page token invalid: pausing this page's sends until its token changes (fix PAGES_FILE / the token variable, then SIGHUP or restart)");
-                let client = self.pool.get().await?;
-                store::reschedule(&client, c, OffsetDateTime::now_utc(), &err).await?;
+                let now = OffsetDateTime::now_utc();
+                until_lease_end(c, || async {
+                    let client = self.pool.get().await?;
+                    store::reschedule(&client, c, now, &err).await
+                })
+                .await?;
                 return Ok(());
             }
             FailureClass::RateLimited => {
@@ -523,8 +515,12 @@ impl Dispatcher {
             NextAttempt::At(at) => {
                 self.metrics.retries.inc();
                 tracing::info!(error = %f, retry_in_ms = (at - now).whole_milliseconds(), "transient Send API error; retrying");
-                let client = self.pool.get().await?;
-                if !store::reschedule(&client, c, at, &err).await? {
+                let rescheduled = until_lease_end(c, || async {
+                    let client = self.pool.get().await?;
+                    store::reschedule(&client, c, at, &err).await
+                })
+                .await?;
+                if !rescheduled {
                     self.metrics.fenced_out.inc();
                 }
                 Ok(())
@@ -547,8 +543,12 @@ impl Dispatcher {
             Ending::Failed(_) => "failed",
             Ending::Expired => "expired",
         };
-        let mut client = self.pool.get().await?;
-        if store::finish_unsent(&mut client, c, ending, called, err).await? {
+        let finished = until_lease_end(c, || async {
+            let mut client = self.pool.get().await?;
+            store::finish_unsent(&mut client, c, ending.clone(), called, err).await
+        })
+        .await?;
+        if finished {
             self.metrics.terminal.with_label_values(&[state]).inc();
         } else {
             self.metrics.fenced_out.inc();
@@ -561,3 +561,31 @@ impl Dispatcher {
         self.pauses.paused(page_id) == Some(PauseReason::TokenInvalid)
     }
 }
+
+/// Runs a write for claim `c` until it succeeds or the claim's lease is about to run out.
+/// After a call, a write given up means the rescuer will find the lease expired and the
+/// outcome unknown, so a database outage is waited out as long as the lease allows (the
+/// fence still refuses the write if another replica has taken the row over meanwhile).
+async fn until_lease_end<T, Fut>(
+    c: &Claimed,
+    mut write: impl FnMut() -> Fut,
+) -> Result<T, StoreError>
+where
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() + delay + LEASE_END_GUARD >= c.lease_end => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "writing the outcome failed; retrying while the lease lasts");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Room left before the lease ends for a last write to land before the rescuer may act.
+const LEASE_END_GUARD: Duration = Duration::from_millis(500);

@@ -132,6 +132,9 @@ pub struct Claimed {
     pub deadline: OffsetDateTime,
     /// Trace context from the delivery.
     pub traceparent: Option<String>,
+    /// When the lease runs out, on this process's clock (taken before the claim, so never
+    /// later than the database's): writes for this claim are worth retrying until then.
+    pub lease_end: std::time::Instant,
 }
 
 /// Records one opt-in inside the caller's transaction (see the module doc of the scheduler
@@ -302,6 +305,7 @@ pub async fn claim_due(
 ) -> Result<Vec<Claimed>, StoreError> {
     let lease_secs = lease.as_secs_f64();
     let margin_secs = safety_margin.as_secs_f64();
+    let lease_end = std::time::Instant::now() + lease;
     let rows = client
         .query(
             "WITH due AS ( \
@@ -331,6 +335,7 @@ pub async fn claim_due(
             opted_in_at: r.get(4),
             deadline: r.get(5),
             traceparent: r.get(6),
+            lease_end,
         })
         .collect();
     // UPDATE … RETURNING does not keep the CTE's order.
