@@ -334,6 +334,11 @@ impl Dispatcher {
         if !self.begin_call(c).await? {
             return Ok(());
         }
+        // The mark may have waited for its group (or a database hiccup): the deadline rule
+        // is checked once more against the moment the call would really start.
+        if OffsetDateTime::now_utc() >= last_send {
+            return self.end(c, Ending::Expired, false, None).await;
+        }
 
         // The call gets its own span, so the trace shows Graph's latency apart from ours.
         let call_span = tracing::info_span!("send_api_call", page_id = %c.page_id);
