@@ -19,7 +19,7 @@ use tokio::sync::{Notify, RwLock, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::group_commit::GroupCommit;
+use super::group_commit::{ApplyBatch, GroupCommit};
 use super::metrics::SchedulerMetrics;
 use super::pacing::{PagePauses, PageRateLimiter, PauseReason};
 use super::retry::{NextAttempt, RetryPolicy};
@@ -93,28 +93,18 @@ impl Dispatcher {
         settings: DispatchSettings,
     ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
-        let marks_pool = pool.clone();
         let marks = GroupCommit::start(
             "call-start marks",
             GROUP_MAX,
-            Arc::new(move |claims: Vec<Claimed>| {
-                let pool = marks_pool.clone();
-                Box::pin(async move {
-                    let mut client = pool.get().await?;
-                    store::begin_calls(&mut client, &claims).await
-                })
+            with_client(&pool, |mut client, claims: Vec<Claimed>| async move {
+                store::begin_calls(&mut client, &claims).await
             }),
         );
-        let sent_pool = pool.clone();
         let sent = GroupCommit::start(
             "sent records",
             GROUP_MAX,
-            Arc::new(move |records: Vec<SentRecord>| {
-                let pool = sent_pool.clone();
-                Box::pin(async move {
-                    let mut client = pool.get().await?;
-                    store::finish_sent_group(&mut client, &records).await
-                })
+            with_client(&pool, |mut client, records: Vec<SentRecord>| async move {
+                store::finish_sent_group(&mut client, &records).await
             }),
         );
         Arc::new(Self {
@@ -594,3 +584,20 @@ where
 
 /// Room left before the lease ends for a last write to land before the rescuer may act.
 const LEASE_END_GUARD: Duration = Duration::from_millis(500);
+
+/// A group-commit function that takes a connection from `pool` for each group.
+fn with_client<Req, Resp, F, Fut>(pool: &Pool, apply: F) -> ApplyBatch<Req, Resp>
+where
+    Req: Send + 'static,
+    F: Fn(deadpool_postgres::Object, Vec<Req>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Vec<Resp>, StoreError>> + Send + 'static,
+{
+    let (pool, apply) = (pool.clone(), Arc::new(apply));
+    Arc::new(move |reqs: Vec<Req>| {
+        let (pool, apply) = (pool.clone(), apply.clone());
+        Box::pin(async move {
+            let client = pool.get().await?;
+            apply(client, reqs).await
+        })
+    })
+}

@@ -139,18 +139,29 @@ mod tests {
         (apply, seen)
     }
 
-    #[tokio::test]
-    async fn concurrent_requests_share_groups_and_each_gets_its_own_answer() {
-        let (apply, seen) = recording(u32::MAX);
-        let group = Arc::new(GroupCommit::start("test", 16, apply));
-        let tasks: Vec<_> = (0..40)
+    /// Submits 0..n from n concurrent tasks; returns each request with its answer.
+    async fn submit_all(
+        group: &Arc<GroupCommit<u32, u32>>,
+        n: u32,
+    ) -> Vec<(u32, Result<u32, StoreError>)> {
+        let tasks: Vec<_> = (0..n)
             .map(|k| {
                 let group = group.clone();
                 tokio::spawn(async move { (k, group.submit(k).await) })
             })
             .collect();
+        let mut answers = Vec::new();
         for task in tasks {
-            let (k, answer) = task.await.expect("task");
+            answers.push(task.await.expect("task"));
+        }
+        answers
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_groups_and_each_gets_its_own_answer() {
+        let (apply, seen) = recording(u32::MAX);
+        let group = Arc::new(GroupCommit::start("test", 16, apply));
+        for (k, answer) in submit_all(&group, 40).await {
             assert_eq!(answer.expect("answer"), k * 10);
         }
         let groups = seen.lock().expect("log").clone();
@@ -163,14 +174,7 @@ mod tests {
     async fn a_request_that_fails_does_not_fail_the_others_of_its_group() {
         let (apply, seen) = recording(7);
         let group = Arc::new(GroupCommit::start("test", 64, apply));
-        let tasks: Vec<_> = (0..20)
-            .map(|k| {
-                let group = group.clone();
-                tokio::spawn(async move { (k, group.submit(k).await) })
-            })
-            .collect();
-        for task in tasks {
-            let (k, answer) = task.await.expect("task");
+        for (k, answer) in submit_all(&group, 20).await {
             if k == 7 {
                 let e = answer.expect_err("poison fails");
                 assert!(e.to_string().contains("poison 7"), "{e}");
