@@ -102,12 +102,6 @@ pub async fn start(
     .with_login(login);
     let app = routes::router(state, config.max_body_bytes, config.request_timeout());
     let link = broker.clone();
-    // Refuses a declared Content-Length over the limit with 413 before reading any of the
-    // body (the router's own limit only trips once that much has arrived, so a client that
-    // declares 100 MB and sends a trickle would hold the request until the timeout).
-    let app = app.layer(tower_http::limit::RequestBodyLimitLayer::new(
-        config.max_body_bytes,
-    ));
     let header_timeout = config.request_timeout();
     let task = tokio::spawn(async move {
         let served = serve(listener, app, header_timeout, shutdown).await;

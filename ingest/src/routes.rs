@@ -82,6 +82,13 @@ pub fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration)
         .route("/metrics", get(metrics))
         .merge(crate::login_events::routes(state.login.clone()))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Refuses a declared Content-Length over the limit with 413 before reading any of the
+        // body (the limit above only trips once that much has arrived, so a client that
+        // declares 100 MB and sends a trickle would hold the request until the timeout).
+        // Inside the counting layer, so these 413s are counted like every other answer.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            max_body_bytes,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

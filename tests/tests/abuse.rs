@@ -197,6 +197,24 @@ async fn a_huge_content_length_is_refused_with_413_before_the_body_arrives() {
         "expected a prompt 413, got after {:?}: {answer:?}",
         started.elapsed()
     );
+    let metrics = ingest
+        .http
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ingest_http_requests_total")
+                && l.contains("status=\"413\"")
+                && l.contains("POST /webhook")
+                && l.ends_with(" 1")),
+        "the early 413 is counted:\n{metrics}"
+    );
     ingest
         .assert_responsive("after a 100 MB Content-Length")
         .await;
