@@ -218,10 +218,12 @@ async fn apply_together(pool: &Pool, requests: &[LinkRequest]) -> Result<Vec<Tra
     }
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let mut outcomes = Vec::with_capacity(requests.len());
-    for request in requests {
-        outcomes.push(apply_traced(&tx, request).await?);
-    }
+    // All requests at once: their statements are pipelined on the one connection (a round
+    // trip per step for the whole batch, not per statement). The server still runs them one
+    // at a time in the order they arrive and each request's own steps stay in order, so two
+    // replies of one login_id still meet the primary key as described above.
+    let outcomes =
+        futures_util::future::try_join_all(requests.iter().map(|r| apply_traced(&tx, r))).await?;
     tx.commit().await?;
     Ok(outcomes)
 }
