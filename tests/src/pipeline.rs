@@ -137,6 +137,14 @@ impl TestEnv {
         start_ingest_with(ingest_config(self.vhost.url())).await
     }
 
+    /// A pool of `size` connections to this test's database, migrated (for tests that call
+    /// the store directly or insert rows before any worker runs).
+    pub async fn migrated_pool(&self, size: usize) -> deadpool_postgres::Pool {
+        let pool = lc_shared::db::pool(&self.db.url(), size).expect("pool");
+        lc_shared::db::migrate(&pool).await.expect("migrate");
+        pool
+    }
+
     /// A plain connection to the database.
     pub async fn sql(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.db.url(), tokio_postgres::NoTls)

@@ -17,8 +17,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// A migrated pool on the test's database and a plain connection for assertions.
 async fn store_env() -> (TestEnv, deadpool_postgres::Pool, tokio_postgres::Client) {
     let env = TestEnv::new().await;
-    let pool = lc_shared::db::pool(&env.db.url(), 4).expect("pool");
-    lc_shared::db::migrate(&pool).await.expect("migrate");
+    let pool = env.migrated_pool(4).await;
     let sql = env.sql().await;
     (env, pool, sql)
 }

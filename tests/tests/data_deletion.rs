@@ -169,8 +169,7 @@ async fn a_deletion_request_deletes_announces_and_reports_completion() {
 #[tokio::test]
 async fn status_is_pending_until_the_scheduler_ran() {
     let env = TestEnv::new().await;
-    let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
-    lc_shared::db::migrate(&pool).await.expect("migrate");
+    env.migrated_pool(2).await;
     let (ingest, _stop_ingest) = start_login_ingest(&env).await;
 
     let (s, answer) = post_form(
@@ -208,8 +207,7 @@ async fn status_is_pending_until_the_scheduler_ran() {
 #[tokio::test]
 async fn bad_requests_are_refused_and_queue_nothing() {
     let env = TestEnv::new().await;
-    let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
-    lc_shared::db::migrate(&pool).await.expect("migrate");
+    env.migrated_pool(2).await;
     let (ingest, _stop_ingest) = start_login_ingest(&env).await;
 
     let good = signed_request_for(ASID, APP_SECRET);
@@ -309,8 +307,7 @@ async fn bad_requests_are_refused_and_queue_nothing() {
 #[tokio::test]
 async fn a_redelivered_request_changes_nothing() {
     let env = TestEnv::new().await;
-    let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
-    lc_shared::db::migrate(&pool).await.expect("migrate");
+    let pool = env.migrated_pool(2).await;
     let sql = env.sql().await;
     let login_id = login_id_for(ASID, PAGE);
     seed(&sql, PAGE, &login_id, "PSID-1").await;

@@ -238,8 +238,7 @@ async fn earliest_deadline_goes_first_under_a_throttled_graph() {
     let sql = {
         // Record a backlog before any scheduler runs: migrate, then insert rows in a shuffled
         // order of deadlines.
-        let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
-        lc_shared::db::migrate(&pool).await.expect("migrate");
+        env.migrated_pool(2).await;
         env.sql().await
     };
     let now = OffsetDateTime::now_utc();

@@ -93,8 +93,7 @@ async fn crash_between_graph_success_and_commit_retries_when_configured() {
 async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
     use lc_worker::scheduler::store;
     let env = TestEnv::new().await;
-    let pool = lc_shared::db::pool(&env.db.url(), 4).expect("pool");
-    lc_shared::db::migrate(&pool).await.expect("migrate");
+    let pool = env.migrated_pool(4).await;
     let sql = env.sql().await;
     let now = OffsetDateTime::now_utc();
     insert_optin(&sql, PAGE, "F1", now, "pending").await;
@@ -174,11 +173,8 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
 #[tokio::test]
 async fn a_login_id_messaged_through_one_page_is_refused_for_another() {
     let env = TestEnv::new().await;
-    let sql = {
-        let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
-        lc_shared::db::migrate(&pool).await.expect("migrate");
-        env.sql().await
-    };
+    env.migrated_pool(2).await;
+    let sql = env.sql().await;
     let now = OffsetDateTime::now_utc();
     sql.execute(
         "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at, message_id) \
@@ -269,8 +265,7 @@ async fn a_reply_committed_alongside_its_optin_still_prevents_the_send() {
     // The correlator and the scheduler committed at the same moment: the link exists, but the
     // opt-in was recorded `pending` because neither transaction saw the other.
     let env = TestEnv::new().await;
-    let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
-    lc_shared::db::migrate(&pool).await.expect("migrate");
+    env.migrated_pool(2).await;
     let sql = env.sql().await;
     let now = OffsetDateTime::now_utc();
     insert_optin(&sql, PAGE, "RACE", now, "pending").await;
@@ -340,8 +335,7 @@ async fn a_send_that_times_out_is_not_retried_because_it_may_have_been_delivered
 #[tokio::test]
 async fn claiming_due_work_is_an_index_scan_in_deadline_order_with_a_large_backlog() {
     let env = TestEnv::new().await;
-    let pool = lc_shared::db::pool(&env.db.url(), 2).expect("pool");
-    lc_shared::db::migrate(&pool).await.expect("migrate");
+    env.migrated_pool(2).await;
     let sql = env.sql().await;
     // 100,000 pending opt-ins spread over 24 hours, most already finished elsewhere.
     sql.batch_execute(
