@@ -3,7 +3,7 @@
 //! A reply item carries a ~600-character text, a quick-reply payload and `prior_message`, so
 //! one event is about 1 KB as a webhook item; a batch body carries 50 of them in one entry.
 
-use lc_shared::signature::sign_sha256;
+use lc_meta::signature::sign_sha256;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -125,12 +125,12 @@ mod tests {
             one[0].body.len()
         );
         let batch = reply_bodies(&pages, 1, 50);
-        let events = lc_shared::webhook::parse_delivery(&batch[0].body).expect("parses");
+        let events = lc_meta::webhook::parse_delivery(&batch[0].body).expect("parses");
         assert_eq!(events.len(), 50);
         assert!(
             events
                 .iter()
-                .all(|e| e.kind == lc_shared::webhook::EventKind::Message)
+                .all(|e| e.kind == lc_meta::webhook::EventKind::Message)
         );
     }
 }

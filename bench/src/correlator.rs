@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lc_ingest::publish::event_message;
 use lc_shared::events::{IdentityLinked, PublicEvent, insert_outbox};
+use lc_shared::outgoing::event_message;
 use lc_shared::telemetry::TraceParent;
 use time::OffsetDateTime;
 use tokio::task::JoinSet;
@@ -257,7 +257,7 @@ async fn publish_replies(
         let count = 20.min(to - body_no);
         let mut confirms = Vec::with_capacity(count * PER_BODY);
         for body in reply_bodies_from(pages, body_no, count, PER_BODY) {
-            for ev in lc_shared::webhook::parse_delivery(&body.body)? {
+            for ev in lc_meta::webhook::parse_delivery(&body.body)? {
                 let m = event_message(&ev, &trace)?;
                 confirms.push(
                     ch.basic_publish(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation};
-use lc_ingest::publish::{Outgoing, event_message};
+use lc_shared::outgoing::{Outgoing, event_message};
 use lc_shared::telemetry::TraceParent;
 
 use crate::bodies::{SignedBody, reply_bodies};
@@ -276,7 +276,7 @@ fn post_op(
         let events = b.events;
         let req = client
             .post(&url)
-            .header(lc_shared::signature::SIGNATURE_256_HEADER, &b.signature)
+            .header(lc_meta::signature::SIGNATURE_256_HEADER, &b.signature)
             .header("content-type", "application/json")
             .body(b.body.clone());
         Box::pin(async move {
@@ -298,7 +298,7 @@ fn messages_of(bodies: &[SignedBody]) -> anyhow::Result<Vec<Arc<Vec<Outgoing>>>>
         .iter()
         .map(|b| {
             let trace = TraceParent::new_root().to_string();
-            let events = lc_shared::webhook::parse_delivery(&b.body)?;
+            let events = lc_meta::webhook::parse_delivery(&b.body)?;
             let msgs = events
                 .iter()
                 .map(|ev| event_message(ev, &trace))

@@ -437,10 +437,7 @@ async fn open_loop_run(
             }
             let req = client
                 .post(&url)
-                .header(
-                    lc_shared::signature::SIGNATURE_256_HEADER,
-                    &signed.signature,
-                )
+                .header(lc_meta::signature::SIGNATURE_256_HEADER, &signed.signature)
                 .header("content-type", "application/json")
                 .body(signed.body);
             async move {

@@ -4,7 +4,7 @@
 //! parser promises to name fields, never values).
 #![no_main]
 
-use lc_shared::pages::PagesConfig;
+use lc_meta::pages::PagesConfig;
 use libfuzzer_sys::fuzz_target;
 
 const TOKEN: &str = "FUZZ-SECRET-TOKEN-VALUE";

@@ -5,7 +5,7 @@
 //! kind and page (a mismatch would dead-letter a message ingest acknowledged).
 #![no_main]
 
-use lc_shared::webhook::{QueuedEvent, parse_delivery};
+use lc_meta::webhook::{QueuedEvent, parse_delivery};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {

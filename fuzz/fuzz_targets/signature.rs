@@ -5,8 +5,8 @@
 //! body (modulo surrounding whitespace and hex case).
 #![no_main]
 
-use lc_shared::secret::Secret;
-use lc_shared::signature::{SignatureVerifier, sign_sha1, sign_sha256};
+use lc_meta::secret::Secret;
+use lc_meta::signature::{SignatureVerifier, sign_sha1, sign_sha256};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: &str = "fuzz-app-secret";

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use lc_meta::secret::Secret;
 use lc_shared::config::{AmqpArgs, LogArgs};
-use lc_shared::secret::Secret;
 
 /// Settings of the `ingest` binary; `--help` lists each with its environment variable.
 #[derive(Debug, Clone, clap::Parser)]

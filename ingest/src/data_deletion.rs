@@ -23,20 +23,20 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use deadpool_postgres::Pool;
 use lapin::types::ShortString;
-use lc_shared::amqp::{self, BrokerLink};
-use lc_shared::login::deletion::{
-    ConfirmationCodes, DELETION_QUEUE, DeletionIdentity, DeletionRequest, declare_deletion_queue,
+use lc_meta::login::deletion::{
+    ConfirmationCodes, DELETION_QUEUE, DeletionIdentity, DeletionRequest,
 };
-use lc_shared::login::login_id::{AppClientToken, compute_login_id};
-use lc_shared::login::signed_request::{SignedRequestError, parse_signed_request};
-use lc_shared::secret::Secret;
+use lc_meta::login::login_id::{AppClientToken, compute_login_id};
+use lc_meta::login::signed_request::{SignedRequestError, parse_signed_request};
+use lc_meta::secret::Secret;
+use lc_shared::amqp::{self, BrokerLink};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::IngestError;
 use crate::login_events::{LoginArgs, LoginFeatures, LoginMetrics, error, not_enabled};
-use crate::publish::{self, Outgoing};
+use lc_shared::outgoing::{self as publish, Outgoing};
 
 /// Bound on the status query, so a database outage answers 503 quickly.
 const STATUS_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -212,26 +212,13 @@ async fn handle_request(
 enum EnqueueError {
     #[error(transparent)]
     Amqp(#[from] amqp::AmqpError),
-    #[error("declaring {DELETION_QUEUE} failed: {0}")]
-    Declare(#[from] lapin::Error),
-    #[error("declaring {DELETION_QUEUE} timed out")]
-    Timeout,
     #[error("cannot encode the request: {0}")]
     Encode(#[from] serde_json::Error),
 }
 
-/// Declares the queue (idempotent; requests are rare, so the round trip does not matter and
-/// a broker that lost the queue gets it back) and publishes with confirms.
+/// Publishes with confirms. The queue is part of the topology the broker link declares on
+/// every connect, and the publish is mandatory, so a missing queue is an error, not a loss.
 async fn enqueue(d: &DataDeletion, request: &DeletionRequest) -> Result<(), EnqueueError> {
-    let declare = async {
-        let channel = d.link.open_channel().await?;
-        let declared = declare_deletion_queue(&channel).await;
-        let _ = channel.close(200, "declared".into()).await;
-        declared.map_err(EnqueueError::from)
-    };
-    tokio::time::timeout(d.confirm_timeout, declare)
-        .await
-        .map_err(|_| EnqueueError::Timeout)??;
     let seconds = u64::try_from(request.requested_at.unix_timestamp()).unwrap_or(0);
     let message = Outgoing {
         exchange: "",

@@ -6,7 +6,6 @@
 //! Layout:
 //! - [`config`]: flags and environment variables.
 //! - [`routes`]: the HTTP handlers (`/webhook`, `/healthz`, `/readyz`, `/metrics`).
-//! - [`publish`]: building messages and publishing them with confirms.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`login_events`]: the Login half's settings and routes, and `POST /login-events`
 //!   (opt-ins reported by the business's backend; off unless configured).
@@ -19,15 +18,14 @@ pub mod config;
 pub mod data_deletion;
 pub mod login_events;
 pub mod metrics;
-pub mod publish;
 pub mod routes;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use lc_meta::signature::SignatureVerifier;
 use lc_shared::amqp::BrokerLink;
 use lc_shared::shutdown::Shutdown;
-use lc_shared::signature::SignatureVerifier;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 

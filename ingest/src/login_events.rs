@@ -3,7 +3,7 @@
 //!
 //! Meta's FAQ says the `login_id` exists as soon as the login succeeds, before the webhook
 //! arrives; Meta's official sample computes it from the person's app-scoped id with the
-//! app's client token ([`lc_shared::login::login_id`]). That formula comes from the sample,
+//! app's client token ([`lc_meta::login::login_id`]). That formula comes from the sample,
 //! not from Meta's reference documentation, so this path is optional: the route answers `404`
 //! unless `LOGIN_EVENTS_SECRETS` and `LOGIN_EVENTS_CLIENT_TOKENS` are configured.
 //!
@@ -25,12 +25,12 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use lc_meta::login::event_signature::{EventSignatureVerifier, LOGIN_SIGNATURE_HEADER};
+use lc_meta::login::login_id::{compute_login_id, is_facebook_id};
+use lc_meta::secret::Secret;
+use lc_meta::webhook::{EventKind, QueuedEvent};
 use lc_shared::amqp::BrokerLink;
-use lc_shared::login::event_signature::{EventSignatureVerifier, LOGIN_SIGNATURE_HEADER};
-use lc_shared::login::login_id::{compute_login_id, is_facebook_id};
-use lc_shared::secret::Secret;
 use lc_shared::telemetry::{TraceParent, login_id_label};
-use lc_shared::webhook::{EventKind, QueuedEvent};
 use prometheus::{IntCounterVec, Opts, Registry};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -39,7 +39,7 @@ use tracing::Instrument;
 
 use crate::IngestError;
 use crate::data_deletion::{self, DataDeletion};
-use crate::publish;
+use lc_shared::outgoing as publish;
 
 mod args;
 
@@ -450,7 +450,7 @@ async fn handle(
 
 #[cfg(test)]
 mod tests {
-    use lc_shared::webhook::EventDetails;
+    use lc_meta::webhook::EventDetails;
 
     use super::*;
 

@@ -11,20 +11,20 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use lc_shared::amqp::BrokerLink;
-use lc_shared::secret::Secret;
-use lc_shared::shutdown::Shutdown;
-use lc_shared::signature::{
+use lc_meta::secret::Secret;
+use lc_meta::signature::{
     SIGNATURE_256_HEADER, SIGNATURE_SHA1_HEADER, SignatureError, SignatureVerifier,
     constant_time_eq,
 };
+use lc_meta::webhook;
+use lc_shared::amqp::BrokerLink;
+use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::{TraceParent, continue_trace, render_metrics};
-use lc_shared::webhook;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 use crate::metrics::IngestMetrics;
-use crate::publish::{self, Outgoing};
+use lc_shared::outgoing::{self as publish, Outgoing};
 
 /// What every handler shares.
 #[derive(Clone)]

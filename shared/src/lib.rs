@@ -1,18 +1,15 @@
-//! Shared library of loginconnect, used by the `ingest` binary and the workers.
+//! How loginconnect's processes talk and run: the broker, the database, the public events,
+//! telemetry and shutdown. Meta's formats themselves (webhook model, signatures, pages file,
+//! the Login half) are in `lc_meta`, which has no I/O.
 //!
-//! Layout, one job per module:
-//! - [`webhook`]: typed parsing of Meta's webhook envelope into a flat list of events, and the
-//!   [`webhook::QueuedEvent`] envelope each event travels in on RabbitMQ.
-//! - [`signature`]: `X-Hub-Signature-256` (and legacy SHA-1) verification over raw bytes.
-//! - [`secret`]: a string wrapper whose `Debug`/`Display` never show the value.
+//! Rooms, one job each:
 //! - [`topology`]: names and idempotent declaration of every exchange and queue.
-//! - [`amqp`]: connecting to RabbitMQ with backoff and publishing with confirms.
+//! - [`amqp`]: connecting to RabbitMQ with backoff, the supervised link, publishing with
+//!   confirms.
+//! - [`outgoing`]: building the AMQP messages of webhook events (ingest, and the CLI's replay)
+//!   and publishing a set of them under one confirm deadline.
 //! - [`db`]: the PostgreSQL pool and the embedded migrations.
 //! - [`events`]: the public CloudEvents model and the transactional outbox insert.
-//! - [`pages`]: the `PAGES_FILE` format and its validation against Meta's limits.
-//! - [`graph`]: the Graph Send API client and the classification of its answers.
-//! - [`login`]: the Login half: computed login_ids, the Login dialog URL, login-event
-//!   signatures, Meta's `signed_request` and data deletion requests.
 //! - [`telemetry`]: logs, traces and the Prometheus registry.
 //! - [`shutdown`]: one signal future for graceful shutdown.
 //! - [`config`]: command-line/environment arguments every binary shares.
@@ -21,12 +18,7 @@ pub mod amqp;
 pub mod config;
 pub mod db;
 pub mod events;
-pub mod graph;
-pub mod login;
-pub mod pages;
-pub mod secret;
+pub mod outgoing;
 pub mod shutdown;
-pub mod signature;
 pub mod telemetry;
 pub mod topology;
-pub mod webhook;

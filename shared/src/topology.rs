@@ -31,10 +31,17 @@ pub const DELIVERY_LIMIT: i64 = 10;
 /// Most messages kept in [`OTHER_QUEUE`]; the oldest are dropped beyond it.
 pub const OTHER_QUEUE_MAX_LENGTH: i64 = 100_000;
 
-/// The work queues and the routing-key patterns bound to each.
-pub const WORK_QUEUES: [(&str, &[&str]); 2] = [
+/// Work queue of data deletion requests, published by ingest through the default exchange
+/// and consumed by the scheduler process (no bindings on [`WEBHOOK_EXCHANGE`]).
+pub const DELETION_QUEUE: &str = lc_meta::login::deletion::DELETION_QUEUE;
+
+/// The work queues and the routing-key patterns bound to each on [`WEBHOOK_EXCHANGE`]. Each
+/// is a quorum queue with bounded redelivery and at-least-once dead-lettering into its own
+/// dead-letter queue.
+pub const WORK_QUEUES: [(&str, &[&str]); 3] = [
     (SCHEDULER_QUEUE, &["optin.*"]),
     (CORRELATOR_QUEUE, &["message.*", "postback.*"]),
+    (DELETION_QUEUE, &[]),
 ];
 
 /// Name of the dead-letter queue of a work queue.
@@ -48,7 +55,6 @@ pub fn inspectable_queues() -> Vec<String> {
         .iter()
         .map(|(q, _)| dead_letter_queue(q))
         .collect();
-    names.push(dead_letter_queue(crate::login::deletion::DELETION_QUEUE));
     names.push(UNPARSED_QUEUE.to_owned());
     names
 }
@@ -163,6 +169,5 @@ pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
             FieldTable::default(),
         )
         .await?;
-    crate::login::deletion::declare_deletion_queue(channel).await?;
     Ok(())
 }

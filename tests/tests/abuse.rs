@@ -8,9 +8,9 @@
 use std::time::{Duration, Instant};
 
 use lc_ingest::RunningIngest;
-use lc_shared::secret::Secret;
+use lc_meta::secret::Secret;
+use lc_meta::signature::sign_sha256;
 use lc_shared::shutdown::Shutdown;
-use lc_shared::signature::sign_sha256;
 use lc_shared::topology;
 use lc_testkit::harness::{TestVhost, queue_depth, take_all};
 use lc_testkit::pipeline::{ingest_config, start_ingest_with};

@@ -196,7 +196,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed() {
     assert_eq!(back.len(), 2);
     assert_eq!(back[0].data.as_slice(), original.as_slice());
     assert_eq!(back[0].routing_key.as_str(), topology::SCHEDULER_QUEUE);
-    let replayed: lc_shared::webhook::QueuedEvent =
+    let replayed: lc_meta::webhook::QueuedEvent =
         serde_json::from_slice(&back[1].data).expect("queued");
     assert_eq!(replayed.page_id, PAGE);
     assert_eq!(queue_depth(&depth_ch, &dlq).await, 0);

@@ -8,8 +8,8 @@ mod login_common;
 use std::time::Duration;
 
 use lc_ingest::RunningIngest;
-use lc_shared::login::deletion::{DELETION_QUEUE, DeletionIdentity, DeletionRequest};
-use lc_shared::login::signed_request::sign_request;
+use lc_meta::login::deletion::{DELETION_QUEUE, DeletionIdentity, DeletionRequest};
+use lc_meta::login::signed_request::sign_request;
 use lc_testkit::contract::load_schema;
 use lc_testkit::harness::consume_n;
 use lc_testkit::pipeline::{APP_SECRET, PAGE, TestEnv, eventually};

@@ -1,14 +1,14 @@
-//! The Graph client (`lc_shared::graph`) against the fake Graph API over real HTTP: request
+//! The Graph client (`lc_worker::graph`) against the fake Graph API over real HTTP: request
 //! shape, token handling, every fault mapped to the right [`FailureClass`], Meta's rules, and
 //! the subscription endpoints. Also checks the fake's own rules with raw requests.
 
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
-use lc_shared::graph::{FailureClass, GraphClient, GraphFailure, SendOutcome, SubscribedApp};
-use lc_shared::pages::{FirstMessage, PageConfig, QuickReply};
-use lc_shared::secret::Secret;
+use lc_meta::pages::{FirstMessage, PageConfig, QuickReply};
+use lc_meta::secret::Secret;
 use lc_testkit::fake_graph::{FAKE_APP_ID, FakeGraph, FakeResponse, TokenSource};
+use lc_worker::graph::{FailureClass, GraphClient, GraphFailure, SendOutcome, SubscribedApp};
 use serde_json::json;
 use sha2::Sha256;
 use time::OffsetDateTime;
@@ -551,7 +551,7 @@ async fn a_refused_connection_is_transient_because_nothing_was_sent() {
         .expect("addr")
         .port();
     let (_fake, _client, page) = setup(Duration::from_millis(500)).await;
-    let client = lc_shared::graph::GraphClient::new(
+    let client = lc_worker::graph::GraphClient::new(
         &format!("http://127.0.0.1:{port}/v25.0"),
         Duration::from_millis(500),
     )

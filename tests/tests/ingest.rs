@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use lc_ingest::{IngestConfig, RunningIngest};
+use lc_meta::secret::Secret;
+use lc_meta::signature::sign_sha256;
 use lc_shared::amqp::header_str;
 use lc_shared::config::AmqpArgs;
-use lc_shared::secret::Secret;
 use lc_shared::shutdown::Shutdown;
-use lc_shared::signature::sign_sha256;
 use lc_shared::telemetry::LogFormat;
 use lc_shared::topology;
 use lc_testkit::harness::{TestVhost, queue_depth, take_all};
@@ -205,13 +205,13 @@ async fn signed_batch_lands_on_the_right_queues_with_ids_and_properties() {
         );
     }
     // The body of each message is the queued form, re-parseable into the same event.
-    let queued: lc_shared::webhook::QueuedEvent =
+    let queued: lc_meta::webhook::QueuedEvent =
         serde_json::from_slice(&optins[0].data).expect("queued event");
     assert_eq!(queued.page_id, "111");
     assert_eq!(queued.source, "webhook");
     let ev = queued.parse().expect("re-parse");
     match ev.details {
-        lc_shared::webhook::EventDetails::Optin(o) => assert_eq!(o.login_id, "L1"),
+        lc_meta::webhook::EventDetails::Optin(o) => assert_eq!(o.login_id, "L1"),
         other => panic!("expected optin, got {other:?}"),
     }
     h.stop().await;
@@ -265,7 +265,7 @@ async fn unicode_is_verified_over_the_escaped_bytes_as_sent() {
     let conn = h.vhost.connect().await;
     let replies = take_all(&conn, topology::CORRELATOR_QUEUE).await;
     assert_eq!(replies.len(), 1);
-    let queued: lc_shared::webhook::QueuedEvent =
+    let queued: lc_meta::webhook::QueuedEvent =
         serde_json::from_slice(&replies[0].data).expect("queued");
     assert!(
         queued.event.get().contains(r"\u00e4\u00f6\u00e5"),

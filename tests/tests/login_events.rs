@@ -8,7 +8,7 @@ mod login_common;
 use std::time::Duration;
 
 use lc_ingest::RunningIngest;
-use lc_shared::login::event_signature::sign_login_event;
+use lc_meta::login::event_signature::sign_login_event;
 use lc_shared::topology;
 use lc_testkit::harness::consume_n;
 use lc_testkit::pipeline::{PAGE, TestEnv, body, eventually, optin_item, post_signed};

@@ -37,7 +37,7 @@ async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
         .post(format!("http://{}/webhook", ingest.addr))
         .header(
             "x-hub-signature-256",
-            lc_shared::signature::sign_sha256(lc_testkit::pipeline::APP_SECRET, &payload),
+            lc_meta::signature::sign_sha256(lc_testkit::pipeline::APP_SECRET, &payload),
         )
         .header("traceparent", incoming.to_string())
         .body(payload)

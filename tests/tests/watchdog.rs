@@ -6,11 +6,11 @@ mod login_common;
 
 use std::time::Duration;
 
-use lc_shared::graph::GraphClient;
-use lc_shared::pages::PagesConfig;
+use lc_meta::pages::PagesConfig;
 use lc_testkit::fake_graph::{FAKE_APP_ID, FakeGraph, FakeSubscription, RecordedCall};
 use lc_testkit::harness::TestDb;
 use lc_testkit::pipeline::{PAGE, TestEnv, eventually};
+use lc_worker::graph::GraphClient;
 use lc_worker::scheduler::watchdog::{
     Leadership, PageCheck, REQUIRED_FIELDS, WatchdogArgs, WatchdogMetrics, check_once,
 };

@@ -7,6 +7,8 @@
 //! - [`http`]: the `/metrics`, `/healthz`, `/readyz` server of each worker.
 //! - [`process`]: what both workers run beside their own work (that server, the relay, the
 //!   supervisor task).
+//! - [`graph`]: the Graph API client (Send API, subscriptions, token check) and the
+//!   classification of its answers.
 //! - [`relay`]: the outbox relay that publishes public events with confirms.
 //! - [`scheduler`]: recording opt-ins and dispatching first messages.
 //! - [`correlator`]: joining replies to opt-ins.
@@ -16,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod correlator;
+pub mod graph;
 pub mod http;
 pub mod process;
 pub mod relay;

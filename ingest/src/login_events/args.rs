@@ -1,7 +1,7 @@
 //! The settings of the Login half of ingest ([`LoginArgs`]) and their validation.
 
-use lc_shared::login::login_id::{AppClientToken, is_facebook_id};
-use lc_shared::secret::Secret;
+use lc_meta::login::login_id::{AppClientToken, is_facebook_id};
+use lc_meta::secret::Secret;
 
 /// Settings of the Login half of ingest (login events and data deletion); all optional.
 #[derive(Debug, Clone, clap::Args)]

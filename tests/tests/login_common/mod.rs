@@ -6,9 +6,9 @@
 
 use lc_ingest::RunningIngest;
 use lc_ingest::login_events::LoginArgs;
-use lc_shared::login::event_signature::{LOGIN_SIGNATURE_HEADER, sign_login_event};
-use lc_shared::login::login_id::compute_login_id;
-use lc_shared::secret::Secret;
+use lc_meta::login::event_signature::{LOGIN_SIGNATURE_HEADER, sign_login_event};
+use lc_meta::login::login_id::compute_login_id;
+use lc_meta::secret::Secret;
 use lc_shared::shutdown::Shutdown;
 use lc_testkit::harness::{TestVhost, queue_depth};
 use lc_testkit::pipeline::{PAGE, TestEnv, ingest_config, start_ingest_with};

@@ -3,10 +3,10 @@
 use std::io::Write;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lc_meta::webhook::{self, QueuedEvent};
 use lc_shared::amqp::{self, header_str};
 use lc_shared::config::AmqpArgs;
 use lc_shared::topology;
-use lc_shared::webhook::{self, QueuedEvent};
 
 use super::CliError;
 

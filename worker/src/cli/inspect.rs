@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::graph::GraphClient;
+use lc_meta::pages::PagesConfig;
 use lc_shared::config::{AmqpArgs, DatabaseArgs};
-use lc_shared::graph::GraphClient;
-use lc_shared::pages::PagesConfig;
 use lc_shared::topology;
 use serde_json::{Value, json};
 use time::OffsetDateTime;

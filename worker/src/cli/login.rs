@@ -1,9 +1,9 @@
 //! `login-url`: the manual Facebook Login dialog URL for Login Connect, with its JS SDK
-//! equivalent (built by [`lc_shared::login::dialog`]).
+//! equivalent (built by [`lc_meta::login::dialog`]).
 
 use std::io::Write;
 
-use lc_shared::login::dialog::{DEFAULT_DIALOG_VERSION, LoginDialog};
+use lc_meta::login::dialog::{DEFAULT_DIALOG_VERSION, LoginDialog};
 use serde_json::json;
 
 use super::CliError;

@@ -9,10 +9,10 @@
 //! insert waits for the first transaction and then does nothing.
 
 use deadpool_postgres::{Pool, Transaction};
+use lc_meta::webhook::{EventDetails, QueuedEvent};
 use lc_shared::amqp::header_str;
 use lc_shared::events::{IdentityLinked, PublicEvent, insert_outbox};
 use lc_shared::telemetry::{TraceParent, continue_trace, login_id_label};
-use lc_shared::webhook::{EventDetails, QueuedEvent};
 use time::OffsetDateTime;
 use tracing::Instrument;
 use uuid::Uuid;

@@ -9,21 +9,17 @@
 //! An opt-in deleted while its first message is in flight cannot be written back (the fenced
 //! update finds no row), so no event claims a message for a person whose data is gone.
 
-use std::time::Duration;
-
 use deadpool_postgres::{Client, Pool};
+use lc_meta::login::deletion::DeletionRequest;
 use lc_shared::amqp::BrokerLink;
 use lc_shared::events::{IdentityDeleted, PublicEvent, insert_outbox};
-use lc_shared::login::deletion::{DELETION_QUEUE, DeletionRequest, declare_deletion_queue};
 use lc_shared::shutdown::Shutdown;
+use lc_shared::topology::DELETION_QUEUE;
 use prometheus::{IntCounterVec, Opts, Registry};
 use time::OffsetDateTime;
 
 use super::store::{EVENT_SOURCE, StoreError};
 use crate::consumer::{self, ConsumerSettings, Incoming, Verdict};
-
-/// How often the queue is declared again, so a broker that lost it (a reset) gets it back.
-const REDECLARE_EVERY: Duration = Duration::from_secs(30);
 
 /// Metrics of deletion requests.
 #[derive(Clone)]
@@ -202,7 +198,7 @@ pub async fn handle_batch(
     Ok(verdicts)
 }
 
-/// Declares the queue, then consumes it until `shutdown`, re-declaring it periodically.
+/// Consumes the queue until `shutdown` (the broker link declares it with the topology).
 pub async fn run(
     pool: Pool,
     link: BrokerLink,
@@ -210,51 +206,15 @@ pub async fn run(
     tag: String,
     shutdown: Shutdown,
 ) {
-    let declared = std::sync::Arc::new(tokio::sync::Notify::new());
-    let declarer = {
-        let (link, stop, declared) = (link.clone(), shutdown.clone(), declared.clone());
-        async move {
-            loop {
-                tokio::select! {
-                    r = link.wait_ready(REDECLARE_EVERY) => if r.is_ok() {
-                        match declare(&link).await {
-                            Ok(()) => declared.notify_one(),
-                            Err(e) => tracing::warn!(error = %e, "cannot declare {DELETION_QUEUE}; retrying"),
-                        }
-                    },
-                    () = stop.wait() => return,
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(REDECLARE_EVERY) => {}
-                    () = stop.wait() => return,
-                }
-            }
-        }
-    };
     let settings = ConsumerSettings {
         queue: DELETION_QUEUE,
         prefetch: 10,
         max_batch: 10,
         tag: format!("{tag}-deletions"),
     };
-    let consumer = async move {
-        // Consuming a queue that does not exist yet would only fail and back off.
-        tokio::select! {
-            () = declared.notified() => {}
-            () = shutdown.wait() => return,
-        }
-        consumer::run(link, settings, shutdown, move |batch| {
-            let (pool, metrics) = (pool.clone(), metrics.clone());
-            async move { handle_batch(&pool, &metrics, batch).await }
-        })
-        .await;
-    };
-    tokio::join!(declarer, consumer);
-}
-
-async fn declare(link: &BrokerLink) -> Result<(), String> {
-    let channel = link.open_channel().await.map_err(|e| e.to_string())?;
-    let result = declare_deletion_queue(&channel).await;
-    let _ = channel.close(200, "declared".into()).await;
-    result.map_err(|e| e.to_string())
+    consumer::run(link, settings, shutdown, move |batch| {
+        let (pool, metrics) = (pool.clone(), metrics.clone());
+        async move { handle_batch(&pool, &metrics, batch).await }
+    })
+    .await;
 }

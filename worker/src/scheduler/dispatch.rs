@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::graph::{FailureClass, GraphClient, GraphFailure, SendOutcome};
 use deadpool_postgres::Pool;
-use lc_shared::graph::{FailureClass, GraphClient, GraphFailure, SendOutcome};
-use lc_shared::pages::PagesConfig;
+use lc_meta::pages::PagesConfig;
 use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::{TraceParent, continue_trace, login_id_label};
 use time::OffsetDateTime;

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
-use lc_shared::pages::PagesConfig;
+use lc_meta::pages::PagesConfig;
+use lc_meta::webhook::{EventDetails, QueuedEvent};
 use lc_shared::telemetry::login_id_label;
-use lc_shared::webhook::{EventDetails, QueuedEvent};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock};
 
@@ -119,7 +119,7 @@ pub async fn record_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lc_shared::webhook::{EventKind, QueuedEvent};
+    use lc_meta::webhook::{EventKind, QueuedEvent};
 
     fn incoming(login_id: &str) -> Incoming {
         let event = serde_json::value::RawValue::from_string(format!(

@@ -32,9 +32,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::graph::GraphClient;
 use deadpool_postgres::Pool;
-use lc_shared::graph::GraphClient;
-use lc_shared::pages::PagesConfig;
+use lc_meta::pages::PagesConfig;
 use lc_shared::shutdown::Shutdown;
 use lc_shared::topology;
 use tokio::net::TcpListener;

@@ -20,10 +20,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::graph::GraphClient;
 use deadpool_postgres::{Object, Pool};
 use futures_util::StreamExt;
-use lc_shared::graph::GraphClient;
-use lc_shared::pages::{PageConfig, PagesConfig};
+use lc_meta::pages::{PageConfig, PagesConfig};
 use lc_shared::shutdown::Shutdown;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::RwLock;

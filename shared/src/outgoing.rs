@@ -1,4 +1,5 @@
-//! Turning a verified delivery into durable AMQP messages.
+//! Turning webhook events into durable AMQP messages: ingest publishes them, and the
+//! operator CLI builds the very same messages when it replays a dead letter.
 //!
 //! All messages of one body are published on one channel back to back and their confirms
 //! awaited together under one deadline: the body is acknowledged to Meta only when every event
@@ -6,12 +7,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::amqp::{self, AmqpError, BrokerLink};
+use crate::topology;
 use futures_util::future::try_join_all;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
-use lc_shared::amqp::{self, AmqpError, BrokerLink};
-use lc_shared::topology;
-use lc_shared::webhook::{QueuedEvent, WebhookEvent};
+use lc_meta::webhook::{QueuedEvent, WebhookEvent};
 
 /// One message ready to publish.
 #[derive(Debug, Clone)]

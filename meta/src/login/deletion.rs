@@ -1,28 +1,22 @@
-//! User data deletion requests between ingest and the scheduler.
+//! User data deletion requests between ingest and the worker that applies them.
 //!
 //! Ingest verifies Meta's data deletion callback, derives the person's `login_id`s and puts
-//! one [`DeletionRequest`] on the durable quorum queue [`DELETION_QUEUE`] (with publisher
-//! confirms, like webhook events). The scheduler consumes it, deletes the person's opt-ins and
-//! links, writes an `identity.deleted` event per `login_id` to the outbox and records a
-//! receipt under the confirmation code, all in one transaction. Ingest stays free of writes.
-//!
-//! The queue is not part of [`crate::topology`]'s declared set: both sides declare it (with
-//! its dead-letter queue) through [`declare_deletion_queue`] before using it, which is
-//! idempotent and cheap at the rate deletion requests arrive.
+//! one [`DeletionRequest`] on the durable quorum queue [`DELETION_QUEUE`] (declared with the
+//! rest of the topology by `lc_shared::topology`), with publisher confirms like webhook
+//! events. The scheduler process consumes it, deletes the person's opt-ins and links, writes
+//! an `identity.deleted` event per `login_id` to the outbox and records a receipt under the
+//! confirmation code, all in one transaction. Ingest stays free of writes.
 //!
 //! Confirmation codes are self-authenticating ([`ConfirmationCodes`]): a random part and a
 //! MAC of it keyed by the app secrets, so the status endpoint can tell "pending" (a code it
 //! issued whose receipt is not written yet) from "unknown" without any shared state.
 
 use hmac::{Hmac, KeyInit, Mac};
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use time::OffsetDateTime;
 
 use crate::secret::Secret;
-use crate::topology;
 
 /// The work queue of deletion requests, consumed by the scheduler.
 pub const DELETION_QUEUE: &str = "scheduler.deletions";
@@ -54,63 +48,6 @@ pub struct DeletionRequest {
     pub requested_at: OffsetDateTime,
     /// Every (page, login_id) the person may have, one per configured app and page.
     pub identities: Vec<DeletionIdentity>,
-}
-
-/// Declares [`DELETION_QUEUE`] like the other work queues (quorum, bounded redelivery,
-/// at-least-once dead-lettering) and its dead-letter queue; idempotent.
-pub async fn declare_deletion_queue(channel: &lapin::Channel) -> Result<(), lapin::Error> {
-    let long = |s: &str| AMQPValue::LongString(LongString::from(s));
-    let mut args = FieldTable::default();
-    for (k, v) in [
-        ("x-queue-type", long("quorum")),
-        (
-            "x-delivery-limit",
-            AMQPValue::LongLongInt(topology::DELIVERY_LIMIT),
-        ),
-        (
-            "x-dead-letter-exchange",
-            long(topology::DEAD_LETTER_EXCHANGE),
-        ),
-        ("x-dead-letter-routing-key", long(DELETION_QUEUE)),
-        ("x-dead-letter-strategy", long("at-least-once")),
-        ("x-overflow", long("reject-publish")),
-    ] {
-        args.insert(ShortString::from(k), v);
-    }
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            topology::DEAD_LETTER_EXCHANGE.into(),
-            lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_declare(DELETION_QUEUE.into(), durable, args)
-        .await?;
-    let dlq = topology::dead_letter_queue(DELETION_QUEUE);
-    let mut quorum = FieldTable::default();
-    quorum.insert(ShortString::from("x-queue-type"), long("quorum"));
-    channel
-        .queue_declare(dlq.as_str().into(), durable, quorum)
-        .await?;
-    channel
-        .queue_bind(
-            dlq.as_str().into(),
-            topology::DEAD_LETTER_EXCHANGE.into(),
-            DELETION_QUEUE.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(())
 }
 
 /// Issues and checks confirmation codes: `hex(random 16 bytes) ‖ hex(first 8 bytes of

@@ -10,7 +10,7 @@
 //! `reset_messenger_state=1` re-triggers the opt-in for people with a role in the app only
 //! (development), so it is added only on request.
 
-use reqwest::Url;
+use url::Url;
 
 use crate::login::login_id::is_facebook_id;
 

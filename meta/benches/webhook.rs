@@ -7,9 +7,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lc_shared::secret::Secret;
-use lc_shared::signature::{SignatureVerifier, sign_sha256};
-use lc_shared::webhook::{QueuedEvent, parse_delivery};
+use lc_meta::secret::Secret;
+use lc_meta::signature::{SignatureVerifier, sign_sha256};
+use lc_meta::webhook::{QueuedEvent, parse_delivery};
 use serde_json::{Value, json};
 
 mod common {

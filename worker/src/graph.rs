@@ -16,7 +16,7 @@ use reqwest::{Method, Url};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::pages::PageConfig;
+use lc_meta::pages::PageConfig;
 
 /// How long to wait for a TCP/TLS connection to Graph; requests have their own timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -2,9 +2,9 @@
 //! and secrecy rules. Tests against a live (fake) Graph are in `tests/tests/graph_client.rs`.
 
 use super::*;
-use crate::pages::FirstMessage;
-use crate::secret::Secret;
 use FailureClass::*;
+use lc_meta::pages::FirstMessage;
+use lc_meta::secret::Secret;
 
 fn c(code: i64, subcode: Option<i64>) -> FailureClass {
     classify(Some(400), Some(code), subcode)
