@@ -59,21 +59,8 @@ impl ScaleParams {
     }
 }
 
-/// A copy of `store::claim_due`'s statement, for `EXPLAIN` (keep in step with `store.rs`).
-pub const CLAIM_SQL: &str = "WITH due AS ( \
-     SELECT page_id, login_id FROM optins \
-     WHERE state = 'pending' AND next_attempt_at <= now() \
-       AND NOT (page_id = ANY($4)) \
-       AND deadline > now() + make_interval(secs => $5) \
-     ORDER BY deadline \
-     LIMIT $3 \
-     FOR UPDATE SKIP LOCKED) \
- UPDATE optins o SET state = 'sending', lease_owner = $1, \
-     lease_expires_at = now() + make_interval(secs => $2), fence = o.fence + 1, \
-     updated_at = now() \
- FROM due WHERE o.page_id = due.page_id AND o.login_id = due.login_id \
- RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
-     o.traceparent";
+/// The scheduler's own claim statement, for `EXPLAIN`.
+pub const CLAIM_SQL: &str = lc_worker::scheduler::store::CLAIM_DUE_SQL;
 
 /// The index on the next attempt of pending rows (migration V3). The suite measures claims
 /// without it and with it, whatever the migrations ship, and checks the targets against the

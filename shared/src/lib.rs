@@ -10,6 +10,7 @@
 //!   and publishing a set of them under one confirm deadline.
 //! - [`db`]: the PostgreSQL pool and the embedded migrations.
 //! - [`events`]: the public CloudEvents model and the transactional outbox insert.
+//! - [`optin`]: an opt-in's states and failure reasons, as stored and announced.
 //! - [`telemetry`]: logs, traces and the Prometheus registry.
 //! - [`shutdown`]: one signal future for graceful shutdown.
 //! - [`config`]: command-line/environment arguments every binary shares.
@@ -18,6 +19,7 @@ pub mod amqp;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod optin;
 pub mod outgoing;
 pub mod shutdown;
 pub mod telemetry;

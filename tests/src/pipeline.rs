@@ -12,7 +12,7 @@ use lc_shared::config::{AmqpArgs, DatabaseArgs, LogArgs};
 use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::LogFormat;
 use lc_shared::topology;
-use lc_worker::config::{RelayArgs, WorkerArgs};
+use lc_worker::runtime::config::{RelayArgs, WorkerArgs};
 use lc_worker::scheduler::{RunningScheduler, SchedulerConfig};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -105,9 +105,9 @@ impl TestEnv {
             retry_jitter: true,
             max_unknown_attempts: 5,
             max_attempts: 50,
-            unknown_outcome: lc_worker::scheduler::store::UnknownOutcome::Fail,
+            unknown_outcome: lc_worker::scheduler::store::rescue::UnknownOutcome::Fail,
             retention_days: 30,
-            watchdog: lc_worker::scheduler::watchdog::WatchdogArgs::default(),
+            watchdog: lc_worker::watchdog::WatchdogArgs::default(),
         }
     }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use lc_testkit::harness::consume_n;
 use lc_testkit::pipeline::{PAGE, TestEnv, insert_optin, optin_state};
-use lc_worker::scheduler::store::{self, CallCheck, Rescued, UnknownOutcome};
+use lc_worker::scheduler::store;
+use lc_worker::scheduler::store::call_start::CallCheck;
+use lc_worker::scheduler::store::rescue::{Rescued, UnknownOutcome};
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -88,11 +90,13 @@ async fn only_a_claim_marked_as_called_follows_the_unknown_outcome_policy() {
     // The call of M1 started; M2's never did.
     let m1 = claimed.iter().find(|c| c.login_id == "M1").expect("M1");
     assert_eq!(
-        store::begin_call(&mut client, m1).await.expect("mark"),
+        store::call_start::begin_call(&mut client, m1)
+            .await
+            .expect("mark"),
         CallCheck::Go
     );
     expire_leases(&sql).await;
-    let rescued = store::rescue_expired_leases(&mut client, UnknownOutcome::Fail, 10)
+    let rescued = store::rescue::rescue_expired_leases(&mut client, UnknownOutcome::Fail, 10)
         .await
         .expect("rescue");
     assert_eq!(
@@ -130,13 +134,13 @@ async fn only_a_claim_marked_as_called_follows_the_unknown_outcome_policy() {
     insert_optin(&sql, PAGE, "M3", now, "pending").await;
     let claimed = claim(&client, "worker-b", lease).await;
     assert_eq!(
-        store::begin_call(&mut client, &claimed[0])
+        store::call_start::begin_call(&mut client, &claimed[0])
             .await
             .expect("mark"),
         CallCheck::Go
     );
     expire_leases(&sql).await;
-    let rescued = store::rescue_expired_leases(&mut client, UnknownOutcome::Retry, 10)
+    let rescued = store::rescue::rescue_expired_leases(&mut client, UnknownOutcome::Retry, 10)
         .await
         .expect("rescue");
     assert_eq!(
@@ -167,16 +171,20 @@ async fn a_superseded_claim_is_not_marked_and_makes_no_call() {
     let lease = Duration::from_secs(30);
     let old = claim(&client, "worker-a", lease).await;
     expire_leases(&sql).await;
-    store::rescue_expired_leases(&mut client, UnknownOutcome::Fail, 10)
+    store::rescue::rescue_expired_leases(&mut client, UnknownOutcome::Fail, 10)
         .await
         .expect("rescue");
     let new = claim(&client, "worker-b", lease).await;
     assert_eq!(
-        store::begin_call(&mut client, &old[0]).await.expect("old"),
+        store::call_start::begin_call(&mut client, &old[0])
+            .await
+            .expect("old"),
         CallCheck::Lost
     );
     assert_eq!(
-        store::begin_call(&mut client, &new[0]).await.expect("new"),
+        store::call_start::begin_call(&mut client, &new[0])
+            .await
+            .expect("new"),
         CallCheck::Go
     );
 }
@@ -197,8 +205,8 @@ async fn two_pages_marking_one_login_id_at_once_let_only_one_call_go_out() {
         let claimed = claim(&a, "worker", Duration::from_secs(30)).await;
         assert_eq!(claimed.len(), 2);
         let (first, second) = tokio::join!(
-            store::begin_call(&mut a, &claimed[0]),
-            store::begin_call(&mut b, &claimed[1])
+            store::call_start::begin_call(&mut a, &claimed[0]),
+            store::call_start::begin_call(&mut b, &claimed[1])
         );
         let checks = [first.expect("first"), second.expect("second")];
         let go: Vec<usize> = (0..2).filter(|&k| checks[k] == CallCheck::Go).collect();
@@ -234,7 +242,7 @@ async fn claims_of_one_login_id_in_one_group_commit_see_each_other() {
     let mut client = pool.get().await.expect("client");
     let claimed = claim(&client, "worker", Duration::from_secs(30)).await;
     assert_eq!(claimed.len(), 3);
-    let checks = store::begin_calls(&mut client, &claimed)
+    let checks = store::call_start::begin_calls(&mut client, &claimed)
         .await
         .expect("group");
     let of = |login_id: &str| -> Vec<&CallCheck> {

@@ -13,7 +13,7 @@ use lc_meta::login::signed_request::sign_request;
 use lc_testkit::contract::load_schema;
 use lc_testkit::harness::consume_n;
 use lc_testkit::pipeline::{APP_SECRET, PAGE, TestEnv, eventually};
-use lc_worker::scheduler::deletion::{Applied, apply};
+use lc_worker::deletion::{Applied, apply};
 use login_common::{OTHER_PAGE, STATUS_BASE, depth, login_id_for, start_login_ingest};
 use serde_json::{Value, json};
 use time::OffsetDateTime;

@@ -9,7 +9,7 @@ use lc_testkit::harness::consume_n;
 use lc_testkit::pipeline::{
     PAGE, TestEnv, body, eventually, insert_optin, optin_item, optin_state, post_signed,
 };
-use lc_worker::scheduler::store::UnknownOutcome;
+use lc_worker::scheduler::store::rescue::UnknownOutcome;
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -110,13 +110,13 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
     )
     .await
     .expect("expire lease");
-    let rescued = store::rescue_expired_leases(&mut client, UnknownOutcome::Retry, 10)
+    let rescued = store::rescue::rescue_expired_leases(&mut client, UnknownOutcome::Retry, 10)
         .await
         .expect("rescue");
     // No call had started: the row goes back to pending, whatever the policy.
     assert_eq!(
         rescued,
-        store::Rescued {
+        store::rescue::Rescued {
             returned: 1,
             unknown: 0
         }

@@ -11,7 +11,7 @@ use lc_testkit::fake_graph::{FAKE_APP_ID, FakeGraph, FakeSubscription, RecordedC
 use lc_testkit::harness::TestDb;
 use lc_testkit::pipeline::{PAGE, TestEnv, eventually};
 use lc_worker::graph::GraphClient;
-use lc_worker::scheduler::watchdog::{
+use lc_worker::watchdog::{
     Leadership, PageCheck, REQUIRED_FIELDS, WatchdogArgs, WatchdogMetrics, check_once,
 };
 use login_common::metrics_text;

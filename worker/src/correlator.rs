@@ -23,10 +23,10 @@ use lc_shared::topology;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::{StartError, WorkerArgs};
-use crate::consumer::{self, ConsumerSettings};
-use crate::process;
 use crate::relay::RelayMetrics;
+use crate::runtime::config::{StartError, WorkerArgs};
+use crate::runtime::consumer::{self, ConsumerSettings};
+use crate::runtime::process;
 use metrics::CorrelatorMetrics;
 
 /// Settings of the `correlator` binary.
@@ -122,7 +122,7 @@ pub async fn start(
 
 /// Binds `config.metrics_addr` and runs until `shutdown` has drained everything.
 pub async fn run(config: CorrelatorConfig, shutdown: Shutdown) -> Result<(), StartError> {
-    let listener = crate::http::bind(config.metrics_addr).await?;
+    let listener = crate::runtime::http::bind(config.metrics_addr).await?;
     let running = start(config, listener, shutdown).await?;
     let _ = running.task.await;
     Ok(())

@@ -39,7 +39,7 @@ use prometheus::{Gauge, IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::RelayArgs;
+use crate::runtime::config::RelayArgs;
 
 /// How often published rows past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);

@@ -3,9 +3,11 @@
 use std::io::Write;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
-use lc_meta::webhook::{self, QueuedEvent};
+use lc_meta::webhook;
 use lc_shared::amqp::{self, header_str};
 use lc_shared::config::AmqpArgs;
+use lc_shared::outgoing;
+use lc_shared::telemetry::TraceParent;
 use lc_shared::topology;
 
 use super::CliError;
@@ -108,22 +110,22 @@ pub async fn replay(
         };
         let d = msg.delivery;
         let outgoing = if queue == topology::UNPARSED_QUEUE {
-            match webhook::parse_delivery(&d.data) {
-                Ok(events) => events
-                    .iter()
-                    .map(|e| {
-                        let q = QueuedEvent::from_webhook(e);
-                        let body = serde_json::to_vec(&q).unwrap_or_default();
-                        let props =
-                            amqp::persistent_properties(&q.idempotency_key, "application/json")
-                                .with_timestamp(u64::try_from(q.timestamp_ms / 1000).unwrap_or(0));
-                        (
-                            topology::WEBHOOK_EXCHANGE.to_owned(),
-                            topology::webhook_routing_key(q.kind.as_str(), &q.page_id),
-                            body,
-                            props,
-                        )
-                    })
+            // The very messages ingest would have published for this body (same ids, type
+            // and source headers), on a new trace since the original request is long gone.
+            let traceparent = TraceParent::new_root().to_string();
+            let built = webhook::parse_delivery(&d.data)
+                .map_err(|e| e.to_string())
+                .and_then(|events| {
+                    events
+                        .iter()
+                        .map(|e| outgoing::event_message(e, &traceparent))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("cannot encode an event: {e}"))
+                });
+            match built {
+                Ok(messages) => messages
+                    .into_iter()
+                    .map(|m| (m.exchange.to_owned(), m.routing_key, m.body, m.properties))
                     .collect(),
                 Err(e) => {
                     writeln!(out, "still does not parse, kept: {e}")?;

@@ -44,7 +44,10 @@ pub async fn status(
     }
     let nearest: Option<OffsetDateTime> = c
         .query_one(
-            "SELECT min(deadline) FROM optins WHERE state = 'pending'",
+            concat!(
+                "SELECT min(deadline) FROM optins WHERE state = ",
+                lc_shared::state_sql!(pending)
+            ),
             &[],
         )
         .await?
@@ -53,7 +56,11 @@ pub async fn status(
     // with code 190 is paused everywhere that tried it.
     let paused: Vec<String> = c
         .query(
-            "SELECT DISTINCT page_id FROM optins WHERE state = 'pending' AND last_error_code = 190",
+            concat!(
+                "SELECT DISTINCT page_id FROM optins WHERE state = ",
+                lc_shared::state_sql!(pending),
+                " AND last_error_code = 190"
+            ),
             &[],
         )
         .await?

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::metrics::CorrelatorMetrics;
-use crate::consumer::{Incoming, Verdict};
+use crate::runtime::consumer::{Incoming, Verdict};
 
 /// CloudEvent `source` of the events the correlator writes.
 pub const EVENT_SOURCE: &str = "/loginconnect/correlator";
@@ -286,16 +286,28 @@ async fn apply(
         // expired one keeps its state and its own event; it just learns when the reply came.
         let optin = tx
             .query_opt(
-                "UPDATE optins SET \
+                concat!(
+                    "UPDATE optins SET \
                    replied_at = COALESCE(replied_at, $3), \
-                   state = CASE WHEN state = 'pending' THEN 'replied' ELSE state END, \
-                   finished_at = CASE WHEN state = 'pending' THEN now() ELSE finished_at END, \
-                   lease_owner = CASE WHEN state = 'pending' THEN NULL ELSE lease_owner END, \
-                   lease_expires_at = CASE WHEN state = 'pending' THEN NULL \
+                   state = CASE WHEN state = ",
+                    lc_shared::state_sql!(pending),
+                    " THEN ",
+                    lc_shared::state_sql!(replied),
+                    " ELSE state END, \
+                   finished_at = CASE WHEN state = ",
+                    lc_shared::state_sql!(pending),
+                    " THEN now() ELSE finished_at END, \
+                   lease_owner = CASE WHEN state = ",
+                    lc_shared::state_sql!(pending),
+                    " THEN NULL ELSE lease_owner END, \
+                   lease_expires_at = CASE WHEN state = ",
+                    lc_shared::state_sql!(pending),
+                    " THEN NULL \
                                            ELSE lease_expires_at END, \
                    updated_at = now() \
                  WHERE page_id = $1 AND login_id = $2 \
-                 RETURNING opted_in_at, state",
+                 RETURNING opted_in_at, state"
+                ),
                 &[&r.page_id, &r.login_id, &r.at],
             )
             .await?;

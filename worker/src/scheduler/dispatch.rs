@@ -2,10 +2,11 @@
 //!
 //! It claims only as many rows as it can start calls for at once (free concurrency slots).
 //! Right before each call the row is marked `call_started_at` (with the last checks, see
-//! [`store::begin_call`]): a lease that expires on a marked row means a worker died with a
+//! [`store::call_start::begin_call`]): a lease that expires on a marked row means a worker died with a
 //! call possibly in flight, resolved by the configured [`UnknownOutcome`] policy (see the
 //! README's "crash window" section); an unmarked one simply goes back to `pending`.
 
+use lc_shared::optin::{FailureReason, OptinState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,9 +24,9 @@ use super::group_commit::{ApplyBatch, GroupCommit};
 use super::metrics::SchedulerMetrics;
 use super::pacing::{PagePauses, PageRateLimiter, PauseReason};
 use super::retry::{NextAttempt, RetryPolicy};
-use super::store::{
-    self, CallCheck, Claimed, Ending, SentRecord, StoreError, StoredError, Timing, UnknownOutcome,
-};
+use super::store::call_start::CallCheck;
+use super::store::rescue::UnknownOutcome;
+use super::store::{self, Claimed, Ending, SentRecord, StoreError, StoredError, Timing};
 
 /// A hook run after Graph accepted a message and before the result is recorded. Tests use it
 /// to stop a worker inside the crash window; it is `None` in production.
@@ -97,7 +98,7 @@ impl Dispatcher {
             "call-start marks",
             GROUP_MAX,
             with_client(&pool, |mut client, claims: Vec<Claimed>| async move {
-                store::begin_calls(&mut client, &claims).await
+                store::call_start::begin_calls(&mut client, &claims).await
             }),
         );
         let sent = GroupCommit::start(
@@ -207,15 +208,16 @@ impl Dispatcher {
                 return;
             }
         };
-        match store::rescue_expired_leases(&mut client, self.settings.unknown_outcome, 500).await {
+        match store::rescue::rescue_expired_leases(&mut client, self.settings.unknown_outcome, 500)
+            .await
+        {
             Ok(r) => {
                 self.metrics
                     .leases_rescued
                     .inc_by((r.returned + r.unknown) as u64);
                 if self.settings.unknown_outcome == UnknownOutcome::Fail {
                     self.metrics
-                        .terminal
-                        .with_label_values(&["failed"])
+                        .terminal_of(OptinState::Failed)
                         .inc_by(r.unknown as u64);
                 }
             }
@@ -239,8 +241,7 @@ impl Dispatcher {
                 Ok(0) => return,
                 Ok(n) => {
                     self.metrics
-                        .terminal
-                        .with_label_values(&["expired"])
+                        .terminal_of(OptinState::Expired)
                         .inc_by(n as u64);
                     tracing::warn!(
                         expired = n,
@@ -301,7 +302,7 @@ impl Dispatcher {
         let Some(page) = page else {
             tracing::error!("page is no longer in PAGES_FILE; failing the opt-in");
             return self
-                .end(c, Ending::Failed("unknown_page"), false, None)
+                .end(c, Ending::Failed(FailureReason::UnknownPage), false, None)
                 .await;
         };
         if self.pauses.paused(&c.page_id).is_some() {
@@ -354,7 +355,7 @@ impl Dispatcher {
     }
 
     /// The checks right before the call and the row's "call started" mark (see
-    /// [`store::begin_call`]). Returns whether to call; every other outcome is recorded here.
+    /// [`store::call_start::begin_call`]). Returns whether to call; every other outcome is recorded here.
     async fn begin_call(&self, c: &Claimed) -> Result<bool, StoreError> {
         match self.marks.submit(c.clone()).await? {
             CallCheck::Go => Ok(true),
@@ -362,7 +363,7 @@ impl Dispatcher {
                 tracing::info!("the person already replied; no first message needed");
                 let client = self.pool.get().await?;
                 if store::finish_replied(&client, c, at).await? {
-                    self.metrics.terminal.with_label_values(&["replied"]).inc();
+                    self.metrics.terminal_of(OptinState::Replied).inc();
                 }
                 Ok(false)
             }
@@ -374,8 +375,13 @@ impl Dispatcher {
                     ..StoredError::default()
                 };
                 tracing::error!(other_page = %other, "refusing to message a login_id through a second page");
-                self.end(c, Ending::Failed("other_page"), false, Some(&err))
-                    .await?;
+                self.end(
+                    c,
+                    Ending::Failed(FailureReason::OtherPage),
+                    false,
+                    Some(&err),
+                )
+                .await?;
                 Ok(false)
             }
             CallCheck::Lost => {
@@ -397,7 +403,7 @@ impl Dispatcher {
         };
         let written = until_lease_end(c, || self.sent.submit(record.clone())).await?;
         if written {
-            self.metrics.terminal.with_label_values(&["sent"]).inc();
+            self.metrics.terminal_of(OptinState::Sent).inc();
             self.metrics
                 .optin_to_send
                 .observe((sent_at - c.opted_in_at).as_seconds_f64().max(0.0));
@@ -448,7 +454,12 @@ impl Dispatcher {
             FailureClass::Permanent => {
                 tracing::warn!(error = %f, "permanent Send API error; not retrying");
                 return self
-                    .end(c, Ending::Failed("graph_permanent"), true, Some(&err))
+                    .end(
+                        c,
+                        Ending::Failed(FailureReason::GraphPermanent),
+                        true,
+                        Some(&err),
+                    )
                     .await;
             }
             FailureClass::TokenInvalid => {
@@ -482,7 +493,12 @@ impl Dispatcher {
             {
                 tracing::warn!(error = %f, "Send API outcome unknown (the message may have been sent); not retrying (UNKNOWN_OUTCOME=fail)");
                 return self
-                    .end(c, Ending::Failed("outcome_unknown"), true, Some(&err))
+                    .end(
+                        c,
+                        Ending::Failed(FailureReason::OutcomeUnknown),
+                        true,
+                        Some(&err),
+                    )
                     .await;
             }
             FailureClass::OutcomeUnknown => true,
@@ -492,7 +508,12 @@ impl Dispatcher {
         if !retryable || attempts_after >= self.settings.max_attempts {
             tracing::warn!(error = %f, attempts = attempts_after, "giving up after repeated failures");
             return self
-                .end(c, Ending::Failed("retries_exhausted"), true, Some(&err))
+                .end(
+                    c,
+                    Ending::Failed(FailureReason::RetriesExhausted),
+                    true,
+                    Some(&err),
+                )
                 .await;
         }
         let now = OffsetDateTime::now_utc();
@@ -535,8 +556,8 @@ impl Dispatcher {
         err: Option<&StoredError>,
     ) -> Result<(), StoreError> {
         let state = match ending {
-            Ending::Failed(_) => "failed",
-            Ending::Expired => "expired",
+            Ending::Failed(_) => OptinState::Failed,
+            Ending::Expired => OptinState::Expired,
         };
         let finished = until_lease_end(c, || async {
             let mut client = self.pool.get().await?;
@@ -544,7 +565,7 @@ impl Dispatcher {
         })
         .await?;
         if finished {
-            self.metrics.terminal.with_label_values(&[state]).inc();
+            self.metrics.terminal_of(state).inc();
         } else {
             self.metrics.fenced_out.inc();
         }

@@ -4,6 +4,7 @@
 //! due now are announced to the dispatcher in-process right after the commit, so the first
 //! message goes out within milliseconds; polling covers later sends and other replicas.
 
+use lc_shared::optin::OptinState;
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
@@ -15,7 +16,7 @@ use tokio::sync::{Notify, RwLock};
 
 use super::metrics::SchedulerMetrics;
 use super::store::{self, NewOptin, Recorded, StoreError, Timing};
-use crate::consumer::{Incoming, Verdict};
+use crate::runtime::consumer::{Incoming, Verdict};
 
 /// Longest page id or login_id accepted. Meta's are far shorter (a login_id is 64 hex
 /// characters); a hostile value beyond PostgreSQL's btree entry limit (~2.7 kB) would fail the
@@ -98,12 +99,12 @@ pub async fn record_batch(
         };
         metrics.optins_recorded.with_label_values(&[label]).inc();
         match recorded {
-            Recorded::Expired => metrics.terminal.with_label_values(&["expired"]).inc(),
+            Recorded::Expired => metrics.terminal_of(OptinState::Expired).inc(),
             Recorded::UnknownPage => {
-                metrics.terminal.with_label_values(&["failed"]).inc();
+                metrics.terminal_of(OptinState::Failed).inc();
                 tracing::error!(page_id = %optin.page_id, login_id = %login_id_label(&optin.login_id), "opt-in for a page that is not in PAGES_FILE: recorded as failed (unknown_page)");
             }
-            Recorded::Replied => metrics.terminal.with_label_values(&["replied"]).inc(),
+            Recorded::Replied => metrics.terminal_of(OptinState::Replied).inc(),
             _ => {}
         }
         tracing::debug!(page_id = %optin.page_id, login_id = %login_id_label(&optin.login_id), result = label, "opt-in recorded");

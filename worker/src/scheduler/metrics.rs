@@ -1,5 +1,6 @@
 //! Prometheus metrics of the scheduler.
 
+use lc_shared::optin::OptinState;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -40,6 +41,11 @@ pub struct SchedulerMetrics {
 }
 
 impl SchedulerMetrics {
+    /// The counter of opt-ins that reached the terminal `state`.
+    pub fn terminal_of(&self, state: OptinState) -> prometheus::IntCounter {
+        self.terminal.with_label_values(&[state.as_str()])
+    }
+
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let secs = vec![
@@ -152,8 +158,8 @@ impl SchedulerMetrics {
         ] {
             m.sends.with_label_values(&[o]);
         }
-        for t in ["sent", "replied", "failed", "expired"] {
-            m.terminal.with_label_values(&[t]);
+        for t in OptinState::TERMINAL {
+            m.terminal_of(t);
         }
         registry.register(Box::new(m.queue_ready.clone()))?;
         registry.register(Box::new(m.optins_recorded.clone()))?;

@@ -5,6 +5,10 @@
 //! killed and restarted) can never overwrite the result of a newer attempt. Every terminal
 //! transition writes its public event to the outbox in the same transaction.
 
+pub mod call_start;
+pub mod gauges;
+pub mod rescue;
+
 use std::time::Duration;
 
 use deadpool_postgres::{Client, Transaction};
@@ -12,6 +16,7 @@ use lc_shared::events::{
     FirstMessageExpired, FirstMessageFailed, FirstMessageSent, GraphErrorData, PublicEvent,
     insert_outbox,
 };
+use lc_shared::optin::{FailureReason, OptinState};
 use time::OffsetDateTime;
 
 /// `QueuedEvent.source` of opt-ins reported by the business backend at login time.
@@ -162,21 +167,25 @@ pub async fn record_optin(
         .filter(|at| *at >= optin.opted_in_at - Duration::from_secs(300));
 
     let (state, outcome, reason) = if linked_at.is_some() {
-        ("replied", Recorded::Replied, None)
+        (OptinState::Replied, Recorded::Replied, None)
     } else if !page_known {
-        ("failed", Recorded::UnknownPage, Some("unknown_page"))
+        (
+            OptinState::Failed,
+            Recorded::UnknownPage,
+            Some(FailureReason::UnknownPage),
+        )
     } else if now >= last_send {
-        ("expired", Recorded::Expired, None)
+        (OptinState::Expired, Recorded::Expired, None)
     } else {
         (
-            "pending",
+            OptinState::Pending,
             Recorded::Pending {
                 due_now: send_at <= now,
             },
             None,
         )
     };
-    let finished = (state != "pending").then_some(now);
+    let finished = (state != OptinState::Pending).then_some(now);
 
     let inserted = tx
         .query_opt(
@@ -207,7 +216,7 @@ pub async fn record_optin(
                 &[&optin.page_id, &optin.login_id],
             )
             .await?;
-        let existing_state: String = existing.get(0);
+        let existing_state: OptinState = existing.get(0);
         let existing_deadline: OffsetDateTime = existing.get(1);
         let existing_attempts: i32 = existing.get(2);
         // Meta sends its opt-in webhook once per person (again only after
@@ -218,17 +227,21 @@ pub async fn record_optin(
             return Ok(Recorded::Duplicate);
         }
         // A new window (e.g. after `reset_messenger_state=1` in development).
-        match existing_state.as_str() {
-            "sending" => {
+        match existing_state {
+            OptinState::Sending => {
                 return Err(StoreError::Busy {
                     page_id: optin.page_id.clone(),
                 });
             }
-            "pending" => {
+            OptinState::Pending => {
                 // Its window closed before any replica got to it: close it properly first.
                 tx.execute(
-                    "UPDATE optins SET state = 'expired', finished_at = $3, updated_at = $3 \
-                     WHERE page_id = $1 AND login_id = $2",
+                    concat!(
+                        "UPDATE optins SET state = ",
+                        lc_shared::state_sql!(expired),
+                        ", finished_at = $3, updated_at = $3 \
+                     WHERE page_id = $1 AND login_id = $2"
+                    ),
                     &[&optin.page_id, &optin.login_id, &now],
                 )
                 .await?;
@@ -281,7 +294,7 @@ pub async fn record_optin(
             page_id: optin.page_id.clone(),
             login_id: optin.login_id.clone(),
             attempts: 0,
-            reason: "unknown_page".into(),
+            reason: FailureReason::UnknownPage.as_str().into(),
             last_error: None,
         })),
         _ => None,
@@ -291,6 +304,30 @@ pub async fn record_optin(
     }
     Ok(outcome)
 }
+
+/// The statement of [`claim_due`]: `$1` owner, `$2` lease seconds, `$3` limit, `$4` excluded
+/// pages, `$5` safety margin seconds. Public so the scale benchmark `EXPLAIN`s the very query
+/// the scheduler runs.
+pub const CLAIM_DUE_SQL: &str = concat!(
+    "WITH due AS ( \
+                 SELECT page_id, login_id FROM optins \
+                 WHERE state = ",
+    lc_shared::state_sql!(pending),
+    " AND next_attempt_at <= now() \
+                   AND NOT (page_id = ANY($4)) \
+                   AND deadline > now() + make_interval(secs => $5) \
+                 ORDER BY deadline \
+                 LIMIT $3 \
+                 FOR UPDATE SKIP LOCKED) \
+             UPDATE optins o SET state = ",
+    lc_shared::state_sql!(sending),
+    ", lease_owner = $1, \
+                 lease_expires_at = now() + make_interval(secs => $2), fence = o.fence + 1, \
+                 call_started_at = NULL, updated_at = now() \
+             FROM due WHERE o.page_id = due.page_id AND o.login_id = due.login_id \
+             RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
+                 o.traceparent"
+);
 
 /// Claims up to `limit` due opt-ins that can still be sent, earliest deadline first, skipping
 /// rows other replicas hold and pages in `excluded_pages` (paused or throttled here). Rows
@@ -308,20 +345,7 @@ pub async fn claim_due(
     let lease_end = std::time::Instant::now() + lease;
     let rows = client
         .query(
-            "WITH due AS ( \
-                 SELECT page_id, login_id FROM optins \
-                 WHERE state = 'pending' AND next_attempt_at <= now() \
-                   AND NOT (page_id = ANY($4)) \
-                   AND deadline > now() + make_interval(secs => $5) \
-                 ORDER BY deadline \
-                 LIMIT $3 \
-                 FOR UPDATE SKIP LOCKED) \
-             UPDATE optins o SET state = 'sending', lease_owner = $1, \
-                 lease_expires_at = now() + make_interval(secs => $2), fence = o.fence + 1, \
-                 call_started_at = NULL, updated_at = now() \
-             FROM due WHERE o.page_id = due.page_id AND o.login_id = due.login_id \
-             RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
-                 o.traceparent",
+            CLAIM_DUE_SQL,
             &[&owner, &lease_secs, &limit, &excluded_pages, &margin_secs],
         )
         .await?;
@@ -354,15 +378,21 @@ pub async fn expire_overdue(
     let tx = client.transaction().await?;
     let rows = tx
         .query(
-            "WITH dead AS ( \
+            concat!(
+                "WITH dead AS ( \
                  SELECT page_id, login_id FROM optins \
-                 WHERE state = 'pending' AND deadline <= now() + make_interval(secs => $1) \
+                 WHERE state = ",
+                lc_shared::state_sql!(pending),
+                " AND deadline <= now() + make_interval(secs => $1) \
                  ORDER BY deadline LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             UPDATE optins o SET state = 'expired', finished_at = now(), updated_at = now(), \
+             UPDATE optins o SET state = ",
+                lc_shared::state_sql!(expired),
+                ", finished_at = now(), updated_at = now(), \
                  fence = o.fence + 1 \
              FROM dead WHERE o.page_id = dead.page_id AND o.login_id = dead.login_id \
              RETURNING o.page_id, o.login_id, o.attempts, o.deadline, o.traceparent, \
-                 o.last_error_code, o.last_error_subcode, o.last_error_message",
+                 o.last_error_code, o.last_error_subcode, o.last_error_message"
+            ),
             &[&margin_secs, &limit],
         )
         .await?;
@@ -386,8 +416,16 @@ pub async fn expire_overdue(
     Ok(rows.len())
 }
 
-pub(super) const FENCED: &str =
-    "page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending'";
+/// The condition of every fenced transition: the row is still `sending` under our claim.
+/// (A macro, so it joins each query's text at compile time; `$1`–`$3` are page, login, fence.)
+macro_rules! fenced {
+    () => {
+        concat!(
+            "page_id = $1 AND login_id = $2 AND fence = $3 AND state = ",
+            lc_shared::state_sql!(sending)
+        )
+    };
+}
 
 /// Gives a claimed row back without a call having been made (page paused, shutdown).
 /// Returns false if the claim was no longer ours.
@@ -398,9 +436,12 @@ pub async fn release(
 ) -> Result<bool, StoreError> {
     let n = client
         .execute(
-            &format!(
-                "UPDATE optins SET state = 'pending', next_attempt_at = $4, lease_owner = NULL, \
-                 lease_expires_at = NULL, updated_at = now() WHERE {FENCED}"
+            concat!(
+                "UPDATE optins SET state = ",
+                lc_shared::state_sql!(pending),
+                ", next_attempt_at = $4, lease_owner = NULL, \
+                 lease_expires_at = NULL, updated_at = now() WHERE ",
+                fenced!()
             ),
             &[&c.page_id, &c.login_id, &c.fence, &next_attempt_at],
         )
@@ -444,10 +485,13 @@ pub async fn finish_sent_group(
 ) -> Result<Vec<bool>, StoreError> {
     let tx = client.transaction().await?;
     let update = tx
-        .prepare_cached(&format!(
-            "UPDATE optins SET state = 'sent', message_id = $4, sent_at = $5, attempts = $6, \
+        .prepare_cached(concat!(
+            "UPDATE optins SET state = ",
+            lc_shared::state_sql!(sent),
+            ", message_id = $4, sent_at = $5, attempts = $6, \
              lease_owner = NULL, lease_expires_at = NULL, finished_at = $5, updated_at = now() \
-             WHERE {FENCED}"
+             WHERE ",
+            fenced!()
         ))
         .await?;
     let attempts: Vec<i32> = records.iter().map(|r| r.claim.attempts + 1).collect();
@@ -503,8 +547,8 @@ pub async fn finish_sent_group(
 /// How a claimed row ends without success.
 #[derive(Debug, Clone)]
 pub enum Ending {
-    /// Permanently failed, with a short reason (`graph_permanent`, `other_page`, …).
-    Failed(&'static str),
+    /// Permanently failed, with the reason announced in `first_message.failed`.
+    Failed(FailureReason),
     /// The window closed (or no retry fits before it).
     Expired,
 }
@@ -520,20 +564,22 @@ pub async fn finish_unsent(
 ) -> Result<bool, StoreError> {
     let attempts = c.attempts + i32::from(called);
     let (state, reason) = match &ending {
-        Ending::Failed(r) => ("failed", Some(*r)),
-        Ending::Expired => ("expired", None),
+        Ending::Failed(r) => (OptinState::Failed, Some(*r)),
+        Ending::Expired => (OptinState::Expired, None),
     };
     let tx = client.transaction().await?;
     let n = tx
         .execute(
-            &format!(
+            concat!(
                 "UPDATE optins SET state = $4, failure_reason = $5, attempts = $6, \
                  last_error_code = COALESCE($7, last_error_code), \
                  last_error_subcode = COALESCE($8, last_error_subcode), \
                  last_error_message = COALESCE($9, last_error_message), \
                  last_error_fbtrace = COALESCE($10, last_error_fbtrace), \
                  lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), \
-                 updated_at = now() WHERE {FENCED} \
+                 updated_at = now() WHERE ",
+                fenced!(),
+                " \
                  RETURNING last_error_code, last_error_subcode, last_error_message"
             ),
             &[
@@ -564,7 +610,7 @@ pub async fn finish_unsent(
             page_id: c.page_id.clone(),
             login_id: c.login_id.clone(),
             attempts,
-            reason: reason.to_owned(),
+            reason: reason.as_str().into(),
             last_error,
         }),
         Ending::Expired => PublicEvent::FirstMessageExpired(FirstMessageExpired {
@@ -610,11 +656,14 @@ pub async fn reschedule(
 ) -> Result<bool, StoreError> {
     let n = client
         .execute(
-            &format!(
-                "UPDATE optins SET state = 'pending', next_attempt_at = $4, attempts = $5, \
+            concat!(
+                "UPDATE optins SET state = ",
+                lc_shared::state_sql!(pending),
+                ", next_attempt_at = $4, attempts = $5, \
                  last_error_code = $6, last_error_subcode = $7, last_error_message = $8, \
                  last_error_fbtrace = $9, lease_owner = NULL, lease_expires_at = NULL, \
-                 updated_at = now() WHERE {FENCED}"
+                 updated_at = now() WHERE ",
+                fenced!()
             ),
             &[
                 &c.page_id,
@@ -641,16 +690,16 @@ pub async fn finish_replied(
 ) -> Result<bool, StoreError> {
     let n = client
         .execute(
-            &format!(
-                "UPDATE optins SET state = 'replied', replied_at = COALESCE(replied_at, $4), \
+            concat!(
+                "UPDATE optins SET state = ",
+                lc_shared::state_sql!(replied),
+                ", replied_at = COALESCE(replied_at, $4), \
                  lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), \
-                 updated_at = now() WHERE {FENCED}"
+                 updated_at = now() WHERE ",
+                fenced!()
             ),
             &[&c.page_id, &c.login_id, &c.fence, &replied_at],
         )
         .await?;
     Ok(n == 1)
 }
-
-pub use super::call_start::{CallCheck, begin_call, begin_calls};
-pub use super::rescue::{Rescued, UnknownOutcome, prune_finished, rescue_expired_leases};

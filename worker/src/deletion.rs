@@ -18,8 +18,8 @@ use lc_shared::topology::DELETION_QUEUE;
 use prometheus::{IntCounterVec, Opts, Registry};
 use time::OffsetDateTime;
 
-use super::store::{EVENT_SOURCE, StoreError};
-use crate::consumer::{self, ConsumerSettings, Incoming, Verdict};
+use crate::runtime::consumer::{self, ConsumerSettings, Incoming, Verdict};
+use crate::scheduler::store::{EVENT_SOURCE, StoreError};
 
 /// Metrics of deletion requests.
 #[derive(Clone)]

@@ -10,8 +10,8 @@ use lc_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::{StartError, WorkerArgs};
 use crate::relay::{self, OutboxDb, RelayMetrics};
+use crate::runtime::config::{StartError, WorkerArgs};
 
 /// Spawns the `/metrics`, `/healthz`, `/readyz` server into `tasks`; ready while the broker
 /// link is connected and no shutdown has begun (so a load balancer stops sending first).
@@ -23,11 +23,11 @@ pub fn spawn_http(
     shutdown: &Shutdown,
 ) {
     let (link, stop) = (link.clone(), shutdown.clone());
-    let ready: crate::http::ReadinessCheck =
+    let ready: crate::runtime::http::ReadinessCheck =
         Arc::new(move || link.is_ready() && !stop.is_triggered());
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
-        if let Err(e) = crate::http::serve(listener, registry, ready, shutdown).await {
+        if let Err(e) = crate::runtime::http::serve(listener, registry, ready, shutdown).await {
             tracing::error!(error = %e, "metrics server failed");
         }
     });

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use deadpool_postgres::Client;
 use lc_shared::events::{FirstMessageFailed, GraphErrorData, PublicEvent, insert_outbox};
+use lc_shared::optin::{FailureReason, OptinState};
 
-use super::store::{EVENT_SOURCE, StoreError};
+use super::{EVENT_SOURCE, StoreError};
 
 /// What to do with a row whose lease expired while a call may have been in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -42,15 +43,21 @@ pub async fn rescue_expired_leases(
     let tx = client.transaction().await?;
     let returned = tx
         .execute(
-            "WITH stale AS ( \
+            concat!(
+                "WITH stale AS ( \
                  SELECT page_id, login_id FROM optins \
-                 WHERE state = 'sending' AND lease_expires_at < now() \
+                 WHERE state = ",
+                lc_shared::state_sql!(sending),
+                " AND lease_expires_at < now() \
                    AND call_started_at IS NULL \
                  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             UPDATE optins o SET state = 'pending', fence = o.fence + 1, \
+             UPDATE optins o SET state = ",
+                lc_shared::state_sql!(pending),
+                ", fence = o.fence + 1, \
                  next_attempt_at = now(), lease_owner = NULL, lease_expires_at = NULL, \
                  updated_at = now() \
-             FROM stale WHERE o.page_id = stale.page_id AND o.login_id = stale.login_id",
+             FROM stale WHERE o.page_id = stale.page_id AND o.login_id = stale.login_id"
+            ),
             &[&limit],
         )
         .await?;
@@ -61,23 +68,29 @@ pub async fn rescue_expired_leases(
         );
     }
     let (state, reason) = match policy {
-        UnknownOutcome::Fail => ("failed", Some("outcome_unknown")),
-        UnknownOutcome::Retry => ("pending", None),
+        UnknownOutcome::Fail => (OptinState::Failed, Some(FailureReason::OutcomeUnknown)),
+        UnknownOutcome::Retry => (OptinState::Pending, None),
     };
     let rows = tx
         .query(
-            "WITH stale AS ( \
+            concat!(
+                "WITH stale AS ( \
                  SELECT page_id, login_id FROM optins \
-                 WHERE state = 'sending' AND lease_expires_at < now() \
+                 WHERE state = ",
+                lc_shared::state_sql!(sending),
+                " AND lease_expires_at < now() \
                    AND call_started_at IS NOT NULL \
                  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
              UPDATE optins o SET state = $2, failure_reason = $3, attempts = o.attempts + 1, \
                  fence = o.fence + 1, next_attempt_at = now(), lease_owner = NULL, \
                  lease_expires_at = NULL, \
                  last_error_message = 'lease expired during a Send API call: outcome unknown', \
-                 finished_at = CASE WHEN $2 = 'failed' THEN now() END, updated_at = now() \
+                 finished_at = CASE WHEN $2 = ",
+                lc_shared::state_sql!(failed),
+                " THEN now() END, updated_at = now() \
              FROM stale WHERE o.page_id = stale.page_id AND o.login_id = stale.login_id \
-             RETURNING o.page_id, o.login_id, o.attempts, o.traceparent",
+             RETURNING o.page_id, o.login_id, o.attempts, o.traceparent"
+            ),
             &[&limit, &state, &reason],
         )
         .await?;
@@ -96,7 +109,7 @@ pub async fn rescue_expired_leases(
                 page_id,
                 login_id,
                 attempts: r.get(2),
-                reason: "outcome_unknown".into(),
+                reason: FailureReason::OutcomeUnknown.as_str().into(),
                 last_error: Some(GraphErrorData {
                     code: None,
                     subcode: None,
@@ -123,11 +136,21 @@ pub async fn prune_finished(
     let secs = older_than.as_secs_f64();
     Ok(client
         .execute(
-            "DELETE FROM optins WHERE ctid IN ( \
+            concat!(
+                "DELETE FROM optins WHERE ctid IN ( \
                  SELECT ctid FROM optins \
                  WHERE finished_at < now() - make_interval(secs => $1) \
-                   AND state IN ('sent', 'replied', 'failed', 'expired') \
-                 LIMIT $2)",
+                   AND state IN (",
+                lc_shared::state_sql!(sent),
+                ", ",
+                lc_shared::state_sql!(replied),
+                ", ",
+                lc_shared::state_sql!(failed),
+                ", ",
+                lc_shared::state_sql!(expired),
+                ") \
+                 LIMIT $2)"
+            ),
             &[&secs, &batch],
         )
         .await?)

@@ -12,7 +12,7 @@
 use deadpool_postgres::Client;
 use time::OffsetDateTime;
 
-use super::store::{Claimed, StoreError};
+use super::{Claimed, StoreError};
 
 /// What [`begin_calls`] decided for a claimed opt-in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,23 +64,27 @@ pub async fn begin_calls(
     )
     .await?;
     let check_and_mark = tx
-        .prepare_cached(
+        .prepare_cached(concat!(
             "WITH link AS ( \
                  SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
                    AND linked_at >= $4::timestamptz - interval '5 minutes'), \
              other AS ( \
                  SELECT page_id FROM optins WHERE login_id = $2 AND page_id <> $1 \
                    AND (message_id IS NOT NULL OR failure_reason = 'outcome_unknown' \
-                        OR (state = 'sending' AND call_started_at IS NOT NULL)) \
+                        OR (state = ",
+            lc_shared::state_sql!(sending),
+            " AND call_started_at IS NOT NULL)) \
                  LIMIT 1), \
              mark AS ( \
                  UPDATE optins SET call_started_at = now(), updated_at = now() \
-                 WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending' \
+                 WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = ",
+            lc_shared::state_sql!(sending),
+            " \
                    AND NOT EXISTS (SELECT 1 FROM link) AND NOT EXISTS (SELECT 1 FROM other) \
                  RETURNING 1) \
              SELECT (SELECT linked_at FROM link LIMIT 1), (SELECT page_id FROM other), \
-                    EXISTS (SELECT 1 FROM mark)",
-        )
+                    EXISTS (SELECT 1 FROM mark)"
+        ))
         .await?;
     let check_and_mark = &check_and_mark;
     let rows = futures_util::future::try_join_all(order.iter().map(|&k| {

@@ -1,0 +1,14 @@
+//! What every worker process runs on, whatever its own job: arguments and start-up steps,
+//! the batched AMQP consumer, the `/metrics` `/healthz` `/readyz` server, and the wiring both
+//! workers share beside their own work.
+//!
+//! - [`config`]: arguments and start-up steps shared by the workers.
+//! - [`consumer`]: the batched AMQP consumer that acks after commit and dead-letters.
+//! - [`http`]: the `/metrics`, `/healthz`, `/readyz` server of each worker.
+//! - [`process`]: what both workers run beside their own work (that server, the relay, the
+//!   supervisor task).
+
+pub mod config;
+pub mod consumer;
+pub mod http;
+pub mod process;

@@ -1,0 +1,195 @@
+//! The scheduler: every opt-in gets its first message before its deadline, at most once.
+//!
+//! - [`intake`] consumes `scheduler.optins` and records opt-ins idempotently;
+//! - [`dispatch`] claims due rows earliest deadline first under fenced leases and calls the
+//!   Send API, classifying answers into sent / retry / failed / expired;
+//! - [`store`] holds all of the scheduler's SQL (with [`store::call_start`], the last checks
+//!   and the "call started" mark before each call, and [`store::rescue`], expired leases and
+//!   pruning); [`group_commit`] commits many send tasks' writes together; [`retry`] the
+//!   backoff; [`pacing`] per-page rate limits and pauses; [`metrics`] the Prometheus metrics.
+//! - [`config`] the binary's settings; [`housekeeping`] state gauges and pruning;
+//!   [`reload`] the pages file on SIGHUP.
+//!
+//! Beside the scheduler's own work its process runs the webhook-subscription
+//! [`crate::watchdog`] and the data [`crate::deletion`] consumer.
+//!
+//! Rules: the deadline is the opt-in's own timestamp + 24 h; no call starts at or after the
+//! deadline minus a safety margin; opt-ins for the same (page, login_id) inside an existing
+//! window are the same opt-in; a reply processed first (a link exists) means nothing is sent.
+
+pub mod config;
+pub mod dispatch;
+pub mod group_commit;
+pub mod housekeeping;
+pub mod intake;
+pub mod metrics;
+pub mod pacing;
+pub mod reload;
+pub mod retry;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::graph::GraphClient;
+use deadpool_postgres::Pool;
+use lc_meta::pages::PagesConfig;
+use lc_shared::shutdown::Shutdown;
+use lc_shared::topology;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, RwLock};
+use tokio::task::JoinSet;
+
+use crate::runtime::config::StartError;
+use crate::runtime::consumer::{self, ConsumerSettings};
+use crate::{deletion, watchdog};
+pub use config::SchedulerConfig;
+use dispatch::{AfterSendHook, DispatchSettings, Dispatcher};
+use metrics::SchedulerMetrics;
+use pacing::PagePauses;
+use retry::RetryPolicy;
+
+/// A running scheduler.
+pub struct RunningScheduler {
+    /// Address of its metrics endpoint.
+    pub metrics_addr: SocketAddr,
+    /// Its database pool.
+    pub pool: Pool,
+    /// Completes when it has stopped. Aborting it stops every task at once (like a crash).
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the scheduler: returns once the pages file is valid and the database is migrated;
+/// the consumer, dispatcher, relay and metrics server run in the background until `shutdown`.
+pub async fn start(
+    config: SchedulerConfig,
+    metrics_listener: TcpListener,
+    shutdown: Shutdown,
+    after_send: Option<AfterSendHook>,
+) -> Result<RunningScheduler, StartError> {
+    config.validate()?;
+    let pages =
+        PagesConfig::load(&config.pages_file).map_err(|e| StartError::Config(e.to_string()))?;
+    let graph = GraphClient::new(
+        &config.graph_api_url,
+        Duration::from_millis(config.graph_timeout_ms),
+    )
+    .map_err(|e| StartError::Config(e.to_string()))?;
+    let watchdog_graph = graph.clone();
+    let worker_id = config.worker.worker_id("scheduler");
+    let pool = config.worker.prepare_database().await?;
+    let link = config.worker.broker(&worker_id);
+    let registry = prometheus::Registry::new();
+    let metrics = SchedulerMetrics::new(&registry)?;
+    let relay_metrics = crate::relay::RelayMetrics::new(&registry)?;
+    let watchdog_metrics = watchdog::WatchdogMetrics::new(&registry)?;
+    let deletion_metrics = deletion::DeletionMetrics::new(&registry)?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
+    for page in &pages.pages {
+        metrics
+            .paused_pages
+            .with_label_values(&[page.id.as_str()])
+            .set(0);
+    }
+    let pages = Arc::new(RwLock::new(Arc::new(pages)));
+    let pauses = Arc::new(PagePauses::default());
+    let wake = Arc::new(Notify::new());
+    let timing = config.timing();
+    let dispatcher = Dispatcher::new(
+        pool.clone(),
+        graph,
+        pages.clone(),
+        config.page_rate_limit,
+        pauses.clone(),
+        metrics.clone(),
+        DispatchSettings {
+            owner: worker_id.clone(),
+            lease: Duration::from_secs(config.lease_secs),
+            claim_batch: config.claim_batch.max(1),
+            max_in_flight: config.max_in_flight,
+            poll_interval: Duration::from_millis(config.poll_ms),
+            timing,
+            retry: RetryPolicy {
+                base: Duration::from_millis(config.retry_base_ms),
+                cap: Duration::from_secs(config.retry_cap_secs),
+            },
+            jitter: config.retry_jitter,
+            max_unknown_attempts: config.max_unknown_attempts,
+            max_attempts: config.max_attempts,
+            unknown_outcome: config.unknown_outcome,
+            after_send,
+        },
+    );
+
+    let mut tasks = JoinSet::new();
+    {
+        let (pool, pages, metrics, wake) =
+            (pool.clone(), pages.clone(), metrics.clone(), wake.clone());
+        let settings = ConsumerSettings {
+            queue: topology::SCHEDULER_QUEUE,
+            prefetch: config.worker.prefetch,
+            max_batch: config.worker.consumer_batch,
+            tag: worker_id.clone(),
+        };
+        tasks.spawn(consumer::run(link.clone(), settings, shutdown.clone(), move |batch| {
+            let (pool, pages, metrics, wake) = (pool.clone(), pages.clone(), metrics.clone(), wake.clone());
+            async move { intake::record_batch(&pool, &pages, &timing, &metrics, &wake, batch).await }
+        }));
+    }
+    tasks.spawn(dispatcher.run(wake, shutdown.clone()));
+    tasks.spawn(watchdog::run(
+        pool.clone(),
+        watchdog_graph,
+        pages.clone(),
+        config.watchdog.clone(),
+        watchdog_metrics,
+        shutdown.clone(),
+    ));
+    tasks.spawn(deletion::run(
+        pool.clone(),
+        link.clone(),
+        deletion_metrics,
+        worker_id.clone(),
+        shutdown.clone(),
+    ));
+    crate::runtime::process::spawn_relay(
+        &mut tasks,
+        &pool,
+        &config.worker,
+        &link,
+        relay_metrics,
+        &shutdown,
+    )?;
+    tasks.spawn(housekeeping::run(
+        pool.clone(),
+        link.clone(),
+        metrics.clone(),
+        Duration::from_secs(config.retention_days * 86_400),
+        shutdown.clone(),
+    ));
+    tasks.spawn(reload::reload_on_sighup(
+        config.pages_file.clone(),
+        pages,
+        pauses,
+        metrics,
+        shutdown.clone(),
+    ));
+    crate::runtime::process::spawn_http(&mut tasks, metrics_listener, registry, &link, &shutdown);
+    tracing::info!(worker_id, %metrics_addr, "scheduler started");
+    let task = crate::runtime::process::supervise(tasks, link, "scheduler");
+    Ok(RunningScheduler {
+        metrics_addr,
+        pool,
+        task,
+    })
+}
+
+/// Binds the metrics address and runs until `shutdown` has drained everything.
+pub async fn run(config: SchedulerConfig, shutdown: Shutdown) -> Result<(), StartError> {
+    let listener = crate::runtime::http::bind(config.metrics_addr).await?;
+    let running = start(config, listener, shutdown, None).await?;
+    let _ = running.task.await;
+    Ok(())
+}
