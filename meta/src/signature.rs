@@ -145,8 +145,8 @@ pub fn sign_sha1(secret: &str, body: &[u8]) -> String {
 }
 
 /// A keyed HMAC. HMAC takes keys of any length (long ones are hashed), so keying cannot fail.
+#[allow(clippy::expect_used, reason = "new_from_slice only fails for fixed-size keys, which HMAC has not")]
 fn keyed<M: KeyInit>(key: &[u8]) -> M {
-    #[allow(clippy::expect_used)]
     M::new_from_slice(key).expect("HMAC accepts keys of any length")
 }
 
