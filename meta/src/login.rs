@@ -3,7 +3,7 @@
 //!
 //! - [`login_id`]: computing a person's `login_id` from their app-scoped id with the app's
 //!   client token. This is how Meta's official sample does it (`fbsamples/fblogin-sample`);
-//!   Meta's reference documentation does not describe it (facts file §1.3), so the paths
+//!   Meta's reference documentation does not describe it, so the paths
 //!   built on it are optional and off unless configured.
 //! - [`event_signature`]: the signature scheme of `POST /login-events`, the endpoint the
 //!   business's own backend calls right after a successful login.

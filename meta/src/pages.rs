@@ -1,6 +1,7 @@
 //! The `PAGES_FILE`: the pages this deployment messages for, their tokens and first messages.
 //!
-//! The file is TOML with one `[[pages]]` table per page (format in `DESIGN.md`). It is
+//! The file is TOML with one `[[pages]]` table per page (format in the README, "The pages
+//! file"). It is
 //! validated once at start-up against Meta's Send API limits so that a bad file stops the
 //! process with a message naming the page and the field, instead of every opt-in failing
 //! later with a Graph error 100. Tokens may be given inline or, better, as the name of an

@@ -145,7 +145,10 @@ pub fn sign_sha1(secret: &str, body: &[u8]) -> String {
 }
 
 /// A keyed HMAC. HMAC takes keys of any length (long ones are hashed), so keying cannot fail.
-#[allow(clippy::expect_used, reason = "new_from_slice only fails for fixed-size keys, which HMAC has not")]
+#[allow(
+    clippy::expect_used,
+    reason = "new_from_slice only fails for fixed-size keys, which HMAC has not"
+)]
 fn keyed<M: KeyInit>(key: &[u8]) -> M {
     M::new_from_slice(key).expect("HMAC accepts keys of any length")
 }

@@ -183,7 +183,8 @@ impl GraphFailure {
     }
 }
 
-/// Classifies a Graph answer by the table of `messenger-platform.md` §6.4.
+/// Classifies a Graph answer by Meta's Send API error reference (code, subcode and what each
+/// asks of the caller), as the match below spells it out.
 ///
 /// `code` wins over the HTTP status (Graph's advice: branch on code/subcode). Without a
 /// code: no response or a 5xx/408 is transient, 429 rate-limited, anything else unknown.

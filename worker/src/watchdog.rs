@@ -1,7 +1,8 @@
 //! The webhook subscription watchdog.
 //!
 //! Meta unsubscribes an app from a Page's webhooks after an hour of failed deliveries
-//! (facts file §5.3) and only says so by e-mail; every opt-in after that is lost silently.
+//! (Meta's Webhooks documentation) and only says so by e-mail; every opt-in after that is lost
+//! silently.
 //! Every `WATCHDOG_INTERVAL_SECS` the watchdog reads `GET /{page_id}/subscribed_apps` for
 //! each configured page and, when our app (`META_APP_ID`) or one of the fields loginconnect
 //! needs ([`REQUIRED_FIELDS`]) is missing, subscribes again with

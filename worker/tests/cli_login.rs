@@ -1,7 +1,10 @@
 //! `loginconnect login-url`, run as the built binary: the URL it prints, the JS snippet, the
 //! reset warning, and its refusals.
 
-#![allow(clippy::expect_used, reason = "a test binary: a panic is a failed test")]
+#![allow(
+    clippy::expect_used,
+    reason = "a test binary: a panic is a failed test"
+)]
 
 use std::process::{Command, Output};
 

@@ -94,7 +94,7 @@ impl FromStr for AppClientToken {
 mod tests {
     use super::*;
 
-    /// The facts file's test vector (§1.3), computed with the sample's Node code.
+    /// A test vector computed with the Node code of Meta's sample (`fbsamples/fblogin-sample`).
     #[test]
     fn matches_the_sample_test_vector() {
         let token = Secret::new("test_client_token");
