@@ -3,7 +3,8 @@
 //! - [`intake`] consumes `scheduler.optins` and records opt-ins idempotently;
 //! - [`dispatch`] claims due rows earliest deadline first under fenced leases and calls the
 //!   Send API, classifying answers into sent / retry / failed / expired;
-//! - [`store`] holds all of the scheduler's SQL (with [`store::call_start`], the last checks
+//! - [`store`] holds all of the scheduler's SQL (with [`store::record`], recording opt-ins;
+//!   [`store::call_start`], the last checks
 //!   and the "call started" mark before each call, and [`store::rescue`], expired leases and
 //!   pruning); [`group_commit`] commits many send tasks' writes together; [`retry`] the
 //!   backoff; [`pacing`] per-page rate limits and pauses; [`metrics`] the Prometheus metrics.

@@ -1,6 +1,6 @@
 //! Recording opt-ins consumed from `scheduler.optins`, a batch per transaction.
 //!
-//! A redelivered or duplicated opt-in changes nothing (see [`store::record_optin`]). Opt-ins
+//! A redelivered or duplicated opt-in changes nothing (see [`record::record_optin`]). Opt-ins
 //! due now are announced to the dispatcher in-process right after the commit, so the first
 //! message goes out within milliseconds; polling covers later sends and other replicas.
 
@@ -15,7 +15,8 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock};
 
 use super::metrics::SchedulerMetrics;
-use super::store::{self, NewOptin, Recorded, StoreError, Timing};
+use super::store::record::{self, NewOptin, Recorded};
+use super::store::{StoreError, Timing};
 use crate::runtime::consumer::{Incoming, Verdict};
 
 /// Longest page id or login_id accepted. Meta's are far shorter (a login_id is 64 hex
@@ -76,7 +77,7 @@ pub async fn record_batch(
         match decode(msg) {
             Ok(optin) => {
                 let known = pages.get(&optin.page_id).is_some();
-                let recorded = store::record_optin(&tx, &optin, known, timing, now).await?;
+                let recorded = record::record_optin(&tx, &optin, known, timing, now).await?;
                 results.push((optin, recorded));
                 verdicts.push(Verdict::Ack);
             }
