@@ -4,10 +4,10 @@
 //! - [`dispatch`] claims due rows earliest deadline first under fenced leases and calls the
 //!   Send API, classifying answers into sent / retry / failed / expired;
 //! - [`store`] holds all of the scheduler's SQL (with [`store::record`], recording opt-ins;
-//!   [`store::call_start`], the last checks
-//!   and the "call started" mark before each call, and [`store::rescue`], expired leases and
-//!   pruning); [`group_commit`] commits many send tasks' writes together; [`retry`] the
-//!   backoff; [`pacing`] per-page rate limits and pauses; [`metrics`] the Prometheus metrics.
+//!   [`store::call_start`], the last checks and the "call started" mark before each call;
+//!   [`store::rescue`], expired leases and pruning; [`store::gauges`], the state gauges);
+//!   [`group_commit`] commits many send tasks' writes together; [`retry`] the backoff;
+//!   [`pacing`] per-page rate limits and pauses; [`metrics`] the Prometheus metrics.
 //! - [`config`] the binary's settings; [`housekeeping`] state gauges and pruning;
 //!   [`reload`] the pages file on SIGHUP.
 //!
