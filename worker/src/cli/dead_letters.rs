@@ -130,12 +130,7 @@ pub async fn replay(
                 Err(e) => {
                     writeln!(out, "still does not parse, kept: {e}")?;
                     kept += 1;
-                    d.acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            multiple: false,
-                        })
-                        .await?;
+                    keep(&d.acker).await?;
                     continue;
                 }
             }
@@ -160,15 +155,21 @@ pub async fn replay(
             replayed += 1;
         } else {
             kept += 1;
-            d.acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await?;
+            keep(&d.acker).await?;
         }
     }
     let _ = conn.close(200, "done".into()).await;
     writeln!(out, "replayed {replayed}, kept {kept}")?;
     Ok(())
+}
+
+/// Puts a message back on its queue untouched (it stays for a later replay).
+async fn keep(acker: &lapin::Acker) -> Result<(), lapin::Error> {
+    acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+        .map(drop)
 }

@@ -7,6 +7,7 @@ use deadpool_postgres::Transaction;
 use lc_shared::events::{FirstMessageExpired, FirstMessageFailed, PublicEvent, insert_outbox};
 use lc_shared::optin::{FailureReason, OptinState};
 use time::OffsetDateTime;
+use tokio_postgres::types::ToSql;
 
 use super::{EVENT_SOURCE, LOGIN_EVENT_SOURCE, StoreError, Timing};
 
@@ -88,25 +89,27 @@ pub async fn record_optin(
     };
     let finished = (state != OptinState::Pending).then_some(now);
 
+    // $1–$11 of both the insert and the new-window update below.
+    let row: [&(dyn ToSql + Sync); 11] = [
+        &optin.page_id,
+        &optin.login_id,
+        &optin.source,
+        &optin.opted_in_at,
+        &deadline,
+        &send_at,
+        &state,
+        &reason,
+        &linked_at,
+        &optin.traceparent,
+        &finished,
+    ];
     let inserted = tx
         .query_opt(
             "INSERT INTO optins (page_id, login_id, source, opted_in_at, deadline, send_at, state, \
                  next_attempt_at, failure_reason, replied_at, traceparent, finished_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $8, $9, $10, $11) \
              ON CONFLICT (page_id, login_id) DO NOTHING RETURNING cycle",
-            &[
-                &optin.page_id,
-                &optin.login_id,
-                &optin.source,
-                &optin.opted_in_at,
-                &deadline,
-                &send_at,
-                &state,
-                &reason,
-                &linked_at,
-                &optin.traceparent,
-                &finished,
-            ],
+            &row,
         )
         .await?;
     if inserted.is_none() {
@@ -166,20 +169,7 @@ pub async fn record_optin(
                  last_error_subcode = NULL, last_error_message = NULL, last_error_fbtrace = NULL, \
                  updated_at = $12 \
              WHERE page_id = $1 AND login_id = $2",
-            &[
-                &optin.page_id,
-                &optin.login_id,
-                &optin.source,
-                &optin.opted_in_at,
-                &deadline,
-                &send_at,
-                &state,
-                &reason,
-                &linked_at,
-                &optin.traceparent,
-                &finished,
-                &now,
-            ],
+            &[row.as_slice(), &[&now]].concat(),
         )
         .await?;
     }
