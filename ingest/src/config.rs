@@ -84,7 +84,7 @@ pub struct IngestConfig {
 
     /// The Login half: `POST /login-events` and data deletion (all off unless configured).
     #[command(flatten)]
-    pub login: crate::login_events::LoginArgs,
+    pub login: crate::login::LoginArgs,
 }
 
 impl IngestConfig {

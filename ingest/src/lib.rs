@@ -3,57 +3,38 @@
 //! It verifies each delivery's signature on the raw bytes, splits the body into one AMQP
 //! message per event and answers `200` only once the broker has confirmed all of them.
 //!
-//! Layout:
-//! - [`config`]: flags and environment variables.
-//! - [`routes`]: the HTTP handlers (`/webhook`, `/healthz`, `/readyz`, `/metrics`).
-//! - [`metrics`]: the Prometheus metrics.
-//! - [`login_events`]: the Login half's settings and routes, and `POST /login-events`
-//!   (opt-ins reported by the business's backend; off unless configured).
-//! - [`data_deletion`]: Meta's user data deletion callback and its status page.
+//! Rooms:
+//! - [`config`]: flags and environment variables ([`IngestConfig`]).
+//! - [`error`]: [`IngestError`], what stops the service.
+//! - [`routes`]: the HTTP handlers (`/webhook`, `/healthz`, `/readyz`, `/metrics`) and the
+//!   router with its limits, request counting and timeout.
+//! - [`delivery`]: what a verified webhook body becomes on the broker: one message per
+//!   event, or the raw body on `messenger.unparsed` when it does not parse.
+//! - [`metrics`]: the Prometheus metrics of the webhook side.
+//! - [`login`]: the Login half, off unless configured: its settings, counters and routes,
+//!   `POST /login-events` (opt-ins reported by the business's backend) and Meta's user data
+//!   deletion callback with its status page.
 //!
 //! [`start`] runs the service in-process (tests use it on port 0); the binary's `main` only
 //! parses the configuration and calls [`run`].
 
 pub mod config;
-pub mod data_deletion;
-pub mod login_events;
+pub mod delivery;
+pub mod error;
+pub mod login;
 pub mod metrics;
 pub mod routes;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use lc_meta::signature::SignatureVerifier;
 use lc_shared::amqp::BrokerLink;
 use lc_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use config::IngestConfig;
-
-/// Errors that stop the ingest service.
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    /// The configuration is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The listen address cannot be bound.
-    #[error(
-        "cannot listen on {addr}: {source} (is another process using the port? set INGEST_ADDR)"
-    )]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The HTTP server failed.
-    #[error("HTTP server error: {0}")]
-    Serve(std::io::Error),
-    /// Metrics could not be registered.
-    #[error("metrics registry error: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
+pub use error::IngestError;
 
 /// A running ingest service.
 pub struct RunningIngest {
@@ -82,23 +63,20 @@ pub async fn start(
         &format!("ingest@{addr}"),
         config.publish_channels,
     );
-    let login = login_events::LoginFeatures::new(
+    let login = login::routes(
         &config.login,
         &config.app_secrets,
         &broker,
         config.confirm_timeout(),
         &metrics.registry,
     )?;
-    let state = routes::AppState::new(
-        SignatureVerifier::new(&config.app_secrets, config.accept_sha1),
-        config.verify_token.clone(),
-        broker.clone(),
-        metrics,
-        config.confirm_timeout(),
-        shutdown.clone(),
-    )
-    .with_login(login);
-    let app = routes::router(state, config.max_body_bytes, config.request_timeout());
+    let state = routes::AppState::new(&config, broker.clone(), metrics, shutdown.clone());
+    let app = routes::router(
+        state,
+        login,
+        config.max_body_bytes,
+        config.request_timeout(),
+    );
     let link = broker.clone();
     let header_timeout = config.request_timeout();
     let task = tokio::spawn(async move {

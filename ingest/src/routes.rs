@@ -1,4 +1,8 @@
 //! HTTP routes of ingest: the webhook handshake and deliveries, health, readiness, metrics.
+//!
+//! The handlers here only speak HTTP: they check signatures, publish what
+//! [`crate::delivery`] makes of a body, count, and choose the status code. The Login half's
+//! routes come in ready-made (see [`router`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,22 +20,21 @@ use lc_meta::signature::{
     SIGNATURE_256_HEADER, SIGNATURE_SHA1_HEADER, SignatureError, SignatureVerifier,
     constant_time_eq,
 };
-use lc_meta::webhook;
 use lc_shared::amqp::BrokerLink;
+use lc_shared::outgoing;
 use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::{TraceParent, continue_trace, render_metrics};
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
+use crate::config::IngestConfig;
+use crate::delivery::{self, DeliveryMessages};
 use crate::metrics::IngestMetrics;
-use lc_shared::outgoing::{self as publish, Outgoing};
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<StateInner>,
-    /// Routes of the Login half (`/login-events`, `/data-deletion`), off unless configured.
-    login: crate::login_events::LoginFeatures,
 }
 
 struct StateInner {
@@ -44,43 +47,42 @@ struct StateInner {
 }
 
 impl AppState {
-    /// Bundles the handlers' dependencies.
+    /// Bundles the handlers' dependencies: the signature check and the handshake token come
+    /// from `config`, so the webhook side reads the same settings the binary was given.
     pub fn new(
-        verifier: SignatureVerifier,
-        verify_token: Secret,
+        config: &IngestConfig,
         link: BrokerLink,
         metrics: IngestMetrics,
-        confirm_timeout: Duration,
         shutdown: Shutdown,
     ) -> Self {
         Self {
             inner: Arc::new(StateInner {
-                verifier,
-                verify_token,
+                verifier: SignatureVerifier::new(&config.app_secrets, config.accept_sha1),
+                verify_token: config.verify_token.clone(),
                 link,
                 metrics,
-                confirm_timeout,
+                confirm_timeout: config.confirm_timeout(),
                 shutdown,
             }),
-            login: crate::login_events::LoginFeatures::default(),
         }
-    }
-
-    /// Enables the Login half's configured routes.
-    pub fn with_login(mut self, login: crate::login_events::LoginFeatures) -> Self {
-        self.login = login;
-        self
     }
 }
 
-/// The whole HTTP surface of ingest.
-pub fn router(state: AppState, max_body_bytes: usize, request_timeout: Duration) -> Router {
+/// The whole HTTP surface of ingest: the routes here plus `login`, the Login half's routes
+/// ([`crate::login::routes`]), merged inside the limits, counting and timeout so they apply
+/// to every route alike.
+pub fn router(
+    state: AppState,
+    login: Router<AppState>,
+    max_body_bytes: usize,
+    request_timeout: Duration,
+) -> Router {
     Router::new()
-        .route("/webhook", get(handshake).post(delivery))
+        .route("/webhook", get(handshake).post(receive_delivery))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(crate::login_events::routes(state.login.clone()))
+        .merge(login)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         // Refuses a declared Content-Length over the limit with 413 before reading any of the
         // body (the limit above only trips once that much has arrived, so a client that
@@ -164,7 +166,11 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// `POST /webhook`: verify, split into events, publish with confirms, then answer.
-async fn delivery(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive_delivery(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let incoming = header_str(&headers, "traceparent").and_then(TraceParent::parse);
     let span = tracing::info_span!(
         "webhook_delivery",
@@ -200,45 +206,12 @@ async fn handle_delivery(
         return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
     }
 
-    let traceparent = trace.to_string();
-    let (messages, unparsed): (Vec<Outgoing>, bool) = match webhook::parse_delivery(body) {
-        Ok(events) => {
-            let mut out = Vec::with_capacity(events.len());
-            for ev in &events {
-                match publish::event_message(ev, &traceparent) {
-                    Ok(m) => out.push(m),
-                    Err(e) => {
-                        // Serialising our own struct of strings cannot fail; if it ever does,
-                        // keep the whole body rather than lose the event.
-                        tracing::error!(error = %e, "cannot encode event; keeping body as unparsed");
-                        out = vec![publish::unparsed_message(
-                            body,
-                            &e.to_string(),
-                            &traceparent,
-                        )];
-                        break;
-                    }
-                }
-            }
-            (out, false)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "signed webhook body does not parse; keeping it on messenger.unparsed");
-            (
-                vec![publish::unparsed_message(
-                    body,
-                    &e.to_string(),
-                    &traceparent,
-                )],
-                true,
-            )
-        }
-    };
+    let DeliveryMessages { messages, unparsed } = delivery::messages(body, &trace.to_string());
     if messages.is_empty() {
         return (StatusCode::OK, "EVENT_RECEIVED\n").into_response();
     }
     let kinds: Vec<&'static str> = messages.iter().map(|m| m.kind).collect();
-    match publish::publish_all(&s.link, messages, s.confirm_timeout).await {
+    match outgoing::publish_all(&s.link, messages, s.confirm_timeout).await {
         Ok(latency) => {
             s.metrics.confirm_latency.observe(latency.as_secs_f64());
             if unparsed {

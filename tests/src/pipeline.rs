@@ -218,7 +218,7 @@ pub fn ingest_config(amqp_url: String) -> IngestConfig {
         log: LogArgs {
             log_format: LogFormat::Text,
         },
-        login: lc_ingest::login_events::LoginArgs::default(),
+        login: lc_ingest::login::LoginArgs::default(),
     }
 }
 

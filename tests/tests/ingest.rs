@@ -34,7 +34,7 @@ fn config(amqp_url: &str) -> IngestConfig {
         log: lc_shared::config::LogArgs {
             log_format: LogFormat::Text,
         },
-        login: lc_ingest::login_events::LoginArgs::default(),
+        login: lc_ingest::login::LoginArgs::default(),
     }
 }
 

@@ -132,7 +132,7 @@ fn ingest_config(amqp_url: &str) -> IngestConfig {
         log: LogArgs {
             log_format: LogFormat::Text,
         },
-        login: lc_ingest::login_events::LoginArgs::default(),
+        login: lc_ingest::login::LoginArgs::default(),
     }
 }
 

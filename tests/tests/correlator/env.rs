@@ -267,7 +267,7 @@ pub(crate) fn ingest_config(amqp_url: &str) -> IngestConfig {
         log: LogArgs {
             log_format: LogFormat::Text,
         },
-        login: lc_ingest::login_events::LoginArgs::default(),
+        login: lc_ingest::login::LoginArgs::default(),
     }
 }
 

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use lc_ingest::RunningIngest;
-use lc_ingest::login_events::LoginArgs;
+use lc_ingest::login::LoginArgs;
 use lc_meta::login::event_signature::{LOGIN_SIGNATURE_HEADER, sign_login_event};
 use lc_meta::login::login_id::compute_login_id;
 use lc_meta::secret::Secret;

@@ -11,9 +11,6 @@
 //! of kind `optin` (source `login_event`) on `messenger.webhook`, acknowledged `200` only
 //! after the broker confirmed it. The scheduler keys opt-ins by (page, login_id), so the
 //! webhook opt-in for the same login, before or after, is a duplicate: one message.
-//!
-//! This module also holds the configuration of the whole Login half ([`LoginArgs`]) and its
-//! routes ([`routes`]); `POST /data-deletion` lives in [`crate::data_deletion`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,87 +18,32 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use lc_meta::login::event_signature::{EventSignatureVerifier, LOGIN_SIGNATURE_HEADER};
 use lc_meta::login::login_id::{compute_login_id, is_facebook_id};
 use lc_meta::secret::Secret;
 use lc_meta::webhook::{EventKind, QueuedEvent};
 use lc_shared::amqp::BrokerLink;
+use lc_shared::outgoing as publish;
 use lc_shared::telemetry::{TraceParent, login_id_label};
-use prometheus::{IntCounterVec, Opts, Registry};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tracing::Instrument;
 
-use crate::IngestError;
-use crate::data_deletion::{self, DataDeletion};
-use lc_shared::outgoing as publish;
+use super::answer::{error, not_enabled};
+use super::args::LoginArgs;
+use super::metrics::LoginMetrics;
 
-mod args;
-
-pub use args::LoginArgs;
-
-/// Largest body of the Login half's endpoints: their requests are a few hundred bytes.
-const MAX_LOGIN_BODY_BYTES: usize = 64 * 1024;
 /// Unix milliseconds below this are 1973 or earlier: almost surely seconds sent by mistake
 /// (and the webhook parser would read them as seconds).
 const MIN_PLAUSIBLE_MS: i64 = 100_000_000_000;
 
-/// Counters of the Login half, registered in ingest's registry.
-#[derive(Clone)]
-pub struct LoginMetrics {
-    /// `POST /login-events` by result.
-    pub login_events: IntCounterVec,
-    /// `POST /data-deletion` by result.
-    pub deletion_requests: IntCounterVec,
-}
-
-impl LoginMetrics {
-    /// Creates the counters and registers them in `registry`.
-    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let login_events = IntCounterVec::new(
-            Opts::new(
-                "ingest_login_events_total",
-                "POST /login-events requests by result (accepted, unauthorized, bad_request, \
-                 unprocessable, unavailable)",
-            ),
-            &["result"],
-        )?;
-        let deletion_requests = IntCounterVec::new(
-            Opts::new(
-                "ingest_data_deletion_requests_total",
-                "POST /data-deletion requests by result",
-            ),
-            &["result"],
-        )?;
-        // Every known label starts at zero, so a rate() has a series before the first event.
-        for result in [
-            "accepted",
-            "unauthorized",
-            "bad_request",
-            "unprocessable",
-            "unavailable",
-        ] {
-            login_events.with_label_values(&[result]);
-        }
-        for result in ["accepted", "unauthorized", "bad_request", "unavailable"] {
-            deletion_requests.with_label_values(&[result]);
-        }
-        registry.register(Box::new(login_events.clone()))?;
-        registry.register(Box::new(deletion_requests.clone()))?;
-        Ok(Self {
-            login_events,
-            deletion_requests,
-        })
-    }
-}
-
-/// Everything the login-event handler needs.
-pub(crate) struct LoginEvents {
+/// The router state of `POST /login-events`: everything its handler needs.
+pub(super) struct LoginEvents {
     verifier: EventSignatureVerifier,
     tokens: HashMap<String, Secret>,
     /// Empty: any page.
@@ -112,98 +54,55 @@ pub(crate) struct LoginEvents {
     metrics: LoginMetrics,
 }
 
-/// The Login half's state: each feature is `None` when not configured (its routes answer 404).
-#[derive(Clone, Default)]
-pub struct LoginFeatures {
-    pub(crate) events: Option<Arc<LoginEvents>>,
-    pub(crate) deletion: Option<Arc<DataDeletion>>,
-}
-
-impl LoginFeatures {
-    /// Builds the configured features. `app_secrets` verify Meta's `signed_request`.
-    pub fn new(
+impl LoginEvents {
+    /// The state from validated [`LoginArgs`], or `None` when the endpoint is not configured.
+    pub(super) fn configured(
         args: &LoginArgs,
-        app_secrets: &[Secret],
         link: &BrokerLink,
         confirm_timeout: Duration,
-        registry: &Registry,
-    ) -> Result<Self, IngestError> {
-        args.validate().map_err(IngestError::Config)?;
-        if !args.login_events_enabled() && !args.data_deletion_enabled() {
-            return Ok(Self::default());
+        metrics: &LoginMetrics,
+    ) -> Option<Arc<Self>> {
+        if !args.login_events_enabled() {
+            return None;
         }
-        let metrics = LoginMetrics::new(registry)?;
-        let events = args.login_events_enabled().then(|| {
-            let max_skew = Duration::from_secs(args.login_events_max_skew_secs);
-            Arc::new(LoginEvents {
-                verifier: EventSignatureVerifier::new(&args.login_events_secrets, max_skew),
-                tokens: args
-                    .client_tokens
-                    .iter()
-                    .map(|t| (t.app_id.clone(), t.token.clone()))
-                    .collect(),
-                pages: args.pages(),
-                max_skew,
-                link: link.clone(),
-                confirm_timeout,
-                metrics: metrics.clone(),
-            })
-        });
-        let deletion = match &args.data_deletion_base_url {
-            Some(base) => Some(Arc::new(DataDeletion::new(
-                args,
-                base,
-                app_secrets,
-                link,
-                confirm_timeout,
-                metrics,
-            )?)),
-            None => None,
-        };
-        if events.is_some() {
-            tracing::info!(
-                apps = args.client_tokens.len(),
-                "POST /login-events enabled"
-            );
-        }
-        if deletion.is_some() {
-            tracing::info!(pages = args.page_ids.len(), "POST /data-deletion enabled");
-        }
-        Ok(Self { events, deletion })
+        let max_skew = Duration::from_secs(args.login_events_max_skew_secs);
+        tracing::info!(
+            apps = args.client_tokens.len(),
+            "POST /login-events enabled"
+        );
+        Some(Arc::new(Self {
+            verifier: EventSignatureVerifier::new(&args.login_events_secrets, max_skew),
+            tokens: args
+                .client_tokens
+                .iter()
+                .map(|t| (t.app_id.clone(), t.token.clone()))
+                .collect(),
+            pages: args.pages(),
+            max_skew,
+            link: link.clone(),
+            confirm_timeout,
+            metrics: metrics.clone(),
+        }))
     }
 }
 
-/// The Login half's routes, for merging into ingest's router (any state type: these carry
-/// their own).
-pub fn routes<S: Clone + Send + Sync + 'static>(features: LoginFeatures) -> Router<S> {
+/// The route `POST /login-events`, answering `404` when `events` is `None`. Generic over the
+/// outer router's state because it carries its own.
+pub(super) fn routes<S: Clone + Send + Sync + 'static>(
+    events: Option<Arc<LoginEvents>>,
+) -> Router<S> {
     Router::new()
         .route("/login-events", post(login_event))
-        .route("/data-deletion", post(data_deletion::request_deletion))
-        .route("/data-deletion/{code}", get(data_deletion::deletion_status))
-        .layer(DefaultBodyLimit::max(MAX_LOGIN_BODY_BYTES))
-        .with_state(features)
-}
-
-/// A JSON error answer.
-pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": message.into() }))).into_response()
-}
-
-/// The answer of a route whose feature is not configured.
-pub(crate) fn not_enabled(what: &str, variables: &str) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        format!("{what} is not enabled on this ingest (configure {variables})"),
-    )
+        .with_state(events)
 }
 
 /// `POST /login-events`.
 async fn login_event(
-    State(features): State<LoginFeatures>,
+    State(events): State<Option<Arc<LoginEvents>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(events) = features.events.as_deref() else {
+    let Some(events) = events.as_deref() else {
         return not_enabled(
             "POST /login-events",
             "LOGIN_EVENTS_SECRETS and LOGIN_EVENTS_CLIENT_TOKENS",

@@ -14,13 +14,15 @@
 //! Answers: `400` malformed request, `401` bad signature, `503` broker unavailable,
 //! `200 {"url": …, "confirmation_code": …}` otherwise (Meta's documented answer).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Form;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
 use deadpool_postgres::Pool;
 use lapin::types::ShortString;
 use lc_meta::login::deletion::{
@@ -30,19 +32,25 @@ use lc_meta::login::login_id::{AppClientToken, compute_login_id};
 use lc_meta::login::signed_request::{SignedRequestError, parse_signed_request};
 use lc_meta::secret::Secret;
 use lc_shared::amqp::{self, BrokerLink};
+use lc_shared::outgoing::{self as publish, Outgoing};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::IngestError;
-use crate::login_events::{LoginArgs, LoginFeatures, LoginMetrics, error, not_enabled};
-use lc_shared::outgoing::{self as publish, Outgoing};
+use super::answer::{error, not_enabled};
+use super::args::LoginArgs;
+use super::metrics::LoginMetrics;
+use crate::error::IngestError;
 
 /// Bound on the status query, so a database outage answers 503 quickly.
 const STATUS_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Everything the data deletion handlers need.
-pub(crate) struct DataDeletion {
+/// What enables both routes, named in their `404` answer when they are off.
+const ENABLED_BY: &str =
+    "DATA_DELETION_STATUS_BASE_URL, LOGIN_EVENTS_CLIENT_TOKENS, LOGIN_PAGE_IDS and DATABASE_URL";
+
+/// The router state of both data deletion routes: everything their handlers need.
+pub(super) struct DataDeletion {
     app_secrets: Vec<Secret>,
     tokens: Vec<AppClientToken>,
     pages: Vec<String>,
@@ -55,22 +63,26 @@ pub(crate) struct DataDeletion {
 }
 
 impl DataDeletion {
-    /// Builds the state from validated [`LoginArgs`]; the pool connects lazily.
-    pub(crate) fn new(
+    /// The state from validated [`LoginArgs`], or `None` when data deletion is not
+    /// configured; the pool connects lazily.
+    pub(super) fn configured(
         args: &LoginArgs,
-        status_base: &str,
         app_secrets: &[Secret],
         link: &BrokerLink,
         confirm_timeout: Duration,
-        metrics: LoginMetrics,
-    ) -> Result<Self, IngestError> {
+        metrics: &LoginMetrics,
+    ) -> Result<Option<Arc<Self>>, IngestError> {
+        let Some(status_base) = &args.data_deletion_base_url else {
+            return Ok(None);
+        };
         let url = args.database_url.as_ref().ok_or_else(|| {
             IngestError::Config("data deletion needs DATABASE_URL for its status endpoint".into())
         })?;
         // The status endpoint runs one short query at a time; two connections are plenty.
         let pool = lc_shared::db::pool(url.expose(), 2)
             .map_err(|e| IngestError::Config(format!("DATABASE_URL: {e}")))?;
-        Ok(Self {
+        tracing::info!(pages = args.page_ids.len(), "POST /data-deletion enabled");
+        Ok(Some(Arc::new(Self {
             app_secrets: app_secrets.to_vec(),
             tokens: args.client_tokens.clone(),
             pages: args.pages(),
@@ -79,9 +91,20 @@ impl DataDeletion {
             pool,
             link: link.clone(),
             confirm_timeout,
-            metrics,
-        })
+            metrics: metrics.clone(),
+        })))
     }
+}
+
+/// The routes `POST /data-deletion` and `GET /data-deletion/{code}`, answering `404` when
+/// `deletion` is `None`. Generic over the outer router's state because they carry their own.
+pub(super) fn routes<S: Clone + Send + Sync + 'static>(
+    deletion: Option<Arc<DataDeletion>>,
+) -> Router<S> {
+    Router::new()
+        .route("/data-deletion", post(request_deletion))
+        .route("/data-deletion/{code}", get(deletion_status))
+        .with_state(deletion)
 }
 
 /// Every (page, login_id) the person with app-scoped id `asid` may have: one per configured
@@ -106,20 +129,17 @@ pub fn derive_identities(
 
 /// The form Meta posts.
 #[derive(Debug, serde::Deserialize)]
-pub(crate) struct DeletionForm {
+struct DeletionForm {
     signed_request: String,
 }
 
 /// `POST /data-deletion`.
-pub(crate) async fn request_deletion(
-    State(features): State<LoginFeatures>,
+async fn request_deletion(
+    State(deletion): State<Option<Arc<DataDeletion>>>,
     form: Result<Form<DeletionForm>, FormRejection>,
 ) -> Response {
-    let Some(d) = features.deletion.as_deref() else {
-        return not_enabled(
-            "POST /data-deletion",
-            "DATA_DELETION_STATUS_BASE_URL, LOGIN_EVENTS_CLIENT_TOKENS, LOGIN_PAGE_IDS and DATABASE_URL",
-        );
+    let Some(d) = deletion.as_deref() else {
+        return not_enabled("POST /data-deletion", ENABLED_BY);
     };
     let (result, response) = handle_request(d, form).await;
     d.metrics
@@ -234,15 +254,12 @@ async fn enqueue(d: &DataDeletion, request: &DeletionRequest) -> Result<(), Enqu
 }
 
 /// `GET /data-deletion/{code}`.
-pub(crate) async fn deletion_status(
-    State(features): State<LoginFeatures>,
+async fn deletion_status(
+    State(deletion): State<Option<Arc<DataDeletion>>>,
     Path(code): Path<String>,
 ) -> Response {
-    let Some(d) = features.deletion.as_deref() else {
-        return not_enabled(
-            "GET /data-deletion/{code}",
-            "DATA_DELETION_STATUS_BASE_URL, LOGIN_EVENTS_CLIENT_TOKENS, LOGIN_PAGE_IDS and DATABASE_URL",
-        );
+    let Some(d) = deletion.as_deref() else {
+        return not_enabled("GET /data-deletion/{code}", ENABLED_BY);
     };
     if !d.codes.is_valid(&code) {
         return error(StatusCode::NOT_FOUND, "unknown confirmation code");
