@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use deadpool_postgres::Pool;
 use lc_worker::scheduler::store;
+use lc_worker::scheduler::store::claim::ClaimRequest;
 use tokio::time::Instant;
 
 use crate::env::{BenchEnv, stop};
@@ -60,7 +61,7 @@ impl ScaleParams {
 }
 
 /// The scheduler's own claim statement, for `EXPLAIN`.
-pub const CLAIM_SQL: &str = lc_worker::scheduler::store::CLAIM_DUE_SQL;
+pub const CLAIM_SQL: &str = lc_worker::scheduler::store::claim::CLAIM_DUE_SQL;
 
 /// The index on the next attempt of pending rows (migration V3). The suite measures claims
 /// without it and with it, whatever the migrations ship, and checks the targets against the
@@ -187,6 +188,14 @@ async fn bulk_insert(
     pages: &[String],
     n: usize,
 ) -> anyhow::Result<()> {
+    // Unlimited send budget: the suite measures the database, not a page's rate.
+    sql.execute(
+        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), 0 \
+         ON CONFLICT (page_id) DO NOTHING",
+        &[&pages],
+    )
+    .await
+    .context("page state")?;
     sql.execute(
         "WITH s AS MATERIALIZED ( \
              SELECT i, now() - random() * interval '24 hours' AS o, \
@@ -281,20 +290,16 @@ async fn claim_phase(
             Ok::<(), anyhow::Error>(())
         })
     };
-    let client = pool.get().await?;
+    let mut client = pool.get().await?;
     let mut lat = Latency::new();
     let mut claimed = 0usize;
     let mut claims = 0u64;
     let end = Instant::now() + params.claim_window;
     while Instant::now() < end {
         let t = Instant::now();
-        let rows = store::claim_due(
-            &client,
-            "bench-claim",
-            Duration::from_secs(60),
-            100,
-            &[],
-            Duration::ZERO,
+        let rows = store::claim::claim_due(
+            &mut client,
+            &ClaimRequest::new("bench-claim", Duration::from_secs(60), 100),
         )
         .await?;
         lat.record(t.elapsed());
@@ -354,11 +359,10 @@ async fn explain(client: &deadpool_postgres::Client) -> anyhow::Result<String> {
         Err(_) => {
             // A server that does not take parameters in EXPLAIN: the same values inline.
             let inline = CLAIM_SQL
-                .replace("$1", "'bench-explain'")
-                .replace("$2", "60.0")
+                .replace("$1", "1.05")
+                .replace("$2", "1.0")
                 .replace("$3", "100")
-                .replace("$4", "'{}'::text[]")
-                .replace("$5", "0.0");
+                .replace("$4", "0.0");
             client.batch_execute("BEGIN").await?;
             let rows = client
                 .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {inline}"), &[])

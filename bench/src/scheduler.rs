@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use lc_shared::events::{FirstMessageSent, PublicEvent, insert_outbox};
 use lc_testkit::fake_graph::RecordedCall;
 use lc_worker::scheduler::store;
+use lc_worker::scheduler::store::claim::ClaimRequest;
 use time::OffsetDateTime;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -177,6 +178,14 @@ pub async fn insert_due(
     n: usize,
     opted_in_at: OffsetDateTime,
 ) -> anyhow::Result<()> {
+    // Unlimited send budget for pages the suite creates (the scheduler sets its own rate).
+    sql.execute(
+        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), 0 \
+         ON CONFLICT (page_id) DO NOTHING",
+        &[&pages],
+    )
+    .await
+    .context("page state")?;
     sql.execute(
         "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
          SELECT ($1::text[])[1 + (i % array_length($1::text[], 1))], $2::text || i, $3::timestamptz, \
@@ -327,13 +336,10 @@ pub async fn db_ceiling(
             let mut done = 0u64;
             let mut client = pool.get().await?;
             loop {
-                let claimed = store::claim_due(
-                    &client,
-                    &format!("bench-{w}"),
-                    Duration::from_secs(60),
-                    100,
-                    &[],
-                    Duration::ZERO,
+                let owner = format!("bench-{w}");
+                let claimed = store::claim::claim_due(
+                    &mut client,
+                    &ClaimRequest::new(&owner, Duration::from_secs(60), 100),
                 )
                 .await?;
                 if claimed.is_empty() {
@@ -363,7 +369,7 @@ pub async fn db_ceiling(
 /// `store::finish_sent`'s UPDATE and outbox insert for every claimed row, in one transaction.
 async fn finish_batch(
     client: &mut deadpool_postgres::Client,
-    claimed: &[store::Claimed],
+    claimed: &[store::claim::Claimed],
 ) -> anyhow::Result<u64> {
     let tx = client.transaction().await?;
     let mut done = 0;

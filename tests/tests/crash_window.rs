@@ -24,13 +24,22 @@ async fn store_env() -> (TestEnv, deadpool_postgres::Pool, tokio_postgres::Clien
     (env, pool, sql)
 }
 
-/// Claims every due row for `owner` (no pages excluded, no safety margin).
+/// Claims every due row for `owner` (no safety margin, no send budget limit).
 async fn claim(
-    client: &deadpool_postgres::Client,
+    client: &mut deadpool_postgres::Client,
     owner: &str,
     lease: Duration,
-) -> Vec<store::Claimed> {
-    store::claim_due(client, owner, lease, 10, &[], Duration::ZERO)
+) -> Vec<store::claim::Claimed> {
+    // Every page with opt-ins gets an unlimited send budget (this test is not about rates).
+    client
+        .execute(
+            "INSERT INTO page_state (page_id, rate_limit) SELECT DISTINCT page_id, 0 FROM optins \
+             ON CONFLICT (page_id) DO NOTHING",
+            &[],
+        )
+        .await
+        .expect("page state");
+    store::claim::claim_due(client, &store::claim::ClaimRequest::new(owner, lease, 10))
         .await
         .expect("claim")
 }
@@ -49,8 +58,8 @@ async fn a_worker_killed_between_claim_and_call_leaves_the_optin_to_be_sent() {
     let (env, pool, sql) = store_env().await;
     insert_optin(&sql, PAGE, "K1", OffsetDateTime::now_utc(), "pending").await;
     // A worker claims the row and dies before calling (nothing of it runs on).
-    let client = pool.get().await.expect("client");
-    let claimed = claim(&client, "dead-worker", Duration::from_secs(1)).await;
+    let mut client = pool.get().await.expect("client");
+    let claimed = claim(&mut client, "dead-worker", Duration::from_secs(1)).await;
     assert_eq!(claimed.len(), 1);
     drop(client);
 
@@ -85,7 +94,7 @@ async fn only_a_claim_marked_as_called_follows_the_unknown_outcome_policy() {
     insert_optin(&sql, PAGE, "M2", now, "pending").await;
     let mut client = pool.get().await.expect("client");
     let lease = Duration::from_secs(30);
-    let claimed = claim(&client, "worker-a", lease).await;
+    let claimed = claim(&mut client, "worker-a", lease).await;
     assert_eq!(claimed.len(), 2);
     // The call of M1 started; M2's never did.
     let m1 = claimed.iter().find(|c| c.login_id == "M1").expect("M1");
@@ -132,7 +141,7 @@ async fn only_a_claim_marked_as_called_follows_the_unknown_outcome_policy() {
     // (else a crash before that claim's call would count as an unknown outcome again).
     sql.execute("DELETE FROM optins", &[]).await.expect("clear");
     insert_optin(&sql, PAGE, "M3", now, "pending").await;
-    let claimed = claim(&client, "worker-b", lease).await;
+    let claimed = claim(&mut client, "worker-b", lease).await;
     assert_eq!(
         store::call_start::begin_call(&mut client, &claimed[0])
             .await
@@ -150,7 +159,7 @@ async fn only_a_claim_marked_as_called_follows_the_unknown_outcome_policy() {
             unknown: 1
         }
     );
-    let again = claim(&client, "worker-c", lease).await;
+    let again = claim(&mut client, "worker-c", lease).await;
     assert_eq!(again.len(), 1);
     let marked: Option<OffsetDateTime> = sql
         .query_one(
@@ -169,12 +178,12 @@ async fn a_superseded_claim_is_not_marked_and_makes_no_call() {
     insert_optin(&sql, PAGE, "S1", OffsetDateTime::now_utc(), "pending").await;
     let mut client = pool.get().await.expect("client");
     let lease = Duration::from_secs(30);
-    let old = claim(&client, "worker-a", lease).await;
+    let old = claim(&mut client, "worker-a", lease).await;
     expire_leases(&sql).await;
     store::rescue::rescue_expired_leases(&mut client, UnknownOutcome::Fail, 10)
         .await
         .expect("rescue");
-    let new = claim(&client, "worker-b", lease).await;
+    let new = claim(&mut client, "worker-b", lease).await;
     assert_eq!(
         store::call_start::begin_call(&mut client, &old[0])
             .await
@@ -202,7 +211,7 @@ async fn two_pages_marking_one_login_id_at_once_let_only_one_call_go_out() {
             pool.get().await.expect("client a"),
             pool.get().await.expect("client b"),
         );
-        let claimed = claim(&a, "worker", Duration::from_secs(30)).await;
+        let claimed = claim(&mut a, "worker", Duration::from_secs(30)).await;
         assert_eq!(claimed.len(), 2);
         let (first, second) = tokio::join!(
             store::call_start::begin_call(&mut a, &claimed[0]),
@@ -240,7 +249,7 @@ async fn claims_of_one_login_id_in_one_group_commit_see_each_other() {
     insert_optin(&sql, "222", "G1", now, "pending").await;
     insert_optin(&sql, PAGE, "G2", now, "pending").await;
     let mut client = pool.get().await.expect("client");
-    let claimed = claim(&client, "worker", Duration::from_secs(30)).await;
+    let claimed = claim(&mut client, "worker", Duration::from_secs(30)).await;
     assert_eq!(claimed.len(), 3);
     let checks = store::call_start::begin_calls(&mut client, &claimed)
         .await
@@ -273,7 +282,7 @@ async fn a_group_of_sent_records_writes_each_current_claim_and_skips_a_stale_one
     insert_optin(&sql, PAGE, "R1", now, "pending").await;
     insert_optin(&sql, PAGE, "R2", now, "pending").await;
     let mut client = pool.get().await.expect("client");
-    let claimed = claim(&client, "worker", Duration::from_secs(30)).await;
+    let claimed = claim(&mut client, "worker", Duration::from_secs(30)).await;
     assert_eq!(claimed.len(), 2);
     let mut stale = claimed[1].clone();
     stale.fence -= 1;

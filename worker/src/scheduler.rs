@@ -5,11 +5,14 @@
 //!   Send API, classifying answers into sent / retry / failed / expired;
 //! - [`store`] holds all of the scheduler's SQL (with [`store::record`], recording opt-ins;
 //!   [`store::call_start`], the last checks and the "call started" mark before each call;
-//!   [`store::rescue`], expired leases and pruning; [`store::gauges`], the state gauges);
+//!   [`store::rescue`], expired leases and pruning; [`store::gauges`], the state gauges;
+//!   [`store::claim`], claims with their send slots; [`store::pages`], the shared page state);
 //!   [`group_commit`] commits many send tasks' writes together; [`retry`] the backoff;
-//!   [`pacing`] per-page rate limits and pauses; [`metrics`] the Prometheus metrics.
+//!   [`pacing`] this replica's view of the cluster's page pauses and throttles (the send
+//!   budget itself is taken in the claim, [`store::claim`]); [`metrics`] the metrics.
 //! - [`config`] the binary's settings; [`housekeeping`] state gauges and pruning;
-//!   [`reload`] the pages file on SIGHUP.
+//!   [`reload`] the pages (file and stored tokens) kept current, and the shared page state
+//!   synced; [`tokens`] page tokens encrypted at rest.
 //!
 //! Beside the scheduler's own work its process runs the webhook-subscription
 //! [`crate::watchdog`] and the data [`crate::deletion`] consumer.
@@ -28,6 +31,7 @@ pub mod pacing;
 pub mod reload;
 pub mod retry;
 pub mod store;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,7 +52,8 @@ use crate::{deletion, watchdog};
 pub use config::SchedulerConfig;
 use dispatch::{AfterSendHook, DispatchSettings, Dispatcher};
 use metrics::SchedulerMetrics;
-use pacing::PagePauses;
+use pacing::PageHolds;
+use reload::PageSource;
 use retry::RetryPolicy;
 
 /// A running scheduler.
@@ -70,8 +75,10 @@ pub async fn start(
     after_send: Option<AfterSendHook>,
 ) -> Result<RunningScheduler, StartError> {
     config.validate()?;
-    let pages =
-        PagesConfig::load(&config.pages_file).map_err(|e| StartError::Config(e.to_string()))?;
+    let keys = tokens::TokenKeys::parse(&config.page_token_keys)
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    // The file is checked before anything else starts, so a bad one stops the process at once.
+    PagesConfig::load(&config.pages_file).map_err(|e| StartError::Config(e.to_string()))?;
     let graph = GraphClient::new(
         &config.graph_api_url,
         Duration::from_millis(config.graph_timeout_ms),
@@ -87,6 +94,12 @@ pub async fn start(
     let watchdog_metrics = watchdog::WatchdogMetrics::new(&registry)?;
     let deletion_metrics = deletion::DeletionMetrics::new(&registry)?;
     let metrics_addr = metrics_listener.local_addr()?;
+    let source = PageSource {
+        path: config.pages_file.clone(),
+        keys,
+        rate_limit: config.page_rate_limit,
+    };
+    let pages = source.load(&pool).await.map_err(StartError::Config)?;
 
     for page in &pages.pages {
         metrics
@@ -95,19 +108,20 @@ pub async fn start(
             .set(0);
     }
     let pages = Arc::new(RwLock::new(Arc::new(pages)));
-    let pauses = Arc::new(PagePauses::default());
+    let holds = Arc::new(PageHolds::default());
     let wake = Arc::new(Notify::new());
     let timing = config.timing();
     let dispatcher = Dispatcher::new(
         pool.clone(),
         graph,
         pages.clone(),
-        config.page_rate_limit,
-        pauses.clone(),
+        holds.clone(),
         metrics.clone(),
         DispatchSettings {
             owner: worker_id.clone(),
             lease: Duration::from_secs(config.lease_secs),
+            graph_timeout: Duration::from_millis(config.graph_timeout_ms),
+            lookahead: config.lookahead(),
             claim_batch: config.claim_batch.max(1),
             max_in_flight: config.max_in_flight,
             poll_interval: Duration::from_millis(config.poll_ms),
@@ -170,10 +184,16 @@ pub async fn start(
         Duration::from_secs(config.retention_days * 86_400),
         shutdown.clone(),
     ));
-    tasks.spawn(reload::reload_on_sighup(
-        config.pages_file.clone(),
+    tasks.spawn(pacing::refresh(
+        pool.clone(),
+        holds,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(reload::watch(
+        source,
+        pool.clone(),
         pages,
-        pauses,
         metrics,
         shutdown.clone(),
     ));

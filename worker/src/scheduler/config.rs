@@ -75,6 +75,26 @@ pub struct SchedulerConfig {
     )]
     pub max_in_flight: usize,
 
+    /// How far ahead (milliseconds) a replica claims a page's send slots; at most half the
+    /// lease is used. Longer evens out claim round trips, shorter lets other pages in sooner.
+    #[arg(
+        long = "claim-lookahead-ms",
+        env = "CLAIM_LOOKAHEAD_MS",
+        default_value_t = 1000
+    )]
+    pub claim_lookahead_ms: u64,
+
+    /// Keys of page tokens stored in the database (`loginconnect pages set-token`):
+    /// comma-separated `id:base64-of-32-bytes`, the first one encrypts.
+    #[arg(
+        long = "page-token-keys",
+        env = "PAGE_TOKEN_KEYS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub page_token_keys: String,
+
     /// Send API calls per second per page (Meta allows 300).
     #[arg(
         long = "page-rate-limit",
@@ -145,6 +165,12 @@ impl SchedulerConfig {
             safety_margin: Duration::from_secs(self.safety_margin_secs),
             window: Duration::from_secs(self.window_secs),
         }
+    }
+
+    /// How far ahead send slots are claimed: `CLAIM_LOOKAHEAD_MS`, at most half the lease (a
+    /// claim must not run out before its slot comes).
+    pub fn lookahead(&self) -> Duration {
+        Duration::from_millis(self.claim_lookahead_ms).min(Duration::from_secs(self.lease_secs) / 2)
     }
 
     /// Refuses settings that contradict each other, naming the variables to change.

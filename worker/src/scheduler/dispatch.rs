@@ -1,10 +1,16 @@
 //! The dispatcher: claims due opt-ins earliest deadline first and makes their Send API calls.
 //!
-//! It claims only as many rows as it can start calls for at once (free concurrency slots).
+//! It claims only as many rows as it can start calls for at once (free concurrency slots), and
+//! each claimed row comes with its page's send slot (see `store::claim`): the call starts at
+//! that slot, or not at all if it is more than [`SLOT_LATENESS`] late (the row goes back to
+//! `pending`), so a page's limit holds across replicas in every one-second window.
+//!
 //! Right before each call the row is marked `call_started_at` (with the last checks, see
-//! [`store::call_start::begin_call`]): a lease that expires on a marked row means a worker died with a
-//! call possibly in flight, resolved by the configured [`UnknownOutcome`] policy (see the
-//! README's "crash window" section); an unmarked one simply goes back to `pending`.
+//! [`store::call_start::begin_call`]) and its lease is renewed to cover the call and its
+//! commit; no call starts with less lease than that left. A lease that expires on a marked
+//! row therefore means a worker died with a call possibly in flight, resolved by the
+//! configured [`UnknownOutcome`] policy (see the README's "crash window" section); an unmarked
+//! one simply goes back to `pending`. Slowness alone never makes a row look abandoned.
 
 use lc_shared::optin::{FailureReason, OptinState};
 use std::sync::Arc;
@@ -22,11 +28,14 @@ use tracing::Instrument;
 
 use super::group_commit::{ApplyBatch, GroupCommit};
 use super::metrics::SchedulerMetrics;
-use super::pacing::{PagePauses, PageRateLimiter, PauseReason};
+use super::pacing::PageHolds;
 use super::retry::{NextAttempt, RetryPolicy};
 use super::store::call_start::CallCheck;
+use super::store::claim::{ClaimRequest, Claimed, SLOT_LATENESS};
+use super::store::pages::{self, PauseReason};
 use super::store::rescue::UnknownOutcome;
-use super::store::{self, Claimed, Ending, SentRecord, StoreError, StoredError, Timing};
+use super::store::{self, Ending, SentRecord, StoreError, StoredError, Timing};
+use super::tokens::fingerprint;
 
 /// A hook run after Graph accepted a message and before the result is recorded. Tests use it
 /// to stop a worker inside the crash window; it is `None` in production.
@@ -38,8 +47,14 @@ pub type AfterSendHook =
 pub struct DispatchSettings {
     /// Lease owner id of this replica.
     pub owner: String,
-    /// How long a claim is valid; must exceed the Graph timeout plus recording time.
+    /// How long a claim is valid; the call-start mark renews it for the call, so it must
+    /// exceed the Graph timeout plus recording time.
     pub lease: Duration,
+    /// Timeout of one Send API call: no call starts with less lease than this (plus the
+    /// commit's guard) left.
+    pub graph_timeout: Duration,
+    /// How far ahead a page's send slots are claimed.
+    pub lookahead: Duration,
     /// Most rows claimed per query.
     pub claim_batch: i64,
     /// Most Send API calls in flight.
@@ -67,8 +82,10 @@ pub struct Dispatcher {
     pool: Pool,
     graph: GraphClient,
     pages: Arc<RwLock<Arc<PagesConfig>>>,
-    limiter: PageRateLimiter,
-    pauses: Arc<PagePauses>,
+    holds: Arc<PageHolds>,
+    /// Recent latency of a call-start mark (microseconds, smoothed): the mark is sent this
+    /// much (twice over) ahead of the slot, so the call can start on time.
+    mark_latency_us: std::sync::atomic::AtomicU64,
     metrics: SchedulerMetrics,
     settings: DispatchSettings,
     slots: Arc<Semaphore>,
@@ -88,8 +105,7 @@ impl Dispatcher {
         pool: Pool,
         graph: GraphClient,
         pages: Arc<RwLock<Arc<PagesConfig>>>,
-        page_rate: u32,
-        pauses: Arc<PagePauses>,
+        holds: Arc<PageHolds>,
         metrics: SchedulerMetrics,
         settings: DispatchSettings,
     ) -> Arc<Self> {
@@ -112,8 +128,8 @@ impl Dispatcher {
             pool,
             graph,
             pages,
-            limiter: PageRateLimiter::new(page_rate),
-            pauses,
+            holds,
+            mark_latency_us: std::sync::atomic::AtomicU64::new(5_000),
             metrics,
             settings,
             slots,
@@ -125,6 +141,8 @@ impl Dispatcher {
     /// Runs until `shutdown`, then waits for in-flight calls to be recorded.
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: Shutdown) {
         let mut in_flight: JoinSet<()> = JoinSet::new();
+        let refill_at = (self.settings.max_in_flight / 4).max(1);
+        let mut min_free = 1;
         let mut last_rescue = Instant::now()
             .checked_sub(self.settings.poll_interval)
             .unwrap_or_else(Instant::now);
@@ -137,15 +155,18 @@ impl Dispatcher {
                 self.rescue().await;
                 self.expire_overdue().await;
             }
-            if let Err(e) = self.fill(&mut in_flight, &shutdown).await {
+            if let Err(e) = self.fill(&mut in_flight, &shutdown, min_free).await {
                 tracing::error!(error = %e, "claiming due opt-ins failed; retrying");
             }
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(self.settings.poll_interval) => {}
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                () = shutdown.wait() => {}
-            }
+            // A finished send frees one slot: claim again only once a quarter of the slots
+            // are free (one claim per batch, not one per send); a wake-up (new opt-ins) or
+            // the timer claims for any free slot.
+            min_free = tokio::select! {
+                () = wake.notified() => 1,
+                () = tokio::time::sleep(self.settings.poll_interval) => 1,
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => refill_at,
+                () = shutdown.wait() => 1,
+            };
         }
         // Graceful: every call already started finishes and is recorded.
         while in_flight.join_next().await.is_some() {}
@@ -157,25 +178,25 @@ impl Dispatcher {
         self: &Arc<Self>,
         in_flight: &mut JoinSet<()>,
         shutdown: &Shutdown,
+        min_free: usize,
     ) -> Result<(), StoreError> {
+        let mut min_free = min_free;
         loop {
             let free = self.slots.available_permits();
-            if free == 0 || shutdown.is_triggered() {
+            if free == 0 || free < min_free || shutdown.is_triggered() {
                 return Ok(());
             }
+            min_free = 1;
             let limit = i64::try_from(free)
                 .unwrap_or(i64::MAX)
                 .min(self.settings.claim_batch);
-            let client = self.pool.get().await?;
-            let claimed = store::claim_due(
-                &client,
-                &self.settings.owner,
-                self.settings.lease,
-                limit,
-                &self.pauses.paused_pages(),
-                self.settings.timing.safety_margin,
-            )
-            .await?;
+            let mut client = self.pool.get().await?;
+            let request = ClaimRequest {
+                safety_margin: self.settings.timing.safety_margin,
+                lookahead: self.settings.lookahead,
+                ..ClaimRequest::new(&self.settings.owner, self.settings.lease, limit)
+            };
+            let claimed = store::claim::claim_due(&mut client, &request).await?;
             drop(client);
             if claimed.is_empty() {
                 return Ok(());
@@ -305,30 +326,57 @@ impl Dispatcher {
                 .end(c, Ending::Failed(FailureReason::UnknownPage), false, None)
                 .await;
         };
-        if self.pauses.paused(&c.page_id).is_some() {
-            let client = self.pool.get().await?;
-            store::release(&client, c, OffsetDateTime::now_utc()).await?;
-            return Ok(());
-        }
-        let slot = self.limiter.reserve(&c.page_id);
+        // The mark goes out ahead of the slot by twice its recent latency, so the call can
+        // start on its slot; waiting for the slot itself comes after the mark.
+        let lead = Duration::from_micros(
+            2 * self
+                .mark_latency_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .min(Duration::from_millis(500));
+        let mark_at = c.slot.checked_sub(lead).unwrap_or(c.slot);
         tokio::select! {
-            () = tokio::time::sleep_until(slot) => {}
-            () = shutdown.wait() => {
-                let client = self.pool.get().await?;
-                store::release(&client, c, OffsetDateTime::now_utc()).await?;
-                return Ok(());
-            }
+            () = tokio::time::sleep_until(mark_at.into()) => {}
+            () = shutdown.wait() => return self.give_back(c, "shutting down").await,
+        }
+        if let Some(blocked) = self.holds.blocked(&c.page_id) {
+            return self.give_back(c, blocked.describe()).await;
         }
         if OffsetDateTime::now_utc() >= last_send {
             return self.end(c, Ending::Expired, false, None).await;
         }
-        if !self.begin_call(c).await? {
+        let Some(lease_end) = self.begin_call(c).await? else {
             return Ok(());
+        };
+        // From here on the renewed lease is the one that counts.
+        let c = &Claimed {
+            lease_end,
+            ..c.clone()
+        };
+        tokio::time::sleep_until(c.slot.into()).await;
+        let now = Instant::now();
+        if now > c.slot + SLOT_LATENESS {
+            // Calling now could crowd the page's next slots: give the row back instead.
+            self.metrics.slots_missed.inc();
+            return self
+                .give_back(c, "its send slot passed while waiting")
+                .await;
+        }
+        // Enough lease for the whole call and its commit, or no call: a slow call must
+        // never be mistaken for a dead worker's (the rescuer acts only after the lease).
+        let guard = LEASE_END_GUARD.min(c.lease.saturating_sub(self.settings.graph_timeout) / 2);
+        if now + self.settings.graph_timeout + guard >= c.lease_end {
+            return self
+                .give_back(c, "too little lease left to cover the call")
+                .await;
         }
         // The mark may have waited for its group (or a database hiccup): the deadline rule
-        // is checked once more against the moment the call would really start.
+        // and the holds are checked once more against the moment the call really starts.
         if OffsetDateTime::now_utc() >= last_send {
             return self.end(c, Ending::Expired, false, None).await;
+        }
+        if let Some(blocked) = self.holds.blocked(&c.page_id) {
+            return self.give_back(c, blocked.describe()).await;
         }
 
         // The call gets its own span, so the trace shows Graph's latency apart from ours.
@@ -354,18 +402,37 @@ impl Dispatcher {
         }
     }
 
-    /// The checks right before the call and the row's "call started" mark (see
-    /// [`store::call_start::begin_call`]). Returns whether to call; every other outcome is recorded here.
-    async fn begin_call(&self, c: &Claimed) -> Result<bool, StoreError> {
-        match self.marks.submit(c.clone()).await? {
-            CallCheck::Go => Ok(true),
+    /// Gives a claimed row back without a call (it is due again at once; a held page's rows
+    /// are not claimed until the hold ends). A call-start mark, if made, is cleared with it.
+    async fn give_back(&self, c: &Claimed, why: &str) -> Result<(), StoreError> {
+        tracing::debug!(why, "giving the claim back without a call");
+        let client = self.pool.get().await?;
+        store::release(&client, c, OffsetDateTime::now_utc()).await?;
+        Ok(())
+    }
+
+    /// The checks right before the call and the row's "call started" mark, which renews its
+    /// lease (see [`store::call_start::begin_call`]). Returns the renewed lease's end (on
+    /// this process's clock) when the call may go ahead; every other outcome is recorded here.
+    async fn begin_call(&self, c: &Claimed) -> Result<Option<Instant>, StoreError> {
+        let submitted = Instant::now();
+        let check = self.marks.submit(c.clone()).await?;
+        let took = u64::try_from(submitted.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let old = self
+            .mark_latency_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.mark_latency_us
+            .store((old * 7 + took) / 8, std::sync::atomic::Ordering::Relaxed);
+        match check {
+            // The renewal was written after `submitted`, so the database's lease ends later.
+            CallCheck::Go => Ok(Some(submitted + c.lease)),
             CallCheck::Replied(at) => {
                 tracing::info!("the person already replied; no first message needed");
                 let client = self.pool.get().await?;
                 if store::finish_replied(&client, c, at).await? {
                     self.metrics.terminal_of(OptinState::Replied).inc();
                 }
-                Ok(false)
+                Ok(None)
             }
             CallCheck::OtherPage(other) => {
                 let err = StoredError {
@@ -382,12 +449,12 @@ impl Dispatcher {
                     Some(&err),
                 )
                 .await?;
-                Ok(false)
+                Ok(None)
             }
             CallCheck::Lost => {
                 self.metrics.fenced_out.inc();
                 tracing::warn!("the claim was taken over before the call; not calling");
-                Ok(false)
+                Ok(None)
             }
         }
     }
@@ -463,12 +530,15 @@ impl Dispatcher {
                     .await;
             }
             FailureClass::TokenInvalid => {
-                self.pauses.stop_for_token(&c.page_id);
-                self.metrics
-                    .paused_pages
-                    .with_label_values(&[c.page_id.as_str()])
-                    .set(1);
-                tracing::error!(error = %f, "page token invalid: pausing this page's sends until its token changes (fix PAGES_FILE / the token variable, then SIGHUP or restart)");
+                let token = self
+                    .pages
+                    .read()
+                    .await
+                    .get(&c.page_id)
+                    .map(|p| fingerprint(p.access_token.expose()));
+                self.pause(c, PauseReason::TokenInvalid, token.as_deref(), &f)
+                    .await;
+                tracing::error!(error = %f, "page token invalid: pausing this page's sends on every replica until its token changes (a new token in PAGES_FILE, or `loginconnect pages set-token`)");
                 let now = OffsetDateTime::now_utc();
                 until_lease_end(c, || async {
                     let client = self.pool.get().await?;
@@ -484,7 +554,12 @@ impl Dispatcher {
                         .retry
                         .ceiling(u32::try_from(attempts_after).unwrap_or(u32::MAX))
                 });
-                self.pauses.throttle(&c.page_id, pause);
+                self.holds.note_throttle(&c.page_id, pause);
+                if let Ok(client) = self.pool.get().await
+                    && let Err(e) = pages::throttle(&client, &c.page_id, pause).await
+                {
+                    tracing::warn!(error = %e, "cannot record the page's throttle for the other replicas");
+                }
                 tracing::warn!(error = %f, pause_secs = pause.as_secs(), "page rate-limited by Graph; throttling it");
                 true
             }
@@ -572,9 +647,21 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// True if `page_id` is paused for an invalid token.
-    pub fn token_paused(&self, page_id: &str) -> bool {
-        self.pauses.paused(page_id) == Some(PauseReason::TokenInvalid)
+    /// Pauses the page here at once and for every replica (announced once per pause).
+    async fn pause(&self, c: &Claimed, reason: PauseReason, token: Option<&str>, f: &GraphFailure) {
+        self.holds.note_pause(&c.page_id, reason);
+        self.metrics
+            .paused_pages
+            .with_label_values(&[c.page_id.as_str()])
+            .set(1);
+        let detail = f.to_string();
+        let written = match self.pool.get().await {
+            Ok(client) => pages::pause(&client, &c.page_id, reason, token, &detail).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = written {
+            tracing::error!(error = %e, "cannot record the page's pause for the other replicas");
+        }
     }
 }
 

@@ -24,10 +24,12 @@ pub struct SchedulerMetrics {
     pub retries: IntCounter,
     /// Terminal transitions by state.
     pub terminal: IntCounterVec,
-    /// Pages paused for an invalid token (1 per page).
+    /// Pages paused (invalid token or restricted), 1 per page, as every replica sees them.
     pub paused_pages: IntGaugeVec,
     /// Results that could not be written because the claim was taken over.
     pub fenced_out: IntCounter,
+    /// Claims given back because their send slot passed before the call could start.
+    pub slots_missed: IntCounter,
     /// Expired leases resolved by the rescuer.
     pub leases_rescued: IntCounter,
     /// Opt-ins by state (refreshed periodically).
@@ -119,6 +121,10 @@ impl SchedulerMetrics {
                 "scheduler_fenced_out_total",
                 "Send results not written because another worker took the claim over",
             )?,
+            slots_missed: IntCounter::new(
+                "scheduler_slots_missed_total",
+                "Claims given back without a call because their page's send slot had passed",
+            )?,
             leases_rescued: IntCounter::new(
                 "scheduler_leases_rescued_total",
                 "Claims whose lease expired and were resolved by the unknown-outcome policy",
@@ -172,6 +178,7 @@ impl SchedulerMetrics {
         registry.register(Box::new(m.terminal.clone()))?;
         registry.register(Box::new(m.paused_pages.clone()))?;
         registry.register(Box::new(m.fenced_out.clone()))?;
+        registry.register(Box::new(m.slots_missed.clone()))?;
         registry.register(Box::new(m.leases_rescued.clone()))?;
         registry.register(Box::new(m.optins_by_state.clone()))?;
         registry.register(Box::new(m.nearest_deadline.clone()))?;

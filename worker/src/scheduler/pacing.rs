@@ -1,147 +1,194 @@
-//! Per-page pacing: a send-rate limit under Meta's 300 calls/s per Page, and pauses.
+//! What this replica knows of the cluster's page holds (pauses and throttles), refreshed from
+//! `page_state` at least once a second.
 //!
-//! A page is paused in two ways: throttled until a time (Graph said it is rate-limited,
-//! possibly with an `estimated_time_to_regain_access`), or stopped until its token changes
-//! (Graph said the token is invalid, code 190). While paused, its opt-ins are not claimed:
-//! they wait and their deadlines keep running, instead of burning attempts.
+//! The send budget itself needs no local state: each claim takes its rows' slots from the
+//! database (see `store::claim`). Holds are also applied there, but rows claimed just before
+//! a hold began may still be waiting for their slot; the dispatcher checks this snapshot right
+//! before each call, so a pause written by any replica stops every replica's calls within a
+//! refresh. A hold this replica decides itself applies here at once, before the next refresh.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use tokio::time::Instant;
+use deadpool_postgres::Pool;
+use lc_shared::shutdown::Shutdown;
+use time::OffsetDateTime;
 
-/// Spaces calls per page to at most `rate` per second, allowing a burst of one second's worth.
-#[derive(Debug)]
-pub struct PageRateLimiter {
-    interval: Duration,
-    burst: Duration,
-    next_free: Mutex<HashMap<String, Instant>>,
-}
+use super::metrics::SchedulerMetrics;
+use super::store::pages::{self, PageHold, PauseReason};
 
-impl PageRateLimiter {
-    /// A limiter of `rate` calls per second per page (0 disables it).
-    pub fn new(rate: u32) -> Self {
-        let interval = if rate == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(1) / rate
-        };
-        Self {
-            interval,
-            burst: Duration::from_secs(1),
-            next_free: Mutex::new(HashMap::new()),
-        }
-    }
+/// How often the snapshot is refreshed.
+pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
+/// How long a hold noted here outlives a snapshot that does not show it yet (the snapshot
+/// may have been read before this replica's write landed).
+const LOCAL_GRACE: Duration = Duration::from_secs(2);
 
-    /// Reserves the next slot of `page_id` and returns when it may be used.
-    pub fn reserve(&self, page_id: &str) -> Instant {
-        let now = Instant::now();
-        if self.interval.is_zero() {
-            return now;
-        }
-        let mut map = self
-            .next_free
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let slot = map.entry(page_id.to_owned()).or_insert(now);
-        // Unused capacity accumulates up to the burst, not forever.
-        let earliest = now.checked_sub(self.burst).unwrap_or(now);
-        if *slot < earliest {
-            *slot = earliest;
-        }
-        let at = (*slot).max(now.checked_sub(self.burst).unwrap_or(now));
-        *slot = at + self.interval;
-        at.max(now)
-    }
-}
-
-/// Why a page is paused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PauseReason {
-    /// Graph rate-limited the page.
+/// Why a page may not be called now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// Paused until someone acts.
+    Paused(PauseReason),
+    /// Throttled (the page, or the whole app) for a while.
     Throttled,
-    /// The page token is invalid; waits for a configuration reload with a new token.
-    TokenInvalid,
 }
 
-#[derive(Debug, Clone)]
-struct Pause {
-    until: Option<Instant>,
-    reason: PauseReason,
+impl Blocked {
+    /// Why, for a log line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Paused(PauseReason::TokenInvalid) => "the page is paused: its token is invalid",
+            Self::Paused(PauseReason::Restricted) => "the page is paused: Graph restricted it",
+            Self::Throttled => "the page (or the app) is throttled",
+        }
+    }
 }
 
-/// Pages this replica has paused.
+#[derive(Debug, Clone, Default)]
+struct Hold {
+    paused: Option<PauseReason>,
+    throttled_until: Option<Instant>,
+    /// Set when this replica noted the hold itself.
+    noted_at: Option<Instant>,
+}
+
 #[derive(Debug, Default)]
-pub struct PagePauses {
-    pauses: Mutex<HashMap<String, Pause>>,
+struct Snapshot {
+    pages: HashMap<String, Hold>,
+    app_throttled_until: Option<Instant>,
 }
 
-impl PagePauses {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pause>> {
-        self.pauses
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The holds in force, as last read (plus this replica's own since).
+#[derive(Debug, Default)]
+pub struct PageHolds {
+    inner: Mutex<Snapshot>,
+}
+
+/// An absolute database time as an instant on this process's clock.
+fn instant_of(at: OffsetDateTime) -> Instant {
+    let left = at - OffsetDateTime::now_utc();
+    Instant::now() + Duration::try_from(left).unwrap_or(Duration::ZERO)
+}
+
+impl PageHolds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Throttles a page for `for_how_long` (extends, never shortens, a current throttle).
-    pub fn throttle(&self, page_id: &str, for_how_long: Duration) {
-        let until = Instant::now() + for_how_long;
-        let mut map = self.lock();
-        let entry = map.entry(page_id.to_owned()).or_insert(Pause {
-            until: Some(until),
-            reason: PauseReason::Throttled,
-        });
-        if entry.reason == PauseReason::Throttled && entry.until.is_some_and(|u| u < until) {
-            entry.until = Some(until);
-        }
-    }
-
-    /// Stops a page until its token changes.
-    pub fn stop_for_token(&self, page_id: &str) {
-        self.lock().insert(
-            page_id.to_owned(),
-            Pause {
-                until: None,
-                reason: PauseReason::TokenInvalid,
-            },
-        );
-    }
-
-    /// Lifts a token pause (the page's token was changed by a reload).
-    pub fn resume(&self, page_id: &str) -> bool {
-        self.lock().remove(page_id).is_some()
-    }
-
-    /// Whether the page is paused now, and why.
-    pub fn paused(&self, page_id: &str) -> Option<PauseReason> {
+    /// Replaces the snapshot with the database's, keeping this replica's recent notes.
+    pub fn replace(&self, holds: Vec<PageHold>) {
         let now = Instant::now();
-        let mut map = self.lock();
-        match map.get(page_id) {
-            Some(p) if p.until.is_none_or(|u| u > now) => Some(p.reason.clone()),
-            Some(_) => {
-                map.remove(page_id);
-                None
+        let mut snap = self.lock();
+        let mut pages: HashMap<String, Hold> = snap
+            .pages
+            .drain()
+            .filter(|(_, h)| {
+                h.noted_at
+                    .is_some_and(|t| now.duration_since(t) < LOCAL_GRACE)
+            })
+            .collect();
+        let mut app = snap.app_throttled_until.filter(|until| *until > now);
+        for h in holds {
+            let until = h.throttled_until.map(instant_of);
+            match h.page_id {
+                None => app = app.max(until),
+                Some(page) => {
+                    let entry = pages.entry(page).or_default();
+                    entry.paused = entry.paused.or(h.paused);
+                    entry.throttled_until = entry.throttled_until.max(until);
+                }
             }
-            None => None,
         }
+        snap.pages = pages;
+        snap.app_throttled_until = app;
     }
 
-    /// Pages paused now (for the claim query to skip).
-    pub fn paused_pages(&self) -> Vec<String> {
+    /// Notes a pause decided here.
+    pub fn note_pause(&self, page_id: &str, reason: PauseReason) {
+        let mut snap = self.lock();
+        let hold = snap.pages.entry(page_id.to_owned()).or_default();
+        hold.paused = Some(reason);
+        hold.noted_at = Some(Instant::now());
+    }
+
+    /// Notes a throttle decided here.
+    pub fn note_throttle(&self, page_id: &str, for_how_long: Duration) {
+        let until = Instant::now() + for_how_long;
+        let mut snap = self.lock();
+        let hold = snap.pages.entry(page_id.to_owned()).or_default();
+        hold.throttled_until = hold.throttled_until.max(Some(until));
+        hold.noted_at = Some(Instant::now());
+    }
+
+    /// Notes an app-wide throttle decided here.
+    pub fn note_app_throttle(&self, for_how_long: Duration) {
+        let until = Instant::now() + for_how_long;
+        let mut snap = self.lock();
+        snap.app_throttled_until = snap.app_throttled_until.max(Some(until));
+    }
+
+    /// Whether `page_id` may not be called now, and why.
+    pub fn blocked(&self, page_id: &str) -> Option<Blocked> {
         let now = Instant::now();
-        let mut map = self.lock();
-        map.retain(|_, p| p.until.is_none_or(|u| u > now));
-        map.keys().cloned().collect()
+        let snap = self.lock();
+        if let Some(h) = snap.pages.get(page_id) {
+            if let Some(reason) = h.paused {
+                return Some(Blocked::Paused(reason));
+            }
+            if h.throttled_until.is_some_and(|u| u > now) {
+                return Some(Blocked::Throttled);
+            }
+        }
+        snap.app_throttled_until
+            .filter(|u| *u > now)
+            .map(|_| Blocked::Throttled)
     }
 
-    /// Pages stopped for an invalid token (for the metric and `status`).
-    pub fn token_paused_pages(&self) -> Vec<String> {
+    /// Pages paused now, with why.
+    pub fn paused_pages(&self) -> Vec<(String, PauseReason)> {
         self.lock()
+            .pages
             .iter()
-            .filter(|(_, p)| p.reason == PauseReason::TokenInvalid)
-            .map(|(k, _)| k.clone())
+            .filter_map(|(page, h)| h.paused.map(|r| (page.clone(), r)))
             .collect()
+    }
+}
+
+/// Refreshes `holds` from the database every [`REFRESH_EVERY`] until `shutdown`, and keeps
+/// the paused-pages gauge in step with it.
+pub async fn refresh(
+    pool: Pool,
+    holds: std::sync::Arc<PageHolds>,
+    metrics: SchedulerMetrics,
+    shutdown: Shutdown,
+) {
+    let mut shown: Vec<String> = Vec::new();
+    let mut tick = tokio::time::interval(REFRESH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.wait() => return,
+        }
+        let loaded = match pool.get().await {
+            Ok(client) => pages::load_pauses(&client).await,
+            Err(e) => Err(e.into()),
+        };
+        match loaded {
+            Ok(list) => holds.replace(list),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot refresh page holds; keeping the last ones");
+                continue;
+            }
+        }
+        let paused: Vec<String> = holds.paused_pages().into_iter().map(|(p, _)| p).collect();
+        for page in shown.iter().filter(|p| !paused.contains(p)) {
+            metrics.paused_pages.with_label_values(&[page]).set(0);
+        }
+        for page in &paused {
+            metrics.paused_pages.with_label_values(&[page]).set(1);
+        }
+        shown = paused;
     }
 }
 
@@ -149,47 +196,53 @@ impl PagePauses {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn rate_limit_spaces_calls_after_the_burst() {
-        let limiter = PageRateLimiter::new(10);
-        let start = Instant::now();
-        // The first second's worth goes at once.
-        let first: Vec<Instant> = (0..10).map(|_| limiter.reserve("p")).collect();
-        assert!(
-            first
-                .iter()
-                .all(|t| *t <= start + Duration::from_millis(1000))
+    #[test]
+    fn snapshot_pauses_and_throttles_block_and_a_newer_snapshot_lifts_them() {
+        let holds = PageHolds::default();
+        let soon = OffsetDateTime::now_utc() + Duration::from_secs(60);
+        holds.replace(vec![
+            PageHold {
+                page_id: Some("p".into()),
+                paused: Some(PauseReason::TokenInvalid),
+                throttled_until: None,
+            },
+            PageHold {
+                page_id: Some("q".into()),
+                paused: None,
+                throttled_until: Some(soon),
+            },
+        ]);
+        assert_eq!(
+            holds.blocked("p"),
+            Some(Blocked::Paused(PauseReason::TokenInvalid))
         );
-        let later = limiter.reserve("p");
-        assert!(later >= start, "{later:?}");
-        // Another page is independent.
-        assert_eq!(limiter.reserve("q"), Instant::now());
-        // 30 reservations at 10/s need about two seconds beyond the burst.
-        let mut last = later;
-        for _ in 0..20 {
-            last = limiter.reserve("p");
-        }
-        assert!(
-            last >= start + Duration::from_millis(1900),
-            "{:?}",
-            last - start
+        assert_eq!(holds.blocked("q"), Some(Blocked::Throttled));
+        assert_eq!(holds.blocked("r"), None);
+        holds.replace(Vec::new());
+        assert_eq!(holds.blocked("p"), None, "resumed elsewhere");
+    }
+
+    #[test]
+    fn local_notes_survive_a_snapshot_read_before_they_landed() {
+        let holds = PageHolds::default();
+        holds.note_pause("p", PauseReason::Restricted);
+        holds.replace(Vec::new());
+        assert_eq!(
+            holds.blocked("p"),
+            Some(Blocked::Paused(PauseReason::Restricted))
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn throttles_expire_and_token_pauses_wait_for_resume() {
-        let pauses = PagePauses::default();
-        pauses.throttle("p", Duration::from_secs(5));
-        pauses.stop_for_token("q");
-        assert_eq!(pauses.paused("p"), Some(PauseReason::Throttled));
-        let mut paused = pauses.paused_pages();
-        paused.sort();
-        assert_eq!(paused, vec!["p", "q"]);
-        tokio::time::advance(Duration::from_secs(6)).await;
-        assert_eq!(pauses.paused("p"), None);
-        assert_eq!(pauses.paused("q"), Some(PauseReason::TokenInvalid));
-        assert_eq!(pauses.token_paused_pages(), vec!["q"]);
-        assert!(pauses.resume("q"));
-        assert!(pauses.paused_pages().is_empty());
+    #[test]
+    fn an_app_throttle_blocks_every_page() {
+        let holds = PageHolds::default();
+        holds.note_app_throttle(Duration::from_secs(30));
+        assert_eq!(holds.blocked("any"), Some(Blocked::Throttled));
+        holds.replace(vec![PageHold {
+            page_id: None,
+            paused: None,
+            throttled_until: Some(OffsetDateTime::now_utc() + Duration::from_secs(5)),
+        }]);
+        assert_eq!(holds.blocked("other"), Some(Blocked::Throttled));
     }
 }

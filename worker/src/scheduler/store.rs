@@ -6,9 +6,13 @@
 //! transition writes its public event to the outbox in the same transaction.
 
 pub mod call_start;
+pub mod claim;
 pub mod gauges;
+pub mod pages;
 pub mod record;
 pub mod rescue;
+
+use claim::Claimed;
 
 use std::time::Duration;
 
@@ -88,90 +92,6 @@ impl StoredError {
     }
 }
 
-/// A row claimed for sending, with the fence that authorises writing its result.
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    /// The page.
-    pub page_id: String,
-    /// The login_id.
-    pub login_id: String,
-    /// Fence number of this claim.
-    pub fence: i64,
-    /// Send API calls already made for this opt-in (before this one).
-    pub attempts: i32,
-    /// The opt-in's time.
-    pub opted_in_at: OffsetDateTime,
-    /// Its deadline.
-    pub deadline: OffsetDateTime,
-    /// Trace context from the delivery.
-    pub traceparent: Option<String>,
-    /// When the lease runs out, on this process's clock (taken before the claim, so never
-    /// later than the database's): writes for this claim are worth retrying until then.
-    pub lease_end: std::time::Instant,
-}
-
-/// The statement of [`claim_due`]: `$1` owner, `$2` lease seconds, `$3` limit, `$4` excluded
-/// pages, `$5` safety margin seconds. Public so the scale benchmark `EXPLAIN`s the very query
-/// the scheduler runs.
-pub const CLAIM_DUE_SQL: &str = concat!(
-    "WITH due AS ( \
-                 SELECT page_id, login_id FROM optins \
-                 WHERE state = ",
-    lc_shared::state_sql!(pending),
-    " AND next_attempt_at <= now() \
-                   AND NOT (page_id = ANY($4)) \
-                   AND deadline > now() + make_interval(secs => $5) \
-                 ORDER BY deadline \
-                 LIMIT $3 \
-                 FOR UPDATE SKIP LOCKED) \
-             UPDATE optins o SET state = ",
-    lc_shared::state_sql!(sending),
-    ", lease_owner = $1, \
-                 lease_expires_at = now() + make_interval(secs => $2), fence = o.fence + 1, \
-                 call_started_at = NULL, updated_at = now() \
-             FROM due WHERE o.page_id = due.page_id AND o.login_id = due.login_id \
-             RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
-                 o.traceparent"
-);
-
-/// Claims up to `limit` due opt-ins that can still be sent, earliest deadline first, skipping
-/// rows other replicas hold and pages in `excluded_pages` (paused or throttled here). Rows
-/// past their last send time are left to [`expire_overdue`].
-pub async fn claim_due(
-    client: &Client,
-    owner: &str,
-    lease: Duration,
-    limit: i64,
-    excluded_pages: &[String],
-    safety_margin: Duration,
-) -> Result<Vec<Claimed>, StoreError> {
-    let lease_secs = lease.as_secs_f64();
-    let margin_secs = safety_margin.as_secs_f64();
-    let lease_end = std::time::Instant::now() + lease;
-    let rows = client
-        .query(
-            CLAIM_DUE_SQL,
-            &[&owner, &lease_secs, &limit, &excluded_pages, &margin_secs],
-        )
-        .await?;
-    let mut claimed: Vec<Claimed> = rows
-        .iter()
-        .map(|r| Claimed {
-            page_id: r.get(0),
-            login_id: r.get(1),
-            fence: r.get(2),
-            attempts: r.get(3),
-            opted_in_at: r.get(4),
-            deadline: r.get(5),
-            traceparent: r.get(6),
-            lease_end,
-        })
-        .collect();
-    // UPDATE … RETURNING does not keep the CTE's order.
-    claimed.sort_by_key(|c| c.deadline);
-    Ok(claimed)
-}
-
 /// Expires up to `limit` pending opt-ins whose last send time has passed, with their
 /// `first_message.expired` events, in one transaction. Returns how many.
 pub async fn expire_overdue(
@@ -245,7 +165,7 @@ pub async fn release(
                 "UPDATE optins SET state = ",
                 lc_shared::state_sql!(pending),
                 ", next_attempt_at = $4, lease_owner = NULL, \
-                 lease_expires_at = NULL, updated_at = now() WHERE ",
+                 lease_expires_at = NULL, call_started_at = NULL, updated_at = now() WHERE ",
                 fenced!()
             ),
             &[&c.page_id, &c.login_id, &c.fence, &next_attempt_at],

@@ -12,7 +12,8 @@
 use deadpool_postgres::Client;
 use time::OffsetDateTime;
 
-use super::{Claimed, StoreError};
+use super::StoreError;
+use super::claim::Claimed;
 
 /// What [`begin_calls`] decided for a claimed opt-in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +77,8 @@ pub async fn begin_calls(
             " AND call_started_at IS NOT NULL)) \
                  LIMIT 1), \
              mark AS ( \
-                 UPDATE optins SET call_started_at = now(), updated_at = now() \
+                 UPDATE optins SET call_started_at = now(), \
+                     lease_expires_at = now() + make_interval(secs => $5), updated_at = now() \
                  WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = ",
             lc_shared::state_sql!(sending),
             " \
@@ -93,7 +95,13 @@ pub async fn begin_calls(
             tx_ref
                 .query_one(
                     check_and_mark,
-                    &[&c.page_id, &c.login_id, &c.fence, &c.opted_in_at],
+                    &[
+                        &c.page_id,
+                        &c.login_id,
+                        &c.fence,
+                        &c.opted_in_at,
+                        &c.lease.as_secs_f64(),
+                    ],
                 )
                 .await
         }

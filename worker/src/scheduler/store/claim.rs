@@ -1,0 +1,263 @@
+//! Claiming due opt-ins with their send slots, in one transaction shared by every replica.
+//!
+//! Each page's send budget lives in `page_state.next_slot_at`: a claim takes the page's next
+//! free slots for the rows it claims, spaced [`ClaimRequest::slot_spacing`] apart, and moves
+//! `next_slot_at` past them under the page row's lock. So no two replicas ever hold the same
+//! slot, the limit holds for the page whoever calls, and an idle page gets no burst: its slots
+//! start at "now". A replica claims a page's rows only as far as the page's slots reach within
+//! [`ClaimRequest::lookahead`], so a page with a backlog never holds the replica's in-flight
+//! capacity while another page could send: every page with budget and a due row is a
+//! candidate, and the candidates are taken earliest deadline first.
+//!
+//! Paused and throttled pages (and every page while the app is throttled) are left out
+//! before any opt-in row is read, through `page_state`; the per-page index walks only a page's
+//! own pending rows, as far as its budget reaches.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Client;
+use time::OffsetDateTime;
+
+use super::StoreError;
+
+/// A row claimed for sending, with the fence that authorises writing its result.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The page.
+    pub page_id: String,
+    /// The login_id.
+    pub login_id: String,
+    /// Fence number of this claim.
+    pub fence: i64,
+    /// Send API calls already made for this opt-in (before this one).
+    pub attempts: i32,
+    /// The opt-in's time.
+    pub opted_in_at: OffsetDateTime,
+    /// Its deadline.
+    pub deadline: OffsetDateTime,
+    /// Trace context from the delivery.
+    pub traceparent: Option<String>,
+    /// The length of a lease: what the claim holds, and what the call-start mark renews.
+    pub lease: Duration,
+    /// When the lease runs out, on this process's clock (taken before the claim, so never
+    /// later than the database's): writes for this claim are worth retrying until then.
+    pub lease_end: Instant,
+    /// The send slot of this row on this process's clock: its call may not start earlier.
+    pub slot: Instant,
+}
+
+/// What a claim asks for.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest<'a> {
+    /// Lease owner (this replica).
+    pub owner: &'a str,
+    /// Lease of each claimed row.
+    pub lease: Duration,
+    /// Most rows to claim.
+    pub limit: i64,
+    /// No call starts this close to the deadline; such rows are left to `expire_overdue`.
+    pub safety_margin: Duration,
+    /// How far ahead of now a claimed row's slot may lie.
+    pub lookahead: Duration,
+    /// How many seconds of slots make room for one second's worth of calls: `1 + lateness
+    /// allowed + arrival jitter allowed`. A call may start up to the lateness after its slot
+    /// and still no one-second window (at Graph) holds more than the page's limit.
+    pub slot_stretch: f64,
+}
+
+impl<'a> ClaimRequest<'a> {
+    /// A request with the scheduler's defaults for everything but the owner, lease and limit
+    /// (no safety margin: tests and tools that claim directly).
+    pub fn new(owner: &'a str, lease: Duration, limit: i64) -> Self {
+        Self {
+            owner,
+            lease,
+            limit,
+            safety_margin: Duration::ZERO,
+            lookahead: DEFAULT_LOOKAHEAD,
+            slot_stretch: 1.0 + SLOT_LATENESS.as_secs_f64() + ARRIVAL_JITTER.as_secs_f64(),
+        }
+    }
+
+    /// The slot spacing for a page allowed `rate` calls per second (zero: unlimited).
+    pub fn slot_spacing(&self, rate: f64) -> Duration {
+        if rate <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(self.slot_stretch / rate)
+        }
+    }
+}
+
+/// How far ahead a replica claims a page's rows by default.
+pub const DEFAULT_LOOKAHEAD: Duration = Duration::from_secs(1);
+/// How late after its slot a call may still start (later, the slot is given up).
+pub const SLOT_LATENESS: Duration = Duration::from_millis(30);
+/// How much the way to Graph may shift one call against another (scheduling, network).
+pub const ARRIVAL_JITTER: Duration = Duration::from_millis(20);
+
+/// The candidates: every page with budget within the look-ahead, and as many of its due rows
+/// (deadline order) as its budget reaches; then the earliest deadlines of all of them. `$1`
+/// slot stretch, `$2` look-ahead seconds, `$3` limit, `$4` safety margin seconds. Public so
+/// the scale benchmark `EXPLAIN`s the very query the scheduler runs.
+pub const CLAIM_DUE_SQL: &str = concat!(
+    "WITH pages AS ( \
+         SELECT p.page_id, GREATEST(p.next_slot_at, now()) AS free_from, \
+                CASE WHEN p.rate_limit = 0 THEN 0::float8 \
+                     ELSE $1::float8 / (p.rate_limit * p.rate_factor * a.rate_factor) END AS spacing \
+         FROM page_state p CROSS JOIN app_state a \
+         WHERE a.app_id = 'default' \
+           AND (a.throttled_until IS NULL OR a.throttled_until <= now()) \
+           AND p.paused_reason IS NULL \
+           AND (p.throttled_until IS NULL OR p.throttled_until <= now()) \
+           AND p.next_slot_at < now() + make_interval(secs => $2)), \
+     room AS ( \
+         SELECT page_id, spacing, \
+                CASE WHEN spacing = 0 THEN $3::bigint \
+                     ELSE LEAST($3::bigint, 1 + floor(EXTRACT(EPOCH FROM \
+                          (now() + make_interval(secs => $2) - free_from)) / spacing)::bigint) \
+                END AS n \
+         FROM pages) \
+     SELECT o.page_id, o.login_id, r.spacing \
+     FROM room r CROSS JOIN LATERAL ( \
+         SELECT page_id, login_id, deadline FROM optins \
+         WHERE page_id = r.page_id AND state = ",
+    lc_shared::state_sql!(pending),
+    " AND next_attempt_at <= now() \
+           AND deadline > now() + make_interval(secs => $4) \
+         ORDER BY deadline LIMIT r.n \
+         FOR UPDATE SKIP LOCKED) o \
+     ORDER BY o.deadline \
+     LIMIT $3"
+);
+
+/// Takes `$2` slots of `$3` seconds each from page `$1`; returns the seconds from now to the
+/// page's new next free slot (the taken slots lie just before it).
+const TAKE_SLOTS_SQL: &str = "UPDATE page_state \
+     SET next_slot_at = GREATEST(next_slot_at, now()) + make_interval(secs => $2::float8 * $3::float8), \
+         updated_at = now() \
+     WHERE page_id = $1 \
+     RETURNING EXTRACT(EPOCH FROM (next_slot_at - now()))::float8";
+
+/// Moves the chosen rows to `sending` under this owner's lease.
+const LEASE_SQL: &str = concat!(
+    "UPDATE optins o SET state = ",
+    lc_shared::state_sql!(sending),
+    ", lease_owner = $1, \
+         lease_expires_at = now() + make_interval(secs => $2), fence = o.fence + 1, \
+         call_started_at = NULL, updated_at = now() \
+     FROM unnest($3::text[], $4::text[]) AS c(page_id, login_id) \
+     WHERE o.page_id = c.page_id AND o.login_id = c.login_id \
+     RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
+         o.traceparent"
+);
+
+/// One candidate row and its page's slot spacing.
+struct Candidate {
+    page_id: String,
+    login_id: String,
+    spacing: f64,
+}
+
+/// Claims up to `request.limit` due opt-ins with their send slots (see the module doc),
+/// earliest deadline first, skipping rows other replicas hold. Returned in deadline order.
+pub async fn claim_due(
+    client: &mut Client,
+    request: &ClaimRequest<'_>,
+) -> Result<Vec<Claimed>, StoreError> {
+    let lease_secs = request.lease.as_secs_f64();
+    // Taken before the transaction starts, so `now()` in it is never earlier: slot and lease
+    // instants derived from it are on the safe side.
+    let base = Instant::now();
+    let lease_end = base + request.lease;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            CLAIM_DUE_SQL,
+            &[
+                &request.slot_stretch,
+                &request.lookahead.as_secs_f64(),
+                &request.limit,
+                &request.safety_margin.as_secs_f64(),
+            ],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let candidates: Vec<Candidate> = rows
+        .iter()
+        .map(|r| Candidate {
+            page_id: r.get(0),
+            login_id: r.get(1),
+            spacing: r.get(2),
+        })
+        .collect();
+    // Rows of one page, in deadline order; pages in key order, so two replicas take page
+    // locks in the same order and never deadlock.
+    let mut by_page: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        by_page.entry(c.page_id.as_str()).or_default().push(i);
+    }
+    let take = tx.prepare_cached(TAKE_SLOTS_SQL).await?;
+    let (tx_ref, take_ref) = (&tx, &take);
+    // Issued together, the statements are pipelined and run in issue order.
+    let starts = futures_util::future::try_join_all(by_page.iter().map(|(page, rows)| {
+        let spacing = candidates[rows[0]].spacing;
+        let count = rows.len() as f64;
+        async move {
+            if spacing <= 0.0 {
+                return Ok::<f64, tokio_postgres::Error>(0.0);
+            }
+            let next: f64 = tx_ref
+                .query_one(take_ref, &[page, &count, &spacing])
+                .await?
+                .get(0);
+            Ok(next - count * spacing)
+        }
+    }))
+    .await?;
+    let mut slot_of = vec![base; candidates.len()];
+    for ((_, rows), start) in by_page.iter().zip(&starts) {
+        for (k, &i) in rows.iter().enumerate() {
+            let delay = start + k as f64 * candidates[i].spacing;
+            slot_of[i] = base + Duration::try_from_secs_f64(delay).unwrap_or(Duration::ZERO);
+        }
+    }
+    let pages: Vec<&str> = candidates.iter().map(|c| c.page_id.as_str()).collect();
+    let logins: Vec<&str> = candidates.iter().map(|c| c.login_id.as_str()).collect();
+    let leased = tx
+        .query(LEASE_SQL, &[&request.owner, &lease_secs, &pages, &logins])
+        .await?;
+    tx.commit().await?;
+    let index: std::collections::HashMap<(&str, &str), usize> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ((c.page_id.as_str(), c.login_id.as_str()), i))
+        .collect();
+    let mut claimed: Vec<Claimed> = leased
+        .iter()
+        .map(|r| {
+            let (page_id, login_id): (String, String) = (r.get(0), r.get(1));
+            let slot = index
+                .get(&(page_id.as_str(), login_id.as_str()))
+                .map_or(base, |&i| slot_of[i]);
+            Claimed {
+                page_id,
+                login_id,
+                fence: r.get(2),
+                attempts: r.get(3),
+                opted_in_at: r.get(4),
+                deadline: r.get(5),
+                traceparent: r.get(6),
+                lease: request.lease,
+                lease_end,
+                slot,
+            }
+        })
+        .collect();
+    // UPDATE … RETURNING does not keep the candidates' order.
+    claimed.sort_by_key(|c| c.deadline);
+    Ok(claimed)
+}

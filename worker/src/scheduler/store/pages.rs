@@ -1,0 +1,351 @@
+//! Page state shared by every replica: which pages exist with which send limit, their pauses
+//! and throttles, the app-wide throttle, and page tokens set at run time.
+//!
+//! Every replica reads this state at each claim (through [`super::claim`]) and refreshes a
+//! snapshot of the pauses at least once a second ([`load_pauses`]), so a pause written by one
+//! replica stops the others' calls within a second and a resume restarts them as fast.
+
+use std::fmt;
+use std::time::Duration;
+
+use deadpool_postgres::Client;
+use time::OffsetDateTime;
+
+use super::StoreError;
+
+/// Why a page is paused until someone acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PauseReason {
+    /// Graph refused the page token (code 190): waits for a new token or `pages resume`.
+    TokenInvalid,
+    /// Graph says the page is restricted from sending (10/1893063): waits for `pages resume`.
+    Restricted,
+}
+
+impl PauseReason {
+    /// The value stored in `page_state.paused_reason` and shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TokenInvalid => "token_invalid",
+            Self::Restricted => "restricted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::TokenInvalid, Self::Restricted]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for PauseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Makes sure `page_ids` have a state row; new rows get `rate_limit` (existing ones keep
+/// theirs). For tools and tests that write opt-ins directly; the scheduler uses [`sync`].
+pub async fn ensure(client: &Client, page_ids: &[&str], rate_limit: u32) -> Result<(), StoreError> {
+    let rate = i32::try_from(rate_limit).unwrap_or(i32::MAX);
+    client
+        .execute(
+            "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), $2 \
+             ON CONFLICT (page_id) DO NOTHING",
+            &[&page_ids, &rate],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A page the scheduler knows, as configured on one replica.
+#[derive(Debug, Clone)]
+pub struct PageSync<'a> {
+    /// The page.
+    pub page_id: &'a str,
+    /// Fingerprint of the token this replica would call with.
+    pub token_fingerprint: String,
+}
+
+/// Makes sure every configured page has its state row with `rate_limit`, and resumes token
+/// pauses of pages whose token is now another one than the one Graph refused. Returns the
+/// pages resumed. (Every replica runs this at start and after each configuration change; the
+/// last one to start sets the rate, so give every replica the same `PAGE_RATE_LIMIT`.)
+pub async fn sync(
+    client: &Client,
+    pages: &[PageSync<'_>],
+    rate_limit: u32,
+) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<&str> = pages.iter().map(|p| p.page_id).collect();
+    let prints: Vec<&str> = pages.iter().map(|p| p.token_fingerprint.as_str()).collect();
+    let rate = i32::try_from(rate_limit).unwrap_or(i32::MAX);
+    client
+        .execute(
+            "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), $2 \
+             ON CONFLICT (page_id) DO UPDATE SET rate_limit = EXCLUDED.rate_limit, \
+                 updated_at = now() \
+             WHERE page_state.rate_limit <> EXCLUDED.rate_limit",
+            &[&ids, &rate],
+        )
+        .await?;
+    let rows = client
+        .query(
+            "UPDATE page_state p SET paused_reason = NULL, paused_since = NULL, \
+                 paused_detail = NULL, paused_token = NULL, updated_at = now() \
+             FROM unnest($1::text[], $2::text[]) AS c(page_id, token) \
+             WHERE p.page_id = c.page_id AND p.paused_reason = 'token_invalid' \
+               AND p.paused_token IS DISTINCT FROM c.token \
+             RETURNING p.page_id",
+            &[&ids, &prints],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Pauses a page (idempotent: the first pause's time and detail stay). Returns true if this
+/// call paused it (it was not paused before), so the pause is announced once.
+pub async fn pause(
+    client: &Client,
+    page_id: &str,
+    reason: PauseReason,
+    token_fingerprint: Option<&str>,
+    detail: &str,
+) -> Result<bool, StoreError> {
+    let n = client
+        .execute(
+            "UPDATE page_state SET paused_reason = $2, paused_since = now(), paused_detail = $3, \
+                 paused_token = $4, updated_at = now() \
+             WHERE page_id = $1 AND paused_reason IS NULL",
+            &[&page_id, &reason.as_str(), &detail, &token_fingerprint],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Lifts a page's pause and throttle (an operator's `pages resume`). Returns whether the
+/// page exists.
+pub async fn resume(client: &Client, page_id: &str) -> Result<bool, StoreError> {
+    let n = client
+        .execute(
+            "UPDATE page_state SET paused_reason = NULL, paused_since = NULL, \
+                 paused_detail = NULL, paused_token = NULL, throttled_until = NULL, \
+                 updated_at = now() \
+             WHERE page_id = $1",
+            &[&page_id],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Throttles a page for `for_how_long` (extends, never shortens, a current throttle).
+pub async fn throttle(
+    client: &Client,
+    page_id: &str,
+    for_how_long: Duration,
+) -> Result<(), StoreError> {
+    client
+        .execute(
+            "UPDATE page_state SET throttled_until = GREATEST(COALESCE(throttled_until, now()), \
+                 now() + make_interval(secs => $2)), updated_at = now() \
+             WHERE page_id = $1",
+            &[&page_id, &for_how_long.as_secs_f64()],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Throttles every page of the app for `for_how_long` (Graph code 4 is app-wide).
+pub async fn throttle_app(client: &Client, for_how_long: Duration) -> Result<(), StoreError> {
+    client
+        .execute(
+            "UPDATE app_state SET throttled_until = GREATEST(COALESCE(throttled_until, now()), \
+                 now() + make_interval(secs => $1)), updated_at = now() \
+             WHERE app_id = 'default'",
+            &[&for_how_long.as_secs_f64()],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Sets how far below its limit a page (or, with `page_id` `None`, the whole app) sends,
+/// from Graph's usage headers. Written only when it moves by more than a twentieth, so
+/// steady usage costs no writes.
+pub async fn set_rate_factor(
+    client: &Client,
+    page_id: Option<&str>,
+    factor: f64,
+) -> Result<(), StoreError> {
+    let factor = factor.clamp(0.01, 1.0) as f32;
+    match page_id {
+        Some(page) => {
+            client
+                .execute(
+                    "UPDATE page_state SET rate_factor = $2, updated_at = now() \
+                     WHERE page_id = $1 AND abs(rate_factor - $2) > 0.05",
+                    &[&page, &factor],
+                )
+                .await?
+        }
+        None => {
+            client
+                .execute(
+                    "UPDATE app_state SET rate_factor = $1, updated_at = now() \
+                     WHERE app_id = 'default' AND abs(rate_factor - $1) > 0.05",
+                    &[&factor],
+                )
+                .await?
+        }
+    };
+    Ok(())
+}
+
+/// One page's pause or throttle, as every replica sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageHold {
+    /// The page; `None` for the app-wide throttle.
+    pub page_id: Option<String>,
+    /// Why it is paused, if it is.
+    pub paused: Option<PauseReason>,
+    /// Until when it is throttled, if it is.
+    pub throttled_until: Option<OffsetDateTime>,
+}
+
+/// Every page paused or throttled now, and the app-wide throttle (`page_id` `None`).
+pub async fn load_pauses(client: &Client) -> Result<Vec<PageHold>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT page_id, paused_reason, \
+                 CASE WHEN throttled_until > now() THEN throttled_until END \
+             FROM page_state WHERE paused_reason IS NOT NULL OR throttled_until > now() \
+             UNION ALL \
+             SELECT NULL, NULL, throttled_until FROM app_state \
+             WHERE app_id = 'default' AND throttled_until > now()",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PageHold {
+            page_id: r.get(0),
+            paused: r.get::<_, Option<&str>>(1).and_then(PauseReason::parse),
+            throttled_until: r.get(2),
+        })
+        .collect())
+}
+
+/// A page's state for operators (`loginconnect pages list`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PageStatus {
+    /// The page.
+    pub page_id: String,
+    /// Calls per second allowed.
+    pub rate_limit: i32,
+    /// The usage-header slow-down in force (1 = full speed).
+    pub rate_factor: f32,
+    /// `token_invalid` / `restricted`, or none.
+    pub paused_reason: Option<String>,
+    /// Since when.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub paused_since: Option<OffsetDateTime>,
+    /// What Graph said.
+    pub paused_detail: Option<String>,
+    /// Throttled until, if in the future.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub throttled_until: Option<OffsetDateTime>,
+    /// Whether a token set with `pages set-token` overrides the pages file.
+    pub token_override: bool,
+}
+
+/// Every page's state, by page id.
+pub async fn list(client: &Client) -> Result<Vec<PageStatus>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT p.page_id, p.rate_limit, p.rate_factor, p.paused_reason, p.paused_since, \
+                 p.paused_detail, CASE WHEN p.throttled_until > now() THEN p.throttled_until END, \
+                 t.page_id IS NOT NULL \
+             FROM page_state p LEFT JOIN page_tokens t USING (page_id) ORDER BY p.page_id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PageStatus {
+            page_id: r.get(0),
+            rate_limit: r.get(1),
+            rate_factor: r.get(2),
+            paused_reason: r.get(3),
+            paused_since: r.get(4),
+            paused_detail: r.get(5),
+            throttled_until: r.get(6),
+            token_override: r.get(7),
+        })
+        .collect())
+}
+
+/// A page token as stored: encrypted, with the id of the key that encrypted it.
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    /// The page.
+    pub page_id: String,
+    /// The key's id.
+    pub key_id: String,
+    /// AES-GCM nonce.
+    pub nonce: Vec<u8>,
+    /// Encrypted token with its tag.
+    pub ciphertext: Vec<u8>,
+    /// Fingerprint of the plain token (to compare with a refused one; not the token).
+    pub fingerprint: String,
+    /// When it was stored.
+    pub updated_at: OffsetDateTime,
+}
+
+/// Stores a page's token and lifts its pause, in one transaction, so every replica calls
+/// with the new token from its next refresh on.
+pub async fn store_token(client: &mut Client, token: &StoredToken) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO page_tokens (page_id, key_id, nonce, ciphertext, fingerprint, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, clock_timestamp()) \
+         ON CONFLICT (page_id) DO UPDATE SET key_id = EXCLUDED.key_id, nonce = EXCLUDED.nonce, \
+             ciphertext = EXCLUDED.ciphertext, fingerprint = EXCLUDED.fingerprint, \
+             updated_at = EXCLUDED.updated_at",
+        &[
+            &token.page_id,
+            &token.key_id,
+            &token.nonce,
+            &token.ciphertext,
+            &token.fingerprint,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE page_state SET paused_reason = NULL, paused_since = NULL, paused_detail = NULL, \
+             paused_token = NULL, updated_at = now() \
+         WHERE page_id = $1 AND paused_reason = 'token_invalid'",
+        &[&token.page_id],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Every stored page token (a replica decrypts the ones newer than what it holds).
+pub async fn load_tokens(client: &Client) -> Result<Vec<StoredToken>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT page_id, key_id, nonce, ciphertext, fingerprint, updated_at FROM page_tokens",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StoredToken {
+            page_id: r.get(0),
+            key_id: r.get(1),
+            nonce: r.get(2),
+            ciphertext: r.get(3),
+            fingerprint: r.get(4),
+            updated_at: r.get(5),
+        })
+        .collect())
+}
