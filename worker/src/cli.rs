@@ -6,6 +6,7 @@
 mod dead_letters;
 mod inspect;
 mod login;
+mod pages;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,7 +53,8 @@ pub enum Command {
     /// Inspect identity links.
     #[command(subcommand)]
     Link(LinkCommand),
-    /// Validate the pages file and check each token against the Graph API.
+    /// The pages: validate the file and check tokens, list their shared state, resume a
+    /// page, store or rotate tokens.
     #[command(subcommand)]
     Pages(PagesCommand),
     /// Print the manual Facebook Login dialog URL for Login Connect (and the JS SDK call).
@@ -144,6 +146,48 @@ pub enum PagesCommand {
         #[arg(long)]
         offline: bool,
     },
+    /// Every page's shared state: send limit, slow-down, pause (why, since when), throttle.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift a page's pause and throttle on every replica (after fixing the cause at Meta).
+    Resume {
+        /// The page id.
+        page: String,
+    },
+    /// Store a new token for a page (encrypted with the first of `PAGE_TOKEN_KEYS`); every
+    /// replica uses it within a second and a token pause is lifted. The token is read from
+    /// standard input, or from the variable named by `--from-env`, never from the command line.
+    SetToken {
+        /// The page id.
+        page: String,
+        /// Read the token from this environment variable instead of standard input.
+        #[arg(long = "from-env")]
+        from_env: Option<String>,
+        /// Token encryption keys (see the scheduler's `PAGE_TOKEN_KEYS`).
+        #[arg(
+            long = "page-token-keys",
+            env = "PAGE_TOKEN_KEYS",
+            hide_env_values = true,
+            default_value = "",
+            hide_default_value = true
+        )]
+        keys: String,
+    },
+    /// Re-encrypt every stored token with the first of `PAGE_TOKEN_KEYS` (key rotation).
+    RotateTokens {
+        /// Token encryption keys, the new one first.
+        #[arg(
+            long = "page-token-keys",
+            env = "PAGE_TOKEN_KEYS",
+            hide_env_values = true,
+            default_value = "",
+            hide_default_value = true
+        )]
+        keys: String,
+    },
 }
 
 /// Errors of the CLI; each says what was wrong.
@@ -208,6 +252,18 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             graph_api_url,
             offline,
         }) => inspect::pages_check(out, &pages_file, &graph_api_url, offline).await,
+        Command::Pages(PagesCommand::List { json }) => pages::list(out, &cli.database, json).await,
+        Command::Pages(PagesCommand::Resume { page }) => {
+            pages::resume(out, &cli.database, &page).await
+        }
+        Command::Pages(PagesCommand::SetToken {
+            page,
+            from_env,
+            keys,
+        }) => pages::set_token(out, &cli.database, &page, from_env.as_deref(), &keys).await,
+        Command::Pages(PagesCommand::RotateTokens { keys }) => {
+            pages::rotate_tokens(out, &cli.database, &keys).await
+        }
         Command::LoginUrl(args) => login::login_url(out, &args),
         Command::Probe { url } => probe(out, &url).await,
     }

@@ -52,15 +52,10 @@ pub async fn status(
         )
         .await?
         .get(0);
-    // Pause state lives in each scheduler replica; a page whose pending opt-ins last failed
-    // with code 190 is paused everywhere that tried it.
+    // Pauses are shared page state: what every replica obeys.
     let paused: Vec<String> = c
         .query(
-            concat!(
-                "SELECT DISTINCT page_id FROM optins WHERE state = ",
-                lc_shared::state_sql!(pending),
-                " AND last_error_code = 190"
-            ),
+            "SELECT page_id FROM page_state WHERE paused_reason IS NOT NULL ORDER BY page_id",
             &[],
         )
         .await?
@@ -137,7 +132,7 @@ pub async fn status(
     )?;
     writeln!(
         out,
-        "paused pages (invalid token): {}",
+        "paused pages (invalid token or restricted): {}",
         if paused.is_empty() {
             "-".to_owned()
         } else {

@@ -299,9 +299,14 @@ pub struct StoredToken {
     pub updated_at: OffsetDateTime,
 }
 
-/// Stores a page's token and lifts its pause, in one transaction, so every replica calls
-/// with the new token from its next refresh on.
-pub async fn store_token(client: &mut Client, token: &StoredToken) -> Result<(), StoreError> {
+/// Stores a page's token and, with `lift_token_pause` (a new token, not a re-encryption),
+/// lifts its token pause in the same transaction, so every replica calls with the new token
+/// from its next refresh on.
+pub async fn store_token(
+    client: &mut Client,
+    token: &StoredToken,
+    lift_token_pause: bool,
+) -> Result<(), StoreError> {
     let tx = client.transaction().await?;
     tx.execute(
         "INSERT INTO page_tokens (page_id, key_id, nonce, ciphertext, fingerprint, updated_at) \
@@ -318,13 +323,15 @@ pub async fn store_token(client: &mut Client, token: &StoredToken) -> Result<(),
         ],
     )
     .await?;
-    tx.execute(
-        "UPDATE page_state SET paused_reason = NULL, paused_since = NULL, paused_detail = NULL, \
-             paused_token = NULL, updated_at = now() \
-         WHERE page_id = $1 AND paused_reason = 'token_invalid'",
-        &[&token.page_id],
-    )
-    .await?;
+    if lift_token_pause {
+        tx.execute(
+            "UPDATE page_state SET paused_reason = NULL, paused_since = NULL, \
+                 paused_detail = NULL, paused_token = NULL, updated_at = now() \
+             WHERE page_id = $1 AND paused_reason = 'token_invalid'",
+            &[&token.page_id],
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(())
 }
