@@ -61,6 +61,7 @@ fn sent(outcome: SendOutcome) -> (String, Option<String>) {
         SendOutcome::Sent {
             message_id,
             recipient_id,
+            usage: _,
         } => (message_id, recipient_id),
         SendOutcome::Failed(f) => panic!("expected success, got {f}"),
     }

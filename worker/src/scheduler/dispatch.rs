@@ -16,7 +16,7 @@ use lc_shared::optin::{FailureReason, OptinState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::graph::{FailureClass, GraphClient, GraphFailure, SendOutcome};
+use crate::graph::{FailureClass, GraphClient, GraphFailure, PAGE_RESTRICTED_RECHECK, SendOutcome};
 use deadpool_postgres::Pool;
 use lc_meta::pages::PagesConfig;
 use lc_shared::shutdown::Shutdown;
@@ -547,7 +547,22 @@ impl Dispatcher {
                 .await?;
                 return Ok(());
             }
-            FailureClass::RateLimited => {
+            FailureClass::PageRestricted => {
+                // Meta restricted the page's sending for a while: every opt-in of the page
+                // would fail alike, so hold the page and keep the opt-in, as for a token.
+                let pause = f.retry_after.unwrap_or(PAGE_RESTRICTED_RECHECK);
+                self.pauses.throttle(&c.page_id, pause);
+                tracing::error!(error = %f, pause_secs = pause.as_secs(), "page temporarily restricted from sending by Meta: pausing its sends (check the Page's status in Meta Business Suite)");
+                let now = OffsetDateTime::now_utc();
+                until_lease_end(c, || async {
+                    let client = self.pool.get().await?;
+                    store::reschedule(&client, c, now, &err).await
+                })
+                .await?;
+                return Ok(());
+            }
+            // App-wide throttling: only this page for now (all pages: to be wired in pacing).
+            FailureClass::RateLimited | FailureClass::AppThrottled => {
                 // Without Graph's own estimate, pause the page for the backoff ceiling.
                 let pause = f.retry_after.unwrap_or_else(|| {
                     self.settings
@@ -578,6 +593,10 @@ impl Dispatcher {
             }
             FailureClass::OutcomeUnknown => true,
             FailureClass::Unknown => attempts_after < self.settings.max_unknown_attempts,
+            FailureClass::TransientOnce => f
+                .class
+                .attempt_limit()
+                .is_none_or(|limit| i64::from(attempts_after) < i64::from(limit)),
             FailureClass::Transient => true,
         };
         if !retryable || attempts_after >= self.settings.max_attempts {

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the scheduler.
 
+use crate::graph::FailureClass;
 use lc_shared::optin::OptinState;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -10,7 +11,7 @@ use prometheus::{
 pub struct SchedulerMetrics {
     /// Opt-ins consumed, by what recording them did.
     pub optins_recorded: IntCounterVec,
-    /// Send API calls by outcome class (`sent`, `transient`, `rate_limited`, …).
+    /// Send API calls by outcome: `sent` or a [`FailureClass`] label (`transient`, …).
     pub sends: IntCounterVec,
     /// Graph errors by `code/subcode`.
     pub graph_errors: IntCounterVec,
@@ -154,14 +155,8 @@ impl SchedulerMetrics {
         for r in ["pending", "duplicate", "replied", "expired", "unknown_page"] {
             m.optins_recorded.with_label_values(&[r]);
         }
-        for o in [
-            "sent",
-            "transient",
-            "rate_limited",
-            "permanent",
-            "token_invalid",
-            "unknown",
-        ] {
+        // Every failure class, so that new classes get their zero series too.
+        for o in std::iter::once("sent").chain(FailureClass::ALL.map(FailureClass::as_str)) {
             m.sends.with_label_values(&[o]);
         }
         for t in OptinState::TERMINAL {
