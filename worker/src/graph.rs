@@ -36,11 +36,6 @@ const USAGE_HEADERS: [&str; 3] = ["x-app-usage", "x-page-usage", "x-business-use
 /// three levels deep (business id → list → entry); a hostile header gets no deeper walk.
 const MAX_USAGE_DEPTH: usize = 6;
 
-/// How long a caller should hold a page's sends after [`FailureClass::PageRestricted`]
-/// before letting one call find out whether the restriction is over: Meta names no end
-/// time, and a probe costs one failed call while a long hold can cost opt-ins their window.
-pub const PAGE_RESTRICTED_RECHECK: Duration = Duration::from_secs(15 * 60);
-
 /// A Graph API client. Cheap to clone: clones share one connection pool.
 #[derive(Clone)]
 pub struct GraphClient {
@@ -124,7 +119,7 @@ pub enum FailureClass {
     AppThrottled,
     /// Code 10/1893063, the page is temporarily restricted from sending: every send of the
     /// page would fail alike, so the caller pauses the page (and alerts) instead of failing
-    /// its opt-ins one by one; see [`PAGE_RESTRICTED_RECHECK`].
+    /// its opt-ins one by one, until an operator who checked the Page resumes it.
     PageRestricted,
     /// Retrying cannot help (bad recipient, window closed, permission, config). Also used
     /// where the message may already have been sent, so a blind retry risks a duplicate.

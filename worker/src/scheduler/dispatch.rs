@@ -16,7 +16,7 @@ use lc_shared::optin::{FailureReason, OptinState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::graph::{FailureClass, GraphClient, GraphFailure, PAGE_RESTRICTED_RECHECK, SendOutcome};
+use crate::graph::{FailureClass, GraphClient, GraphFailure, SendOutcome};
 use deadpool_postgres::Pool;
 use lc_meta::pages::PagesConfig;
 use lc_shared::shutdown::Shutdown;
@@ -83,6 +83,8 @@ pub struct Dispatcher {
     graph: GraphClient,
     pages: Arc<RwLock<Arc<PagesConfig>>>,
     holds: Arc<PageHolds>,
+    /// The last usage slow-down factor written per page (writes only on change).
+    rate_factors: std::sync::Mutex<std::collections::HashMap<String, f64>>,
     /// Recent latency of a call-start mark (microseconds, smoothed): the mark is sent this
     /// much (twice over) ahead of the slot, so the call can start on time.
     mark_latency_us: std::sync::atomic::AtomicU64,
@@ -129,6 +131,7 @@ impl Dispatcher {
             graph,
             pages,
             holds,
+            rate_factors: std::sync::Mutex::default(),
             mark_latency_us: std::sync::atomic::AtomicU64::new(5_000),
             metrics,
             settings,
@@ -392,13 +395,23 @@ impl Dispatcher {
             .send_latency
             .observe(started.elapsed().as_secs_f64());
         match outcome {
-            SendOutcome::Sent { message_id, .. } => {
+            SendOutcome::Sent {
+                message_id, usage, ..
+            } => {
+                if let Some(usage) = usage {
+                    self.apply_usage(&c.page_id, &usage).await;
+                }
                 if let Some(hook) = &self.settings.after_send {
                     hook().await;
                 }
                 self.record_sent(c, &message_id).await
             }
-            SendOutcome::Failed(f) => self.record_failure(c, f, last_send).await,
+            SendOutcome::Failed(f) => {
+                if let Some(usage) = &f.usage {
+                    self.apply_usage(&c.page_id, usage).await;
+                }
+                self.record_failure(c, f, last_send).await
+            }
         }
     }
 
@@ -548,11 +561,11 @@ impl Dispatcher {
                 return Ok(());
             }
             FailureClass::PageRestricted => {
-                // Meta restricted the page's sending for a while: every opt-in of the page
-                // would fail alike, so hold the page and keep the opt-in, as for a token.
-                let pause = f.retry_after.unwrap_or(PAGE_RESTRICTED_RECHECK);
-                self.pauses.throttle(&c.page_id, pause);
-                tracing::error!(error = %f, pause_secs = pause.as_secs(), "page temporarily restricted from sending by Meta: pausing its sends (check the Page's status in Meta Business Suite)");
+                // Meta restricted the page's sending: every opt-in of the page would fail
+                // alike, so pause the page on every replica and keep the opt-in, as for a
+                // token, until an operator who checked the Page resumes it.
+                self.pause(c, PauseReason::Restricted, None, &f).await;
+                tracing::error!(error = %f, "page restricted from sending by Meta: its sends are paused on every replica (check the Page in Meta Business Suite, then `loginconnect pages resume`)");
                 let now = OffsetDateTime::now_utc();
                 until_lease_end(c, || async {
                     let client = self.pool.get().await?;
@@ -561,21 +574,16 @@ impl Dispatcher {
                 .await?;
                 return Ok(());
             }
-            // App-wide throttling: only this page for now (all pages: to be wired in pacing).
             FailureClass::RateLimited | FailureClass::AppThrottled => {
-                // Without Graph's own estimate, pause the page for the backoff ceiling.
+                // Without Graph's own estimate, hold for the backoff ceiling.
                 let pause = f.retry_after.unwrap_or_else(|| {
                     self.settings
                         .retry
                         .ceiling(u32::try_from(attempts_after).unwrap_or(u32::MAX))
                 });
-                self.holds.note_throttle(&c.page_id, pause);
-                if let Ok(client) = self.pool.get().await
-                    && let Err(e) = pages::throttle(&client, &c.page_id, pause).await
-                {
-                    tracing::warn!(error = %e, "cannot record the page's throttle for the other replicas");
-                }
-                tracing::warn!(error = %f, pause_secs = pause.as_secs(), "page rate-limited by Graph; throttling it");
+                let app_wide = f.class == FailureClass::AppThrottled;
+                self.throttle(&c.page_id, app_wide, pause).await;
+                tracing::warn!(error = %f, pause_secs = pause.as_secs(), app_wide, "rate-limited by Graph; throttling");
                 true
             }
             FailureClass::OutcomeUnknown
@@ -664,6 +672,59 @@ impl Dispatcher {
             self.metrics.fenced_out.inc();
         }
         Ok(())
+    }
+
+    /// Throttles the page (or, `app_wide`, every page) here at once and for every replica.
+    async fn throttle(&self, page_id: &str, app_wide: bool, pause: Duration) {
+        if app_wide {
+            self.holds.note_app_throttle(pause);
+        } else {
+            self.holds.note_throttle(page_id, pause);
+        }
+        let written = match self.pool.get().await {
+            Ok(client) if app_wide => pages::throttle_app(&client, pause).await,
+            Ok(client) => pages::throttle(&client, page_id, pause).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot record the throttle for the other replicas");
+        }
+    }
+
+    /// Slows the page down as Graph's usage headers near 100 % (and holds it while Graph
+    /// says access must be regained). Written to the shared state only when the factor moves
+    /// by more than a twentieth, so steady usage costs nothing.
+    async fn apply_usage(&self, page_id: &str, usage: &crate::graph::Usage) {
+        let factor = usage.rate_factor();
+        if factor <= 0.0 {
+            let pause = usage.regain_after.unwrap_or(self.settings.retry.cap);
+            self.throttle(page_id, false, pause).await;
+            return;
+        }
+        let changed = {
+            let mut last = self
+                .rate_factors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = last.insert(page_id.to_owned(), factor).unwrap_or(1.0);
+            (before - factor).abs() > 0.05
+        };
+        if changed {
+            let written = match self.pool.get().await {
+                Ok(client) => pages::set_rate_factor(&client, Some(page_id), factor).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "cannot record the page's slow-down");
+            } else {
+                tracing::info!(
+                    page_id,
+                    factor,
+                    percent = usage.percent,
+                    "Graph usage: page send rate adjusted"
+                );
+            }
+        }
     }
 
     /// Pauses the page here at once and for every replica (announced once per pause).
