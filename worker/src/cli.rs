@@ -159,13 +159,17 @@ pub enum PagesCommand {
     },
     /// Store a new token for a page (encrypted with the first of `PAGE_TOKEN_KEYS`); every
     /// replica uses it within a second and a token pause is lifted. The token is read from
-    /// standard input, or from the variable named by `--from-env`, never from the command line.
+    /// standard input, a variable (`--from-env`) or a file (`--from-file`), never from the
+    /// command line.
     SetToken {
         /// The page id.
         page: String,
         /// Read the token from this environment variable instead of standard input.
-        #[arg(long = "from-env")]
+        #[arg(long = "from-env", conflicts_with = "from_file")]
         from_env: Option<String>,
+        /// Read the token from this file (a mounted secret) instead of standard input.
+        #[arg(long = "from-file")]
+        from_file: Option<PathBuf>,
         /// Token encryption keys (see the scheduler's `PAGE_TOKEN_KEYS`).
         #[arg(
             long = "page-token-keys",
@@ -259,8 +263,16 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Pages(PagesCommand::SetToken {
             page,
             from_env,
+            from_file,
             keys,
-        }) => pages::set_token(out, &cli.database, &page, from_env.as_deref(), &keys).await,
+        }) => {
+            let source = match (from_env, from_file) {
+                (Some(var), _) => pages::TokenSource::Env(var),
+                (None, Some(path)) => pages::TokenSource::File(path),
+                (None, None) => pages::TokenSource::Stdin,
+            };
+            pages::set_token(out, &cli.database, &page, source, &keys).await
+        }
         Command::Pages(PagesCommand::RotateTokens { keys }) => {
             pages::rotate_tokens(out, &cli.database, &keys).await
         }

@@ -382,6 +382,14 @@ impl Dispatcher {
             return self.give_back(c, blocked.describe()).await;
         }
 
+        // The configuration as of now (a new token may have arrived while waiting).
+        let page = self
+            .pages
+            .read()
+            .await
+            .get(&c.page_id)
+            .cloned()
+            .unwrap_or(page);
         // The call gets its own span, so the trace shows Graph's latency apart from ours.
         let call_span = tracing::info_span!("send_api_call", page_id = %c.page_id);
         let call_trace = continue_trace(&call_span, Some(trace)).to_string();
@@ -410,7 +418,10 @@ impl Dispatcher {
                 if let Some(usage) = &f.usage {
                     self.apply_usage(&c.page_id, usage).await;
                 }
-                self.record_failure(c, f, last_send).await
+                // A pause names the token the call was made with, not whatever is configured
+                // by the time the answer came (a replica may have reloaded meanwhile).
+                let token = fingerprint(page.access_token.expose());
+                self.record_failure(c, f, last_send, &token).await
             }
         }
     }
@@ -506,6 +517,7 @@ impl Dispatcher {
         c: &Claimed,
         f: GraphFailure,
         last_send: OffsetDateTime,
+        token_fingerprint: &str,
     ) -> Result<(), StoreError> {
         self.metrics
             .sends
@@ -543,13 +555,7 @@ impl Dispatcher {
                     .await;
             }
             FailureClass::TokenInvalid => {
-                let token = self
-                    .pages
-                    .read()
-                    .await
-                    .get(&c.page_id)
-                    .map(|p| fingerprint(p.access_token.expose()));
-                self.pause(c, PauseReason::TokenInvalid, token.as_deref(), &f)
+                self.pause(c, PauseReason::TokenInvalid, Some(token_fingerprint), &f)
                     .await;
                 tracing::error!(error = %f, "page token invalid: pausing this page's sends on every replica until its token changes (a new token in PAGES_FILE, or `loginconnect pages set-token`)");
                 let now = OffsetDateTime::now_utc();
