@@ -6,13 +6,9 @@
 
 use std::time::Duration;
 
-use lc_testkit::harness::consume_n;
-use lc_testkit::pipeline::{PAGE, TestEnv, insert_optin, optin_state};
+use lc_testkit::pipeline::{PAGE, TestEnv, claim, expire_leases, insert_optin, optin_state};
 use lc_worker::scheduler::store::{self, CallCheck, Rescued, UnknownOutcome};
-use serde_json::Value;
 use time::OffsetDateTime;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 /// A migrated pool on the test's database and a plain connection for assertions.
 async fn store_env() -> (TestEnv, deadpool_postgres::Pool, tokio_postgres::Client) {
@@ -20,26 +16,6 @@ async fn store_env() -> (TestEnv, deadpool_postgres::Pool, tokio_postgres::Clien
     let pool = env.migrated_pool(4).await;
     let sql = env.sql().await;
     (env, pool, sql)
-}
-
-/// Claims every due row for `owner` (no pages excluded, no safety margin).
-async fn claim(
-    client: &deadpool_postgres::Client,
-    owner: &str,
-    lease: Duration,
-) -> Vec<store::Claimed> {
-    store::claim_due(client, owner, lease, 10, &[], Duration::ZERO)
-        .await
-        .expect("claim")
-}
-
-async fn expire_leases(sql: &tokio_postgres::Client) {
-    sql.execute(
-        "UPDATE optins SET lease_expires_at = now() - interval '1 second' WHERE state = 'sending'",
-        &[],
-    )
-    .await
-    .expect("expire leases");
 }
 
 #[tokio::test]
@@ -57,12 +33,7 @@ async fn a_worker_killed_between_claim_and_call_leaves_the_optin_to_be_sent() {
     let mut config = env.scheduler_config();
     config.unknown_outcome = UnknownOutcome::Fail;
     let (scheduler, stop) = env.start_scheduler(config).await;
-    let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
-        .await
-        .iter()
-        .map(|d| serde_json::from_slice(&d.data).expect("cloudevent json"))
-        .collect();
+    let got = env.events(&events, 1).await;
     stop.trigger();
     scheduler.task.await.expect("stopped");
     assert_eq!(got.len(), 1);
