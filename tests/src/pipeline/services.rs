@@ -110,12 +110,6 @@ pub struct PipelineBuilder<'env> {
 }
 
 impl PipelineBuilder<'_> {
-    /// Ingest with `config` instead of [`ingest_config`] (tests of ingest's own settings).
-    pub fn ingest(mut self, config: IngestConfig) -> Self {
-        self.ingest = config;
-        self
-    }
-
     /// Ingest with the Login half configured as `login`.
     pub fn login(mut self, login: LoginArgs) -> Self {
         self.ingest.login = login;
@@ -134,8 +128,8 @@ impl PipelineBuilder<'_> {
         self
     }
 
-    /// Starts ingest, then the scheduler, then the correlator: upstream first, so that each
-    /// service's queues are declared before anything reads them.
+    /// Starts ingest, then the scheduler, then the correlator (the order the data flows
+    /// through them); returns once each has started, ingest and the correlator connected.
     pub async fn start(self) -> Pipeline {
         let ingest = start_ingest_with(self.ingest).await;
         let scheduler = match self.scheduler {
