@@ -160,7 +160,7 @@ async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_
     // Four seconds of sending time left, and Graph failing transiently throughout.
     let short = now - day + margin + Duration::from_secs(4);
     env.graph
-        .script("SHORT", vec![FakeResponse::ServerError(503); 50]);
+        .script("SHORT", vec![FakeResponse::unexpected(); 50]);
     let items = vec![
         optin_item(PAGE, "STALE", stale),
         optin_item(PAGE, "MARGIN", in_margin),
@@ -265,7 +265,12 @@ async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are
     env.graph.script(
         "FLAKY",
         vec![
-            FakeResponse::ServerError(502),
+            FakeResponse::Error {
+                http_status: 503,
+                code: 2,
+                subcode: None,
+                message: "Service temporarily unavailable".into(),
+            },
             FakeResponse::unexpected(),
             FakeResponse::Error {
                 http_status: 400,
