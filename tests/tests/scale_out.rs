@@ -66,6 +66,24 @@ fn busiest_second(calls: &[RecordedCall], page: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits until `n` opt-ins are `sent` (polling the table: the outcome of many calls).
+async fn wait_sent(env: &TestEnv, n: i64, within: Duration) {
+    let sql = env.sql().await;
+    let started = std::time::Instant::now();
+    loop {
+        let sent: i64 = sql
+            .query_one("SELECT count(*) FROM optins WHERE state = 'sent'", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if sent == n {
+            return;
+        }
+        assert!(started.elapsed() < within, "only {sent} of {n} sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn backlog(env: &TestEnv, page: &str, prefix: &str, n: usize) {
     let sql = env.sql().await;
     let now = OffsetDateTime::now_utc();
@@ -184,23 +202,7 @@ async fn a_token_pause_holds_on_every_replica_and_a_stored_token_resumes_them_al
     lc_worker::cli::run(cli, &mut out).await.expect("set-token");
     let _ = std::fs::remove_file(&token_file);
 
-    let sql = env.sql().await;
-    let started = std::time::Instant::now();
-    loop {
-        let sent: i64 = sql
-            .query_one("SELECT count(*) FROM optins WHERE state = 'sent'", &[])
-            .await
-            .expect("count")
-            .get(0);
-        if sent == 30 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "only {sent} of 30 sent after the new token"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_sent(&env, 30, Duration::from_secs(30)).await;
     stop(all).await;
     let ok = env
         .graph
@@ -224,23 +226,7 @@ async fn a_slow_call_on_a_live_worker_is_never_rescued_into_a_second_message() {
     config.unknown_outcome = UnknownOutcome::Retry;
     backlog(&env, PAGE, "S", 6).await;
     let all = replicas(&env, 2, &config).await;
-    let sql = env.sql().await;
-    let started = std::time::Instant::now();
-    loop {
-        let sent: i64 = sql
-            .query_one("SELECT count(*) FROM optins WHERE state = 'sent'", &[])
-            .await
-            .expect("count")
-            .get(0);
-        if sent == 6 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(40),
-            "only {sent} of 6 sent"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_sent(&env, 6, Duration::from_secs(40)).await;
     stop(all).await;
     let calls = env.graph.send_calls();
     let mut per_login: std::collections::HashMap<String, usize> = Default::default();

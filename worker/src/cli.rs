@@ -170,28 +170,37 @@ pub enum PagesCommand {
         /// Read the token from this file (a mounted secret) instead of standard input.
         #[arg(long = "from-file")]
         from_file: Option<PathBuf>,
-        /// Token encryption keys (see the scheduler's `PAGE_TOKEN_KEYS`).
-        #[arg(
-            long = "page-token-keys",
-            env = "PAGE_TOKEN_KEYS",
-            hide_env_values = true,
-            default_value = "",
-            hide_default_value = true
+        #[command(flatten)]
+        #[allow(
+            missing_docs,
+            reason = "clap takes a flattened group's help from the group"
         )]
-        keys: String,
+        keys: TokenKeysArg,
     },
     /// Re-encrypt every stored token with the first of `PAGE_TOKEN_KEYS` (key rotation).
     RotateTokens {
-        /// Token encryption keys, the new one first.
-        #[arg(
-            long = "page-token-keys",
-            env = "PAGE_TOKEN_KEYS",
-            hide_env_values = true,
-            default_value = "",
-            hide_default_value = true
+        #[command(flatten)]
+        #[allow(
+            missing_docs,
+            reason = "clap takes a flattened group's help from the group"
         )]
-        keys: String,
+        keys: TokenKeysArg,
     },
+}
+
+/// `PAGE_TOKEN_KEYS` for the commands that encrypt or decrypt stored page tokens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenKeysArg {
+    /// Token encryption keys, `id:base64-of-32-bytes`, comma-separated; the first encrypts
+    /// (the schedulers' `PAGE_TOKEN_KEYS`; for a rotation, the new key first).
+    #[arg(
+        long = "page-token-keys",
+        env = "PAGE_TOKEN_KEYS",
+        hide_env_values = true,
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub keys: String,
 }
 
 /// Errors of the CLI; each says what was wrong.
@@ -271,10 +280,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 (None, Some(path)) => pages::TokenSource::File(path),
                 (None, None) => pages::TokenSource::Stdin,
             };
-            pages::set_token(out, &cli.database, &page, source, &keys).await
+            pages::set_token(out, &cli.database, &page, source, &keys.keys).await
         }
         Command::Pages(PagesCommand::RotateTokens { keys }) => {
-            pages::rotate_tokens(out, &cli.database, &keys).await
+            pages::rotate_tokens(out, &cli.database, &keys.keys).await
         }
         Command::LoginUrl(args) => login::login_url(out, &args),
         Command::Probe { url } => probe(out, &url).await,

@@ -555,30 +555,25 @@ impl Dispatcher {
                     .await;
             }
             FailureClass::TokenInvalid => {
-                self.pause(c, PauseReason::TokenInvalid, Some(token_fingerprint), &f)
-                    .await;
                 tracing::error!(error = %f, "page token invalid: pausing this page's sends on every replica until its token changes (a new token in PAGES_FILE, or `loginconnect pages set-token`)");
-                let now = OffsetDateTime::now_utc();
-                until_lease_end(c, || async {
-                    let client = self.pool.get().await?;
-                    store::reschedule(&client, c, now, &err).await
-                })
-                .await?;
-                return Ok(());
+                return self
+                    .pause_and_keep(
+                        c,
+                        PauseReason::TokenInvalid,
+                        Some(token_fingerprint),
+                        &f,
+                        &err,
+                    )
+                    .await;
             }
             FailureClass::PageRestricted => {
                 // Meta restricted the page's sending: every opt-in of the page would fail
                 // alike, so pause the page on every replica and keep the opt-in, as for a
                 // token, until an operator who checked the Page resumes it.
-                self.pause(c, PauseReason::Restricted, None, &f).await;
                 tracing::error!(error = %f, "page restricted from sending by Meta: its sends are paused on every replica (check the Page in Meta Business Suite, then `loginconnect pages resume`)");
-                let now = OffsetDateTime::now_utc();
-                until_lease_end(c, || async {
-                    let client = self.pool.get().await?;
-                    store::reschedule(&client, c, now, &err).await
-                })
-                .await?;
-                return Ok(());
+                return self
+                    .pause_and_keep(c, PauseReason::Restricted, None, &f, &err)
+                    .await;
             }
             FailureClass::RateLimited | FailureClass::AppThrottled => {
                 // Without Graph's own estimate, hold for the backoff ceiling.
@@ -731,6 +726,26 @@ impl Dispatcher {
                 );
             }
         }
+    }
+
+    /// Pauses the page and puts the opt-in back to `pending` with the error: it is sent when
+    /// the page resumes, its deadline permitting.
+    async fn pause_and_keep(
+        &self,
+        c: &Claimed,
+        reason: PauseReason,
+        token: Option<&str>,
+        f: &GraphFailure,
+        err: &StoredError,
+    ) -> Result<(), StoreError> {
+        self.pause(c, reason, token, f).await;
+        let now = OffsetDateTime::now_utc();
+        until_lease_end(c, || async {
+            let client = self.pool.get().await?;
+            store::reschedule(&client, c, now, err).await
+        })
+        .await?;
+        Ok(())
     }
 
     /// Pauses the page here at once and for every replica (announced once per pause).
