@@ -13,6 +13,7 @@ use crate::workload::{ItemRef, OptinKind, Plan, PostResults};
 
 mod counts;
 mod events;
+mod scale;
 
 use counts::{counts, timeline_of};
 use events::{dead_letters, event_checks};
@@ -33,6 +34,10 @@ pub struct OptinRow {
     pub deadline: OffsetDateTime,
     /// Whether its last claim marked the call as started (`call_started_at`).
     pub call_started: bool,
+    /// When the row was recorded (`created_at`).
+    pub created_at: OffsetDateTime,
+    /// Its fence: how many times it was claimed.
+    pub fence: i64,
 }
 
 /// One outbox row.
@@ -87,7 +92,7 @@ impl Snapshot {
         for r in sql
             .query(
                 "SELECT page_id, login_id, state, failure_reason, attempts, deadline, \
-                        call_started_at IS NOT NULL FROM optins",
+                        call_started_at IS NOT NULL, created_at, fence FROM optins",
                 &[],
             )
             .await?
@@ -100,6 +105,8 @@ impl Snapshot {
                     attempts: r.get(4),
                     deadline: r.get(5),
                     call_started: r.get(6),
+                    created_at: r.get(7),
+                    fence: r.get(8),
                 },
             );
         }
@@ -210,6 +217,16 @@ pub struct Context<'a> {
     pub retry_policy: bool,
     /// Process exits the suite did not cause.
     pub unexpected_exits: &'a [String],
+    /// The schedulers' `PAGE_RATE_LIMIT`, if the run set one (the per-page rate check).
+    pub page_rate_limit: Option<u32>,
+    /// The page carrying most opt-ins, if the load is skewed (the small-page wait check).
+    pub big_page: Option<&'a str>,
+    /// Every page the schedulers know.
+    pub known_pages: &'a [String],
+    /// Longest a small page's opt-in may wait for its first call.
+    pub small_wait_bound: time::Duration,
+    /// `scheduler_slots_missed_total` summed over the schedulers running at the end.
+    pub slots_missed: Option<f64>,
 }
 
 const TERMINAL: [&str; 4] = ["sent", "replied", "failed", "expired"];
@@ -467,6 +484,10 @@ pub fn check(ctx: &Context<'_>, s: &Snapshot) -> (Vec<Check>, Vec<String>) {
             s.links.len()
         ),
     ));
+
+    checks.extend(scale::page_rate(ctx, &sends));
+    checks.extend(scale::small_page_wait(ctx, s, &all_calls));
+    checks.extend(scale::token_taken_up(ctx, s, &sends));
 
     checks.extend(event_checks(s));
     checks.push(dead_letters(s));

@@ -3,20 +3,25 @@
 //! Faults: `kill -9` of a random process (restarted after a pause), closing every broker
 //! connection of the suite's vhost, terminating every backend of the suite's database,
 //! bursts of Graph rate-limit answers and of hung calls (longer than the client timeout),
-//! and once per run a page token turned invalid at Graph and then fixed in the pages file
-//! (with `SIGHUP` to the schedulers). On the suite's private services, also a broker
-//! stop/start and a database server crash and restart, once each. The 30 %
-//! transient Graph errors are on for the whole load and are not part of this loop.
+//! and once per run a page token turned invalid at Graph and then replaced — in the pages file
+//! (with `SIGHUP` to the schedulers in the classic mode; in the scale-out mode they must notice
+//! the new content by themselves) or with `loginconnect pages set-token`. On the suite's
+//! private services, also a broker stop/start and a database server crash and restart, once
+//! each. With the database behind the latency proxy, once per run the delay is switched off
+//! for a while and on again (`db-slow`). The transient Graph errors are on for the whole load
+//! and are not part of this loop.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use lc_testkit::fake_graph::{FakeGraph, FakeResponse};
+use time::OffsetDateTime;
 
+use crate::dbproxy::LatencyProxy;
 use crate::procs::{Fleet, Role};
 use crate::setup::Services;
-use crate::workload::PAGES;
 
 /// The kinds of fault the loop may pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -31,12 +36,15 @@ pub enum Fault {
     RateLimit,
     /// A burst of Graph calls that hang past the client timeout.
     Hang,
-    /// A page token turned invalid at Graph, fixed later by the pages file + SIGHUP.
+    /// A page token turned invalid at Graph, replaced later (see [`TokenFix`]).
     Token,
     /// `rabbitmqctl stop_app` / `start_app` (private services only).
     BrokerRestart,
     /// PostgreSQL server crash-stop and start (private services only).
     DbRestart,
+    /// The database proxy's delay switched off for a while, then on again (only with the
+    /// proxy).
+    DbSlow,
 }
 
 impl Fault {
@@ -51,6 +59,7 @@ impl Fault {
             Self::Token => "token",
             Self::BrokerRestart => "broker-restart",
             Self::DbRestart => "db-restart",
+            Self::DbSlow => "db-slow",
         }
     }
 
@@ -65,6 +74,7 @@ impl Fault {
             Self::Token,
             Self::BrokerRestart,
             Self::DbRestart,
+            Self::DbSlow,
         ]
         .into_iter()
         .find(|f| f.name() == s)
@@ -101,6 +111,60 @@ impl PagesFile {
     }
 }
 
+/// How the token fault puts the page's new token in place.
+#[derive(Debug, Clone)]
+pub enum TokenFix {
+    /// The pages file is rewritten. With `sighup` the schedulers also get `SIGHUP` (the
+    /// classic mode); without, they must notice the new content themselves (they poll the file
+    /// by content every second).
+    File {
+        /// Signal the schedulers after the rewrite.
+        sighup: bool,
+    },
+    /// `loginconnect pages set-token PAGE --from-file FILE`: the token is stored (encrypted)
+    /// in the database and every scheduler takes it from there.
+    SetToken(SetTokenCli),
+}
+
+impl TokenFix {
+    /// Short name for the report.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::File { sighup: true } => "pages file + SIGHUP",
+            Self::File { sighup: false } => "pages file (noticed by content)",
+            Self::SetToken(_) => "loginconnect pages set-token --from-file",
+        }
+    }
+}
+
+/// How to run `loginconnect pages set-token`.
+#[derive(Debug, Clone)]
+pub struct SetTokenCli {
+    /// The `loginconnect` binary.
+    pub program: PathBuf,
+    /// Its environment (`DATABASE_URL`, `AMQP_URL`, `PAGE_TOKEN_KEYS`).
+    pub env: Vec<(String, String)>,
+    /// Where the new token is written for `--from-file`.
+    pub token_file: PathBuf,
+}
+
+/// The token fault as it happened, for the books.
+#[derive(Debug, Clone)]
+pub struct TokenChange {
+    /// The page.
+    pub page: String,
+    /// The token Graph stopped accepting.
+    pub old_token: String,
+    /// The token that replaced it.
+    pub new_token: String,
+    /// When Graph stopped accepting the old token.
+    pub broken_at: OffsetDateTime,
+    /// When the new token was in place (file renamed, or `set-token` returned).
+    pub fixed_at: Option<OffsetDateTime>,
+    /// How it was replaced.
+    pub how: &'static str,
+}
+
 /// Settings of the loop.
 pub struct ChaosConfig {
     /// Faults the loop may pick (the flag-only ones are done once each if present).
@@ -111,6 +175,50 @@ pub struct ChaosConfig {
     pub hang: Duration,
     /// How long the load runs (the once-per-run faults are placed in it).
     pub load: Duration,
+    /// The page whose token the token fault breaks.
+    pub token_page: String,
+    /// How the token fault replaces it.
+    pub token_fix: TokenFix,
+    /// The database proxy's delay when it is on (`db-slow` switches it off for a while).
+    pub db_latency: Duration,
+    /// How long `db-slow` keeps the delay off.
+    pub db_fast_for: Duration,
+}
+
+/// The second half of a fault, due later.
+pub enum Later {
+    /// Put the page's new token in place.
+    FixToken(String),
+    /// Switch the database proxy's delay on again.
+    SlowDbAgain,
+}
+
+/// Runs `loginconnect pages set-token PAGE --from-file FILE` (a few tries: a database fault
+/// may be going on).
+async fn set_token(cli: &SetTokenCli, page: &str, token: &str) -> anyhow::Result<()> {
+    std::fs::write(&cli.token_file, format!("{token}\n"))
+        .with_context(|| format!("cannot write {}", cli.token_file.display()))?;
+    let mut last = String::new();
+    for _ in 0..5 {
+        let out = tokio::process::Command::new(&cli.program)
+            .args(["pages", "set-token", page, "--from-file"])
+            .arg(&cli.token_file)
+            .envs(cli.env.iter().cloned())
+            .output()
+            .await
+            .with_context(|| format!("cannot run {}", cli.program.display()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = format!(
+            "{}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    anyhow::bail!("loginconnect pages set-token failed 5 times; last: {last}")
 }
 
 /// The token a page gets when the token fault "fixes" it.
@@ -125,6 +233,8 @@ pub struct Timeline {
     pub entries: Vec<(f64, String)>,
     /// How many of each fault were injected.
     pub counts: BTreeMap<&'static str, u32>,
+    /// The token fault, if it was injected.
+    pub token_change: Option<TokenChange>,
 }
 
 impl Timeline {
@@ -134,6 +244,7 @@ impl Timeline {
             start,
             entries: Vec::new(),
             counts: BTreeMap::new(),
+            token_change: None,
         }
     }
 
@@ -164,6 +275,8 @@ pub struct Chaos<'a> {
     pub graph: &'a FakeGraph,
     /// The pages file.
     pub pages: &'a mut PagesFile,
+    /// The database latency proxy, if the processes go through one.
+    pub proxy: Option<&'a LatencyProxy>,
     /// The record.
     pub timeline: &'a mut Timeline,
     /// Random choices (seeded).
@@ -200,7 +313,12 @@ impl Chaos<'_> {
             .enabled
             .iter()
             .copied()
-            .filter(|f| matches!(f, Fault::Token | Fault::BrokerRestart | Fault::DbRestart))
+            .filter(|f| {
+                matches!(
+                    f,
+                    Fault::Token | Fault::BrokerRestart | Fault::DbRestart | Fault::DbSlow
+                )
+            })
             .collect();
         let started = Instant::now();
         let mut once: Vec<(Instant, Fault)> = once_faults
@@ -208,7 +326,7 @@ impl Chaos<'_> {
             .enumerate()
             .map(|(k, f)| (started + config.load.mul_f64(0.3 + 0.2 * k as f64), *f))
             .collect();
-        let mut token_fix_due: Option<(Instant, String)> = None;
+        let mut later: Vec<(Instant, Later)> = Vec::new();
         let mut next_fault = Instant::now() + self.gap(config);
         loop {
             tokio::select! {
@@ -216,17 +334,15 @@ impl Chaos<'_> {
                 () = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
             self.fleet.reap_unexpected(self.pages.generation)?;
-            self.refresh_schedulers().await;
-            if let Some((due, page)) = token_fix_due.clone()
-                && Instant::now() >= due
-            {
-                self.fix_token(&page)?;
-                token_fix_due = None;
-                self.refresh_schedulers().await;
+            self.refresh_schedulers(config).await;
+            if let Some(k) = later.iter().position(|(due, _)| Instant::now() >= *due) {
+                let (_, what) = later.remove(k);
+                self.finish(what, config).await?;
+                self.refresh_schedulers(config).await;
             }
             if let Some(k) = once.iter().position(|(at, _)| Instant::now() >= *at) {
                 let (_, fault) = once.remove(k);
-                if let Err(e) = self.inject(fault, config, &mut token_fix_due).await {
+                if let Err(e) = self.inject(fault, config, &mut later).await {
                     self.timeline.note(format!(
                         "fault {} could not be injected: {e:#}",
                         fault.name()
@@ -239,7 +355,7 @@ impl Chaos<'_> {
                 continue;
             }
             let fault = repeatable[self.rng.usize(..repeatable.len())];
-            if let Err(e) = self.inject(fault, config, &mut token_fix_due).await {
+            if let Err(e) = self.inject(fault, config, &mut later).await {
                 self.timeline.note(format!(
                     "fault {} could not be injected: {e:#}",
                     fault.name()
@@ -247,8 +363,8 @@ impl Chaos<'_> {
             }
             next_fault = Instant::now() + self.gap(config);
         }
-        if let Some((_, page)) = token_fix_due {
-            self.fix_token(&page)?;
+        for (_, what) in later {
+            self.finish(what, config).await?;
         }
         self.fleet.reap_unexpected(self.pages.generation)?;
         for i in 0..self.fleet.procs.len() {
@@ -257,17 +373,54 @@ impl Chaos<'_> {
             }
             self.fleet.wait_ready(i, Duration::from_secs(120)).await?;
         }
-        self.refresh_schedulers().await;
+        self.refresh_schedulers(config).await;
         Ok(())
     }
 
-    /// Puts the page's new (valid) token into the pages file; the schedulers get SIGHUP.
-    fn fix_token(&mut self, page: &str) -> anyhow::Result<()> {
-        self.pages.tokens.insert(page.to_owned(), new_token(page));
-        self.pages.write()?;
-        self.timeline.note(format!(
-            "pages file: token of page {page} fixed; SIGHUP to the schedulers"
-        ));
+    /// The second half of a fault that heals later.
+    async fn finish(&mut self, what: Later, config: &ChaosConfig) -> anyhow::Result<()> {
+        match what {
+            Later::FixToken(page) => self.fix_token(&page, &config.token_fix).await,
+            Later::SlowDbAgain => {
+                if let Some(proxy) = self.proxy {
+                    proxy.set_delay(config.db_latency);
+                    self.timeline.note(format!(
+                        "database proxy: delay back on ({:?} per chunk)",
+                        config.db_latency
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts the page's new (valid) token in place, the way `how` says.
+    async fn fix_token(&mut self, page: &str, how: &TokenFix) -> anyhow::Result<()> {
+        let token = new_token(page);
+        match how {
+            TokenFix::File { sighup } => {
+                self.pages.tokens.insert(page.to_owned(), token);
+                self.pages.write()?;
+                self.timeline.note(format!(
+                    "pages file: token of page {page} replaced{}",
+                    if *sighup {
+                        "; SIGHUP to the schedulers"
+                    } else {
+                        " (no signal: the schedulers poll the file by content)"
+                    }
+                ));
+            }
+            TokenFix::SetToken(cli) => {
+                set_token(cli, page, &token).await?;
+                self.timeline.note(format!(
+                    "loginconnect pages set-token {page} --from-file {}: stored",
+                    cli.token_file.display()
+                ));
+            }
+        }
+        if let Some(change) = self.timeline.token_change.as_mut() {
+            change.fixed_at = Some(OffsetDateTime::now_utc());
+        }
         Ok(())
     }
 
@@ -278,8 +431,12 @@ impl Chaos<'_> {
 
     /// SIGHUP to every scheduler that runs with an older pages file than the current one,
     /// once it is up (a process that has not installed its handler yet would die of it; a
-    /// process started after the rewrite read the new file anyway).
-    async fn refresh_schedulers(&mut self) {
+    /// process started after the rewrite read the new file anyway). Only when the token is
+    /// fixed through the file with `sighup`.
+    async fn refresh_schedulers(&mut self, config: &ChaosConfig) {
+        if !matches!(config.token_fix, TokenFix::File { sighup: true }) {
+            return;
+        }
         for i in self.fleet.of_role(Role::Scheduler) {
             let p = &self.fleet.procs[i];
             if p.pages_generation >= self.pages.generation
@@ -300,7 +457,7 @@ impl Chaos<'_> {
         &mut self,
         fault: Fault,
         config: &ChaosConfig,
-        token_fix_due: &mut Option<(Instant, String)>,
+        later: &mut Vec<(Instant, Later)>,
     ) -> anyhow::Result<()> {
         self.timeline.count(fault);
         match fault {
@@ -355,12 +512,39 @@ impl Chaos<'_> {
                 ));
             }
             Fault::Token => {
-                let page = PAGES[1].to_owned();
+                let page = config.token_page.clone();
+                let old_token = self
+                    .pages
+                    .tokens
+                    .get(&page)
+                    .cloned()
+                    .context("the token fault's page is not in the pages file")?;
                 self.graph.set_token(&page, &new_token(&page));
+                self.timeline.token_change = Some(TokenChange {
+                    page: page.clone(),
+                    old_token,
+                    new_token: new_token(&page),
+                    broken_at: OffsetDateTime::now_utc(),
+                    fixed_at: None,
+                    how: config.token_fix.describe(),
+                });
                 let fix_in = Duration::from_secs(self.rng.u64(3..8));
-                *token_fix_due = Some((Instant::now() + fix_in, page.clone()));
+                later.push((Instant::now() + fix_in, Later::FixToken(page.clone())));
                 self.timeline.note(format!(
-                    "graph: token of page {page} now invalid (fixed in {fix_in:?})"
+                    "graph: token of page {page} now invalid (replaced in {fix_in:?} by {})",
+                    config.token_fix.describe()
+                ));
+            }
+            Fault::DbSlow => {
+                let proxy = self
+                    .proxy
+                    .context("db-slow needs the database proxy (--db-latency-ms)")?;
+                let was = proxy.delay();
+                proxy.set_delay(Duration::ZERO);
+                later.push((Instant::now() + config.db_fast_for, Later::SlowDbAgain));
+                self.timeline.note(format!(
+                    "database proxy: delay off for {:?} (was {was:?} per chunk)",
+                    config.db_fast_for
                 ));
             }
             Fault::BrokerRestart => {

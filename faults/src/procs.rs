@@ -96,19 +96,21 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Fleet {
-    /// Starts `ingests` ingest processes and two of each worker, and waits until all are ready.
-    pub async fn start(config: FleetConfig, ingests: usize) -> anyhow::Result<Self> {
+    /// Starts `ingests` ingest processes, `schedulers` schedulers and two correlators, and
+    /// waits until all are ready.
+    pub async fn start(
+        config: FleetConfig,
+        ingests: usize,
+        schedulers: usize,
+    ) -> anyhow::Result<Self> {
         let mut fleet = Self {
             config,
             procs: Vec::new(),
             unexpected_exits: Vec::new(),
         };
-        let roles = std::iter::repeat_n(Role::Ingest, ingests).chain([
-            Role::Scheduler,
-            Role::Scheduler,
-            Role::Correlator,
-            Role::Correlator,
-        ]);
+        let roles = std::iter::repeat_n(Role::Ingest, ingests)
+            .chain(std::iter::repeat_n(Role::Scheduler, schedulers))
+            .chain([Role::Correlator, Role::Correlator]);
         let mut counts = [0usize; 3];
         for role in roles {
             let slot = role as usize;
@@ -263,6 +265,31 @@ impl Fleet {
         (0..self.procs.len())
             .filter(|i| self.procs[*i].role == role)
             .collect()
+    }
+
+    /// The sum of a counter or gauge (`name`, without labels) over the `/metrics` of every
+    /// running process of `role` (a restarted process counts from zero again); `None` if no
+    /// process answered.
+    pub async fn metric_sum(&self, role: Role, name: &str) -> Option<f64> {
+        let client = reqwest::Client::new();
+        let mut sum = None;
+        for i in self.of_role(role) {
+            let url = format!("http://127.0.0.1:{}/metrics", self.procs[i].port);
+            let Ok(answer) = client.get(url).timeout(Duration::from_secs(2)).send().await else {
+                continue;
+            };
+            let Ok(text) = answer.text().await else {
+                continue;
+            };
+            let value: f64 = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(name))
+                .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            sum = Some(sum.unwrap_or(0.0) + value);
+        }
+        sum
     }
 
     /// `http://127.0.0.1:PORT` of every ingest.

@@ -49,6 +49,22 @@ fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Splits `postgres://user@host:port[/…]` into what comes before `host:port` and
+/// `host:port` itself.
+fn split_authority(url: &str) -> anyhow::Result<(&str, &str)> {
+    let scheme_end = url
+        .find("://")
+        .map(|i| i + 3)
+        .with_context(|| format!("not a URL: {url}"))?;
+    let authority_end = url[scheme_end..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let host_start = url[scheme_end..authority_end]
+        .rfind('@')
+        .map_or(scheme_end, |i| scheme_end + i + 1);
+    Ok((&url[..host_start], &url[host_start..authority_end]))
+}
+
 /// The suite's vhost and database, on private or shared services.
 pub struct Services {
     /// The vhost name.
@@ -138,6 +154,31 @@ impl Services {
     /// URL of the database.
     pub fn database_url(&self) -> String {
         format!("{}/{}", self.postgres_base(), self.database)
+    }
+
+    /// The address of the database server (for the latency proxy to forward to).
+    pub fn database_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        use std::net::ToSocketAddrs as _;
+        let base = self.postgres_base();
+        let (_, host_port) = split_authority(&base)?;
+        let host_port = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:5432")
+        };
+        host_port
+            .to_socket_addrs()
+            .with_context(|| format!("cannot resolve the database server {host_port}"))?
+            .next()
+            .with_context(|| format!("no address for the database server {host_port}"))
+    }
+
+    /// URL of the database, but on 127.0.0.1:`port` (the latency proxy).
+    pub fn database_url_via(&self, port: u16) -> anyhow::Result<String> {
+        let base = self.postgres_base();
+        let (before, host_port) = split_authority(&base)?;
+        let rest = &base[before.len() + host_port.len()..];
+        Ok(format!("{before}127.0.0.1:{port}{rest}/{}", self.database))
     }
 
     /// One statement on the `postgres` maintenance database.
@@ -374,5 +415,27 @@ impl Drop for Services {
     /// server running behind it.
     fn drop(&mut self) {
         self.stop_private();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_authority;
+
+    #[test]
+    fn split_authority_finds_host_and_port() {
+        assert_eq!(
+            split_authority("postgres://postgres@127.0.0.1:5432").unwrap(),
+            ("postgres://postgres@", "127.0.0.1:5432")
+        );
+        assert_eq!(
+            split_authority("postgres://u:p@db.example:6543/x?sslmode=disable").unwrap(),
+            ("postgres://u:p@", "db.example:6543")
+        );
+        assert_eq!(
+            split_authority("postgres://localhost").unwrap(),
+            ("postgres://", "localhost")
+        );
+        assert!(split_authority("localhost:5432").is_err());
     }
 }

@@ -17,12 +17,64 @@ use tokio::time::Instant;
 
 /// App secret the suite's ingest accepts.
 pub const APP_SECRET: &str = "faults-app-secret";
-/// Pages the schedulers are configured with.
+/// Pages the schedulers are configured with in the classic mode.
 pub const PAGES: [&str; 3] = ["1000000000000001", "1000000000000002", "1000000000000003"];
 /// A page no scheduler knows: its opt-ins must end `failed` (`unknown_page`).
 pub const UNKNOWN_PAGE: &str = "1000000000000099";
 /// Meta's first-message window.
 pub const WINDOW_MS: i64 = 86_400_000;
+
+/// The pages of a run and how the opt-ins spread over them.
+#[derive(Debug, Clone)]
+pub struct PageMix {
+    /// Every page the schedulers know (the pages file lists them all).
+    pub pages: Vec<String>,
+    /// `Some(share)`: the first page gets this share of the opt-ins and the others split the
+    /// rest evenly (a skewed load); `None`: every page alike.
+    pub big_share: Option<f64>,
+}
+
+impl PageMix {
+    /// The classic mode's three pages, alike.
+    pub fn classic() -> Self {
+        Self {
+            pages: PAGES.iter().map(|p| (*p).to_owned()).collect(),
+            big_share: None,
+        }
+    }
+
+    /// `n` pages (at least 2), the first one getting `share` of the opt-ins.
+    pub fn skewed(n: usize, share: f64) -> Self {
+        Self {
+            pages: (1..=n.max(2))
+                .map(|k| format!("2000000000000{k:03}"))
+                .collect(),
+            big_share: Some(share.clamp(0.0, 1.0)),
+        }
+    }
+
+    /// The page carrying the big share, if the load is skewed.
+    pub fn big(&self) -> Option<&str> {
+        self.big_share
+            .and_then(|_| self.pages.first())
+            .map(String::as_str)
+    }
+
+    /// A page for one opt-in or reply. An even mix draws exactly as the classic suite always
+    /// did, so a classic seed still makes the same load.
+    pub fn pick(&self, rng: &mut fastrand::Rng) -> String {
+        match self.big_share {
+            None => self.pages[rng.usize(..self.pages.len())].clone(),
+            Some(share) => {
+                if rng.f64() < share || self.pages.len() < 2 {
+                    self.pages[0].clone()
+                } else {
+                    self.pages[rng.usize(1..self.pages.len())].clone()
+                }
+            }
+        }
+    }
+}
 
 /// Why an opt-in was generated the way it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,10 +196,11 @@ fn digits(rng: &mut fastrand::Rng, n: usize) -> String {
 }
 
 impl Plan {
-    /// Builds the load: `optins` opt-ins and `replies` replies spread over `load` from
-    /// `start_ms` (Unix ms), with `margin_ms` the schedulers' safety margin.
+    /// Builds the load: `optins` opt-ins and `replies` replies for the pages of `mix`, spread
+    /// over `load` from `start_ms` (Unix ms), with `margin_ms` the schedulers' safety margin.
     pub fn build(
         rng: &mut fastrand::Rng,
+        mix: &PageMix,
         optins: usize,
         replies: usize,
         start_ms: i64,
@@ -160,12 +213,9 @@ impl Plan {
             let roll = rng.u32(0..1000);
             let (kind, page) = match roll {
                 0..=9 => (OptinKind::UnknownPage, UNKNOWN_PAGE.to_owned()),
-                10..=19 => (OptinKind::Stale, PAGES[rng.usize(..PAGES.len())].to_owned()),
-                20..=49 => (
-                    OptinKind::NearDeadline,
-                    PAGES[rng.usize(..PAGES.len())].to_owned(),
-                ),
-                _ => (OptinKind::Fresh, PAGES[rng.usize(..PAGES.len())].to_owned()),
+                10..=19 => (OptinKind::Stale, mix.pick(rng)),
+                20..=49 => (OptinKind::NearDeadline, mix.pick(rng)),
+                _ => (OptinKind::Fresh, mix.pick(rng)),
             };
             // Where in the load this opt-in will be posted (roughly: its position).
             let at_ms = start_ms
@@ -194,10 +244,10 @@ impl Plan {
                 (o.page.clone(), Some(o.login_id.clone()), o.ts_ms)
             } else if roll < 92 {
                 // A reply naming a login_id whose opt-in never reaches us: still linked.
-                let page = PAGES[rng.usize(..PAGES.len())].to_owned();
+                let page = mix.pick(rng);
                 (page, Some(format!("R{j:06}-{}", digits(rng, 8))), start_ms)
             } else {
-                (PAGES[rng.usize(..PAGES.len())].to_owned(), None, start_ms)
+                (mix.pick(rng), None, start_ms)
             };
             let psid = match &login_id {
                 Some(l) => psids

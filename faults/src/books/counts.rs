@@ -141,6 +141,17 @@ pub(super) fn counts(
         called - delivered,
         unknown.len() - called
     ));
+    let most_claimed = s.optins.iter().max_by_key(|(_, r)| r.fence);
+    let reclaimed = s.optins.values().filter(|r| r.fence > 20).count();
+    lines.push(format!(
+        "claims: most claims of one opt-in {}; {reclaimed} opt-ins claimed more than 20 times; send slots missed (scheduler_slots_missed_total of the schedulers running at the end): {}",
+        most_claimed.map_or("-".into(), |(k, r)| format!(
+            "{} ({} of page {}, {} after {} calls)",
+            r.fence, k.1, k.0, r.state, all.get(k).map_or(0, Vec::len)
+        )),
+        ctx.slots_missed
+            .map_or("-".into(), |n| format!("{n:.0}"))
+    ));
     let faults: Vec<String> = ctx
         .timeline
         .counts
