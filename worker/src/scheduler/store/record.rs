@@ -1,5 +1,10 @@
 //! Recording an opt-in as it arrives: one row per (page, login_id) and window, idempotent
 //! under redelivery, with the replies-first, expired and unknown-page rules.
+//!
+//! Nothing here panics on input: the deadline arithmetic is checked, stored values are read
+//! with `try_get`, and an opt-in that can never be recorded comes back as a
+//! [`RecordError`] whose [`RecordError::refusal`] says why, so the caller can dead-letter
+//! that one delivery instead of retrying its whole batch forever.
 
 use std::time::Duration;
 
@@ -10,6 +15,123 @@ use time::OffsetDateTime;
 use tokio_postgres::types::ToSql;
 
 use super::{EVENT_SOURCE, LOGIN_EVENT_SOURCE, StoreError, Timing};
+
+/// A link made this long before an opt-in still counts as a reply processed first: the two
+/// come from different sources whose clocks may disagree.
+const REPLY_SKEW: time::Duration = time::Duration::minutes(5);
+
+/// SQLSTATE classes that say the database refused this row's data rather than failed: 22
+/// "data exception" (e.g. 22021, a NUL in text), 23 "integrity constraint violation", 54
+/// "program limit exceeded" (e.g. an index entry too large). Retrying the same row can never
+/// succeed, while retrying the rows beside it can.
+const ROW_SPECIFIC_CLASSES: [&str; 3] = ["22", "23", "54"];
+
+/// True if a statement that failed with SQLSTATE `code` failed because of the row it wrote
+/// (classes 22, 23 and 54), not because of the connection, the server or a conflict with
+/// another transaction (which a retry may cure).
+pub fn is_row_specific_sqlstate(code: &str) -> bool {
+    ROW_SPECIFIC_CLASSES
+        .iter()
+        .any(|class| code.len() == 5 && code.starts_with(class))
+}
+
+/// Why an opt-in was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The database failed or refused a statement ([`RecordError::refusal`] tells which).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The opt-in can never be recorded; the text names why (e.g. its deadline is not a
+    /// representable time, or the row stored for it cannot be read).
+    #[error("{0}")]
+    Unrecordable(String),
+}
+
+impl From<tokio_postgres::Error> for RecordError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Store(StoreError::Db(e))
+    }
+}
+
+impl RecordError {
+    /// The reason to give up on this one opt-in (and dead-letter it), if retrying it can
+    /// never succeed: it is [`RecordError::Unrecordable`], or the database refused its data
+    /// (see [`is_row_specific_sqlstate`]; the reason names the SQLSTATE and the server's
+    /// message). `None` for failures a retry may cure (connection lost, serialization
+    /// failure, a send in flight), which keep the whole batch for a retry.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            Self::Unrecordable(reason) => Some(reason.clone()),
+            Self::Store(StoreError::Db(e)) => {
+                let code = e.code()?.code();
+                is_row_specific_sqlstate(code).then(|| {
+                    let message = e
+                        .as_db_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+                    format!("the database refused the opt-in (SQLSTATE {code}): {message}")
+                })
+            }
+            Self::Store(_) => None,
+        }
+    }
+}
+
+/// The times an opt-in's window runs by, all derived from its own time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowTimes {
+    /// The opt-in's time plus the window (24 h).
+    pub deadline: OffsetDateTime,
+    /// No call starts at or after this ([`Timing::last_send`]).
+    pub last_send: OffsetDateTime,
+    /// When the first message is due: after the send delay, but not after `last_send`.
+    pub send_at: OffsetDateTime,
+}
+
+impl WindowTimes {
+    /// Computes the window of an opt-in at `opted_in_at` with checked arithmetic, naming the
+    /// time when a result is not representable (the intake validates event times, so this
+    /// is a second line of defence, never a panic).
+    pub fn of(opted_in_at: OffsetDateTime, timing: &Timing) -> Result<Self, RecordError> {
+        let out_of_range = |what: &str| {
+            RecordError::Unrecordable(format!(
+                "opt-in time {opted_in_at} leaves no representable {what}"
+            ))
+        };
+        let add = |t: OffsetDateTime, d: Duration| {
+            time::Duration::try_from(d)
+                .ok()
+                .and_then(|d| t.checked_add(d))
+        };
+        let deadline = add(opted_in_at, timing.window).ok_or_else(|| out_of_range("deadline"))?;
+        // As `Timing::last_send`, checked.
+        let last_send = time::Duration::try_from(timing.safety_margin)
+            .ok()
+            .and_then(|m| deadline.checked_sub(m))
+            .ok_or_else(|| out_of_range("last send time"))?;
+        let send_at = add(opted_in_at, timing.send_delay)
+            .ok_or_else(|| out_of_range("send time"))?
+            .min(last_send);
+        Ok(Self {
+            deadline,
+            last_send,
+            send_at,
+        })
+    }
+}
+
+/// Reads column `idx` (named `name` in the error) of a stored row without panicking: a value
+/// that does not convert (e.g. `'infinity'` in a timestamp) makes this opt-in unrecordable
+/// rather than crashing the consumer.
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    idx: usize,
+    table: &str,
+    name: &str,
+) -> Result<T, RecordError> {
+    row.try_get(idx).map_err(|e| {
+        RecordError::Unrecordable(format!("stored {table}.{name} cannot be read: {e}"))
+    })
+}
 
 /// An opt-in as it arrives from the queue.
 #[derive(Debug, Clone)]
@@ -52,21 +174,30 @@ pub async fn record_optin(
     page_known: bool,
     timing: &Timing,
     now: OffsetDateTime,
-) -> Result<Recorded, StoreError> {
-    let deadline = optin.opted_in_at + timing.window;
-    let last_send = timing.last_send(deadline);
-    let send_at = (optin.opted_in_at + timing.send_delay).min(last_send);
+) -> Result<Recorded, RecordError> {
+    let WindowTimes {
+        deadline,
+        last_send,
+        send_at,
+    } = WindowTimes::of(optin.opted_in_at, timing)?;
     let link = tx
         .query_opt(
             "SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2",
             &[&optin.page_id, &optin.login_id],
         )
         .await?;
+    let linked_at: Option<OffsetDateTime> = match &link {
+        Some(r) => Some(column(r, 0, "links", "linked_at")?),
+        None => None,
+    };
     // A link made by a reply at (or just before, allowing for clock skew between the two
     // sources) this opt-in means the reply was processed first: never send.
-    let linked_at: Option<OffsetDateTime> = link
-        .map(|r| r.get::<_, OffsetDateTime>(0))
-        .filter(|at| *at >= optin.opted_in_at - Duration::from_secs(300));
+    let linked_at = linked_at.filter(|at| {
+        optin
+            .opted_in_at
+            .checked_sub(REPLY_SKEW)
+            .is_none_or(|floor| *at >= floor)
+    });
 
     let (state, outcome, reason) = if linked_at.is_some() {
         (OptinState::Replied, Recorded::Replied, None)
@@ -120,9 +251,9 @@ pub async fn record_optin(
                 &[&optin.page_id, &optin.login_id],
             )
             .await?;
-        let existing_state: OptinState = existing.get(0);
-        let existing_deadline: OffsetDateTime = existing.get(1);
-        let existing_attempts: i32 = existing.get(2);
+        let existing_state: OptinState = column(&existing, 0, "optins", "state")?;
+        let existing_deadline: OffsetDateTime = column(&existing, 1, "optins", "deadline")?;
+        let existing_attempts: i32 = column(&existing, 2, "optins", "attempts")?;
         // Meta sends its opt-in webhook once per person (again only after
         // `reset_messenger_state`); a business backend may report every login. So only a
         // webhook opt-in may open a new window over an existing row, or a person who logs in
@@ -135,7 +266,8 @@ pub async fn record_optin(
             OptinState::Sending => {
                 return Err(StoreError::Busy {
                     page_id: optin.page_id.clone(),
-                });
+                }
+                .into());
             }
             OptinState::Pending => {
                 // Its window closed before any replica got to it: close it properly first.
@@ -194,4 +326,70 @@ pub async fn record_optin(
         insert_outbox(&**tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing() -> Timing {
+        Timing {
+            send_delay: Duration::from_secs(60),
+            safety_margin: Duration::from_secs(120),
+            window: Duration::from_secs(86_400),
+        }
+    }
+
+    #[test]
+    fn row_specific_sqlstates_are_data_integrity_and_limit_errors() {
+        for code in ["22021", "22P05", "22001", "23505", "23514", "54000"] {
+            assert!(is_row_specific_sqlstate(code), "{code}");
+        }
+        // Connection, serialization, deadlock, shutdown, syntax: not the row's fault.
+        for code in [
+            "08006", "40001", "40P01", "57P01", "42601", "53300", "XX000", "2", "",
+        ] {
+            assert!(!is_row_specific_sqlstate(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn window_times_follow_the_opt_in_and_never_overflow() {
+        let t = time::macros::datetime!(2025-06-01 12:00 UTC);
+        let w = WindowTimes::of(t, &timing()).expect("window");
+        assert_eq!(w.deadline, t + time::Duration::days(1));
+        assert_eq!(w.last_send, w.deadline - time::Duration::minutes(2));
+        assert_eq!(w.send_at, t + time::Duration::minutes(1));
+        // A send delay beyond the last send time is cut to it.
+        let mut long = timing();
+        long.send_delay = Duration::from_secs(2 * 86_400);
+        assert_eq!(
+            WindowTimes::of(t, &long).expect("window").send_at,
+            w.last_send
+        );
+        // The last day of year 9999: an error naming the time, not a panic.
+        let end = time::macros::datetime!(9999-12-31 12:00 UTC);
+        let e = WindowTimes::of(end, &timing()).expect_err("overflow");
+        assert!(e.to_string().contains("9999-12-31"), "{e}");
+        assert!(e.refusal().is_some_and(|r| r.contains("deadline")), "{e}");
+        // A margin larger than any representable span.
+        let mut huge = timing();
+        huge.safety_margin = Duration::MAX;
+        assert!(WindowTimes::of(t, &huge).is_err());
+    }
+
+    #[test]
+    fn only_unrecordable_opt_ins_and_refused_data_are_refusals() {
+        let busy = RecordError::Store(StoreError::Busy {
+            page_id: "1".into(),
+        });
+        assert_eq!(busy.refusal(), None);
+        let group = RecordError::Store(StoreError::Group("lost".into()));
+        assert_eq!(group.refusal(), None);
+        let bad = RecordError::Unrecordable("stored optins.deadline cannot be read".into());
+        assert_eq!(
+            bad.refusal().as_deref(),
+            Some("stored optins.deadline cannot be read")
+        );
+    }
 }
