@@ -1,6 +1,9 @@
-//! Intake against hostile and out-of-order input (issue 13 item 5): one bad opt-in is
+//! Intake against hostile and out-of-order input (issue 13 items 5 and 6): one bad opt-in is
 //! dead-lettered with its reason and never stops the opt-ins behind it or beside it in a
-//! batch.
+//! batch; a duplicate with an earlier time moves a pending opt-in's deadline earlier, never
+//! later.
+
+mod login_common;
 
 use std::time::Duration;
 
@@ -10,10 +13,12 @@ use lc_testkit::harness::consume_n;
 use lc_testkit::pipeline::{
     PAGE, TestEnv, body, eventually, ms, optin_item, optin_state, post_signed,
 };
+use login_common::{login_args, login_event_body, login_id_for, post_login_event, sign_now};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
 const WAIT: Duration = Duration::from_secs(20);
+const DAY: Duration = Duration::from_secs(86_400);
 
 /// The reasons and bodies (as text) on the scheduler's dead-letter queue, awaiting `n`.
 async fn dead_letter_reasons(env: &TestEnv, n: usize) -> Vec<(String, String)> {
@@ -28,6 +33,34 @@ async fn dead_letter_reasons(env: &TestEnv, n: usize) -> Vec<(String, String)> {
             (reason, String::from_utf8_lossy(&d.data).into_owned())
         })
         .collect()
+}
+
+/// The `/metrics` text of a worker.
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// The stored times of one opt-in: opted_in_at, deadline, send_at, next_attempt_at.
+async fn stored_times(sql: &tokio_postgres::Client, login_id: &str) -> [OffsetDateTime; 4] {
+    let row = sql
+        .query_one(
+            "SELECT opted_in_at, deadline, send_at, next_attempt_at FROM optins \
+             WHERE page_id = $1 AND login_id = $2",
+            &[&PAGE, &login_id],
+        )
+        .await
+        .expect("opt-in row");
+    [row.get(0), row.get(1), row.get(2), row.get(3)]
+}
+
+/// `t` at millisecond precision, as it travels in webhook timestamps.
+fn to_ms(t: OffsetDateTime) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms(t)) * 1_000_000).expect("time")
 }
 
 #[tokio::test]
@@ -180,6 +213,148 @@ async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_b
     );
     let sql = env.sql().await;
     assert_eq!(optin_state(&sql, "REFUSED").await, None);
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
+#[tokio::test]
+async fn an_earlier_duplicate_moves_a_pending_deadline_earlier_and_never_later() {
+    let env = TestEnv::new().await;
+    let (ingest, _stop_ingest) = env.start_ingest().await;
+    let mut config = env.scheduler_config();
+    // Nothing is due for an hour, so the opt-ins stay pending while the duplicates arrive.
+    config.send_delay_secs = 3600;
+    let delay = Duration::from_secs(3600);
+    let (scheduler, stop) = env.start_scheduler(config).await;
+    let sql = env.sql().await;
+    let t = to_ms(OffsetDateTime::now_utc());
+    let early = t - Duration::from_secs(200);
+
+    // A row in flight (`sending`, leased elsewhere) and a pending row with a retry planned,
+    // both opted in at `t`.
+    for (login_id, state, attempts, next) in [
+        ("INFLIGHT", "sending", 1, t + delay),
+        ("RETRYING", "pending", 1, t + 2 * delay),
+    ] {
+        sql.execute(
+            "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, \
+                 attempts, next_attempt_at, lease_owner, lease_expires_at) \
+             VALUES ($1, $2, $3, $3::timestamptz + interval '24 hours', \
+                 $3::timestamptz + interval '1 hour', $4, $5, $6, \
+                 CASE WHEN $4 = 'sending' THEN 'elsewhere' END, \
+                 CASE WHEN $4 = 'sending' THEN now() + interval '1 hour' END)",
+            &[&PAGE, &login_id, &t, &state, &attempts, &next],
+        )
+        .await
+        .expect("insert");
+    }
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "E1", t)])).await,
+        200
+    );
+    eventually(WAIT, "E1 recorded", || async {
+        optin_state(&sql, "E1").await.is_some()
+    })
+    .await;
+    assert_eq!(
+        stored_times(&sql, "E1").await,
+        [t, t + DAY, t + delay, t + delay]
+    );
+
+    let items = ["E1", "INFLIGHT", "RETRYING"]
+        .iter()
+        .map(|l| optin_item(PAGE, l, early))
+        .collect();
+    assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
+    eventually(WAIT, "three duplicates recorded", || async {
+        metrics(scheduler.metrics_addr)
+            .await
+            .contains("scheduler_optins_recorded_total{result=\"duplicate\"} 3")
+    })
+    .await;
+    assert_eq!(
+        stored_times(&sql, "E1").await,
+        [early, early + DAY, early + delay, early + delay],
+        "the earliest known opt-in time wins"
+    );
+    assert_eq!(
+        stored_times(&sql, "RETRYING").await,
+        [early, early + DAY, early + delay, t + 2 * delay],
+        "times move earlier; the planned retry keeps its time"
+    );
+    assert_eq!(
+        stored_times(&sql, "INFLIGHT").await,
+        [t, t + DAY, t + delay, t + delay],
+        "a row whose call may be in flight is left alone"
+    );
+
+    // A later duplicate never moves anything later.
+    let later = t + Duration::from_secs(100);
+    assert_eq!(
+        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "E1", later)])).await,
+        200
+    );
+    eventually(WAIT, "the fourth duplicate recorded", || async {
+        metrics(scheduler.metrics_addr)
+            .await
+            .contains("scheduler_optins_recorded_total{result=\"duplicate\"} 4")
+    })
+    .await;
+    assert_eq!(
+        stored_times(&sql, "E1").await,
+        [early, early + DAY, early + delay, early + delay]
+    );
+    assert!(env.graph.send_calls().is_empty(), "nothing was due");
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
+#[tokio::test]
+async fn a_login_event_recorded_first_leaves_metas_earlier_deadline() {
+    let env = TestEnv::new().await;
+    let (ingest, _stop_ingest) = login_common::start_ingest(&env.vhost, login_args(None)).await;
+    let mut config = env.scheduler_config();
+    config.send_delay_secs = 3600;
+    let (scheduler, stop) = env.start_scheduler(config).await;
+    let sql = env.sql().await;
+    let login_id = login_id_for("5559001", PAGE);
+    // The business's clock runs ahead: its login time is 200 s after Meta's opt-in time.
+    let t = to_ms(OffsetDateTime::now_utc());
+    let meta_time = t - Duration::from_secs(200);
+    let login = login_event_body("5559001", PAGE, t);
+    let (status, answer) = post_login_event(&ingest, &login, Some(&sign_now(&login))).await;
+    assert_eq!(status, 200, "{answer}");
+    eventually(WAIT, "the login event recorded", || async {
+        optin_state(&sql, &login_id).await.is_some()
+    })
+    .await;
+    assert_eq!(stored_times(&sql, &login_id).await[1], t + DAY);
+
+    assert_eq!(
+        post_signed(
+            &ingest,
+            body(PAGE, vec![optin_item(PAGE, &login_id, meta_time)])
+        )
+        .await,
+        200
+    );
+    eventually(WAIT, "Meta's opt-in recorded as a duplicate", || async {
+        metrics(scheduler.metrics_addr)
+            .await
+            .contains("scheduler_optins_recorded_total{result=\"duplicate\"} 1")
+    })
+    .await;
+    let [opted_in_at, deadline, _, _] = stored_times(&sql, &login_id).await;
+    assert_eq!(opted_in_at, meta_time);
+    assert_eq!(
+        deadline,
+        meta_time + DAY,
+        "Meta's deadline, the earlier one"
+    );
+    assert_eq!(
+        optin_state(&sql, &login_id).await.as_deref(),
+        Some("pending")
+    );
     stop.trigger();
     scheduler.task.await.expect("stopped");
 }

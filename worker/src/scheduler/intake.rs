@@ -1,8 +1,9 @@
 //! Recording opt-ins consumed from `scheduler.optins`, a batch per transaction.
 //!
-//! A redelivered or duplicated opt-in changes nothing (see [`record::record_optin`]). Opt-ins
-//! due now are announced to the dispatcher in-process right after the commit, so the first
-//! message goes out within milliseconds; polling covers later sends and other replicas.
+//! A redelivered or duplicated opt-in changes nothing, or moves a pending opt-in's deadline
+//! earlier (see [`record::record_optin`]). Opt-ins due now are announced to the dispatcher
+//! in-process right after the commit, so the first message goes out within milliseconds;
+//! polling covers later sends and other replicas.
 //!
 //! One hostile opt-in must never stop the others. Its ids and time are checked before the
 //! database ([`decode`]); if the database still refuses one row (SQLSTATE classes 22, 23, 54)
@@ -129,6 +130,12 @@ pub async fn record_batch(
             Recorded::Pending { due_now } => {
                 due |= due_now;
                 "pending"
+            }
+            Recorded::Advanced { due_now } => {
+                due |= due_now;
+                tracing::info!(page_id = %optin.page_id, login_id = %login_id_label(&optin.login_id), opted_in_at = %optin.opted_in_at, "duplicate opt-in with an earlier time: deadline moved earlier");
+                // Still the same opt-in: counted as a duplicate.
+                "duplicate"
             }
             Recorded::Duplicate => "duplicate",
             Recorded::Replied => "replied",

@@ -1,5 +1,6 @@
 //! Recording an opt-in as it arrives: one row per (page, login_id) and window, idempotent
-//! under redelivery, with the replies-first, expired and unknown-page rules.
+//! under redelivery, with the replies-first, expired and unknown-page rules, and the
+//! earliest-time rule for duplicates of a pending opt-in.
 //!
 //! Nothing here panics on input: the deadline arithmetic is checked, stored values are read
 //! with `try_get`, and an opt-in that can never be recorded comes back as a
@@ -158,6 +159,12 @@ pub enum Recorded {
     },
     /// Inside the window of an opt-in already recorded: nothing changed.
     Duplicate,
+    /// A duplicate with an earlier time than the pending opt-in recorded: its times moved
+    /// earlier (the earliest known opt-in time wins); `due_now` as for `Pending`.
+    Advanced {
+        /// True when its (moved) next attempt time has come.
+        due_now: bool,
+    },
     /// The person already replied (linked): recorded as replied, nothing will be sent.
     Replied,
     /// Already past its last send time: recorded as expired with its event.
@@ -168,6 +175,17 @@ pub enum Recorded {
 
 /// Records one opt-in inside the caller's transaction (see the module doc of the scheduler
 /// for the rules: one message per window, replies first, expired and unknown pages).
+///
+/// A duplicate of a `pending` opt-in that carries an earlier time moves its `opted_in_at`,
+/// `deadline` and `send_at` earlier (never later): whichever source is recorded first — a
+/// login event, whose clock may run ahead, or a webhook redelivered late — the deadline is
+/// the one of the earliest known opt-in time, so the message never goes out after Meta's
+/// window closed. `next_attempt_at` moves with `send_at` only while it is still the first
+/// attempt's time (`attempts = 0` and equal to `send_at`): a planned retry or a release
+/// (page paused) keeps its own time, and the claim and `expire_overdue` read the moved
+/// deadline anyway. A row in `sending` is left alone (a call may be in flight under its
+/// claim), as is any finished row. An earlier time whose own window ended before the stored
+/// opt-in began is a late delivery of an older window, not the same opt-in: nothing moves.
 pub async fn record_optin(
     tx: &Transaction<'_>,
     optin: &NewOptin,
@@ -246,7 +264,7 @@ pub async fn record_optin(
     if inserted.is_none() {
         let existing = tx
             .query_one(
-                "SELECT state, deadline, attempts FROM optins \
+                "SELECT state, deadline, attempts, opted_in_at FROM optins \
                  WHERE page_id = $1 AND login_id = $2 FOR UPDATE",
                 &[&optin.page_id, &optin.login_id],
             )
@@ -254,12 +272,18 @@ pub async fn record_optin(
         let existing_state: OptinState = column(&existing, 0, "optins", "state")?;
         let existing_deadline: OffsetDateTime = column(&existing, 1, "optins", "deadline")?;
         let existing_attempts: i32 = column(&existing, 2, "optins", "attempts")?;
+        let existing_opted_in_at: OffsetDateTime = column(&existing, 3, "optins", "opted_in_at")?;
         // Meta sends its opt-in webhook once per person (again only after
         // `reset_messenger_state`); a business backend may report every login. So only a
         // webhook opt-in may open a new window over an existing row, or a person who logs in
         // daily would get a "first" message daily.
         if optin.opted_in_at < existing_deadline || optin.source == LOGIN_EVENT_SOURCE {
-            return Ok(Recorded::Duplicate);
+            let same_optin_earlier =
+                optin.opted_in_at < existing_opted_in_at && existing_opted_in_at < deadline;
+            if existing_state != OptinState::Pending || !same_optin_earlier {
+                return Ok(Recorded::Duplicate);
+            }
+            return advance(tx, optin, deadline, send_at, now).await;
         }
         // A new window (e.g. after `reset_messenger_state=1` in development).
         match existing_state {
@@ -326,6 +350,49 @@ pub async fn record_optin(
         insert_outbox(&**tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
     }
     Ok(outcome)
+}
+
+/// Moves a pending opt-in (locked by the caller) to the earlier times of a duplicate (see
+/// [`record_optin`] for the rule). The stored `source` and trace stay those of the first
+/// record: the row is still the same opt-in.
+async fn advance(
+    tx: &Transaction<'_>,
+    optin: &NewOptin,
+    deadline: OffsetDateTime,
+    send_at: OffsetDateTime,
+    now: OffsetDateTime,
+) -> Result<Recorded, RecordError> {
+    let moved = tx
+        .query_opt(
+            concat!(
+                "UPDATE optins SET opted_in_at = $3, deadline = $4, \
+                 next_attempt_at = CASE WHEN attempts = 0 AND next_attempt_at = send_at \
+                     THEN $5 ELSE next_attempt_at END, \
+                 send_at = $5, updated_at = $6 \
+                 WHERE page_id = $1 AND login_id = $2 AND opted_in_at > $3 AND state = ",
+                lc_shared::state_sql!(pending),
+                " RETURNING next_attempt_at"
+            ),
+            &[
+                &optin.page_id,
+                &optin.login_id,
+                &optin.opted_in_at,
+                &deadline,
+                &send_at,
+                &now,
+            ],
+        )
+        .await?;
+    Ok(match moved {
+        Some(r) => {
+            let next: OffsetDateTime = column(&r, 0, "optins", "next_attempt_at")?;
+            Recorded::Advanced {
+                due_now: next <= now,
+            }
+        }
+        // Unreachable under the caller's row lock; nothing changed either way.
+        None => Recorded::Duplicate,
+    })
 }
 
 #[cfg(test)]
