@@ -1,21 +1,28 @@
 //! Intake against hostile and out-of-order input (issue 13 items 5 and 6): one bad opt-in is
 //! dead-lettered with its reason and never stops the opt-ins behind it or beside it in a
-//! batch; a duplicate with an earlier time moves a pending opt-in's deadline earlier, never
-//! later.
+//! batch; a task that panics anyway is restarted, and `/readyz` fails until it is back; a
+//! duplicate with an earlier time moves a pending opt-in's deadline earlier, never later.
 
 mod login_common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lc_meta::webhook::{EventKind, QueuedEvent};
+use lc_shared::amqp::BrokerLink;
+use lc_shared::shutdown::Shutdown;
 use lc_shared::{amqp, topology};
-use lc_testkit::harness::consume_n;
+use lc_testkit::harness::{TestVhost, consume_n};
 use lc_testkit::pipeline::{
     PAGE, TestEnv, body, eventually, ms, optin_item, optin_state, post_signed,
 };
+use lc_worker::runtime::process;
 use login_common::{login_args, login_event_body, login_id_for, post_login_event, sign_now};
 use time::OffsetDateTime;
 use time::macros::datetime;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
 
 const WAIT: Duration = Duration::from_secs(20);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -43,6 +50,15 @@ async fn metrics(addr: std::net::SocketAddr) -> String {
         .text()
         .await
         .expect("text")
+}
+
+/// The status of a worker's `/readyz`.
+async fn readyz(addr: std::net::SocketAddr) -> u16 {
+    reqwest::get(format!("http://{addr}/readyz"))
+        .await
+        .expect("readyz")
+        .status()
+        .as_u16()
 }
 
 /// The stored times of one opt-in: opted_in_at, deadline, send_at, next_attempt_at.
@@ -133,12 +149,81 @@ async fn a_nul_login_id_and_a_year_9999_timestamp_are_dead_lettered_and_the_next
         .expect("count")
         .get(0);
     assert_eq!(rows, 1, "nothing recorded for the hostile opt-ins");
-    let ready = reqwest::get(format!("http://{}/readyz", scheduler.metrics_addr))
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), 200);
+    assert_eq!(readyz(scheduler.metrics_addr).await, 200);
+    let text = metrics(scheduler.metrics_addr).await;
+    assert!(
+        text.contains("worker_task_up{task=\"scheduler.optins consumer\"} 1")
+            && text.contains("worker_task_restarts_total{task=\"scheduler.optins consumer\"} 0"),
+        "the consumer never stopped: {text}"
+    );
     stop.trigger();
     scheduler.task.await.expect("stopped");
+}
+
+/// After item 5 no input makes intake panic, so the restart is shown with a task that panics
+/// once on cue, supervised as the consumers are, behind the workers' real `/readyz` server
+/// and a real broker link.
+#[tokio::test]
+async fn a_supervised_task_that_panics_is_restarted_and_readyz_fails_until_it_is_back() {
+    let vhost = TestVhost::create();
+    let link = BrokerLink::start(&vhost.url(), "readyz-test", 2);
+    link.wait_ready(WAIT).await.expect("broker link");
+    let registry = prometheus::Registry::new();
+    let shutdown = Shutdown::new();
+    let mut tasks = JoinSet::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    // The test's cues: first run up, panic now, second run started, come back, back.
+    let cues: [Arc<Notify>; 5] = Default::default();
+    {
+        let (runs, cues, stop) = (runs.clone(), cues.clone(), shutdown.clone());
+        process::spawn_supervised(&mut tasks, &registry, "flaky", &shutdown, move |up| {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            let (cues, stop) = (cues.clone(), stop.clone());
+            async move {
+                let [first_up, panic_now, restarted, come_back, back] = &cues;
+                if n == 0 {
+                    up.up();
+                    first_up.notify_one();
+                    panic_now.notified().await;
+                    panic!("a bug met some input");
+                }
+                restarted.notify_one();
+                come_back.notified().await;
+                up.up();
+                back.notify_one();
+                stop.wait().await;
+            }
+        })
+        .expect("supervised");
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    process::spawn_http(&mut tasks, listener, registry, &link, &shutdown);
+    let [first_up, panic_now, restarted, come_back, back] = &cues;
+
+    first_up.notified().await;
+    assert_eq!(readyz(addr).await, 200);
+    panic_now.notify_one();
+    restarted.notified().await;
+    assert_eq!(readyz(addr).await, 503, "not ready until the task is back");
+    let text = metrics(addr).await;
+    assert!(
+        text.contains("worker_task_up{task=\"flaky\"} 0")
+            && text.contains("worker_task_restarts_total{task=\"flaky\"} 1"),
+        "{text}"
+    );
+    come_back.notify_one();
+    back.notified().await;
+    assert_eq!(readyz(addr).await, 200);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "restarted once");
+
+    shutdown.trigger();
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("the supervisor and the server end normally");
+    }
+    link.close().await;
 }
 
 /// A queued opt-in as ingest would publish it, with `source` as given.
