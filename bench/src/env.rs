@@ -223,3 +223,16 @@ pub async fn stop<T>(shutdown: &Shutdown, task: tokio::task::JoinHandle<T>) {
         abort.abort();
     }
 }
+
+/// Gives `pages` a state row with an unlimited send budget (rows already there keep theirs:
+/// a scheduler started by the suite writes its own `PAGE_RATE_LIMIT`).
+pub async fn unlimited_pages(sql: &tokio_postgres::Client, pages: &[String]) -> anyhow::Result<()> {
+    sql.execute(
+        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), 0 \
+         ON CONFLICT (page_id) DO NOTHING",
+        &[&pages],
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("page state: {e}"))?;
+    Ok(())
+}

@@ -189,13 +189,7 @@ async fn bulk_insert(
     n: usize,
 ) -> anyhow::Result<()> {
     // Unlimited send budget: the suite measures the database, not a page's rate.
-    sql.execute(
-        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), 0 \
-         ON CONFLICT (page_id) DO NOTHING",
-        &[&pages],
-    )
-    .await
-    .context("page state")?;
+    crate::env::unlimited_pages(sql, pages).await?;
     sql.execute(
         "WITH s AS MATERIALIZED ( \
              SELECT i, now() - random() * interval '24 hours' AS o, \

@@ -178,14 +178,7 @@ pub async fn insert_due(
     n: usize,
     opted_in_at: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    // Unlimited send budget for pages the suite creates (the scheduler sets its own rate).
-    sql.execute(
-        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), 0 \
-         ON CONFLICT (page_id) DO NOTHING",
-        &[&pages],
-    )
-    .await
-    .context("page state")?;
+    crate::env::unlimited_pages(sql, pages).await?;
     sql.execute(
         "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
          SELECT ($1::text[])[1 + (i % array_length($1::text[], 1))], $2::text || i, $3::timestamptz, \

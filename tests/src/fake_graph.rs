@@ -322,8 +322,8 @@ impl FakeGraph {
         self.shared.lock().latency = d;
     }
 
-    /// Fails this ratio (0.0..=1.0) of sends at random, half as a bare 503 and half as a
-    /// code 2 error; reseeds the generator with [`FAILURE_SEED`] so runs repeat exactly.
+    /// Fails this ratio (0.0..=1.0) of sends at random, half as a code 1200 error (HTTP 503)
+    /// and half as a code 2 error (HTTP 500), both Graph's own retryable failures; reseeds the generator with [`FAILURE_SEED`] so runs repeat exactly.
     pub fn set_failure_rate(&self, transient_ratio: f64) {
         let mut state = self.shared.lock();
         state.failure_rate = transient_ratio.clamp(0.0, 1.0);

@@ -3,10 +3,14 @@
 //! - [`fake_graph`]: a fake Graph API (HTTP server) standing in for Meta's Send API, with
 //!   Meta's rules, scripted faults and a record of every call.
 //! - [`harness`]: a RabbitMQ vhost and a PostgreSQL database per test, removed afterwards.
-//! - [`pipeline`]: starting ingest and the workers in-process against those, and helpers to
-//!   post signed deliveries and watch public events.
+//! - [`pipeline`]: [`pipeline::TestEnv`], the one environment of every test (a vhost, a
+//!   database, a fake Graph and a pages file), starting ingest and the workers in-process
+//!   against it, posting signed deliveries and watching public events.
+//! - [`login`]: the Login half (login events, data deletion) on top of a `TestEnv`.
+//! - [`contract`]: the published JSON Schemas every captured event is checked against.
 
 pub mod contract;
 pub mod fake_graph;
 pub mod harness;
+pub mod login;
 pub mod pipeline;

@@ -3,38 +3,60 @@
 //! to PSIDs, and its relay publishes `identity.linked` on `loginconnect.events`, where a test
 //! queue captures every event and checks it against the published schemas.
 
-#[path = "correlator/env.rs"]
-mod env;
-
 use std::time::Duration;
 
-use env::{
-    CAPTURE, Env, PAGE, WAIT, count, eventually, insert_optin, link_of, ms, optin_state, reply,
-    time_of,
-};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lc_shared::amqp::header_str;
 use lc_shared::telemetry::TraceParent;
 use lc_shared::topology;
-use lc_testkit::harness::{consume_n, queue_depth};
+use lc_testkit::harness::queue_depth;
+use lc_testkit::pipeline::{
+    PAGE, Pipeline, TestEnv, WAIT, count, eventually, insert_optin, insert_sent_optin, link_of,
+    metrics_text, ms, optin_replied, text_reply_item, time_of,
+};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
+/// The routing key of every event the correlator publishes.
+const LINKED: &str = "identity.linked";
+
+/// Ingest running, every public event captured on the returned queue, and the tables
+/// created (tests insert opt-ins whether or not the correlator runs yet). The correlator is
+/// started by each test: after posting, when it wants the replies to reach it in one batch.
+async fn setup() -> (TestEnv, String, Pipeline) {
+    let env = TestEnv::new().await;
+    let capture = env.capture_events(&["#"]).await;
+    let pipeline = env.pipeline().start().await;
+    env.migrated_pool(1).await;
+    (env, capture, pipeline)
+}
+
+/// [`setup`] with the correlator running.
+async fn running() -> (TestEnv, String, Pipeline) {
+    let (env, capture, mut pipeline) = setup().await;
+    pipeline.start_correlator(&env).await;
+    (env, capture, pipeline)
+}
+
+/// A text reply to [`PAGE`] carrying `prior_message` with the documented `identifier` key.
+fn reply(psid: &str, mid: &str, login_id: &str, at: OffsetDateTime) -> Value {
+    text_reply_item(PAGE, psid, mid, login_id, at)
+}
+
 #[tokio::test]
 async fn reply_after_a_pending_optin_links_once_and_marks_it_replied() {
-    let mut env = Env::new().await;
-    env.start_correlator().await;
-    let db = env.db().await;
+    let (env, capture, mut p) = running().await;
+    let db = env.sql().await;
     let opted_in_at = datetime!(2023-11-14 22:00:00.250 UTC);
     let replied = datetime!(2023-11-14 22:05:00.500 UTC);
-    insert_optin(&db, "L1", "pending", opted_in_at).await;
+    insert_optin(&db, PAGE, "L1", opted_in_at, "pending").await;
 
-    env.post(vec![reply("PSID1", "m_1", "L1", replied)]).await;
-    let got = consume_n(&env.events, CAPTURE, 1, WAIT).await;
+    p.deliver(vec![reply("PSID1", "m_1", "L1", replied)]).await;
+    let got = env.deliveries(&capture, 1, WAIT).await;
     assert_eq!(got.len(), 1, "identity.linked published");
-    let event = env.contract.check_delivery(&got[0]);
+    let event = env.contract().check_delivery(&got[0]);
     assert_eq!(got[0].routing_key.as_str(), "identity.linked");
     assert_eq!(event["type"], "com.loginconnect.identity.linked");
     assert_eq!(event["source"], "/loginconnect/correlator");
@@ -56,7 +78,7 @@ async fn reply_after_a_pending_optin_links_once_and_marks_it_replied() {
         ("PSID1".into(), replied, Some("m_1".into()))
     );
     assert_eq!(
-        optin_state(&db, "L1").await,
+        optin_replied(&db, "L1").await,
         ("replied".into(), Some(replied))
     );
     let finished: Option<OffsetDateTime> = db
@@ -65,45 +87,52 @@ async fn reply_after_a_pending_optin_links_once_and_marks_it_replied() {
         .expect("row")
         .get(0);
     assert!(finished.is_some(), "replied is terminal");
-    env.wait_processed(1).await;
-    assert_eq!(env.replies("linked"), 1);
-    assert!(env.all_events().await.is_empty(), "exactly one event");
-    env.stop().await;
+    p.wait_processed(1).await;
+    assert_eq!(p.replies("linked"), 1);
+    assert!(
+        env.remaining_events(&capture, LINKED).await.is_empty(),
+        "exactly one event"
+    );
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn reply_to_a_sent_optin_keeps_it_sent_and_records_the_reply() {
-    let mut env = Env::new().await;
-    env.start_correlator().await;
-    let db = env.db().await;
+    let (env, capture, mut p) = running().await;
+    let db = env.sql().await;
     let opted_in_at = datetime!(2023-11-14 22:00:00 UTC);
     let replied = datetime!(2023-11-14 23:00:00 UTC);
-    insert_optin(&db, "L2", "sent", opted_in_at).await;
+    insert_sent_optin(&db, PAGE, "L2", opted_in_at).await;
 
-    env.post(vec![reply("PSID2", "m_2", "L2", replied)]).await;
-    let got = consume_n(&env.events, CAPTURE, 1, WAIT).await;
+    p.deliver(vec![reply("PSID2", "m_2", "L2", replied)]).await;
+    let got = env.deliveries(&capture, 1, WAIT).await;
     assert_eq!(got.len(), 1);
-    let event = env.contract.check_delivery(&got[0]);
+    let event = env.contract().check_delivery(&got[0]);
     assert_eq!(event["data"]["psid"], "PSID2");
     assert_eq!(time_of(&event["data"]["opted_in_at"]), Some(opted_in_at));
 
     assert_eq!(link_of(&db, "L2").await.0, "PSID2");
-    assert_eq!(optin_state(&db, "L2").await, ("sent".into(), Some(replied)));
-    assert!(env.all_events().await.is_empty(), "exactly one event");
-    env.stop().await;
+    assert_eq!(
+        optin_replied(&db, "L2").await,
+        ("sent".into(), Some(replied))
+    );
+    assert!(
+        env.remaining_events(&capture, LINKED).await.is_empty(),
+        "exactly one event"
+    );
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn reply_before_the_optin_keeps_the_link_and_says_opted_in_at_null() {
-    let mut env = Env::new().await;
-    env.start_correlator().await;
-    let db = env.db().await;
+    let (env, capture, mut p) = running().await;
+    let db = env.sql().await;
     let replied = datetime!(2023-11-14 22:05:00 UTC);
 
-    env.post(vec![reply("PSID3", "m_3", "L3", replied)]).await;
-    let got = consume_n(&env.events, CAPTURE, 1, WAIT).await;
+    p.deliver(vec![reply("PSID3", "m_3", "L3", replied)]).await;
+    let got = env.deliveries(&capture, 1, WAIT).await;
     assert_eq!(got.len(), 1);
-    let event = env.contract.check_delivery(&got[0]);
+    let event = env.contract().check_delivery(&got[0]);
     assert_eq!(event["data"]["login_id"], "L3");
     assert_eq!(event["data"]["opted_in_at"], Value::Null);
     assert_eq!(
@@ -111,22 +140,25 @@ async fn reply_before_the_optin_keeps_the_link_and_says_opted_in_at_null() {
         ("PSID3".into(), replied, Some("m_3".into()))
     );
     assert_eq!(count(&db, "SELECT count(*) FROM optins").await, 0);
-    assert!(env.all_events().await.is_empty(), "exactly one event");
-    env.stop().await;
+    assert!(
+        env.remaining_events(&capture, LINKED).await.is_empty(),
+        "exactly one event"
+    );
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn redeliveries_repeats_and_every_reply_shape_link_once_each() {
-    let mut env = Env::new().await;
+    let (env, capture, mut p) = setup().await;
     let t = datetime!(2023-11-14 22:05:00 UTC);
     // Posted before the correlator runs, so the copies wait on the queue and arrive together
     // (one batch: the second insert of a login_id sees the first's row in the same transaction).
     let same = reply("PSID4", "m_4", "L4", t);
     for _ in 0..3 {
-        env.post(vec![same.clone()]).await;
+        p.deliver(vec![same.clone()]).await;
     }
     // A later reply repeating prior_message (a new mid) must not relink either.
-    env.post(vec![reply(
+    p.deliver(vec![reply(
         "PSID4",
         "m_4b",
         "L4",
@@ -134,7 +166,7 @@ async fn redeliveries_repeats_and_every_reply_shape_link_once_each() {
     )])
     .await;
     // A postback with prior_message, and a quick reply whose prior_message uses `login_id`.
-    env.post(vec![
+    p.deliver(vec![
         json!({"sender": {"id": "PSID5"}, "recipient": {"id": PAGE}, "timestamp": ms(t),
                "postback": {"mid": "m_5", "title": "Get Started", "payload": "GET_STARTED"},
                "prior_message": {"source": "login_connect", "identifier": "L5"}}),
@@ -144,11 +176,11 @@ async fn redeliveries_repeats_and_every_reply_shape_link_once_each() {
                "prior_message": {"source": "checkbox_plugin", "login_id": "L6"}}),
     ])
     .await;
-    env.start_correlator().await;
-    env.wait_processed(6).await;
-    let db = env.db().await;
+    p.start_correlator(&env).await;
+    p.wait_processed(6).await;
+    let db = env.sql().await;
 
-    let events = env.all_events().await;
+    let events = env.remaining_events(&capture, LINKED).await;
     let mut linked: Vec<(String, String, String)> = events
         .iter()
         .map(|e| {
@@ -170,45 +202,44 @@ async fn redeliveries_repeats_and_every_reply_shape_link_once_each() {
     assert_eq!(count(&db, "SELECT count(*) FROM links").await, 3);
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 3);
     assert_eq!(count(&db, "SELECT count(*) FROM link_conflicts").await, 0);
-    assert_eq!(env.replies("linked"), 3);
-    assert_eq!(env.replies("duplicate"), 3);
+    assert_eq!(p.replies("linked"), 3);
+    assert_eq!(p.replies("duplicate"), 3);
 
     // Redelivered again much later (a new batch): still nothing new.
-    env.post(vec![same]).await;
-    env.wait_processed(7).await;
-    assert_eq!(env.replies("duplicate"), 4);
-    assert!(env.all_events().await.is_empty());
+    p.deliver(vec![same]).await;
+    p.wait_processed(7).await;
+    assert_eq!(p.replies("duplicate"), 4);
+    assert!(env.remaining_events(&capture, LINKED).await.is_empty());
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 3);
-    env.stop().await;
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn a_second_psid_for_a_linked_login_id_is_recorded_as_a_conflict() {
-    let mut env = Env::new().await;
-    env.start_correlator().await;
-    let db = env.db().await;
+    let (env, capture, mut p) = running().await;
+    let db = env.sql().await;
     let t = datetime!(2023-11-14 22:05:00 UTC);
 
-    env.post(vec![reply("PSID_FIRST", "m_7", "L7", t)]).await;
-    assert_eq!(consume_n(&env.events, CAPTURE, 1, WAIT).await.len(), 1);
-    env.wait_processed(1).await;
-    env.post(vec![reply(
+    p.deliver(vec![reply("PSID_FIRST", "m_7", "L7", t)]).await;
+    assert_eq!(env.deliveries(&capture, 1, WAIT).await.len(), 1);
+    p.wait_processed(1).await;
+    p.deliver(vec![reply(
         "PSID_OTHER",
         "m_8",
         "L7",
         t + Duration::from_secs(5),
     )])
     .await;
-    env.wait_processed(2).await;
+    p.wait_processed(2).await;
     // Seen again (a redelivery): one conflict row, counted once.
-    env.post(vec![reply(
+    p.deliver(vec![reply(
         "PSID_OTHER",
         "m_8",
         "L7",
         t + Duration::from_secs(5),
     )])
     .await;
-    env.wait_processed(3).await;
+    p.wait_processed(3).await;
 
     assert_eq!(
         link_of(&db, "L7").await.0,
@@ -230,8 +261,8 @@ async fn a_second_psid_for_a_linked_login_id_is_recorded_as_a_conflict() {
         conflicts[0].get::<_, Option<String>>(2).as_deref(),
         Some("m_8")
     );
-    assert_eq!(env.replies("conflict"), 2);
-    let text = env.metrics_text().await;
+    assert_eq!(p.replies("conflict"), 2);
+    let text = metrics_text(p.correlator().metrics_addr).await;
     assert!(
         text.lines()
             .any(|l| l == "correlator_link_conflicts_total 1"),
@@ -239,41 +270,41 @@ async fn a_second_psid_for_a_linked_login_id_is_recorded_as_a_conflict() {
     );
     assert!(text.contains("correlator_replies_total{result=\"conflict\"} 2"));
     assert!(
-        env.all_events().await.is_empty(),
+        env.remaining_events(&capture, LINKED).await.is_empty(),
         "a conflict announces nothing"
     );
-    env.stop().await;
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn a_message_without_prior_message_is_acked_and_counted_only() {
-    let mut env = Env::new().await;
-    env.start_correlator().await;
-    let db = env.db().await;
-    env.post(vec![
+    let (env, _capture, mut p) = running().await;
+    let db = env.sql().await;
+    p.deliver(vec![
         json!({"sender": {"id": "PSID9"}, "recipient": {"id": PAGE},
                          "timestamp": 1_700_000_000_000_i64,
                          "message": {"mid": "m_9", "text": "hello"}}),
     ])
     .await;
-    env.wait_processed(1).await;
-    assert_eq!(env.replies("no_prior_message"), 1);
+    p.wait_processed(1).await;
+    assert_eq!(p.replies("no_prior_message"), 1);
     assert_eq!(count(&db, "SELECT count(*) FROM links").await, 0);
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 0);
-    let ch = env.events.create_channel().await.expect("channel");
+    let conn = env.vhost.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
     let dlq = topology::dead_letter_queue(topology::CORRELATOR_QUEUE);
     assert_eq!(queue_depth(&ch, &dlq).await, 0);
     // Acked, not just processed: once the correlator is gone, nothing is back on the queue.
-    env.stop().await;
+    p.stop().await;
     assert_eq!(queue_depth(&ch, topology::CORRELATOR_QUEUE).await, 0);
     assert_eq!(queue_depth(&ch, &dlq).await, 0);
 }
 
 #[tokio::test]
 async fn undecodable_messages_go_to_the_dead_letter_queue_with_the_reason() {
-    let mut env = Env::new().await;
-    env.start_correlator().await;
-    let ch = env.events.create_channel().await.expect("channel");
+    let (env, capture, mut p) = running().await;
+    let conn = env.vhost.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
     let publish = |body: Vec<u8>| {
         let ch = ch.clone();
         async move {
@@ -299,7 +330,7 @@ async fn undecodable_messages_go_to_the_dead_letter_queue_with_the_reason() {
     publish(serde_json::to_vec(&mismatched).expect("json")).await;
 
     let dlq = topology::dead_letter_queue(topology::CORRELATOR_QUEUE);
-    let dead = consume_n(&env.events, &dlq, 2, WAIT).await;
+    let dead = env.deliveries(&dlq, 2, WAIT).await;
     assert_eq!(dead.len(), 2, "both dead-lettered");
     let reasons: Vec<String> = dead
         .iter()
@@ -319,18 +350,18 @@ async fn undecodable_messages_go_to_the_dead_letter_queue_with_the_reason() {
     );
 
     // The queue is not blocked: a good reply after them is linked.
-    env.post(vec![reply(
+    p.deliver(vec![reply(
         "PSID11",
         "m_11",
         "L11",
         datetime!(2023-11-14 22:05:00 UTC),
     )])
     .await;
-    let got = consume_n(&env.events, CAPTURE, 1, WAIT).await;
+    let got = env.deliveries(&capture, 1, WAIT).await;
     assert_eq!(got.len(), 1);
-    env.contract.check_delivery(&got[0]);
-    assert_eq!(env.correlator().metrics.dead_lettered.get(), 2);
-    env.stop().await;
+    env.contract().check_delivery(&got[0]);
+    assert_eq!(p.correlator().metrics.dead_lettered.get(), 2);
+    p.stop().await;
     assert_eq!(
         queue_depth(&ch, topology::CORRELATOR_QUEUE).await,
         0,
@@ -340,24 +371,24 @@ async fn undecodable_messages_go_to_the_dead_letter_queue_with_the_reason() {
 
 #[tokio::test]
 async fn data_the_database_can_never_store_is_dead_lettered_and_the_rest_of_the_batch_commits() {
-    let mut env = Env::new().await;
-    let db = env.db().await;
+    let (env, capture, mut p) = setup().await;
+    let db = env.sql().await;
     // A constraint standing in for any deterministic refusal of one message's data.
     db.batch_execute("ALTER TABLE links ADD CONSTRAINT no_poison CHECK (psid <> 'PSID_POISON')")
         .await
         .expect("constraint");
     let t = datetime!(2023-11-14 22:05:00 UTC);
     // One body, posted before the correlator runs: the three replies share one batch.
-    env.post(vec![
+    p.deliver(vec![
         reply("PSID_GOOD", "m_13", "L13", t),
         reply("PSID_POISON", "m_14", "L14", t),
         reply("PSID_NUL", "m_15", "L15\u{0}x", t),
     ])
     .await;
-    env.start_correlator().await;
+    p.start_correlator(&env).await;
 
     let dlq = topology::dead_letter_queue(topology::CORRELATOR_QUEUE);
-    let dead = consume_n(&env.events, &dlq, 2, WAIT).await;
+    let dead = env.deliveries(&dlq, 2, WAIT).await;
     assert_eq!(dead.len(), 2, "the two bad replies are dead-lettered");
     let mut reasons: Vec<String> = dead
         .iter()
@@ -366,33 +397,32 @@ async fn data_the_database_can_never_store_is_dead_lettered_and_the_rest_of_the_
     reasons.sort();
     assert!(reasons[0].contains("NUL character"), "{}", reasons[0]);
     assert!(reasons[1].contains("SQLSTATE 23514"), "{}", reasons[1]);
-    let got = consume_n(&env.events, CAPTURE, 1, WAIT).await;
+    let got = env.deliveries(&capture, 1, WAIT).await;
     assert_eq!(got.len(), 1, "the good reply is linked");
-    let event = env.contract.check_delivery(&got[0]);
+    let event = env.contract().check_delivery(&got[0]);
     assert_eq!(event["data"]["login_id"], "L13");
     assert_eq!(count(&db, "SELECT count(*) FROM links").await, 1);
-    assert!(env.all_events().await.is_empty());
-    env.stop().await;
+    assert!(env.remaining_events(&capture, LINKED).await.is_empty());
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn database_trouble_retries_the_batch_instead_of_dead_lettering_it() {
-    let mut env = Env::new().await;
-    env.start_correlator().await;
-    let db = env.db().await;
+    let (env, capture, mut p) = running().await;
+    let db = env.sql().await;
     // Make every link insert fail, as an outage would, without touching other tests.
     db.batch_execute("ALTER TABLE links RENAME TO links_away")
         .await
         .expect("rename");
-    env.post(vec![reply(
+    p.deliver(vec![reply(
         "PSID12",
         "m_12",
         "L12",
         datetime!(2023-11-14 22:05:00 UTC),
     )])
     .await;
-    let metrics = env.correlator().metrics.clone();
-    eventually("the batch failed at least once", || {
+    let metrics = p.correlator().metrics.clone();
+    eventually(WAIT, "the batch failed at least once", || {
         let metrics = metrics.clone();
         async move { metrics.batch_failures.get() >= 1 }
     })
@@ -401,13 +431,14 @@ async fn database_trouble_retries_the_batch_instead_of_dead_lettering_it() {
         .await
         .expect("rename back");
 
-    let got = consume_n(&env.events, CAPTURE, 1, Duration::from_secs(30)).await;
+    let got = env.deliveries(&capture, 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "linked once the database is back");
-    env.contract.check_delivery(&got[0]);
+    env.contract().check_delivery(&got[0]);
     assert_eq!(link_of(&db, "L12").await.0, "PSID12");
-    let ch = env.events.create_channel().await.expect("channel");
+    let conn = env.vhost.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
     let dlq = topology::dead_letter_queue(topology::CORRELATOR_QUEUE);
     assert_eq!(queue_depth(&ch, &dlq).await, 0, "nothing dead-lettered");
-    assert_eq!(env.correlator().metrics.dead_lettered.get(), 0);
-    env.stop().await;
+    assert_eq!(p.correlator().metrics.dead_lettered.get(), 0);
+    p.stop().await;
 }

@@ -6,15 +6,11 @@
 
 use std::time::Duration;
 
-use lc_testkit::harness::consume_n;
-use lc_testkit::pipeline::{PAGE, TestEnv, insert_optin, optin_state};
+use lc_testkit::pipeline::{PAGE, TestEnv, claim, expire_leases, insert_optin, optin_state};
 use lc_worker::scheduler::store;
 use lc_worker::scheduler::store::call_start::CallCheck;
 use lc_worker::scheduler::store::rescue::{Rescued, UnknownOutcome};
-use serde_json::Value;
 use time::OffsetDateTime;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 /// A migrated pool on the test's database and a plain connection for assertions.
 async fn store_env() -> (TestEnv, deadpool_postgres::Pool, tokio_postgres::Client) {
@@ -22,35 +18,6 @@ async fn store_env() -> (TestEnv, deadpool_postgres::Pool, tokio_postgres::Clien
     let pool = env.migrated_pool(4).await;
     let sql = env.sql().await;
     (env, pool, sql)
-}
-
-/// Claims every due row for `owner` (no safety margin, no send budget limit).
-async fn claim(
-    client: &mut deadpool_postgres::Client,
-    owner: &str,
-    lease: Duration,
-) -> Vec<store::claim::Claimed> {
-    // Every page with opt-ins gets an unlimited send budget (this test is not about rates).
-    client
-        .execute(
-            "INSERT INTO page_state (page_id, rate_limit) SELECT DISTINCT page_id, 0 FROM optins \
-             ON CONFLICT (page_id) DO NOTHING",
-            &[],
-        )
-        .await
-        .expect("page state");
-    store::claim::claim_due(client, &store::claim::ClaimRequest::new(owner, lease, 10))
-        .await
-        .expect("claim")
-}
-
-async fn expire_leases(sql: &tokio_postgres::Client) {
-    sql.execute(
-        "UPDATE optins SET lease_expires_at = now() - interval '1 second' WHERE state = 'sending'",
-        &[],
-    )
-    .await
-    .expect("expire leases");
 }
 
 #[tokio::test]
@@ -68,12 +35,7 @@ async fn a_worker_killed_between_claim_and_call_leaves_the_optin_to_be_sent() {
     let mut config = env.scheduler_config();
     config.unknown_outcome = UnknownOutcome::Fail;
     let (scheduler, stop) = env.start_scheduler(config).await;
-    let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
-        .await
-        .iter()
-        .map(|d| serde_json::from_slice(&d.data).expect("cloudevent json"))
-        .collect();
+    let got = env.events(&events, 1).await;
     stop.trigger();
     scheduler.task.await.expect("stopped");
     assert_eq!(got.len(), 1);

@@ -3,22 +3,15 @@
 //! events announce it, and the status URL goes from `pending` to `completed`. Bad requests
 //! are refused and queue nothing; a redelivered request changes nothing.
 
-mod login_common;
-
-use std::time::Duration;
-
 use lc_ingest::RunningIngest;
 use lc_meta::login::deletion::{DELETION_QUEUE, DeletionIdentity, DeletionRequest};
 use lc_meta::login::signed_request::sign_request;
 use lc_testkit::contract::load_schema;
-use lc_testkit::harness::consume_n;
-use lc_testkit::pipeline::{APP_SECRET, PAGE, TestEnv, eventually};
+use lc_testkit::login::{OTHER_PAGE, STATUS_BASE, login_id_for};
+use lc_testkit::pipeline::{APP_SECRET, PAGE, TestEnv, WAIT, event_json, eventually, metrics_text};
 use lc_worker::deletion::{Applied, apply};
-use login_common::{OTHER_PAGE, STATUS_BASE, depth, login_id_for, start_login_ingest};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-
-const WAIT: Duration = Duration::from_secs(20);
 const ASID: &str = "7770001";
 const OTHER_ASID: &str = "7770002";
 
@@ -31,7 +24,7 @@ fn signed_request_for(asid: &str, secret: &str) -> String {
 }
 
 async fn post_form(ingest: &RunningIngest, form: &[(&str, &str)]) -> (u16, Value) {
-    login_common::post_form(ingest, "/data-deletion", form).await
+    lc_testkit::login::post_form(ingest, "/data-deletion", form).await
 }
 
 async fn status(ingest: &RunningIngest, code: &str) -> (u16, Value) {
@@ -91,7 +84,7 @@ async fn a_deletion_request_deletes_announces_and_reports_completion() {
     let env = TestEnv::new().await;
     let events = env.capture_events(&["identity.deleted"]).await;
     let (scheduler, _stop) = env.start_scheduler(env.scheduler_config()).await;
-    let (ingest, _stop_ingest) = start_login_ingest(&env).await;
+    let (ingest, _stop_ingest) = env.start_login_ingest().await;
     let sql = env.sql().await;
     let login_id = login_id_for(ASID, PAGE);
     let other_person = login_id_for(OTHER_ASID, PAGE);
@@ -113,8 +106,7 @@ async fn a_deletion_request_deletes_announces_and_reports_completion() {
         format!("{}data-deletion/{code}", STATUS_BASE).as_str()
     );
 
-    let conn = env.vhost.connect().await;
-    let got = consume_n(&conn, &events, 2, WAIT).await;
+    let got = env.deliveries(&events, 2, WAIT).await;
     assert_eq!(got.len(), 2, "one identity.deleted per configured page");
     let (envelope, data_schema) = (
         validator("cloudevent.json"),
@@ -123,7 +115,7 @@ async fn a_deletion_request_deletes_announces_and_reports_completion() {
     let mut by_page = std::collections::BTreeMap::new();
     for d in &got {
         assert_eq!(d.routing_key.as_str(), "identity.deleted");
-        let ev: Value = serde_json::from_slice(&d.data).expect("json");
+        let ev = event_json(d);
         let problems: Vec<String> = envelope
             .iter_errors(&ev)
             .chain(data_schema.iter_errors(&ev["data"]))
@@ -162,7 +154,7 @@ async fn a_deletion_request_deletes_announces_and_reports_completion() {
         "another person's rows are kept"
     );
 
-    let metrics = login_common::metrics_text(scheduler.metrics_addr).await;
+    let metrics = metrics_text(scheduler.metrics_addr).await;
     assert!(metrics.contains("scheduler_data_deletions_total{result=\"completed\"} 1"));
 }
 
@@ -170,7 +162,7 @@ async fn a_deletion_request_deletes_announces_and_reports_completion() {
 async fn status_is_pending_until_the_scheduler_ran() {
     let env = TestEnv::new().await;
     env.migrated_pool(2).await;
-    let (ingest, _stop_ingest) = start_login_ingest(&env).await;
+    let (ingest, _stop_ingest) = env.start_login_ingest().await;
 
     let (s, answer) = post_form(
         &ingest,
@@ -183,7 +175,7 @@ async fn status_is_pending_until_the_scheduler_ran() {
         .expect("code")
         .to_owned();
     assert_eq!(
-        depth(&env.vhost, DELETION_QUEUE).await,
+        env.depth(DELETION_QUEUE).await,
         1,
         "stored before the answer"
     );
@@ -201,14 +193,14 @@ async fn status_is_pending_until_the_scheduler_ran() {
     .await;
     let (_, report) = status(&ingest, &code).await;
     assert_eq!(report["deleted"], 0, "nothing was stored for this person");
-    assert_eq!(depth(&env.vhost, DELETION_QUEUE).await, 0);
+    assert_eq!(env.depth(DELETION_QUEUE).await, 0);
 }
 
 #[tokio::test]
 async fn bad_requests_are_refused_and_queue_nothing() {
     let env = TestEnv::new().await;
     env.migrated_pool(2).await;
-    let (ingest, _stop_ingest) = start_login_ingest(&env).await;
+    let (ingest, _stop_ingest) = env.start_login_ingest().await;
 
     let good = signed_request_for(ASID, APP_SECRET);
     let (sig, payload) = good.split_once('.').expect("dot");
@@ -287,7 +279,7 @@ async fn bad_requests_are_refused_and_queue_nothing() {
         400,
         "only Meta's form encoding"
     );
-    assert_eq!(depth(&env.vhost, DELETION_QUEUE).await, 0);
+    assert_eq!(env.depth(DELETION_QUEUE).await, 0);
 
     // Codes are authenticated: made-up or altered codes are unknown, not "pending".
     let (_, answer) = post_form(&ingest, &[("signed_request", &good)]).await;

@@ -3,24 +3,21 @@
 //! opt-in (one Send API call, one `first_message.sent`) in either order and concurrently;
 //! unauthenticated, replayed and invalid requests are refused and publish nothing.
 
-mod login_common;
-
 use std::time::Duration;
 
 use lc_ingest::RunningIngest;
 use lc_meta::login::event_signature::sign_login_event;
 use lc_shared::topology;
-use lc_testkit::harness::consume_n;
-use lc_testkit::pipeline::{PAGE, TestEnv, body, eventually, optin_item, post_signed};
-use lc_worker::scheduler::RunningScheduler;
-use login_common::{
-    APP_ID, LOGIN_SECRET, OTHER_PAGE, depth, login_args, login_event_body, login_id_for,
-    metrics_text, post_login_event, sign_now, start_ingest,
+use lc_testkit::login::{
+    APP_ID, LOGIN_SECRET, OTHER_PAGE, login_args, login_event_body, login_id_for, post_form,
+    post_login_event, sign_now,
 };
+use lc_testkit::pipeline::{
+    PAGE, Pipeline, TestEnv, WAIT, body, eventually, metrics_text, ms, optin_item, post_signed,
+};
+use lc_worker::scheduler::RunningScheduler;
 use serde_json::Value;
 use time::OffsetDateTime;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 /// Both paths delivered for one login: exactly one Send API call to `login_id` and one
 /// `first_message.sent`, and the second opt-in recorded as a duplicate.
@@ -46,14 +43,15 @@ async fn assert_one_message(
         },
     )
     .await;
-    let conn = env.vhost.connect().await;
-    let first = consume_n(&conn, events_queue, 1, WAIT).await;
+    let first = env.events(events_queue, 1).await;
     assert_eq!(first.len(), 1, "one first_message event");
-    let ev: Value = serde_json::from_slice(&first[0].data).expect("json");
+    let ev = &first[0];
     assert_eq!(ev["type"], "com.loginconnect.first_message.sent");
     assert_eq!(ev["data"]["login_id"], login_id);
     // Nothing else follows: give the relay several polls to publish a second event.
-    let more = consume_n(&conn, events_queue, 1, Duration::from_secs(2)).await;
+    let more = env
+        .deliveries(events_queue, 1, Duration::from_secs(2))
+        .await;
     assert!(
         more.is_empty(),
         "a second first_message event was published"
@@ -73,13 +71,18 @@ async fn assert_one_message(
     assert_eq!(row.get::<_, i64>(1), 1);
 }
 
-async fn setup() -> (TestEnv, String, RunningIngest, RunningScheduler) {
+/// Ingest with login events on and a scheduler, the first-message events captured on the
+/// returned queue. The services stop with the test's runtime.
+async fn setup() -> (TestEnv, String, Pipeline) {
     let env = TestEnv::new().await;
     let events = env.capture_events(&["first_message.*"]).await;
-    // The services stop with the test's runtime; their shutdown handles are not needed.
-    let (ingest, _) = start_ingest(&env.vhost, login_args(None)).await;
-    let (scheduler, _) = env.start_scheduler(env.scheduler_config()).await;
-    (env, events, ingest, scheduler)
+    let pipeline = env
+        .pipeline()
+        .login(login_args(None))
+        .scheduler(env.scheduler_config())
+        .start()
+        .await;
+    (env, events, pipeline)
 }
 
 async fn post_login(ingest: &RunningIngest, asid: &str, at: OffsetDateTime) -> Value {
@@ -91,27 +94,27 @@ async fn post_login(ingest: &RunningIngest, asid: &str, at: OffsetDateTime) -> V
 
 #[tokio::test]
 async fn webhook_first_then_login_event_sends_once() {
-    let (env, events, ingest, scheduler) = setup().await;
+    let (env, events, p) = setup().await;
     let login_id = login_id_for("5550001", PAGE);
     let now = OffsetDateTime::now_utc();
     let delivery = body(PAGE, vec![optin_item(PAGE, &login_id, now)]);
-    assert_eq!(post_signed(&ingest, delivery).await, 200);
+    assert_eq!(post_signed(&p.ingest, delivery).await, 200);
     env.graph
         .wait_for_send_calls(1, WAIT)
         .await
         .expect("sent after the webhook");
-    let answer = post_login(&ingest, "5550001", now + Duration::from_secs(3)).await;
+    let answer = post_login(&p.ingest, "5550001", now + Duration::from_secs(3)).await;
     assert_eq!(answer["login_id"], login_id.as_str());
     assert_eq!(answer["page_id"], PAGE);
-    assert_one_message(&env, &scheduler, &events, &login_id).await;
+    assert_one_message(&env, p.scheduler(), &events, &login_id).await;
 }
 
 #[tokio::test]
 async fn login_event_first_then_webhook_sends_once() {
-    let (env, events, ingest, scheduler) = setup().await;
+    let (env, events, p) = setup().await;
     let login_id = login_id_for("5550002", PAGE);
     let now = OffsetDateTime::now_utc();
-    let answer = post_login(&ingest, "5550002", now).await;
+    let answer = post_login(&p.ingest, "5550002", now).await;
     assert_eq!(answer["login_id"], login_id.as_str());
     env.graph
         .wait_for_send_calls(1, WAIT)
@@ -132,24 +135,24 @@ async fn login_event_first_then_webhook_sends_once() {
         PAGE,
         vec![optin_item(PAGE, &login_id, now + Duration::from_secs(5))],
     );
-    assert_eq!(post_signed(&ingest, delivery).await, 200);
-    assert_one_message(&env, &scheduler, &events, &login_id).await;
+    assert_eq!(post_signed(&p.ingest, delivery).await, 200);
+    assert_one_message(&env, p.scheduler(), &events, &login_id).await;
 }
 
 #[tokio::test]
 async fn webhook_and_login_event_at_once_send_once() {
-    let (env, events, ingest, scheduler) = setup().await;
+    let (env, events, p) = setup().await;
     let login_id = login_id_for("5550003", PAGE);
     let now = OffsetDateTime::now_utc();
     let delivery = body(PAGE, vec![optin_item(PAGE, &login_id, now)]);
     let login_body = login_event_body("5550003", PAGE, now);
     let signature = sign_now(&login_body);
     let (webhook, (login, _)) = tokio::join!(
-        post_signed(&ingest, delivery),
-        post_login_event(&ingest, &login_body, Some(&signature)),
+        post_signed(&p.ingest, delivery),
+        post_login_event(&p.ingest, &login_body, Some(&signature)),
     );
     assert_eq!((webhook, login), (200, 200));
-    assert_one_message(&env, &scheduler, &events, &login_id).await;
+    assert_one_message(&env, p.scheduler(), &events, &login_id).await;
 }
 
 #[tokio::test]
@@ -158,7 +161,7 @@ async fn unauthenticated_replayed_and_invalid_events_publish_nothing() {
     let mut args = login_args(None);
     // A short skew so the replay below is observable without waiting five minutes.
     args.login_events_max_skew_secs = 2;
-    let (ingest, _stop) = start_ingest(&env.vhost, args).await;
+    let (ingest, _stop) = env.start_ingest_with_login(args).await;
     let now = OffsetDateTime::now_utc();
     let body = login_event_body("5550004", PAGE, now);
 
@@ -190,7 +193,7 @@ async fn unauthenticated_replayed_and_invalid_events_publish_nothing() {
         let error = json["error"].as_str().unwrap_or_default();
         assert!(error.contains(message), "{what}: {error}");
     }
-    assert_eq!(depth(&env.vhost, topology::SCHEDULER_QUEUE).await, 0);
+    assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 0);
 
     // Authentic but unusable bodies: 400 for malformed, 422 for values we cannot accept.
     let invalid: Vec<(&str, Vec<u8>, u16, &str)> = vec![
@@ -204,7 +207,7 @@ async fn unauthenticated_replayed_and_invalid_events_publish_nothing() {
         (
             "unknown app",
             serde_json::to_vec(&serde_json::json!({"asid": "1", "app_id": "999",
-                "page_id": PAGE, "logged_in_at": login_common::ms(now)}))
+                "page_id": PAGE, "logged_in_at": ms(now)}))
             .expect("json"),
             422,
             "unknown app_id 999",
@@ -230,14 +233,14 @@ async fn unauthenticated_replayed_and_invalid_events_publish_nothing() {
         let error = json["error"].as_str().unwrap_or_default();
         assert!(error.contains(message), "{what}: {error}");
     }
-    assert_eq!(depth(&env.vhost, topology::SCHEDULER_QUEUE).await, 0);
+    assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 0);
 
     // A valid event is accepted once; the same request replayed after the skew is refused.
     let other = login_event_body("5550004", OTHER_PAGE, now);
     let signature = sign_now(&other);
     let (status, json) = post_login_event(&ingest, &other, Some(&signature)).await;
     assert_eq!(status, 200, "{json}");
-    assert_eq!(depth(&env.vhost, topology::SCHEDULER_QUEUE).await, 1);
+    assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 1);
     tokio::time::sleep(Duration::from_millis(3200)).await;
     let (status, json) = post_login_event(&ingest, &other, Some(&signature)).await;
     assert_eq!(status, 401, "replay: {json}");
@@ -246,14 +249,9 @@ async fn unauthenticated_replayed_and_invalid_events_publish_nothing() {
             .as_str()
             .is_some_and(|e| e.contains("away from now"))
     );
-    assert_eq!(depth(&env.vhost, topology::SCHEDULER_QUEUE).await, 1);
+    assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 1);
 
-    let metrics = reqwest::get(format!("http://{}/metrics", ingest.addr))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(ingest.addr).await;
     assert!(
         metrics.contains("ingest_login_events_total{result=\"accepted\"} 1"),
         "{metrics}"
@@ -274,8 +272,7 @@ async fn the_login_routes_answer_404_unless_configured() {
             .is_some_and(|e| e.contains("LOGIN_EVENTS_SECRETS"))
     );
     let http = reqwest::Client::new();
-    let (status, _) =
-        login_common::post_form(&ingest, "/data-deletion", &[("signed_request", "a.b")]).await;
+    let (status, _) = post_form(&ingest, "/data-deletion", &[("signed_request", "a.b")]).await;
     assert_eq!(status, 404);
     let status = http
         .get(format!(
@@ -287,21 +284,21 @@ async fn the_login_routes_answer_404_unless_configured() {
         .await
         .expect("get");
     assert_eq!(status.status().as_u16(), 404);
-    assert_eq!(depth(&env.vhost, topology::SCHEDULER_QUEUE).await, 0);
+    assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 0);
 }
 
 #[tokio::test]
 async fn a_login_days_after_the_first_window_does_not_message_again() {
     // The business backend reports every login; Meta's opt-in fires once. A later login must
     // not open a new window and send a second "first" message.
-    let (env, _events, ingest, scheduler) = setup().await;
+    let (env, _events, p) = setup().await;
     let login_id = login_id_for("5550009", PAGE);
     let sql = env.sql().await;
     let three_days_ago = OffsetDateTime::now_utc() - Duration::from_secs(3 * 86_400);
     lc_testkit::pipeline::insert_optin(&sql, PAGE, &login_id, three_days_ago, "sent").await;
-    post_login(&ingest, "5550009", OffsetDateTime::now_utc()).await;
+    post_login(&p.ingest, "5550009", OffsetDateTime::now_utc()).await;
     eventually(WAIT, "the login recorded as a duplicate", || async {
-        metrics_text(scheduler.metrics_addr)
+        metrics_text(p.scheduler().metrics_addr)
             .await
             .contains("scheduler_optins_recorded_total{result=\"duplicate\"} 1")
     })

@@ -4,9 +4,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lc_testkit::fake_graph::FakeResponse;
-use lc_testkit::harness::consume_n;
-use lc_testkit::pipeline::{PAGE, TestEnv, body, optin_item, post_signed, reply_item};
-use lc_worker::correlator::CorrelatorConfig;
+use lc_testkit::pipeline::{
+    PAGE, TestEnv, body, metrics_text, optin_item, post_signed, reply_item,
+};
 use time::OffsetDateTime;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -37,26 +37,18 @@ async fn every_documented_metric_is_exported_after_a_demo_flow() {
 
     let env = TestEnv::new().await;
     let events = env.capture_events(&["identity.linked"]).await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
-    let (scheduler, stop_scheduler) = env.start_scheduler(env.scheduler_config()).await;
-    let correlator = lc_worker::correlator::start(
-        CorrelatorConfig {
-            worker: env.worker_args(),
-            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-        },
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-        lc_shared::shutdown::Shutdown::new(),
-    )
-    .await
-    .expect("correlator");
+    let mut p = env
+        .pipeline()
+        .scheduler(env.scheduler_config())
+        .correlator()
+        .start()
+        .await;
 
     // One transient error on the way, as in real life.
     env.graph.script("M1", vec![FakeResponse::unexpected()]);
     let now = OffsetDateTime::now_utc();
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "M1", now)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "M1", now)])).await,
         200
     );
     env.graph
@@ -64,20 +56,16 @@ async fn every_documented_metric_is_exported_after_a_demo_flow() {
         .await
         .expect("retried and sent");
     let reply = reply_item(PAGE, "PSID-M1", "m_m1", "M1", now + Duration::from_secs(30));
-    assert_eq!(post_signed(&ingest, body(PAGE, vec![reply])).await, 200);
-    let conn = env.vhost.connect().await;
-    assert_eq!(consume_n(&conn, &events, 1, WAIT).await.len(), 1);
+    assert_eq!(post_signed(&p.ingest, body(PAGE, vec![reply])).await, 200);
+    assert_eq!(env.deliveries(&events, 1, WAIT).await.len(), 1);
 
     let mut exported = String::new();
-    for addr in [ingest.addr, scheduler.metrics_addr, correlator.metrics_addr] {
-        exported.push_str(
-            &reqwest::get(format!("http://{addr}/metrics"))
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("text"),
-        );
+    for addr in [
+        p.ingest.addr,
+        p.scheduler().metrics_addr,
+        p.correlator().metrics_addr,
+    ] {
+        exported.push_str(&metrics_text(addr).await);
     }
     let missing: Vec<&String> = documented
         .iter()
@@ -93,6 +81,5 @@ async fn every_documented_metric_is_exported_after_a_demo_flow() {
     );
     assert!(exported.contains("scheduler_graph_errors_total{code=\"2\",subcode=\"none\"} 1"));
     assert!(exported.contains("correlator_replies_total{result=\"linked\"} 1"));
-    stop_scheduler.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }

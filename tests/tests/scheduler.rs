@@ -5,30 +5,22 @@
 use std::time::Duration;
 
 use lc_testkit::fake_graph::{FakeResponse, TokenSource};
-use lc_testkit::harness::consume_n;
 use lc_testkit::pipeline::{
-    FIRST_TEXT, PAGE, PAGE_TOKEN, TestEnv, body, eventually, optin_item, optin_state, post_signed,
-    write_pages_file,
+    FIRST_TEXT, PAGE, PAGE_TOKEN, TestEnv, WAIT, body, eventually, insert_optin, metrics_text,
+    optin_item, optin_state, post_signed, write_pages_file,
 };
 use serde_json::Value;
 use time::OffsetDateTime;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn event_json(d: &lapin::message::Delivery) -> Value {
-    serde_json::from_slice(&d.data).expect("cloudevent json")
-}
 
 #[tokio::test]
 async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
     let env = TestEnv::new().await;
     let events = env.capture_events(&["first_message.*"]).await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
-    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let mut p = env.start_pipeline(env.scheduler_config()).await;
 
     let now = OffsetDateTime::now_utc();
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await,
         200
     );
     let calls = env
@@ -57,10 +49,9 @@ async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
     );
     assert_eq!(call.body["message"]["quick_replies"][1]["payload"], "AGENT");
 
-    let conn = env.vhost.connect().await;
-    let got = consume_n(&conn, &events, 1, WAIT).await;
+    let got = env.events(&events, 1).await;
     assert_eq!(got.len(), 1);
-    let ev = event_json(&got[0]);
+    let ev = &got[0];
     assert_eq!(ev["type"], "com.loginconnect.first_message.sent");
     assert_eq!(ev["data"]["login_id"], "L1");
     assert_eq!(ev["data"]["page_id"], PAGE);
@@ -75,22 +66,17 @@ async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
     // and a redelivery: all duplicates.
     let later = now + Duration::from_secs(30);
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "L1", now)])).await,
         200
     );
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "L1", later)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "L1", later)])).await,
         200
     );
-    let metrics_url = format!("http://{}/metrics", scheduler.metrics_addr);
     eventually(WAIT, "two duplicates recorded", || async {
-        let text = reqwest::get(&metrics_url)
+        metrics_text(p.scheduler().metrics_addr)
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        text.contains("scheduler_optins_recorded_total{result=\"duplicate\"} 2")
+            .contains("scheduler_optins_recorded_total{result=\"duplicate\"} 2")
     })
     .await;
     assert_eq!(env.graph.send_calls().len(), 1, "still exactly one call");
@@ -105,8 +91,7 @@ async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
         .expect("count")
         .get(0);
     assert_eq!(outbox, 1);
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }
 
 #[tokio::test]
@@ -161,12 +146,11 @@ async fn two_schedulers_send_a_thousand_optins_once_each() {
 async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_in_time() {
     let env = TestEnv::new().await;
     let events = env.capture_events(&["first_message.*"]).await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
     let mut config = env.scheduler_config();
     config.retry_base_ms = 200;
     config.retry_jitter = false;
     let margin = Duration::from_secs(config.safety_margin_secs);
-    let (scheduler, stop) = env.start_scheduler(config).await;
+    let mut p = env.start_pipeline(config).await;
     let now = OffsetDateTime::now_utc();
     let day = Duration::from_secs(86_400);
 
@@ -176,20 +160,18 @@ async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_
     // Four seconds of sending time left, and Graph failing transiently throughout.
     let short = now - day + margin + Duration::from_secs(4);
     env.graph
-        .script("SHORT", vec![FakeResponse::ServerError(503); 50]);
+        .script("SHORT", vec![FakeResponse::unexpected(); 50]);
     let items = vec![
         optin_item(PAGE, "STALE", stale),
         optin_item(PAGE, "MARGIN", in_margin),
         optin_item(PAGE, "SHORT", short),
     ];
-    assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
+    assert_eq!(post_signed(&p.ingest, body(PAGE, items)).await, 200);
 
-    let conn = env.vhost.connect().await;
-    let got = consume_n(&conn, &events, 3, WAIT).await;
+    let got = env.events(&events, 3).await;
     assert_eq!(got.len(), 3);
     let mut expired: Vec<String> = got
         .iter()
-        .map(event_json)
         .inspect(|e| assert_eq!(e["type"], "com.loginconnect.first_message.expired"))
         .map(|e| {
             e["data"]["login_id"]
@@ -217,7 +199,6 @@ async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_
     }
     let short_event = got
         .iter()
-        .map(event_json)
         .find(|e| e["data"]["login_id"] == "SHORT")
         .expect("short");
     assert_eq!(short_event["data"]["attempts"], calls.len());
@@ -228,8 +209,7 @@ async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_
     );
     let sql = env.sql().await;
     assert_eq!(optin_state(&sql, "SHORT").await.as_deref(), Some("expired"));
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }
 
 #[tokio::test]
@@ -245,13 +225,7 @@ async fn earliest_deadline_goes_first_under_a_throttled_graph() {
     let ages_minutes = [30, 300, 5, 600, 120, 45, 900, 1, 480, 60];
     for (i, age) in ages_minutes.iter().enumerate() {
         let opted = now - Duration::from_secs(age * 60);
-        sql.execute(
-            "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
-             VALUES ($1, $2, $3, $3::timestamptz + interval '24 hours', $3, 'pending', $3)",
-            &[&PAGE, &format!("L{i}"), &opted],
-        )
-        .await
-        .expect("insert");
+        insert_optin(&sql, PAGE, &format!("L{i}"), opted, "pending").await;
     }
     env.graph.set_latency(Duration::from_millis(20));
     let mut config = env.scheduler_config();
@@ -283,16 +257,20 @@ async fn earliest_deadline_goes_first_under_a_throttled_graph() {
 async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are_not() {
     let env = TestEnv::new().await;
     let events = env.capture_events(&["first_message.*"]).await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
     let mut config = env.scheduler_config();
     config.retry_base_ms = 150;
     config.retry_jitter = false;
-    let (scheduler, stop) = env.start_scheduler(config).await;
+    let mut p = env.start_pipeline(config).await;
 
     env.graph.script(
         "FLAKY",
         vec![
-            FakeResponse::ServerError(502),
+            FakeResponse::Error {
+                http_status: 503,
+                code: 2,
+                subcode: None,
+                message: "Service temporarily unavailable".into(),
+            },
             FakeResponse::unexpected(),
             FakeResponse::Error {
                 http_status: 400,
@@ -333,14 +311,9 @@ async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are
     let now = OffsetDateTime::now_utc();
     let mut items = vec![optin_item(PAGE, "FLAKY", now)];
     items.extend(permanent.iter().map(|(l, _)| optin_item(PAGE, l, now)));
-    assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
+    assert_eq!(post_signed(&p.ingest, body(PAGE, items)).await, 200);
 
-    let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 4, WAIT)
-        .await
-        .iter()
-        .map(event_json)
-        .collect();
+    let got: Vec<Value> = env.events(&events, 4).await;
     assert_eq!(got.len(), 4);
     let by_login = |l: &str| {
         got.iter()
@@ -391,20 +364,18 @@ async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are
         gaps.windows(2).all(|w| w[1] > w[0]),
         "delays grow: {gaps:?}"
     );
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }
 
 #[tokio::test]
 async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
     let env = TestEnv::new().await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
     // Graph now expects another token than ours.
     env.graph.set_token(PAGE, "EAAG-rotated-token");
-    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let mut p = env.start_pipeline(env.scheduler_config()).await;
     let now = OffsetDateTime::now_utc();
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "T1", now)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "T1", now)])).await,
         200
     );
     let calls = env
@@ -413,13 +384,7 @@ async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
         .await
         .expect("first call");
     assert_eq!(calls[0].outcome, "error:190");
-    let metrics_url = format!("http://{}/metrics", scheduler.metrics_addr);
-    let text = reqwest::get(&metrics_url)
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = metrics_text(p.scheduler().metrics_addr).await;
     assert!(
         text.contains(&format!("scheduler_paused_pages{{page_id=\"{PAGE}\"}} 1")),
         "{text}"
@@ -427,7 +392,7 @@ async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
 
     // More opt-ins for the paused page wait; nothing is lost and no attempts are burnt.
     let items = vec![optin_item(PAGE, "T2", now), optin_item(PAGE, "T3", now)];
-    assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
+    assert_eq!(post_signed(&p.ingest, body(PAGE, items)).await, 200);
     let sql = env.sql().await;
     eventually(WAIT, "T2 and T3 recorded", || async {
         optin_state(&sql, "T2").await.is_some() && optin_state(&sql, "T3").await.is_some()
@@ -470,16 +435,14 @@ async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
         all
     })
     .await;
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }
 
 #[tokio::test]
 async fn unknown_pages_fail_once_and_replies_first_mean_no_message() {
     let env = TestEnv::new().await;
     let events = env.capture_events(&["first_message.*"]).await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
-    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let mut p = env.start_pipeline(env.scheduler_config()).await;
     let sql = env.sql().await;
     let now = OffsetDateTime::now_utc();
     // The correlator saw the reply first.
@@ -490,18 +453,17 @@ async fn unknown_pages_fail_once_and_replies_first_mean_no_message() {
     .await
     .expect("link");
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "R1", now)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "R1", now)])).await,
         200
     );
     assert_eq!(
-        post_signed(&ingest, body("999", vec![optin_item("999", "U1", now)])).await,
+        post_signed(&p.ingest, body("999", vec![optin_item("999", "U1", now)])).await,
         200
     );
 
-    let conn = env.vhost.connect().await;
-    let got = consume_n(&conn, &events, 1, WAIT).await;
+    let got = env.events(&events, 1).await;
     assert_eq!(got.len(), 1);
-    let ev = event_json(&got[0]);
+    let ev = &got[0];
     assert_eq!(ev["type"], "com.loginconnect.first_message.failed");
     assert_eq!(ev["data"]["reason"], "unknown_page");
     assert_eq!(ev["data"]["page_id"], "999");
@@ -511,6 +473,5 @@ async fn unknown_pages_fail_once_and_replies_first_mean_no_message() {
     .await;
     assert_eq!(optin_state(&sql, "R1").await.as_deref(), Some("replied"));
     assert!(env.graph.send_calls().is_empty(), "nothing sent");
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }

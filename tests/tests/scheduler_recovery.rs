@@ -5,19 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lc_testkit::harness::consume_n;
 use lc_testkit::pipeline::{
-    PAGE, TestEnv, body, eventually, insert_optin, optin_item, optin_state, post_signed,
+    PAGE, TestEnv, WAIT, body, claim, eventually, expire_leases, insert_optin, optin_item,
+    optin_state, post_signed,
 };
 use lc_worker::scheduler::store::rescue::UnknownOutcome;
 use serde_json::Value;
 use time::OffsetDateTime;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn event_json(d: &lapin::message::Delivery) -> Value {
-    serde_json::from_slice(&d.data).expect("cloudevent json")
-}
 
 async fn crash_inside_the_window(policy: UnknownOutcome) -> (TestEnv, Vec<Value>) {
     let env = TestEnv::new().await;
@@ -52,12 +46,7 @@ async fn crash_inside_the_window(policy: UnknownOutcome) -> (TestEnv, Vec<Value>
     } else {
         1
     };
-    let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
-        .await
-        .iter()
-        .map(event_json)
-        .collect();
+    let got = env.events(&events, 1).await;
     if policy == UnknownOutcome::Retry {
         env.graph
             .wait_for_send_calls(want, WAIT)
@@ -98,24 +87,11 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
     let now = OffsetDateTime::now_utc();
     insert_optin(&sql, PAGE, "F1", now, "pending").await;
     let mut client = pool.get().await.expect("client");
-    store::pages::ensure(&client, &[PAGE], 0)
-        .await
-        .expect("page state");
     let lease = Duration::from_secs(30);
-    let old = store::claim::claim_due(
-        &mut client,
-        &store::claim::ClaimRequest::new("worker-a", lease, 10),
-    )
-    .await
-    .expect("claim");
+    let old = claim(&mut client, "worker-a", lease).await;
     assert_eq!(old.len(), 1);
     // Worker A stalls; its lease runs out and the rescuer hands the row to worker B.
-    sql.execute(
-        "UPDATE optins SET lease_expires_at = now() - interval '1 second'",
-        &[],
-    )
-    .await
-    .expect("expire lease");
+    expire_leases(&sql).await;
     let rescued = store::rescue::rescue_expired_leases(&mut client, UnknownOutcome::Retry, 10)
         .await
         .expect("rescue");
@@ -127,12 +103,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
             unknown: 0
         }
     );
-    let new = store::claim::claim_due(
-        &mut client,
-        &store::claim::ClaimRequest::new("worker-b", lease, 10),
-    )
-    .await
-    .expect("claim");
+    let new = claim(&mut client, "worker-b", lease).await;
     assert_eq!(new.len(), 1);
     assert!(new[0].fence > old[0].fence);
 
@@ -193,31 +164,23 @@ async fn a_login_id_messaged_through_one_page_is_refused_for_another() {
     .await
     .expect("insert");
     let events = env.capture_events(&["first_message.*"]).await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
-    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let mut p = env.start_pipeline(env.scheduler_config()).await;
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "X1", now)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "X1", now)])).await,
         200
     );
-    let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
-        .await
-        .iter()
-        .map(event_json)
-        .collect();
+    let got = env.events(&events, 1).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["data"]["reason"], "other_page");
     assert!(env.graph.send_calls().is_empty());
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }
 
 #[tokio::test]
 async fn undecodable_messages_are_dead_lettered_with_the_reason_and_do_not_block_the_queue() {
     use lc_shared::{amqp, topology};
     let env = TestEnv::new().await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
-    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let mut p = env.start_pipeline(env.scheduler_config()).await;
     let conn = env.vhost.connect().await;
     let ch = amqp::confirm_channel(&conn).await.expect("channel");
     for garbage in [&b"not json at all"[..], br#"{"page_id":"1","kind":"message","source":"webhook","timestamp_ms":1,"idempotency_key":"k","event":{"sender":{"id":"P"},"recipient":{"id":"1"},"timestamp":1,"message":{"mid":"m","text":"hi"}}}"#] {
@@ -236,7 +199,7 @@ async fn undecodable_messages_are_dead_lettered_with_the_reason_and_do_not_block
     // A valid opt-in behind them still goes out.
     let now = OffsetDateTime::now_utc();
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "AFTER", now)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "AFTER", now)])).await,
         200
     );
     env.graph
@@ -245,7 +208,7 @@ async fn undecodable_messages_are_dead_lettered_with_the_reason_and_do_not_block
         .expect("not blocked");
 
     let dlq = topology::dead_letter_queue(topology::SCHEDULER_QUEUE);
-    let dead = consume_n(&conn, &dlq, 2, WAIT).await;
+    let dead = env.deliveries(&dlq, 2, WAIT).await;
     assert_eq!(dead.len(), 2);
     let reasons: Vec<String> = dead
         .iter()
@@ -265,8 +228,7 @@ async fn undecodable_messages_are_dead_lettered_with_the_reason_and_do_not_block
         amqp::header_str(&dead[0].properties, topology::ORIGIN_QUEUE_HEADER).as_deref(),
         Some(topology::SCHEDULER_QUEUE)
     );
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }
 
 #[tokio::test]
@@ -307,25 +269,19 @@ async fn a_send_that_times_out_is_not_retried_because_it_may_have_been_delivered
     use lc_testkit::fake_graph::FakeResponse;
     let env = TestEnv::new().await;
     let events = env.capture_events(&["first_message.*"]).await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
     let mut config = env.scheduler_config();
     config.graph_timeout_ms = 500;
     config.lease_secs = 2;
     // Graph takes the message but answers after our timeout.
     env.graph
         .script("SLOW", vec![FakeResponse::Hang(Duration::from_secs(2))]);
-    let (scheduler, stop) = env.start_scheduler(config).await;
+    let mut p = env.start_pipeline(config).await;
     let now = OffsetDateTime::now_utc();
     assert_eq!(
-        post_signed(&ingest, body(PAGE, vec![optin_item(PAGE, "SLOW", now)])).await,
+        post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "SLOW", now)])).await,
         200
     );
-    let conn = env.vhost.connect().await;
-    let got: Vec<Value> = consume_n(&conn, &events, 1, WAIT)
-        .await
-        .iter()
-        .map(event_json)
-        .collect();
+    let got = env.events(&events, 1).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["type"], "com.loginconnect.first_message.failed");
     assert_eq!(got[0]["data"]["reason"], "outcome_unknown");
@@ -337,8 +293,7 @@ async fn a_send_that_times_out_is_not_retried_because_it_may_have_been_delivered
         "{got:?}"
     );
     assert_eq!(env.graph.send_calls().len(), 1, "never a second call");
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
 }
 
 #[tokio::test]

@@ -18,14 +18,10 @@ use lc_ingest::IngestConfig;
 use lc_meta::pages::PagesConfig;
 use lc_meta::secret::Secret;
 use lc_meta::signature::{SignatureVerifier, sign_sha256};
-use lc_shared::config::{AmqpArgs, LogArgs};
-use lc_shared::shutdown::Shutdown;
-use lc_shared::telemetry::LogFormat;
 use lc_shared::topology;
 use lc_testkit::fake_graph::{FakeResponse, TokenSource};
-use lc_testkit::harness::{consume_n, take_all};
-use lc_testkit::pipeline::{PAGE, TestEnv, body, optin_item, reply_item};
-use lc_worker::correlator::CorrelatorConfig;
+use lc_testkit::harness::take_all;
+use lc_testkit::pipeline::{PAGE, TestEnv, body, optin_item, reply_item, start_ingest_with};
 use lc_worker::graph::GraphClient;
 use time::OffsetDateTime;
 use tracing_subscriber::EnvFilter;
@@ -116,24 +112,16 @@ quick_replies = [ {{ title = "Talk to an agent", payload = "AGENT" }} ]
     std::fs::write(path, text).expect("write pages file");
 }
 
+/// Ingest accepting this test's secrets (two app secrets, as during a rotation), with a
+/// small body limit so the 413 answer is cheap to provoke.
 fn ingest_config(amqp_url: &str) -> IngestConfig {
-    IngestConfig {
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        app_secrets: vec![Secret::new(APP_SECRET), Secret::new(OLD_APP_SECRET)],
-        verify_token: Secret::new(VERIFY_TOKEN),
-        accept_sha1: false,
-        max_body_bytes: 64 * 1024,
-        confirm_timeout_ms: 5000,
-        request_timeout_ms: 5000,
-        publish_channels: 2,
-        amqp: AmqpArgs {
-            amqp_url: amqp_url.to_owned(),
-        },
-        log: LogArgs {
-            log_format: LogFormat::Text,
-        },
-        login: lc_ingest::login::LoginArgs::default(),
-    }
+    let mut config = lc_testkit::pipeline::ingest_config(amqp_url.to_owned());
+    config.app_secrets = vec![Secret::new(APP_SECRET), Secret::new(OLD_APP_SECRET)];
+    config.verify_token = Secret::new(VERIFY_TOKEN);
+    config.max_body_bytes = 64 * 1024;
+    config.confirm_timeout_ms = 5000;
+    config.request_timeout_ms = 5000;
+    config
 }
 
 async fn get_text(http: &reqwest::Client, url: String) -> (u16, String) {
@@ -168,34 +156,14 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
     env.graph.require_appsecret_proof(PAGE, PROOF_SECRET);
     let capture = env.capture_events(&["#"]).await;
 
+    // Started one by one rather than as a `Pipeline`: the test prints each configuration, and
+    // stops the services without judging how they stop (that is not what it is about).
     let ingest_cfg = ingest_config(&env.vhost.url());
-    let ingest_stop = Shutdown::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let ingest = lc_ingest::start(ingest_cfg.clone(), listener, ingest_stop.clone())
-        .await
-        .expect("start ingest");
-    ingest.broker.wait_ready(WAIT).await.expect("ingest ready");
+    let (ingest, ingest_stop) = start_ingest_with(ingest_cfg.clone()).await;
     let scheduler_cfg = env.scheduler_config();
     let (scheduler, scheduler_stop) = env.start_scheduler(scheduler_cfg.clone()).await;
-    let correlator_cfg = CorrelatorConfig {
-        worker: env.worker_args(),
-        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-    };
-    let correlator_stop = Shutdown::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let correlator =
-        lc_worker::correlator::start(correlator_cfg.clone(), listener, correlator_stop.clone())
-            .await
-            .expect("start correlator");
-    correlator
-        .broker
-        .wait_ready(WAIT)
-        .await
-        .expect("correlator ready");
+    let correlator_cfg = env.correlator_config();
+    let (correlator, correlator_stop) = env.start_correlator().await;
 
     // The handshake, right and wrong.
     let base = format!("http://{}", ingest.addr);
@@ -289,7 +257,7 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
     assert_eq!(r.status(), 200);
     let conn = env.vhost.connect().await;
     // failed (login-echo) and sent ×2 first; the reply after them, so login-ok is `sent`.
-    let mut events = consume_n(&conn, &capture, 3, WAIT).await;
+    let mut events = env.deliveries(&capture, 3, WAIT).await;
     assert_eq!(events.len(), 3, "expected 3 first_message events");
     let reply = body(
         PAGE,
@@ -308,7 +276,7 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
             .status(),
         200
     );
-    events.extend(consume_n(&conn, &capture, 1, WAIT).await);
+    events.extend(env.deliveries(&capture, 1, WAIT).await);
     assert_eq!(events.len(), 4, "expected identity.linked too");
     let garbage = b"not json at all".to_vec();
     assert_eq!(

@@ -1,16 +1,13 @@
 //! One trace from the webhook request through the queue and the database to the Send API call
 //! and the public event, observed with an in-memory span exporter.
 
-use std::time::Duration;
-
 use lc_shared::amqp::header_str;
 use lc_shared::telemetry::{LogFormat, TraceParent, init_with_provider};
-use lc_testkit::harness::consume_n;
-use lc_testkit::pipeline::{PAGE, TestEnv, body, eventually, optin_item, optin_state};
+use lc_testkit::pipeline::{
+    PAGE, TestEnv, WAIT, body, eventually, optin_item, optin_state, post_signed_traced,
+};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use time::OffsetDateTime;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
@@ -24,8 +21,7 @@ async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
 
     let env = TestEnv::new().await;
     let events = env.capture_events(&["first_message.sent"]).await;
-    let (ingest, _stop_ingest) = env.start_ingest().await;
-    let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
+    let mut p = env.start_pipeline(env.scheduler_config()).await;
 
     // The caller (a proxy in front of ingest, say) already started a trace.
     let incoming = TraceParent::new_root();
@@ -33,18 +29,7 @@ async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
         PAGE,
         vec![optin_item(PAGE, "TR1", OffsetDateTime::now_utc())],
     );
-    let status = reqwest::Client::new()
-        .post(format!("http://{}/webhook", ingest.addr))
-        .header(
-            "x-hub-signature-256",
-            lc_meta::signature::sign_sha256(lc_testkit::pipeline::APP_SECRET, &payload),
-        )
-        .header("traceparent", incoming.to_string())
-        .body(payload)
-        .send()
-        .await
-        .expect("post")
-        .status();
+    let status = post_signed_traced(&p.ingest, payload, &incoming.to_string()).await;
     assert_eq!(status, 200);
     env.graph.wait_for_send_calls(1, WAIT).await.expect("sent");
     let sql = env.sql().await;
@@ -54,15 +39,13 @@ async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
     .await;
 
     // The public event carries the same trace.
-    let conn = env.vhost.connect().await;
-    let got = consume_n(&conn, &events, 1, WAIT).await;
+    let got = env.deliveries(&events, 1, WAIT).await;
     assert_eq!(got.len(), 1);
     let header = header_str(&got[0].properties, "traceparent").expect("traceparent on the event");
     let event_trace = TraceParent::parse(&header).expect("valid traceparent");
     assert_eq!(event_trace.trace_id, incoming.trace_id);
 
-    stop.trigger();
-    scheduler.task.await.expect("stopped");
+    p.stop_scheduler().await;
     provider.force_flush().expect("flush");
     let spans = exporter.get_finished_spans().expect("spans");
     let want = opentelemetry::trace::TraceId::from_bytes(incoming.trace_id);

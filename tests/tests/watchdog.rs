@@ -2,19 +2,16 @@
 //! subscription lost our app or a needed field (keeping the other fields), leaves complete
 //! subscriptions alone, counts Graph errors, and runs on one scheduler replica at a time.
 
-mod login_common;
-
 use std::time::Duration;
 
 use lc_meta::pages::PagesConfig;
 use lc_testkit::fake_graph::{FAKE_APP_ID, FakeGraph, FakeSubscription, RecordedCall};
 use lc_testkit::harness::TestDb;
-use lc_testkit::pipeline::{PAGE, TestEnv, eventually};
+use lc_testkit::pipeline::{PAGE, TestEnv, eventually, metrics_text};
 use lc_worker::graph::GraphClient;
 use lc_worker::watchdog::{
     Leadership, PageCheck, REQUIRED_FIELDS, WatchdogArgs, WatchdogMetrics, check_once,
 };
-use login_common::metrics_text;
 
 const TOKEN: &str = "EAAG-watchdog-token";
 const SECOND_PAGE: &str = "2222222222";

@@ -159,35 +159,48 @@ pub enum PagesCommand {
     },
     /// Store a new token for a page (encrypted with the first of `PAGE_TOKEN_KEYS`); every
     /// replica uses it within a second and a token pause is lifted. The token is read from
-    /// standard input, or from the variable named by `--from-env`, never from the command line.
+    /// standard input, a variable (`--from-env`) or a file (`--from-file`), never from the
+    /// command line.
     SetToken {
         /// The page id.
         page: String,
         /// Read the token from this environment variable instead of standard input.
-        #[arg(long = "from-env")]
+        #[arg(long = "from-env", conflicts_with = "from_file")]
         from_env: Option<String>,
-        /// Token encryption keys (see the scheduler's `PAGE_TOKEN_KEYS`).
-        #[arg(
-            long = "page-token-keys",
-            env = "PAGE_TOKEN_KEYS",
-            hide_env_values = true,
-            default_value = "",
-            hide_default_value = true
+        /// Read the token from this file (a mounted secret) instead of standard input.
+        #[arg(long = "from-file")]
+        from_file: Option<PathBuf>,
+        #[command(flatten)]
+        #[allow(
+            missing_docs,
+            reason = "clap takes a flattened group's help from the group"
         )]
-        keys: String,
+        keys: TokenKeysArg,
     },
     /// Re-encrypt every stored token with the first of `PAGE_TOKEN_KEYS` (key rotation).
     RotateTokens {
-        /// Token encryption keys, the new one first.
-        #[arg(
-            long = "page-token-keys",
-            env = "PAGE_TOKEN_KEYS",
-            hide_env_values = true,
-            default_value = "",
-            hide_default_value = true
+        #[command(flatten)]
+        #[allow(
+            missing_docs,
+            reason = "clap takes a flattened group's help from the group"
         )]
-        keys: String,
+        keys: TokenKeysArg,
     },
+}
+
+/// `PAGE_TOKEN_KEYS` for the commands that encrypt or decrypt stored page tokens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenKeysArg {
+    /// Token encryption keys, `id:base64-of-32-bytes`, comma-separated; the first encrypts
+    /// (the schedulers' `PAGE_TOKEN_KEYS`; for a rotation, the new key first).
+    #[arg(
+        long = "page-token-keys",
+        env = "PAGE_TOKEN_KEYS",
+        hide_env_values = true,
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub keys: String,
 }
 
 /// Errors of the CLI; each says what was wrong.
@@ -259,10 +272,18 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Pages(PagesCommand::SetToken {
             page,
             from_env,
+            from_file,
             keys,
-        }) => pages::set_token(out, &cli.database, &page, from_env.as_deref(), &keys).await,
+        }) => {
+            let source = match (from_env, from_file) {
+                (Some(var), _) => pages::TokenSource::Env(var),
+                (None, Some(path)) => pages::TokenSource::File(path),
+                (None, None) => pages::TokenSource::Stdin,
+            };
+            pages::set_token(out, &cli.database, &page, source, &keys.keys).await
+        }
         Command::Pages(PagesCommand::RotateTokens { keys }) => {
-            pages::rotate_tokens(out, &cli.database, &keys).await
+            pages::rotate_tokens(out, &cli.database, &keys.keys).await
         }
         Command::LoginUrl(args) => login::login_url(out, &args),
         Command::Probe { url } => probe(out, &url).await,

@@ -7,6 +7,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 /// Graph's code 2 message.
+/// Graph's "temporary send message failure" (code 1200), a failure a retry fixes.
+pub(super) const TEMPORARY: &str =
+    "(#1200) Temporary send message failure. Please try again later.";
 pub(super) const UNEXPECTED: &str =
     "An unexpected error has occurred. Please retry your request later.";
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::reply::{Reply, UNEXPECTED};
+use super::reply::{Reply, TEMPORARY, UNEXPECTED};
 use super::server::Incoming;
 use super::{FakeResponse, State};
 
@@ -43,8 +43,10 @@ pub(super) fn decide_send(state: &mut State, page_id: &str, req: &Incoming) -> R
         Some(FakeResponse::Hang(d)) => delay = d,
         None => {
             if state.failure_rate > 0.0 && state.rng.f64() < state.failure_rate {
+                // Graph's own temporary failures, with its error body: a retry is safe. (A bare
+                // 5xx from a gateway is not: Graph may have delivered. Script that explicitly.)
                 return if state.rng.bool() {
-                    Reply::server_error(503)
+                    Reply::error(503, 1200, None, TEMPORARY)
                 } else {
                     Reply::error(500, 2, None, UNEXPECTED)
                 };

@@ -94,19 +94,36 @@ pub async fn resume(out: &mut dyn Write, db: &DatabaseArgs, page: &str) -> Resul
     Ok(())
 }
 
-/// `pages set-token PAGE [--from-env VAR]`.
+/// Where `pages set-token` reads the token from (never the command line, which `ps` shows).
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// One line of standard input.
+    Stdin,
+    /// An environment variable, by name.
+    Env(String),
+    /// A file (a mounted secret).
+    File(std::path::PathBuf),
+}
+
+/// `pages set-token PAGE [--from-env VAR | --from-file PATH]`.
 pub async fn set_token(
     out: &mut dyn Write,
     db: &DatabaseArgs,
     page: &str,
-    from_env: Option<&str>,
+    source: TokenSource,
     key_list: &str,
 ) -> Result<(), CliError> {
     let keys = keys(key_list)?;
-    let token = match from_env {
-        Some(var) => std::env::var(var)
+    let token = match source {
+        TokenSource::Env(var) => std::env::var(&var)
             .map_err(|_| CliError::Other(format!("environment variable {var} is not set")))?,
-        None => {
+        TokenSource::File(path) => std::fs::read_to_string(&path).map_err(|e| {
+            CliError::Other(format!(
+                "cannot read the token file {}: {e}",
+                path.display()
+            ))
+        })?,
+        TokenSource::Stdin => {
             let mut line = String::new();
             std::io::stdin()
                 .lock()

@@ -382,6 +382,14 @@ impl Dispatcher {
             return self.give_back(c, blocked.describe()).await;
         }
 
+        // The configuration as of now (a new token may have arrived while waiting).
+        let page = self
+            .pages
+            .read()
+            .await
+            .get(&c.page_id)
+            .cloned()
+            .unwrap_or(page);
         // The call gets its own span, so the trace shows Graph's latency apart from ours.
         let call_span = tracing::info_span!("send_api_call", page_id = %c.page_id);
         let call_trace = continue_trace(&call_span, Some(trace)).to_string();
@@ -410,7 +418,10 @@ impl Dispatcher {
                 if let Some(usage) = &f.usage {
                     self.apply_usage(&c.page_id, usage).await;
                 }
-                self.record_failure(c, f, last_send).await
+                // A pause names the token the call was made with, not whatever is configured
+                // by the time the answer came (a replica may have reloaded meanwhile).
+                let token = fingerprint(page.access_token.expose());
+                self.record_failure(c, f, last_send, &token).await
             }
         }
     }
@@ -506,6 +517,7 @@ impl Dispatcher {
         c: &Claimed,
         f: GraphFailure,
         last_send: OffsetDateTime,
+        token_fingerprint: &str,
     ) -> Result<(), StoreError> {
         self.metrics
             .sends
@@ -543,36 +555,25 @@ impl Dispatcher {
                     .await;
             }
             FailureClass::TokenInvalid => {
-                let token = self
-                    .pages
-                    .read()
-                    .await
-                    .get(&c.page_id)
-                    .map(|p| fingerprint(p.access_token.expose()));
-                self.pause(c, PauseReason::TokenInvalid, token.as_deref(), &f)
-                    .await;
                 tracing::error!(error = %f, "page token invalid: pausing this page's sends on every replica until its token changes (a new token in PAGES_FILE, or `loginconnect pages set-token`)");
-                let now = OffsetDateTime::now_utc();
-                until_lease_end(c, || async {
-                    let client = self.pool.get().await?;
-                    store::reschedule(&client, c, now, &err).await
-                })
-                .await?;
-                return Ok(());
+                return self
+                    .pause_and_keep(
+                        c,
+                        PauseReason::TokenInvalid,
+                        Some(token_fingerprint),
+                        &f,
+                        &err,
+                    )
+                    .await;
             }
             FailureClass::PageRestricted => {
                 // Meta restricted the page's sending: every opt-in of the page would fail
                 // alike, so pause the page on every replica and keep the opt-in, as for a
                 // token, until an operator who checked the Page resumes it.
-                self.pause(c, PauseReason::Restricted, None, &f).await;
                 tracing::error!(error = %f, "page restricted from sending by Meta: its sends are paused on every replica (check the Page in Meta Business Suite, then `loginconnect pages resume`)");
-                let now = OffsetDateTime::now_utc();
-                until_lease_end(c, || async {
-                    let client = self.pool.get().await?;
-                    store::reschedule(&client, c, now, &err).await
-                })
-                .await?;
-                return Ok(());
+                return self
+                    .pause_and_keep(c, PauseReason::Restricted, None, &f, &err)
+                    .await;
             }
             FailureClass::RateLimited | FailureClass::AppThrottled => {
                 // Without Graph's own estimate, hold for the backoff ceiling.
@@ -725,6 +726,26 @@ impl Dispatcher {
                 );
             }
         }
+    }
+
+    /// Pauses the page and puts the opt-in back to `pending` with the error: it is sent when
+    /// the page resumes, its deadline permitting.
+    async fn pause_and_keep(
+        &self,
+        c: &Claimed,
+        reason: PauseReason,
+        token: Option<&str>,
+        f: &GraphFailure,
+        err: &StoredError,
+    ) -> Result<(), StoreError> {
+        self.pause(c, reason, token, f).await;
+        let now = OffsetDateTime::now_utc();
+        until_lease_end(c, || async {
+            let client = self.pool.get().await?;
+            store::reschedule(&client, c, now, err).await
+        })
+        .await?;
+        Ok(())
     }
 
     /// Pauses the page here at once and for every replica (announced once per pause).

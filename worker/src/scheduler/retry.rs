@@ -67,11 +67,14 @@ impl RetryPolicy {
         let Ok(left) = Duration::try_from(last_send - now) else {
             return NextAttempt::NoTimeLeft;
         };
-        if at_least >= left {
+        // Within the last guard interval no retry is planned: pulled ever closer to the last
+        // send time, retries would follow each other with ever shorter gaps (a burst of calls
+        // for one person in the window's last second).
+        if at_least + LAST_SEND_GUARD >= left {
             return NextAttempt::NoTimeLeft;
         }
-        // The latest delay that fits: `at_least <= latest < left`.
-        let latest = left.saturating_sub(LAST_SEND_GUARD).max(at_least);
+        // The latest delay that fits: `at_least <= latest < left`, a guard before the end.
+        let latest = left - LAST_SEND_GUARD;
         let jitter = if jitter.is_nan() {
             1.0
         } else {
@@ -173,22 +176,22 @@ mod tests {
             p.next(now, 3, None, last, 0.5),
             NextAttempt::At(now + Duration::from_millis(1500))
         );
-        // Graph's wait still counts, and fits if anything does.
+        // Graph's wait still counts, and fits if it leaves the guard.
+        assert_eq!(
+            p.next(now, 8, Some(Duration::from_millis(2500)), last, 1.0),
+            NextAttempt::At(now + Duration::from_secs(3)),
+        );
         assert_eq!(
             p.next(now, 8, Some(Duration::from_millis(3500)), last, 1.0),
-            NextAttempt::At(now + Duration::from_millis(3500)),
-            "inside the guard, but before the last send time"
+            NextAttempt::NoTimeLeft,
+            "inside the last second: no retry (it would be followed by ever closer ones)"
         );
-        // Less than the guard left: anything before the end.
+        // Less than the guard left: no retry rather than a burst at the end.
         let close = now + Duration::from_millis(400);
         assert_eq!(
             p.next(now, 7, None, close, 1.0),
-            NextAttempt::At(now),
-            "the guard would leave nothing: no delay rather than no retry"
-        );
-        assert_eq!(
-            p.next(now, 7, Some(Duration::from_millis(399)), close, 1.0),
-            NextAttempt::At(now + Duration::from_millis(399))
+            NextAttempt::NoTimeLeft,
+            "the guard leaves nothing"
         );
     }
 
@@ -262,7 +265,7 @@ mod tests {
                             .chain((0..50).map(|_| rng.f64()));
                         for jitter in jitters {
                             let floor = at_least.unwrap_or(Duration::ZERO);
-                            let fit_exists = now + floor < last_send;
+                            let fit_exists = now + floor + LAST_SEND_GUARD < last_send;
                             let got = p.next(now, attempts, at_least, last_send, jitter);
                             let case = format!(
                                 "{p:?} attempts {attempts} at_least {at_least:?} left {left_ms} ms jitter {jitter}"
@@ -272,7 +275,10 @@ mod tests {
                                     planned += 1;
                                     assert!(fit_exists, "{case}: planned {at}");
                                     assert!(at >= now + floor, "{case}: {at} before the wait");
-                                    assert!(at < last_send, "{case}: {at} not before {last_send}");
+                                    assert!(
+                                        at + LAST_SEND_GUARD <= last_send,
+                                        "{case}: {at} inside the last guard before {last_send}"
+                                    );
                                     let longest = p.ceiling(attempts).max(floor);
                                     assert!(at <= now + longest, "{case}: {at} beyond the backoff");
                                 }

@@ -129,7 +129,7 @@ pub async fn rescue_expired_leases(
 /// Deletes terminal rows finished more than `older_than` ago, a batch at a time, to keep
 /// the hot table small. Returns how many were deleted.
 pub async fn prune_finished(
-    client: &Client,
+    client: &impl deadpool_postgres::GenericClient,
     older_than: Duration,
     batch: i64,
 ) -> Result<u64, StoreError> {

@@ -1,8 +1,5 @@
-//! What the Login-half tests share: an ingest with the Login half configured, signed login
-//! events, and small probes of queues and metrics.
-
-// Each test file uses a different subset of these helpers.
-#![allow(dead_code)]
+//! The Login half as tests drive it: ingest with login events (and data deletion) on, login
+//! events signed as the business backend signs them, and Meta's form posts.
 
 use lc_ingest::RunningIngest;
 use lc_ingest::login::LoginArgs;
@@ -10,10 +7,10 @@ use lc_meta::login::event_signature::{LOGIN_SIGNATURE_HEADER, sign_login_event};
 use lc_meta::login::login_id::compute_login_id;
 use lc_meta::secret::Secret;
 use lc_shared::shutdown::Shutdown;
-use lc_testkit::harness::{TestVhost, queue_depth};
-use lc_testkit::pipeline::{PAGE, TestEnv, ingest_config, start_ingest_with};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
+
+use crate::pipeline::{PAGE, TestEnv, ingest_config, ms, start_ingest_with};
 
 /// The shared secret the business backend signs login events with.
 pub const LOGIN_SECRET: &str = "login-events-shared-secret";
@@ -26,7 +23,8 @@ pub const OTHER_PAGE: &str = "9876543210";
 /// Public base URL of the test ingest's data deletion status pages.
 pub const STATUS_BASE: &str = "https://hooks.example.com/";
 
-/// Login settings: login events on; data deletion on when `database_url` is given.
+/// Login settings: login events on (with a previous secret too, as during a rotation); data
+/// deletion on when `database_url` is given, since its status pages read the database.
 pub fn login_args(database_url: Option<String>) -> LoginArgs {
     LoginArgs {
         login_events_secrets: vec![Secret::new("previous-secret"), Secret::new(LOGIN_SECRET)],
@@ -42,26 +40,24 @@ pub fn login_args(database_url: Option<String>) -> LoginArgs {
     }
 }
 
-/// Starts ingest on `vhost` with `login`.
-pub async fn start_ingest(vhost: &TestVhost, login: LoginArgs) -> (RunningIngest, Shutdown) {
-    let mut config = ingest_config(vhost.url());
-    config.login = login;
-    start_ingest_with(config).await
-}
+impl TestEnv {
+    /// Starts ingest on this vhost with the Login half configured as `login`.
+    pub async fn start_ingest_with_login(&self, login: LoginArgs) -> (RunningIngest, Shutdown) {
+        let mut config = ingest_config(self.vhost.url());
+        config.login = login;
+        start_ingest_with(config).await
+    }
 
-/// Starts ingest for `env` with login events on and data deletion on.
-pub async fn start_login_ingest(env: &TestEnv) -> (RunningIngest, Shutdown) {
-    start_ingest(&env.vhost, login_args(Some(env.db.url()))).await
+    /// Starts ingest with login events on and data deletion on this test's database.
+    pub async fn start_login_ingest(&self) -> (RunningIngest, Shutdown) {
+        self.start_ingest_with_login(login_args(Some(self.db.url())))
+            .await
+    }
 }
 
 /// The login_id the test Login app computes for `asid` on `page`.
 pub fn login_id_for(asid: &str, page: &str) -> String {
     compute_login_id(&Secret::new(CLIENT_TOKEN), asid, APP_ID, page)
-}
-
-/// Unix milliseconds of a time.
-pub fn ms(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).expect("ms")
 }
 
 /// A login event body.
@@ -114,24 +110,4 @@ pub async fn post_form(ingest: &RunningIngest, path: &str, pairs: &[(&str, &str)
         .expect("post form");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-/// Messages ready on `queue` (a fresh channel each time: a passive declare of a missing queue
-/// closes its channel).
-pub async fn depth(vhost: &TestVhost, queue: &str) -> u32 {
-    let conn = vhost.connect().await;
-    let ch = conn.create_channel().await.expect("channel");
-    let n = queue_depth(&ch, queue).await;
-    let _ = conn.close(200, "done".into()).await;
-    n
-}
-
-/// The text of a `/metrics` endpoint.
-pub async fn metrics_text(addr: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
 }
