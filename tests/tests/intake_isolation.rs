@@ -3,8 +3,6 @@
 //! batch; a task that panics anyway is restarted, and `/readyz` fails until it is back; a
 //! duplicate with an earlier time moves a pending opt-in's deadline earlier, never later.
 
-mod login_common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,25 +11,23 @@ use lc_meta::webhook::{EventKind, QueuedEvent};
 use lc_shared::amqp::BrokerLink;
 use lc_shared::shutdown::Shutdown;
 use lc_shared::{amqp, topology};
-use lc_testkit::harness::{TestVhost, consume_n};
+use lc_testkit::harness::TestVhost;
+use lc_testkit::login::{login_args, login_event_body, login_id_for, post_login_event, sign_now};
 use lc_testkit::pipeline::{
-    PAGE, TestEnv, body, eventually, ms, optin_item, optin_state, post_signed,
+    PAGE, TestEnv, WAIT, body, eventually, metrics_text, ms, optin_item, optin_state, post_signed,
 };
 use lc_worker::runtime::process;
-use login_common::{login_args, login_event_body, login_id_for, post_login_event, sign_now};
 use time::OffsetDateTime;
 use time::macros::datetime;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-const WAIT: Duration = Duration::from_secs(20);
 const DAY: Duration = Duration::from_secs(86_400);
 
 /// The reasons and bodies (as text) on the scheduler's dead-letter queue, awaiting `n`.
 async fn dead_letter_reasons(env: &TestEnv, n: usize) -> Vec<(String, String)> {
-    let conn = env.vhost.connect().await;
     let dlq = topology::dead_letter_queue(topology::SCHEDULER_QUEUE);
-    consume_n(&conn, &dlq, n, WAIT)
+    env.deliveries(&dlq, n, WAIT)
         .await
         .iter()
         .map(|d| {
@@ -40,16 +36,6 @@ async fn dead_letter_reasons(env: &TestEnv, n: usize) -> Vec<(String, String)> {
             (reason, String::from_utf8_lossy(&d.data).into_owned())
         })
         .collect()
-}
-
-/// The `/metrics` text of a worker.
-async fn metrics(addr: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
 }
 
 /// The status of a worker's `/readyz`.
@@ -150,7 +136,7 @@ async fn a_nul_login_id_and_a_year_9999_timestamp_are_dead_lettered_and_the_next
         .get(0);
     assert_eq!(rows, 1, "nothing recorded for the hostile opt-ins");
     assert_eq!(readyz(scheduler.metrics_addr).await, 200);
-    let text = metrics(scheduler.metrics_addr).await;
+    let text = metrics_text(scheduler.metrics_addr).await;
     assert!(
         text.contains("worker_task_up{task=\"scheduler.optins consumer\"} 1")
             && text.contains("worker_task_restarts_total{task=\"scheduler.optins consumer\"} 0"),
@@ -208,7 +194,7 @@ async fn a_supervised_task_that_panics_is_restarted_and_readyz_fails_until_it_is
     panic_now.notify_one();
     restarted.notified().await;
     assert_eq!(readyz(addr).await, 503, "not ready until the task is back");
-    let text = metrics(addr).await;
+    let text = metrics_text(addr).await;
     assert!(
         text.contains("worker_task_up{task=\"flaky\"} 0")
             && text.contains("worker_task_restarts_total{task=\"flaky\"} 1"),
@@ -352,7 +338,7 @@ async fn an_earlier_duplicate_moves_a_pending_deadline_earlier_and_never_later()
         .collect();
     assert_eq!(post_signed(&ingest, body(PAGE, items)).await, 200);
     eventually(WAIT, "three duplicates recorded", || async {
-        metrics(scheduler.metrics_addr)
+        metrics_text(scheduler.metrics_addr)
             .await
             .contains("scheduler_optins_recorded_total{result=\"duplicate\"} 3")
     })
@@ -380,7 +366,7 @@ async fn an_earlier_duplicate_moves_a_pending_deadline_earlier_and_never_later()
         200
     );
     eventually(WAIT, "the fourth duplicate recorded", || async {
-        metrics(scheduler.metrics_addr)
+        metrics_text(scheduler.metrics_addr)
             .await
             .contains("scheduler_optins_recorded_total{result=\"duplicate\"} 4")
     })
@@ -397,7 +383,7 @@ async fn an_earlier_duplicate_moves_a_pending_deadline_earlier_and_never_later()
 #[tokio::test]
 async fn a_login_event_recorded_first_leaves_metas_earlier_deadline() {
     let env = TestEnv::new().await;
-    let (ingest, _stop_ingest) = login_common::start_ingest(&env.vhost, login_args(None)).await;
+    let (ingest, _stop_ingest) = env.start_ingest_with_login(login_args(None)).await;
     let mut config = env.scheduler_config();
     config.send_delay_secs = 3600;
     let (scheduler, stop) = env.start_scheduler(config).await;
@@ -424,7 +410,7 @@ async fn a_login_event_recorded_first_leaves_metas_earlier_deadline() {
         200
     );
     eventually(WAIT, "Meta's opt-in recorded as a duplicate", || async {
-        metrics(scheduler.metrics_addr)
+        metrics_text(scheduler.metrics_addr)
             .await
             .contains("scheduler_optins_recorded_total{result=\"duplicate\"} 1")
     })
