@@ -1,5 +1,5 @@
 //! The Graph API client: the Send API call for the initial message, the page subscription
-//! endpoints and a token check. Its rooms: [`classify`], what a failure asks of the caller
+//! endpoints and a token check. Its rooms: [`mod@classify`], what a failure asks of the caller
 //! ([`FailureClass`]); [`usage`], Graph's hints about its limits.
 //!
 //! Every answer's usage headers (`X-App-Usage`, `X-Page-Usage`, `X-Business-Use-Case-Usage`)
