@@ -170,13 +170,15 @@ pub async fn start(
         watchdog_metrics,
         shutdown.clone(),
     ));
-    tasks.spawn(deletion::run(
+    deletion::spawn(
+        &mut tasks,
+        &registry,
         pool.clone(),
-        link.clone(),
+        &link,
         deletion_metrics,
-        worker_id.clone(),
-        shutdown.clone(),
-    ));
+        &worker_id,
+        &shutdown,
+    )?;
     crate::runtime::process::spawn_relay(
         &mut tasks,
         &pool,
