@@ -39,7 +39,7 @@ use super::store::call_start::CallCheck;
 use super::store::claim::{ClaimRequest, Claimed, SLOT_LATENESS};
 
 use super::store::rescue::UnknownOutcome;
-use super::store::{self, Ending, SentRecord, StoreError, StoredError, Timing};
+use super::store::{self, Ending, Requeue, SentRecord, StoreError, StoredError, Timing};
 use super::tokens::fingerprint;
 
 /// A hook run after Graph accepted a message and before the result is recorded. Tests use it
@@ -100,6 +100,8 @@ pub struct Dispatcher {
     marks: GroupCommit<Claimed, CallCheck>,
     /// "Sent" records, committed in groups.
     sent: GroupCommit<SentRecord, bool>,
+    /// Rows going back to `pending` (retries, give-backs), committed in groups.
+    requeues: GroupCommit<Requeue, bool>,
 }
 
 /// Most writes in one group commit: enough to cover a claim batch's worth of sends finishing
@@ -131,6 +133,13 @@ impl Dispatcher {
                 store::finish_sent_group(&mut client, &records).await
             }),
         );
+        let requeues = GroupCommit::start(
+            "requeues",
+            GROUP_MAX,
+            with_client(&pool, |mut client, records: Vec<Requeue>| async move {
+                store::requeue_group(&mut client, &records).await
+            }),
+        );
         Arc::new(Self {
             pool,
             graph,
@@ -143,6 +152,7 @@ impl Dispatcher {
             slots,
             marks,
             sent,
+            requeues,
         })
     }
 
@@ -289,9 +299,18 @@ impl Dispatcher {
     }
 
     async fn release_quietly(&self, c: &Claimed) {
-        if let Ok(client) = self.pool.get().await {
-            let _ = store::release(&client, c, OffsetDateTime::now_utc()).await;
-        }
+        let _ = self
+            .requeue(Requeue::Release {
+                claim: c.clone(),
+                at: OffsetDateTime::now_utc(),
+            })
+            .await;
+    }
+
+    /// Puts a claimed row back to `pending` through the group commit. Returns false if the
+    /// claim was no longer ours.
+    pub(super) async fn requeue(&self, record: Requeue) -> Result<bool, StoreError> {
+        self.requeues.submit(record).await
     }
 
     /// One claimed opt-in: checks, the call, and recording its outcome. Database errors are
@@ -435,8 +454,11 @@ impl Dispatcher {
     /// are not claimed until the hold ends). A call-start mark, if made, is cleared with it.
     async fn give_back(&self, c: &Claimed, why: &str) -> Result<(), StoreError> {
         tracing::debug!(why, "giving the claim back without a call");
-        let client = self.pool.get().await?;
-        store::release(&client, c, OffsetDateTime::now_utc()).await?;
+        self.requeue(Requeue::Release {
+            claim: c.clone(),
+            at: OffsetDateTime::now_utc(),
+        })
+        .await?;
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use crate::scheduler::retry::NextAttempt;
 use crate::scheduler::store::claim::Claimed;
 use crate::scheduler::store::pages::{self, PauseReason};
 use crate::scheduler::store::rescue::UnknownOutcome;
-use crate::scheduler::store::{self, Ending, SentRecord, StoreError, StoredError};
+use crate::scheduler::store::{self, Ending, Requeue, SentRecord, StoreError, StoredError};
 
 impl Dispatcher {
     pub(super) async fn record_sent(
@@ -170,9 +170,12 @@ impl Dispatcher {
             NextAttempt::At(at) => {
                 self.metrics.retries.inc();
                 tracing::info!(error = %f, retry_in_ms = (at - now).whole_milliseconds(), "transient Send API error; retrying");
-                let rescheduled = until_lease_end(c, || async {
-                    let client = self.pool.get().await?;
-                    store::reschedule(&client, c, at, &err).await
+                let rescheduled = until_lease_end(c, || {
+                    self.requeue(Requeue::Retry {
+                        claim: c.clone(),
+                        at,
+                        error: err.clone(),
+                    })
                 })
                 .await?;
                 if !rescheduled {
@@ -276,9 +279,12 @@ impl Dispatcher {
     ) -> Result<(), StoreError> {
         self.pause(c, reason, token, f).await;
         let now = OffsetDateTime::now_utc();
-        until_lease_end(c, || async {
-            let client = self.pool.get().await?;
-            store::reschedule(&client, c, now, err).await
+        until_lease_end(c, || {
+            self.requeue(Requeue::Retry {
+                claim: c.clone(),
+                at: now,
+                error: err.clone(),
+            })
         })
         .await?;
         Ok(())
