@@ -8,9 +8,11 @@
 //! - [`signature`]: `X-Hub-Signature-256` (and legacy SHA-1) verification over raw bytes.
 //! - [`secret`]: a string wrapper whose `Debug`/`Display` never show the value.
 //! - [`pages`]: the `PAGES_FILE` format and its validation against Meta's limits.
+//! - [`ids`]: the checks every id and event time passes before it is stored.
 //! - [`login`]: the Login half: computed login_ids, the Login dialog URL, login-event
 //!   signatures, Meta's `signed_request` and the data deletion request and its codes.
 
+pub mod ids;
 pub mod login;
 pub mod pages;
 pub mod secret;

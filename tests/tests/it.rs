@@ -22,6 +22,7 @@ mod data_deletion;
 mod deployment;
 mod graph_client;
 mod ingest;
+mod intake_isolation;
 mod login_events;
 mod observability;
 mod relay;

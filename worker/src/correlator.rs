@@ -90,15 +90,17 @@ pub async fn start(
             tag: worker_id.clone(),
         };
         let (pool, metrics) = (pool.clone(), metrics.clone());
-        tasks.spawn(consumer::run(
-            link.clone(),
+        consumer::spawn_supervised(
+            &mut tasks,
+            &registry,
+            &link,
             settings,
-            shutdown.clone(),
+            &shutdown,
             move |batch| {
                 let (pool, metrics) = (pool.clone(), metrics.clone());
                 async move { replies::handle_batch(&pool, &metrics, &batch).await }
             },
-        ));
+        )?;
     }
     process::spawn_relay(
         &mut tasks,

@@ -198,23 +198,25 @@ pub async fn handle_batch(
     Ok(verdicts)
 }
 
-/// Consumes the queue until `shutdown` (the broker link declares it with the topology).
-pub async fn run(
+/// Consumes the queue until `shutdown` (the broker link declares it with the topology), as a
+/// supervised task: restarted if it panics, and `/readyz` fails while it is down.
+pub fn spawn(
+    tasks: &mut tokio::task::JoinSet<()>,
+    registry: &prometheus::Registry,
     pool: Pool,
-    link: BrokerLink,
+    link: &BrokerLink,
     metrics: DeletionMetrics,
-    tag: String,
-    shutdown: Shutdown,
-) {
+    tag: &str,
+    shutdown: &Shutdown,
+) -> Result<(), prometheus::Error> {
     let settings = ConsumerSettings {
         queue: DELETION_QUEUE,
         prefetch: 10,
         max_batch: 10,
         tag: format!("{tag}-deletions"),
     };
-    consumer::run(link, settings, shutdown, move |batch| {
+    consumer::spawn_supervised(tasks, registry, link, settings, shutdown, move |batch| {
         let (pool, metrics) = (pool.clone(), metrics.clone());
         async move { handle_batch(&pool, &metrics, batch).await }
     })
-    .await;
 }

@@ -148,10 +148,18 @@ pub async fn start(
             max_batch: config.worker.consumer_batch,
             tag: worker_id.clone(),
         };
-        tasks.spawn(consumer::run(link.clone(), settings, shutdown.clone(), move |batch| {
-            let (pool, pages, metrics, wake) = (pool.clone(), pages.clone(), metrics.clone(), wake.clone());
-            async move { intake::record_batch(&pool, &pages, &timing, &metrics, &wake, batch).await }
-        }));
+        consumer::spawn_supervised(
+            &mut tasks,
+            &registry,
+            &link,
+            settings,
+            &shutdown,
+            move |batch| {
+                let (pool, pages, metrics, wake) =
+                    (pool.clone(), pages.clone(), metrics.clone(), wake.clone());
+                async move { intake::record_batch(&pool, &pages, &timing, &metrics, &wake, batch).await }
+            },
+        )?;
     }
     tasks.spawn(dispatcher.run(wake, shutdown.clone()));
     tasks.spawn(watchdog::run(
@@ -162,13 +170,15 @@ pub async fn start(
         watchdog_metrics,
         shutdown.clone(),
     ));
-    tasks.spawn(deletion::run(
+    deletion::spawn(
+        &mut tasks,
+        &registry,
         pool.clone(),
-        link.clone(),
+        &link,
         deletion_metrics,
-        worker_id.clone(),
-        shutdown.clone(),
-    ));
+        &worker_id,
+        &shutdown,
+    )?;
     crate::runtime::process::spawn_relay(
         &mut tasks,
         &pool,

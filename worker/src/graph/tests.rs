@@ -4,6 +4,7 @@
 //! successes and failures). Tests against the full fake Graph are in
 //! `tests/tests/graph_client.rs`.
 
+use super::usage::*;
 use super::*;
 use FailureClass::*;
 use lc_meta::pages::FirstMessage;

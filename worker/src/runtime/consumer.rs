@@ -6,6 +6,9 @@
 //! delivery limit and an outage would otherwise push healthy messages to the dead-letter
 //! queue. Messages the handler rejects are re-published to the dead-letter exchange with the
 //! reason in a header, then acked.
+//!
+//! [`spawn_supervised`] runs a consumer under [`process::spawn_supervised`]: restarted if its
+//! handler panics, and reported down (so `/readyz` fails) until it is subscribed again.
 
 use std::future::Future;
 use std::time::Duration;
@@ -19,6 +22,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lc_shared::amqp::{self, AmqpError, BrokerLink};
 use lc_shared::shutdown::Shutdown;
 use lc_shared::topology;
+use tokio::task::JoinSet;
+
+use crate::runtime::process::{self, TaskUp};
 
 /// What to do with one delivery after the handler ran.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,15 +85,63 @@ pub async fn run<H, F, E>(
     F: Future<Output = Result<Vec<Verdict>, E>>,
     E: std::fmt::Display,
 {
+    run_reporting(link, settings, shutdown, handler, None).await;
+}
+
+/// Spawns [`run`] into `tasks` under [`process::spawn_supervised`] (task `{queue} consumer`):
+/// if the handler panics, the consumer's channel closes (its unacknowledged deliveries
+/// return to the queue), the task is restarted after a backoff, and it is reported down —
+/// `/readyz` fails — from the panic until it has subscribed again.
+pub fn spawn_supervised<H, F, E>(
+    tasks: &mut JoinSet<()>,
+    registry: &prometheus::Registry,
+    link: &BrokerLink,
+    settings: ConsumerSettings,
+    shutdown: &Shutdown,
+    handler: H,
+) -> Result<(), prometheus::Error>
+where
+    H: Fn(Vec<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Vec<Verdict>, E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let name = format!("{} consumer", settings.queue);
+    let (link, stop) = (link.clone(), shutdown.clone());
+    process::spawn_supervised(tasks, registry, &name, shutdown, move |up| {
+        run_reporting(
+            link.clone(),
+            settings.clone(),
+            stop.clone(),
+            handler.clone(),
+            Some(up),
+        )
+    })
+}
+
+/// [`run`], reporting through `up` (if any) whether it is subscribed.
+async fn run_reporting<H, F, E>(
+    link: BrokerLink,
+    settings: ConsumerSettings,
+    shutdown: Shutdown,
+    handler: H,
+    up: Option<TaskUp>,
+) where
+    H: Fn(Vec<Incoming>) -> F,
+    F: Future<Output = Result<Vec<Verdict>, E>>,
+    E: std::fmt::Display,
+{
     let mut reconnect = amqp::reconnect_backoff();
     while !shutdown.is_triggered() {
         tokio::select! {
             r = link.wait_ready(Duration::from_secs(3600)) => if r.is_err() { continue },
             () = shutdown.wait() => return,
         }
-        match consume_until_lost(&link, &settings, &shutdown, &handler).await {
+        match consume_until_lost(&link, &settings, &shutdown, &handler, up.as_ref()).await {
             Ok(()) => return,
             Err(e) => {
+                if let Some(up) = &up {
+                    up.down();
+                }
                 tracing::warn!(queue = settings.queue, error = %e, "consumer lost its channel; resubscribing");
                 let delay = reconnect.next().unwrap_or(Duration::from_secs(5));
                 tokio::select! {
@@ -104,6 +158,7 @@ async fn consume_until_lost<H, F, E>(
     settings: &ConsumerSettings,
     shutdown: &Shutdown,
     handler: &H,
+    up: Option<&TaskUp>,
 ) -> Result<(), AmqpError>
 where
     H: Fn(Vec<Incoming>) -> F,
@@ -129,6 +184,9 @@ where
         prefetch = settings.prefetch,
         "consuming"
     );
+    if let Some(up) = up {
+        up.up();
+    }
     let mut batches = consumer.ready_chunks(settings.max_batch.max(1));
     loop {
         let chunk = tokio::select! {

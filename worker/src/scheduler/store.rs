@@ -152,6 +152,27 @@ macro_rules! fenced {
     };
 }
 
+/// The statement of [`release`]: `$1`–`$3` the fence, `$4` when it is due again.
+const RELEASE_SQL: &str = concat!(
+    "UPDATE optins SET state = ",
+    lc_shared::state_sql!(pending),
+    ", next_attempt_at = $4, lease_owner = NULL, \
+                 lease_expires_at = NULL, call_started_at = NULL, updated_at = now() WHERE ",
+    fenced!()
+);
+
+/// The statement of [`reschedule`]: `$1`–`$3` the fence, `$4` the next attempt, `$5` the
+/// attempts, `$6`–`$9` Graph's error.
+const RESCHEDULE_SQL: &str = concat!(
+    "UPDATE optins SET state = ",
+    lc_shared::state_sql!(pending),
+    ", next_attempt_at = $4, attempts = $5, \
+                 last_error_code = $6, last_error_subcode = $7, last_error_message = $8, \
+                 last_error_fbtrace = $9, lease_owner = NULL, lease_expires_at = NULL, \
+                 updated_at = now() WHERE ",
+    fenced!()
+);
+
 /// Gives a claimed row back without a call having been made (page paused, shutdown).
 /// Returns false if the claim was no longer ours.
 pub async fn release(
@@ -161,13 +182,7 @@ pub async fn release(
 ) -> Result<bool, StoreError> {
     let n = client
         .execute(
-            concat!(
-                "UPDATE optins SET state = ",
-                lc_shared::state_sql!(pending),
-                ", next_attempt_at = $4, lease_owner = NULL, \
-                 lease_expires_at = NULL, call_started_at = NULL, updated_at = now() WHERE ",
-                fenced!()
-            ),
+            RELEASE_SQL,
             &[&c.page_id, &c.login_id, &c.fence, &next_attempt_at],
         )
         .await?;
@@ -264,6 +279,76 @@ pub async fn finish_sent_group(
             .iter()
             .map(|(ev, traceparent)| insert_outbox(&*tx, ev, EVENT_SOURCE, *traceparent)),
     )
+    .await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// A claimed row going back to `pending`, as one of a group committed together.
+#[derive(Debug, Clone)]
+pub enum Requeue {
+    /// Given back without a call (paused page, missed slot, shutdown): due again at `at`.
+    Release {
+        /// The claim.
+        claim: Claimed,
+        /// When it is due again.
+        at: OffsetDateTime,
+    },
+    /// A call failed and is retried at `at`; the call counts as an attempt.
+    Retry {
+        /// The claim.
+        claim: Claimed,
+        /// When to try again.
+        at: OffsetDateTime,
+        /// Graph's error.
+        error: StoredError,
+    },
+}
+
+/// [`release`] and [`reschedule`] for several claims in one transaction (one commit), as the
+/// dispatcher's group commit uses it. Returns, per record, whether it was written (false:
+/// the claim was taken over).
+pub async fn requeue_group(
+    client: &mut Client,
+    records: &[Requeue],
+) -> Result<Vec<bool>, StoreError> {
+    let tx = client.transaction().await?;
+    let release = tx.prepare_cached(RELEASE_SQL).await?;
+    let retry = tx.prepare_cached(RESCHEDULE_SQL).await?;
+    let (tx_ref, release, retry) = (&tx, &release, &retry);
+    // Issued together, the statements are pipelined on the one connection.
+    let written = futures_util::future::try_join_all(records.iter().map(|r| async move {
+        let n = match r {
+            Requeue::Release { claim: c, at } => {
+                tx_ref
+                    .execute(release, &[&c.page_id, &c.login_id, &c.fence, at])
+                    .await?
+            }
+            Requeue::Retry {
+                claim: c,
+                at,
+                error,
+            } => {
+                tx_ref
+                    .execute(
+                        retry,
+                        &[
+                            &c.page_id,
+                            &c.login_id,
+                            &c.fence,
+                            at,
+                            &(c.attempts + 1),
+                            &error.code,
+                            &error.subcode,
+                            &error.message,
+                            &error.fbtrace_id,
+                        ],
+                    )
+                    .await?
+            }
+        };
+        Ok::<bool, tokio_postgres::Error>(n == 1)
+    }))
     .await?;
     tx.commit().await?;
     Ok(written)
@@ -381,15 +466,7 @@ pub async fn reschedule(
 ) -> Result<bool, StoreError> {
     let n = client
         .execute(
-            concat!(
-                "UPDATE optins SET state = ",
-                lc_shared::state_sql!(pending),
-                ", next_attempt_at = $4, attempts = $5, \
-                 last_error_code = $6, last_error_subcode = $7, last_error_message = $8, \
-                 last_error_fbtrace = $9, lease_owner = NULL, lease_expires_at = NULL, \
-                 updated_at = now() WHERE ",
-                fenced!()
-            ),
+            RESCHEDULE_SQL,
             &[
                 &c.page_id,
                 &c.login_id,
