@@ -93,6 +93,8 @@ pub struct Dispatcher {
     /// Recent latency of a call-start mark (microseconds, smoothed): the mark is sent this
     /// much (twice over) ahead of the slot, so the call can start on time.
     mark_latency_us: std::sync::atomic::AtomicU64,
+    /// Recent latency of a claim (microseconds, smoothed), for the slot offset.
+    claim_latency_us: std::sync::atomic::AtomicU64,
     metrics: SchedulerMetrics,
     settings: DispatchSettings,
     slots: Arc<Semaphore>,
@@ -147,6 +149,7 @@ impl Dispatcher {
             holds,
             rate_factors: std::sync::Mutex::default(),
             mark_latency_us: std::sync::atomic::AtomicU64::new(5_000),
+            claim_latency_us: std::sync::atomic::AtomicU64::new(5_000),
             metrics,
             settings,
             slots,
@@ -212,9 +215,12 @@ impl Dispatcher {
             let request = ClaimRequest {
                 safety_margin: self.settings.timing.safety_margin,
                 lookahead: self.settings.lookahead,
+                slot_offset: self.slot_offset(),
                 ..ClaimRequest::new(&self.settings.owner, self.settings.lease, limit)
             };
+            let claim_started = Instant::now();
             let claimed = store::claim::claim_due(&mut client, &request).await?;
+            smooth(&self.claim_latency_us, claim_started.elapsed());
             drop(client);
             if claimed.is_empty() {
                 return Ok(());
@@ -450,6 +456,20 @@ impl Dispatcher {
         }
     }
 
+    /// How far after now an idle page's first slot is put: what this replica needs from a
+    /// claim to its calls (the claim's commit, the call-start mark ahead of the slot), twice
+    /// over, so that a slot has not passed by the time its call could start. Bounded: a
+    /// database that slow needs a longer look-ahead, not a late first message.
+    fn slot_offset(&self) -> Duration {
+        let us = self
+            .claim_latency_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + 2 * self
+                .mark_latency_us
+                .load(std::sync::atomic::Ordering::Relaxed);
+        (Duration::from_micros(2 * us) + Duration::from_millis(5)).min(self.settings.lookahead / 2)
+    }
+
     /// Gives a claimed row back without a call (it is due again at once; a held page's rows
     /// are not claimed until the hold ends). A call-start mark, if made, is cleared with it.
     async fn give_back(&self, c: &Claimed, why: &str) -> Result<(), StoreError> {
@@ -468,12 +488,7 @@ impl Dispatcher {
     async fn begin_call(&self, c: &Claimed) -> Result<Option<Instant>, StoreError> {
         let submitted = Instant::now();
         let check = self.marks.submit(c.clone()).await?;
-        let took = u64::try_from(submitted.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let old = self
-            .mark_latency_us
-            .load(std::sync::atomic::Ordering::Relaxed);
-        self.mark_latency_us
-            .store((old * 7 + took) / 8, std::sync::atomic::Ordering::Relaxed);
+        smooth(&self.mark_latency_us, submitted.elapsed());
         match check {
             // The renewal was written after `submitted`, so the database's lease ends later.
             CallCheck::Go => Ok(Some(submitted + c.lease)),
@@ -534,6 +549,16 @@ where
             }
         }
     }
+}
+
+/// Folds one measured latency into a smoothed one (an exponential moving average, 1/8 weight).
+fn smooth(average_us: &std::sync::atomic::AtomicU64, took: Duration) {
+    let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    let old = average_us.load(std::sync::atomic::Ordering::Relaxed);
+    average_us.store(
+        old.saturating_mul(7).saturating_add(took) / 8,
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 /// Room left before the lease ends for a last write to land before the rescuer may act.

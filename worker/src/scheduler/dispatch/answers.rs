@@ -13,6 +13,7 @@ use crate::scheduler::store::claim::Claimed;
 use crate::scheduler::store::pages::{self, PauseReason};
 use crate::scheduler::store::rescue::UnknownOutcome;
 use crate::scheduler::store::{self, Ending, Requeue, SentRecord, StoreError, StoredError};
+use crate::scheduler::tokens::fingerprint;
 
 impl Dispatcher {
     pub(super) async fn record_sent(
@@ -91,6 +92,27 @@ impl Dispatcher {
                     .await;
             }
             FailureClass::TokenInvalid => {
+                // A refusal of a token this replica no longer holds (a new one arrived while
+                // the call was in flight) says nothing about the new one: no pause.
+                let current = self
+                    .pages
+                    .read()
+                    .await
+                    .get(&c.page_id)
+                    .map(|p| fingerprint(p.access_token.expose()));
+                if current.as_deref().is_some_and(|t| t != token_fingerprint) {
+                    tracing::warn!(error = %f, "an old token of the page was refused; the new one is in use, not pausing");
+                    let now = OffsetDateTime::now_utc();
+                    until_lease_end(c, || {
+                        self.requeue(Requeue::Retry {
+                            claim: c.clone(),
+                            at: now,
+                            error: err.clone(),
+                        })
+                    })
+                    .await?;
+                    return Ok(());
+                }
                 tracing::error!(error = %f, "page token invalid: pausing this page's sends on every replica until its token changes (a new token in PAGES_FILE, or `loginconnect pages set-token`)");
                 return self
                     .pause_and_keep(

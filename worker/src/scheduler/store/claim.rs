@@ -4,8 +4,9 @@
 //! free slots for the rows it claims, spaced [`ClaimRequest::slot_spacing`] apart, and moves
 //! `next_slot_at` past them under the page row's lock. So no two replicas ever hold the same
 //! slot, the limit holds for the page whoever calls, and an idle page gets no burst: its slots
-//! start at "now". A replica claims a page's rows only as far as the page's slots reach within
-//! [`ClaimRequest::lookahead`], so a page with a backlog never holds the replica's in-flight
+//! start at "now" plus the time the replica needs to start a call
+//! ([`ClaimRequest::slot_offset`]). A replica claims a page's rows only as far as the page's
+//! slots reach within [`ClaimRequest::lookahead`], so a page with a backlog never holds the replica's in-flight
 //! capacity while another page could send: every page with budget and a due row is a
 //! candidate, and the candidates are taken earliest deadline first.
 //!
@@ -64,6 +65,10 @@ pub struct ClaimRequest<'a> {
     /// allowed + arrival jitter allowed`. A call may start up to the lateness after its slot
     /// and still no one-second window (at Graph) holds more than the page's limit.
     pub slot_stretch: f64,
+    /// How far after now an idle page's first slot lies: the time this replica needs from
+    /// taking the slot to starting the call (the rest of the claim, the call-start mark).
+    /// With a database some milliseconds away a slot at "now" would always have passed.
+    pub slot_offset: Duration,
 }
 
 impl<'a> ClaimRequest<'a> {
@@ -77,6 +82,7 @@ impl<'a> ClaimRequest<'a> {
             safety_margin: Duration::ZERO,
             lookahead: DEFAULT_LOOKAHEAD,
             slot_stretch: 1.0 + SLOT_LATENESS.as_secs_f64() + ARRIVAL_JITTER.as_secs_f64(),
+            slot_offset: Duration::ZERO,
         }
     }
 
@@ -132,13 +138,16 @@ pub const CLAIM_DUE_SQL: &str = concat!(
      LIMIT $3"
 );
 
-/// Takes `$2` slots of `$3` seconds each from page `$1`; returns the seconds from now to the
-/// page's new next free slot (the taken slots lie just before it).
+/// Takes `$2` slots of `$3` seconds each from page `$1`, the first no earlier than `$4`
+/// seconds from now; returns the seconds from now to the page's new next free slot (the taken
+/// slots lie just before it). "Now" is the statement's own clock, not the transaction's
+/// start, so the caller can map it onto its clock right after the answer.
 const TAKE_SLOTS_SQL: &str = "UPDATE page_state \
-     SET next_slot_at = GREATEST(next_slot_at, now()) + make_interval(secs => $2::float8 * $3::float8), \
+     SET next_slot_at = GREATEST(next_slot_at, clock_timestamp() + make_interval(secs => $4::float8)) \
+             + make_interval(secs => $2::float8 * $3::float8), \
          updated_at = now() \
      WHERE page_id = $1 \
-     RETURNING EXTRACT(EPOCH FROM (next_slot_at - now()))::float8";
+     RETURNING EXTRACT(EPOCH FROM (next_slot_at - clock_timestamp()))::float8";
 
 /// Moves the chosen rows to `sending` under this owner's lease.
 const LEASE_SQL: &str = concat!(
@@ -201,7 +210,8 @@ pub async fn claim_due(
         by_page.entry(c.page_id.as_str()).or_default().push(i);
     }
     let take = tx.prepare_cached(TAKE_SLOTS_SQL).await?;
-    let (tx_ref, take_ref) = (&tx, &take);
+    let offset = request.slot_offset.as_secs_f64();
+    let (tx_ref, take_ref, offset_ref) = (&tx, &take, &offset);
     // Issued together, the statements are pipelined and run in issue order.
     let starts = futures_util::future::try_join_all(by_page.iter().map(|(page, rows)| {
         let spacing = candidates[rows[0]].spacing;
@@ -211,18 +221,22 @@ pub async fn claim_due(
                 return Ok::<f64, tokio_postgres::Error>(0.0);
             }
             let next: f64 = tx_ref
-                .query_one(take_ref, &[page, &count, &spacing])
+                .query_one(take_ref, &[page, &count, &spacing, offset_ref])
                 .await?
                 .get(0);
             Ok(next - count * spacing)
         }
     }))
     .await?;
-    let mut slot_of = vec![base; candidates.len()];
+    // The delays are from the moment each statement ran: mapped from just after the answers
+    // arrived, a slot is late by at most that round trip (within the lateness allowed) and
+    // never early (early slots would crowd the page's one-second windows).
+    let answered = Instant::now();
+    let mut slot_of = vec![answered; candidates.len()];
     for ((_, rows), start) in by_page.iter().zip(&starts) {
         for (k, &i) in rows.iter().enumerate() {
             let delay = start + k as f64 * candidates[i].spacing;
-            slot_of[i] = base + Duration::try_from_secs_f64(delay).unwrap_or(Duration::ZERO);
+            slot_of[i] = answered + Duration::try_from_secs_f64(delay).unwrap_or(Duration::ZERO);
         }
     }
     let pages: Vec<&str> = candidates.iter().map(|c| c.page_id.as_str()).collect();
@@ -242,7 +256,7 @@ pub async fn claim_due(
             let (page_id, login_id): (String, String) = (r.get(0), r.get(1));
             let slot = index
                 .get(&(page_id.as_str(), login_id.as_str()))
-                .map_or(base, |&i| slot_of[i]);
+                .map_or(answered, |&i| slot_of[i]);
             Claimed {
                 page_id,
                 login_id,
