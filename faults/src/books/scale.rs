@@ -228,7 +228,7 @@ pub(super) fn small_page_wait(
 }
 
 /// (e) After the token fault: no call carries the old token once every replica had time to
-/// take the new one, and the page's waiting opt-ins are called again soon.
+/// take the new one, and the page is called with the new token soon.
 pub(super) fn token_taken_up(
     ctx: &Context<'_>,
     s: &Snapshot,
@@ -279,19 +279,32 @@ pub(super) fn token_taken_up(
         })
         .map(|c| c.at)
         .min();
+    // The bound is on the page being called again with the new token: when Graph first
+    // *accepts* one of its waiting opt-ins also depends on the run's transient failures and
+    // on app-wide throttles (code 4) elsewhere in the run, so that is reported, not judged.
+    let first_new_at = page_calls
+        .iter()
+        .filter(|c| c.at >= fixed_at)
+        .find(|c| c.authorization.as_deref() == Some(new_header.as_str()))
+        .map(|c| c.at);
+    let waiting = page_calls.iter().any(|c| {
+        let key = (c.page_id.clone(), c.login_id.clone().unwrap_or_default());
+        s.optins.get(&key).is_some_and(|r| r.created_at < fixed_at)
+    });
+    match first_new_at {
+        Some(at) if at - fixed_at > RECOVERY_BOUND => problems.push(format!(
+            "the page was called with the new token only {:.1}s after it was in place (bound {:.0}s)",
+            secs(at - fixed_at),
+            secs(RECOVERY_BOUND)
+        )),
+        None if waiting => problems.push(
+            "the page was never called with the new token although opt-ins were waiting".into(),
+        ),
+        _ => {}
+    }
     let recovery = match resumed {
-        Some(at) => {
-            let took = at - fixed_at;
-            if took > RECOVERY_BOUND {
-                problems.push(format!(
-                    "the page's waiting opt-ins were called again only {:.1}s after the new token was in place (bound {:.0}s)",
-                    secs(took),
-                    secs(RECOVERY_BOUND)
-                ));
-            }
-            format!("{:.2}s", secs(took))
-        }
-        None => "- (no opt-in was waiting)".into(),
+        Some(at) => format!("{:.2}s", secs(at - fixed_at)),
+        None => "- (no waiting opt-in accepted)".into(),
     };
     Some(Check::new(
         "a replaced token is taken up by every replica",
