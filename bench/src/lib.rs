@@ -9,8 +9,10 @@
 //!
 //! Layout:
 //! - [`suites`]: the suite names and the dispatcher the binary calls;
-//! - [`ingest`], [`scheduler`], [`correlator`], [`scale`] (with [`expiry`]): one module per
-//!   suite, each with its parameters (`quick()`, `full()`) and its ceiling;
+//! - [`ingest`], [`scheduler`] (with [`skew`]: many pages, one with a backlog, and
+//!   [`prune_drain`]: a large drain with pruning on), [`correlator`], [`scale`] (with
+//!   [`expiry`]): one module per suite, each with its parameters (`quick()`, `full()`) and its
+//!   ceiling;
 //! - [`env`]: the scratch environment (vhost, database, fake Graph, pages file) and starting
 //!   the services with their production defaults;
 //! - [`load`]: closed-loop (fixed concurrency, steady-state window) and open-loop (fixed
@@ -30,7 +32,9 @@ pub mod ingest;
 pub mod load;
 pub mod machine;
 pub mod null_graph;
+pub mod prune_drain;
 pub mod report;
 pub mod scale;
 pub mod scheduler;
+pub mod skew;
 pub mod suites;

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lc_shared::events::{FirstMessageSent, PublicEvent, insert_outbox};
 use lc_testkit::fake_graph::RecordedCall;
 use lc_worker::scheduler::store;
 use lc_worker::scheduler::store::claim::ClaimRequest;
+use lc_worker::scheduler::store::finish::{Finish, SentRecord};
 use time::OffsetDateTime;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -22,6 +22,7 @@ use crate::hist::{Latency, round3};
 use crate::ingest::add_run;
 use crate::load::open_loop;
 use crate::report::Report;
+use crate::skew::SkewParams;
 
 /// Sizes of the scheduler suite.
 #[derive(Debug, Clone)]
@@ -42,6 +43,10 @@ pub struct SchedulerParams {
     pub open_latency_ms: u64,
     /// Pages the opt-ins are spread over (one page is capped at `PAGE_RATE_LIMIT`/s).
     pub pages: usize,
+    /// The skewed-pages run ([`crate::skew`]).
+    pub skew: SkewParams,
+    /// Opt-ins of the drain with pruning ([`crate::prune_drain`]; 0 skips it).
+    pub drain_rows: usize,
 }
 
 impl SchedulerParams {
@@ -56,6 +61,8 @@ impl SchedulerParams {
             open: Duration::from_secs(10),
             open_latency_ms: 100,
             pages: 16,
+            skew: SkewParams::quick(),
+            drain_rows: 100_000,
         }
     }
 
@@ -66,6 +73,8 @@ impl SchedulerParams {
             ceiling_n: 20_000,
             open_rate: 500.0,
             open: Duration::from_secs(30),
+            skew: SkewParams::full(),
+            drain_rows: 1_000_000,
             ..Self::quick()
         }
     }
@@ -77,6 +86,8 @@ impl SchedulerParams {
             latencies_ms: vec![0],
             ceiling_n: 50,
             open_rate: 0.0,
+            skew: SkewParams::tiny(),
+            drain_rows: 0,
             ..Self::quick()
         }
     }
@@ -87,7 +98,7 @@ pub async fn run(params: &SchedulerParams, quick: bool) -> anyhow::Result<Report
     let mut report = Report::new("scheduler", quick).await;
     crate::machine::reset_peak_rss();
     let env = BenchEnv::new(params.pages).await?;
-    let _pool = env.migrated_pool(1).await?;
+    let pool = env.migrated_pool(1).await?;
     let sql = env.sql().await?;
     report.note(format!(
         "scheduler with production defaults (MAX_IN_FLIGHT_SENDS 256, CLAIM_BATCH 100, pool 8, \
@@ -151,7 +162,43 @@ pub async fn run(params: &SchedulerParams, quick: bool) -> anyhow::Result<Report
     if params.open_rate > 0.0 {
         open_loop_run(&env, params, &mut report).await?;
     }
+    drop(sql);
+    drop(pool);
+    drop(env);
+    crate::skew::run(&params.skew, &mut report).await?;
+    if params.drain_rows > 0 {
+        crate::prune_drain::run(params.drain_rows, &mut report).await?;
+        if let (Some(drain), Some(ceiling)) = (
+            report.get("drain_sends_per_s"),
+            report.get("scheduler_db_ceiling_batched_rows_per_s"),
+        ) {
+            report.add(
+                "drain_vs_db_batched",
+                round3(drain / ceiling.max(1.0)),
+                "ratio",
+                "drain sends/s with pruning / the batched DB ceiling of this run",
+            );
+        }
+    }
     report.finish();
+    report.target(
+        "no page above PAGE_RATE_LIMIT in any second (skew)",
+        "skew_peak_vs_limit",
+        1.0,
+        true,
+    );
+    report.target(
+        "small pages' p99 with a big page's backlog ≤ 2× without (skew)",
+        "skew_small_p99_vs_baseline",
+        2.0,
+        true,
+    );
+    report.target(
+        "table size steady while draining with pruning (≤ 1.5× its start)",
+        "drain_table_growth",
+        1.5,
+        true,
+    );
     report.target(
         "scheduler ≥ 2000 first messages/s with 100 ms Graph latency",
         "scheduler_100ms_sends_per_s",
@@ -308,7 +355,7 @@ async fn backlog_run(
 }
 
 /// The claim / update / commit cycle alone: `connections` loops of `store::claim_due` (batch
-/// 100) then `store::finish_sent` per row (one transaction each, as the dispatcher does), or
+/// 100) then `store::finish::finish_sent` per row (one transaction each, as the dispatcher does), or
 /// with `batched` the same UPDATE and outbox insert for the whole claimed batch in one
 /// transaction (what batching the dispatcher's commits would reach). Rows per second.
 pub async fn db_ceiling(
@@ -343,8 +390,13 @@ pub async fn db_ceiling(
                     continue;
                 }
                 for c in &claimed {
-                    if store::finish_sent(&mut client, c, "m_bench", OffsetDateTime::now_utc())
-                        .await?
+                    if store::finish::finish_sent(
+                        &mut client,
+                        c,
+                        "m_bench",
+                        OffsetDateTime::now_utc(),
+                    )
+                    .await?
                     {
                         done += 1;
                     }
@@ -359,45 +411,24 @@ pub async fn db_ceiling(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-/// `store::finish_sent`'s UPDATE and outbox insert for every claimed row, in one transaction.
+/// `store::finish::finish_group` with a sent record for every claimed row: one transaction,
+/// as the dispatcher's group commit writes a group.
 async fn finish_batch(
     client: &mut deadpool_postgres::Client,
     claimed: &[store::claim::Claimed],
 ) -> anyhow::Result<u64> {
-    let tx = client.transaction().await?;
-    let mut done = 0;
-    for c in claimed {
-        let sent_at = OffsetDateTime::now_utc();
-        let attempts = c.attempts + 1;
-        let n = tx
-            .execute(
-                "UPDATE optins SET state = 'sent', message_id = $4, sent_at = $5, attempts = $6, \
-                 lease_owner = NULL, lease_expires_at = NULL, finished_at = $5, updated_at = now() \
-                 WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = 'sending'",
-                &[
-                    &c.page_id,
-                    &c.login_id,
-                    &c.fence,
-                    &"m_bench",
-                    &sent_at,
-                    &attempts,
-                ],
-            )
-            .await?;
-        if n == 1 {
-            let ev = PublicEvent::FirstMessageSent(FirstMessageSent {
-                page_id: c.page_id.clone(),
-                login_id: c.login_id.clone(),
+    let finishes: Vec<Finish> = claimed
+        .iter()
+        .map(|c| {
+            Finish::Sent(SentRecord {
+                claim: c.clone(),
                 message_id: "m_bench".into(),
-                sent_at,
-                attempts,
-            });
-            insert_outbox(&*tx, &ev, store::EVENT_SOURCE, c.traceparent.as_deref()).await?;
-            done += 1;
-        }
-    }
-    tx.commit().await?;
-    Ok(done)
+                sent_at: OffsetDateTime::now_utc(),
+            })
+        })
+        .collect();
+    let written = store::finish::finish_group(client, &finishes).await?;
+    Ok(written.iter().filter(|w| **w).count() as u64)
 }
 
 async fn open_loop_run(

@@ -1,5 +1,6 @@
 //! The harness works end to end: the smallest scheduler suite (50 opt-ins through the real
-//! scheduler, 50 rows through the bare database loop) produces its figures. No timing is
+//! scheduler, 50 rows through the bare database loop, a few seconds of skewed pages) produces
+//! its figures. No timing is
 //! asserted: these are measurements on a shared machine.
 
 use lc_bench::scheduler::{SchedulerParams, run};
@@ -15,6 +16,10 @@ async fn the_tiniest_scheduler_suite_produces_figures() {
         "scheduler_db_ceiling_rows_per_s",
         "scheduler_vs_db",
         "scheduler_peak_rss_mb",
+        "skew_sends_per_s",
+        "skew_peak_calls_in_1s",
+        "skew_small_baseline_p99_ms",
+        "skew_small_backlog_p99_ms",
     ] {
         let value = report
             .get(name)

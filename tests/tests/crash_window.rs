@@ -249,18 +249,18 @@ async fn a_group_of_sent_records_writes_each_current_claim_and_skips_a_stale_one
     let mut stale = claimed[1].clone();
     stale.fence -= 1;
     let records = [
-        store::SentRecord {
+        store::finish::Finish::Sent(store::finish::SentRecord {
             claim: claimed[0].clone(),
             message_id: "m_1".into(),
             sent_at: now,
-        },
-        store::SentRecord {
+        }),
+        store::finish::Finish::Sent(store::finish::SentRecord {
             claim: stale,
             message_id: "m_stale".into(),
             sent_at: now,
-        },
+        }),
     ];
-    let written = store::finish_sent_group(&mut client, &records)
+    let written = store::finish::finish_group(&mut client, &records)
         .await
         .expect("group");
     assert_eq!(written, [true, false]);
@@ -277,4 +277,113 @@ async fn a_group_of_sent_records_writes_each_current_claim_and_skips_a_stale_one
         .expect("outbox")
         .get(0);
     assert_eq!(events, 1, "one event, for the written record only");
+}
+
+/// Every ending of a group — sent, failed, expired, replied, and a stale claim — is written in
+/// one transaction with its own event; a failure without an error of its own announces the
+/// row's last retry error.
+#[tokio::test]
+async fn a_group_of_mixed_endings_writes_each_with_its_own_event() {
+    use store::finish::{Ending, Finish, SentRecord};
+    let (_env, pool, sql) = store_env().await;
+    let now = OffsetDateTime::now_utc();
+    for login in ["E1", "E2", "E3", "E4", "E5"] {
+        insert_optin(&sql, PAGE, login, now, "pending").await;
+    }
+    sql.execute(
+        "UPDATE optins SET last_error_code = 2, last_error_message = 'earlier' WHERE login_id = 'E2'",
+        &[],
+    )
+    .await
+    .expect("earlier error");
+    let mut client = pool.get().await.expect("client");
+    let claimed = claim(&mut client, "worker", Duration::from_secs(30)).await;
+    assert_eq!(claimed.len(), 5);
+    let by_login = |login: &str| {
+        claimed
+            .iter()
+            .find(|c| c.login_id == login)
+            .cloned()
+            .expect("claimed")
+    };
+    let mut stale = by_login("E5");
+    stale.fence -= 1;
+    let error = store::StoredError {
+        code: Some(551),
+        message: "unavailable".into(),
+        ..store::StoredError::default()
+    };
+    let finishes = [
+        Finish::Sent(SentRecord {
+            claim: by_login("E1"),
+            message_id: "m_1".into(),
+            sent_at: now,
+        }),
+        Finish::Unsent {
+            claim: by_login("E2"),
+            ending: Ending::Failed(lc_shared::optin::FailureReason::OtherPage),
+            called: false,
+            error: None,
+        },
+        Finish::Unsent {
+            claim: by_login("E3"),
+            ending: Ending::Expired,
+            called: true,
+            error: Some(error),
+        },
+        Finish::Replied {
+            claim: by_login("E4"),
+            replied_at: now,
+        },
+        Finish::Unsent {
+            claim: stale,
+            ending: Ending::Expired,
+            called: true,
+            error: None,
+        },
+    ];
+    let written = store::finish::finish_group(&mut client, &finishes)
+        .await
+        .expect("group");
+    assert_eq!(written, [true, true, true, true, false]);
+    for (login, state) in [
+        ("E1", "sent"),
+        ("E2", "failed"),
+        ("E3", "expired"),
+        ("E4", "replied"),
+        ("E5", "sending"),
+    ] {
+        assert_eq!(
+            optin_state(&sql, login).await.as_deref(),
+            Some(state),
+            "{login}"
+        );
+    }
+    let rows = sql
+        .query(
+            "SELECT event_type, cloudevent->'data' FROM outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("outbox");
+    let events: Vec<(String, serde_json::Value)> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "first_message.sent",
+            "first_message.failed",
+            "first_message.expired"
+        ],
+        "one event per written ending, in the group's order; none for the reply or the stale claim"
+    );
+    assert_eq!(
+        events[1].1["last_error"]["message"], "earlier",
+        "{:?}",
+        events[1].1
+    );
+    assert_eq!(events[1].1["attempts"], 0);
+    assert_eq!(events[2].1["last_error"]["code"], 551, "{:?}", events[2].1);
+    assert_eq!(events[2].1["attempts"], 1);
 }

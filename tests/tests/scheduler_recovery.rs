@@ -109,7 +109,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
 
     // A's late result is refused and changes nothing; B's is recorded.
     assert!(
-        !store::finish_sent(&mut client, &old[0], "m_stale", now)
+        !store::finish::finish_sent(&mut client, &old[0], "m_stale", now)
             .await
             .expect("stale write")
     );
@@ -123,13 +123,19 @@ async fn a_stale_worker_cannot_overwrite_a_newer_claim() {
             .expect("stale reschedule")
     );
     assert!(
-        !store::finish_unsent(&mut client, &old[0], store::Ending::Expired, true, None)
-            .await
-            .expect("stale end")
+        !store::finish::finish_unsent(
+            &mut client,
+            &old[0],
+            store::finish::Ending::Expired,
+            true,
+            None
+        )
+        .await
+        .expect("stale end")
     );
     assert_eq!(optin_state(&sql, "F1").await.as_deref(), Some("sending"));
     assert!(
-        store::finish_sent(&mut client, &new[0], "m_new", now)
+        store::finish::finish_sent(&mut client, &new[0], "m_new", now)
             .await
             .expect("write")
     );

@@ -191,7 +191,7 @@ pub async fn start(
         pool.clone(),
         link.clone(),
         metrics.clone(),
-        Duration::from_secs(config.retention_days * 86_400),
+        config.retention(),
         shutdown.clone(),
     ));
     tasks.spawn(pacing::refresh(

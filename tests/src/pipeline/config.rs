@@ -63,6 +63,7 @@ impl TestEnv {
             max_attempts: 50,
             unknown_outcome: lc_worker::scheduler::store::rescue::UnknownOutcome::Fail,
             retention_days: 30,
+            retention_secs: None,
             watchdog: lc_worker::watchdog::WatchdogArgs::default(),
         }
     }

@@ -152,6 +152,11 @@ pub struct SchedulerConfig {
     )]
     pub retention_days: u64,
 
+    /// Retention in seconds, overriding `OPTIN_RETENTION_DAYS` (benchmarks and tests prune
+    /// rows finished moments ago; not for production).
+    #[arg(long = "retention-secs", env = "OPTIN_RETENTION_SECS", hide = true)]
+    pub retention_secs: Option<u64>,
+
     /// The webhook subscription watchdog (off until `META_APP_ID` is set).
     #[command(flatten)]
     pub watchdog: watchdog::WatchdogArgs,
@@ -165,6 +170,14 @@ impl SchedulerConfig {
             safety_margin: Duration::from_secs(self.safety_margin_secs),
             window: Duration::from_secs(self.window_secs),
         }
+    }
+
+    /// How long finished opt-ins are kept (zero: forever).
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(
+            self.retention_secs
+                .unwrap_or_else(|| self.retention_days.saturating_mul(86_400)),
+        )
     }
 
     /// How far ahead send slots are claimed: `CLAIM_LOOKAHEAD_MS`, at most half the lease (a

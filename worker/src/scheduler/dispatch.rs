@@ -38,8 +38,9 @@ use super::retry::RetryPolicy;
 use super::store::call_start::CallCheck;
 use super::store::claim::{ClaimRequest, Claimed, SLOT_LATENESS};
 
+use super::store::finish::{Ending, Finish};
 use super::store::rescue::UnknownOutcome;
-use super::store::{self, Ending, Requeue, SentRecord, StoreError, StoredError, Timing};
+use super::store::{self, Requeue, StoreError, StoredError, Timing};
 use super::tokens::fingerprint;
 
 /// A hook run after Graph accepted a message and before the result is recorded. Tests use it
@@ -100,8 +101,9 @@ pub struct Dispatcher {
     slots: Arc<Semaphore>,
     /// "Call started" marks, committed in groups.
     marks: GroupCommit<Claimed, CallCheck>,
-    /// "Sent" records, committed in groups.
-    sent: GroupCommit<SentRecord, bool>,
+    /// Terminal transitions (sent, failed, expired, replied) with their events, committed
+    /// in groups.
+    finishes: GroupCommit<Finish, bool>,
     /// Rows going back to `pending` (retries, give-backs), committed in groups.
     requeues: GroupCommit<Requeue, bool>,
 }
@@ -128,11 +130,11 @@ impl Dispatcher {
                 store::call_start::begin_calls(&mut client, &claims).await
             }),
         );
-        let sent = GroupCommit::start(
-            "sent records",
+        let finishes = GroupCommit::start(
+            "terminal transitions",
             GROUP_MAX,
-            with_client(&pool, |mut client, records: Vec<SentRecord>| async move {
-                store::finish_sent_group(&mut client, &records).await
+            with_client(&pool, |mut client, finishes: Vec<Finish>| async move {
+                store::finish::finish_group(&mut client, &finishes).await
             }),
         );
         let requeues = GroupCommit::start(
@@ -154,7 +156,7 @@ impl Dispatcher {
             settings,
             slots,
             marks,
-            sent,
+            finishes,
             requeues,
         })
     }
@@ -494,8 +496,11 @@ impl Dispatcher {
             CallCheck::Go => Ok(Some(submitted + c.lease)),
             CallCheck::Replied(at) => {
                 tracing::info!("the person already replied; no first message needed");
-                let client = self.pool.get().await?;
-                if store::finish_replied(&client, c, at).await? {
+                let finish = Finish::Replied {
+                    claim: c.clone(),
+                    replied_at: at,
+                };
+                if self.finishes.submit(finish).await? {
                     self.metrics.terminal_of(OptinState::Replied).inc();
                 }
                 Ok(None)

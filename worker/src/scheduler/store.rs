@@ -16,12 +16,8 @@ use claim::Claimed;
 
 use std::time::Duration;
 
-use deadpool_postgres::{Client, Transaction};
-use lc_shared::events::{
-    FirstMessageExpired, FirstMessageFailed, FirstMessageSent, GraphErrorData, PublicEvent,
-    insert_outbox,
-};
-use lc_shared::optin::{FailureReason, OptinState};
+use deadpool_postgres::Client;
+use lc_shared::events::{FirstMessageExpired, GraphErrorData, PublicEvent, insert_outbox};
 use time::OffsetDateTime;
 
 /// `QueuedEvent.source` of opt-ins reported by the business backend at login time.
@@ -64,8 +60,11 @@ pub struct Timing {
 
 impl Timing {
     /// The last moment a call may start for an opt-in with this deadline.
+    /// Saturating, never panicking: a margin too large to subtract leaves the earliest
+    /// representable time, so nothing is sent rather than something late.
     pub fn last_send(&self, deadline: OffsetDateTime) -> OffsetDateTime {
-        deadline - self.safety_margin
+        let margin = time::Duration::try_from(self.safety_margin).unwrap_or(time::Duration::MAX);
+        deadline.saturating_sub(margin)
     }
 }
 
@@ -80,16 +79,6 @@ pub struct StoredError {
     pub message: String,
     /// Graph `fbtrace_id`.
     pub fbtrace_id: Option<String>,
-}
-
-impl StoredError {
-    fn data(&self) -> GraphErrorData {
-        GraphErrorData {
-            code: self.code,
-            subcode: self.subcode,
-            message: self.message.clone(),
-        }
-    }
 }
 
 /// Expires up to `limit` pending opt-ins whose last send time has passed, with their
@@ -152,6 +141,9 @@ macro_rules! fenced {
     };
 }
 
+// After `fenced!`, which it uses (a macro is visible only below its definition).
+pub mod finish;
+
 /// The statement of [`release`]: `$1`–`$3` the fence, `$4` when it is due again.
 const RELEASE_SQL: &str = concat!(
     "UPDATE optins SET state = ",
@@ -187,101 +179,6 @@ pub async fn release(
         )
         .await?;
     Ok(n == 1)
-}
-
-/// A successful send to record.
-#[derive(Debug, Clone)]
-pub struct SentRecord {
-    /// The claim it was made under.
-    pub claim: Claimed,
-    /// Graph's `message_id`.
-    pub message_id: String,
-    /// When Graph accepted it.
-    pub sent_at: OffsetDateTime,
-}
-
-/// Records a successful send and its `first_message.sent` event. Returns false (and writes
-/// nothing) if the claim was taken over.
-pub async fn finish_sent(
-    client: &mut Client,
-    c: &Claimed,
-    message_id: &str,
-    sent_at: OffsetDateTime,
-) -> Result<bool, StoreError> {
-    let record = SentRecord {
-        claim: c.clone(),
-        message_id: message_id.to_owned(),
-        sent_at,
-    };
-    let done = finish_sent_group(client, std::slice::from_ref(&record)).await?;
-    Ok(done.first().copied().unwrap_or(false))
-}
-
-/// [`finish_sent`] for several sends in one transaction (one commit), as the dispatcher's
-/// group commit uses it. Returns, per record, whether it was written.
-pub async fn finish_sent_group(
-    client: &mut Client,
-    records: &[SentRecord],
-) -> Result<Vec<bool>, StoreError> {
-    let tx = client.transaction().await?;
-    let update = tx
-        .prepare_cached(concat!(
-            "UPDATE optins SET state = ",
-            lc_shared::state_sql!(sent),
-            ", message_id = $4, sent_at = $5, attempts = $6, \
-             lease_owner = NULL, lease_expires_at = NULL, finished_at = $5, updated_at = now() \
-             WHERE ",
-            fenced!()
-        ))
-        .await?;
-    let attempts: Vec<i32> = records.iter().map(|r| r.claim.attempts + 1).collect();
-    // Issued together, the statements are pipelined on the one connection: one round trip
-    // for the group instead of one per record (the server still runs them in order).
-    let (tx_ref, update) = (&tx, &update);
-    let updated = futures_util::future::try_join_all(records.iter().zip(&attempts).map(
-        |(r, attempts)| async move {
-            let c = &r.claim;
-            tx_ref
-                .execute(
-                    update,
-                    &[
-                        &c.page_id,
-                        &c.login_id,
-                        &c.fence,
-                        &r.message_id,
-                        &r.sent_at,
-                        attempts,
-                    ],
-                )
-                .await
-        },
-    ))
-    .await?;
-    let written: Vec<bool> = updated.iter().map(|n| *n == 1).collect();
-    let events: Vec<(PublicEvent, Option<&str>)> = records
-        .iter()
-        .zip(&attempts)
-        .zip(&written)
-        .filter(|(_, written)| **written)
-        .map(|((r, attempts), _)| {
-            let ev = PublicEvent::FirstMessageSent(FirstMessageSent {
-                page_id: r.claim.page_id.clone(),
-                login_id: r.claim.login_id.clone(),
-                message_id: r.message_id.clone(),
-                sent_at: r.sent_at,
-                attempts: *attempts,
-            });
-            (ev, r.claim.traceparent.as_deref())
-        })
-        .collect();
-    futures_util::future::try_join_all(
-        events
-            .iter()
-            .map(|(ev, traceparent)| insert_outbox(&*tx, ev, EVENT_SOURCE, *traceparent)),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(written)
 }
 
 /// A claimed row going back to `pending`, as one of a group committed together.
@@ -354,109 +251,6 @@ pub async fn requeue_group(
     Ok(written)
 }
 
-/// How a claimed row ends without success.
-#[derive(Debug, Clone)]
-pub enum Ending {
-    /// Permanently failed, with the reason announced in `first_message.failed`.
-    Failed(FailureReason),
-    /// The window closed (or no retry fits before it).
-    Expired,
-}
-
-/// Records a terminal failure or expiry and its event. `called` says whether a Send API call
-/// was made in this claim (it counts as an attempt).
-pub async fn finish_unsent(
-    client: &mut Client,
-    c: &Claimed,
-    ending: Ending,
-    called: bool,
-    error: Option<&StoredError>,
-) -> Result<bool, StoreError> {
-    let attempts = c.attempts + i32::from(called);
-    let (state, reason) = match &ending {
-        Ending::Failed(r) => (OptinState::Failed, Some(*r)),
-        Ending::Expired => (OptinState::Expired, None),
-    };
-    let tx = client.transaction().await?;
-    let n = tx
-        .execute(
-            concat!(
-                "UPDATE optins SET state = $4, failure_reason = $5, attempts = $6, \
-                 last_error_code = COALESCE($7, last_error_code), \
-                 last_error_subcode = COALESCE($8, last_error_subcode), \
-                 last_error_message = COALESCE($9, last_error_message), \
-                 last_error_fbtrace = COALESCE($10, last_error_fbtrace), \
-                 lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), \
-                 updated_at = now() WHERE ",
-                fenced!(),
-                " \
-                 RETURNING last_error_code, last_error_subcode, last_error_message"
-            ),
-            &[
-                &c.page_id,
-                &c.login_id,
-                &c.fence,
-                &state,
-                &reason,
-                &attempts,
-                &error.and_then(|e| e.code),
-                &error.and_then(|e| e.subcode),
-                &error.map(|e| e.message.as_str()),
-                &error.and_then(|e| e.fbtrace_id.as_deref()),
-            ],
-        )
-        .await?;
-    if n == 0 {
-        return Ok(false);
-    }
-    let last_error = match error {
-        Some(e) => Some(e.data()),
-        None => last_stored_error(&tx, &c.page_id, &c.login_id)
-            .await?
-            .map(|e| e.data()),
-    };
-    let ev = match ending {
-        Ending::Failed(reason) => PublicEvent::FirstMessageFailed(FirstMessageFailed {
-            page_id: c.page_id.clone(),
-            login_id: c.login_id.clone(),
-            attempts,
-            reason: reason.as_str().into(),
-            last_error,
-        }),
-        Ending::Expired => PublicEvent::FirstMessageExpired(FirstMessageExpired {
-            page_id: c.page_id.clone(),
-            login_id: c.login_id.clone(),
-            attempts,
-            deadline: c.deadline,
-            last_error,
-        }),
-    };
-    insert_outbox(&*tx, &ev, EVENT_SOURCE, c.traceparent.as_deref()).await?;
-    tx.commit().await?;
-    Ok(true)
-}
-
-async fn last_stored_error(
-    tx: &Transaction<'_>,
-    page_id: &str,
-    login_id: &str,
-) -> Result<Option<StoredError>, StoreError> {
-    let row = tx
-        .query_one(
-            "SELECT last_error_code, last_error_subcode, last_error_message, last_error_fbtrace \
-             FROM optins WHERE page_id = $1 AND login_id = $2",
-            &[&page_id, &login_id],
-        )
-        .await?;
-    let message: Option<String> = row.get(2);
-    Ok(message.map(|message| StoredError {
-        code: row.get(0),
-        subcode: row.get(1),
-        message,
-        fbtrace_id: row.get(3),
-    }))
-}
-
 /// Puts a row back to pending for a retry at `next_attempt_at`, recording the error.
 pub async fn reschedule(
     client: &Client,
@@ -478,29 +272,6 @@ pub async fn reschedule(
                 &error.message,
                 &error.fbtrace_id,
             ],
-        )
-        .await?;
-    Ok(n == 1)
-}
-
-/// Ends a claimed opt-in as `replied` without a call (its `identity.linked` event, written by
-/// the correlator, announces it).
-pub async fn finish_replied(
-    client: &Client,
-    c: &Claimed,
-    replied_at: OffsetDateTime,
-) -> Result<bool, StoreError> {
-    let n = client
-        .execute(
-            concat!(
-                "UPDATE optins SET state = ",
-                lc_shared::state_sql!(replied),
-                ", replied_at = COALESCE(replied_at, $4), \
-                 lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), \
-                 updated_at = now() WHERE ",
-                fenced!()
-            ),
-            &[&c.page_id, &c.login_id, &c.fence, &replied_at],
         )
         .await?;
     Ok(n == 1)

@@ -10,9 +10,10 @@ use super::{Dispatcher, until_lease_end};
 use crate::graph::{FailureClass, GraphFailure};
 use crate::scheduler::retry::NextAttempt;
 use crate::scheduler::store::claim::Claimed;
+use crate::scheduler::store::finish::{Ending, Finish, SentRecord};
 use crate::scheduler::store::pages::{self, PauseReason};
 use crate::scheduler::store::rescue::UnknownOutcome;
-use crate::scheduler::store::{self, Ending, Requeue, SentRecord, StoreError, StoredError};
+use crate::scheduler::store::{Requeue, StoreError, StoredError};
 use crate::scheduler::tokens::fingerprint;
 
 impl Dispatcher {
@@ -29,7 +30,8 @@ impl Dispatcher {
             message_id: message_id.to_owned(),
             sent_at,
         };
-        let written = until_lease_end(c, || self.sent.submit(record.clone())).await?;
+        let written =
+            until_lease_end(c, || self.finishes.submit(Finish::Sent(record.clone()))).await?;
         if written {
             self.metrics.terminal_of(OptinState::Sent).inc();
             self.metrics
@@ -219,15 +221,14 @@ impl Dispatcher {
         called: bool,
         err: Option<&StoredError>,
     ) -> Result<(), StoreError> {
-        let state = match ending {
-            Ending::Failed(_) => OptinState::Failed,
-            Ending::Expired => OptinState::Expired,
+        let finish = Finish::Unsent {
+            claim: c.clone(),
+            ending,
+            called,
+            error: err.cloned(),
         };
-        let finished = until_lease_end(c, || async {
-            let mut client = self.pool.get().await?;
-            store::finish_unsent(&mut client, c, ending.clone(), called, err).await
-        })
-        .await?;
+        let state = finish.state();
+        let finished = until_lease_end(c, || self.finishes.submit(finish.clone())).await?;
         if finished {
             self.metrics.terminal_of(state).inc();
         } else {
