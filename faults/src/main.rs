@@ -27,7 +27,6 @@
 mod books;
 mod chaos;
 mod dbproxy;
-mod private;
 mod procs;
 mod setup;
 mod workload;

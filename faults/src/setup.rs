@@ -21,7 +21,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use lc_shared::topology;
 
-use crate::private::{PrivateBroker, PrivateCluster};
+use lc_testkit::private::{PrivateBroker, PrivateCluster};
 
 /// The machine's RabbitMQ host and credentials (the vhost is appended).
 fn shared_amqp_base() -> String {

@@ -2,11 +2,20 @@
 //!
 //! Migrations live in `shared/migrations` and are compiled into every binary; they run under a
 //! session advisory lock so that several replicas starting together apply them once.
+//!
+//! Every connection goes through [`tls`] (libpq's `sslmode`/`sslrootcert`, default `prefer`).
+//! `DATABASE_URL` may name several hosts (`postgres://a:5432,b:5432/db?
+//! target_session_attrs=read-write`): tokio-postgres tries them in order and, with
+//! `read-write`, skips a standby, so a promoted standby is found without a DNS change.
+
+pub mod tls;
 
 use std::str::FromStr;
 
-use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+pub use tls::{SslMode, TlsError, TlsSettings};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -21,6 +30,17 @@ pub enum DbError {
     /// `DATABASE_URL` is not a valid PostgreSQL URL.
     #[error("DATABASE_URL is not a valid PostgreSQL URL: {0}")]
     BadUrl(tokio_postgres::Error),
+    /// The TLS settings of `DATABASE_URL` cannot be used.
+    #[error("DATABASE_URL: {0}")]
+    Tls(#[from] TlsError),
+    /// The first connection failed; the text names the TLS settings and the cause.
+    #[error("cannot connect to PostgreSQL ({settings}): {cause}")]
+    FirstConnect {
+        /// [`TlsSettings::describe`].
+        settings: String,
+        /// What failed, with a hint where one helps.
+        cause: String,
+    },
     /// The pool could not be built.
     #[error("cannot create the PostgreSQL pool: {0}")]
     Pool(String),
@@ -46,32 +66,101 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A parsed `DATABASE_URL`: tokio-postgres's configuration, the TLS connector its settings
+/// ask for, and the settings themselves (for error messages).
+#[derive(Clone)]
+pub struct Target {
+    /// Hosts, database, user, options; `ssl_mode` already set from the TLS settings.
+    pub config: tokio_postgres::Config,
+    /// The rustls connector (used whenever TLS is negotiated).
+    pub tls: MakeRustlsConnect,
+    /// What the URL asked for.
+    pub settings: TlsSettings,
+}
+
+impl Target {
+    /// Parses `url` (see [`tls::split`] for the TLS settings).
+    pub fn parse(url: &str) -> Result<Self, DbError> {
+        let (rest, settings) = tls::split(url)?;
+        let mut config = tokio_postgres::Config::from_str(&rest).map_err(DbError::BadUrl)?;
+        config.ssl_mode(settings.postgres_mode());
+        let tls = tls::connector(&settings)?;
+        Ok(Self {
+            config,
+            tls,
+            settings,
+        })
+    }
+
+    /// Opens one connection (not pooled) and spawns its driver.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
+        let (client, connection) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| self.connect_error(&e))?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// A connection failure described with the TLS settings and, where the cause is a
+    /// known one, what to change.
+    pub fn connect_error(&self, e: &tokio_postgres::Error) -> DbError {
+        let mut cause = describe(e);
+        let refused_plain = e.as_db_error().is_some_and(|d| {
+            d.code() == &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                && d.message().contains("no encryption")
+        });
+        if refused_plain && self.settings.mode == SslMode::Disable {
+            cause.push_str(
+                "; the server accepts only TLS connections: set sslmode=require or verify-full",
+            );
+        } else if cause.contains("TLS handshake") || cause.contains("certificate") {
+            cause.push_str(
+                "; check sslrootcert (the CA that signed the server's certificate) and, for \
+                 verify-full, that the host in DATABASE_URL is a name in the certificate",
+            );
+        } else if cause.contains("server does not support TLS") {
+            cause.push_str("; the server has TLS off: enable it, or use sslmode=prefer or disable");
+        }
+        DbError::FirstConnect {
+            settings: self.settings.describe(),
+            cause,
+        }
+    }
+}
+
 /// Builds a pool of at most `max_size` connections (deadpool's default, 4 × cores, is more
 /// than a worker needs and multiplies with replicas against `max_connections`).
 pub fn pool(url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let cfg = deadpool_postgres::Config {
-        url: Some(url.to_owned()),
-        manager: Some(ManagerConfig {
+    let target = Target::parse(url)?;
+    let manager = Manager::from_config(
+        target.config,
+        target.tls,
+        ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
-        }),
-        pool: Some(PoolConfig::new(max_size.max(1))),
-        ..Default::default()
-    };
-    cfg.create_pool(Some(Runtime::Tokio1), NoTls)
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size.max(1))
+        .runtime(Runtime::Tokio1)
+        .build()
         .map_err(|e| DbError::Pool(e.to_string()))
 }
 
 /// Creates the database named in `url` if it does not exist, connecting to the server's
 /// `postgres` database to do so. This lets a bare `cargo run` work on a fresh machine.
+///
+/// With several hosts, the `postgres` database is reached the same way as the pool reaches
+/// its own (`target_session_attrs` included), so it is created on the primary. This is also
+/// the first connection a process makes, so its error names the TLS settings.
 pub async fn ensure_database(url: &str) -> Result<(), DbError> {
-    let config = tokio_postgres::Config::from_str(url).map_err(DbError::BadUrl)?;
-    let Some(name) = config.get_dbname().map(str::to_owned) else {
+    let mut target = Target::parse(url)?;
+    let Some(name) = target.config.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
-    let mut admin = config.clone();
-    admin.dbname("postgres");
-    let (client, connection) = admin.connect(NoTls).await?;
-    let conn_task = tokio::spawn(connection);
+    target.config.dbname("postgres");
+    let client = target.connect().await?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?
@@ -97,7 +186,6 @@ pub async fn ensure_database(url: &str) -> Result<(), DbError> {
         }
     }
     drop(client);
-    conn_task.abort();
     Ok(())
 }
 

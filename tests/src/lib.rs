@@ -8,9 +8,14 @@
 //!   against it, posting signed deliveries and watching public events.
 //! - [`login`]: the Login half (login events, data deletion) on top of a `TestEnv`.
 //! - [`contract`]: the published JSON Schemas every captured event is checked against.
+//! - [`private`]: a RabbitMQ node and a PostgreSQL cluster of a test's (or the fault suite's)
+//!   own, started from the machine's installations on free ports (TLS listeners included);
+//!   [`tls`]: a test CA and certificates made at test time.
 
 pub mod contract;
 pub mod fake_graph;
 pub mod harness;
 pub mod login;
 pub mod pipeline;
+pub mod private;
+pub mod tls;

@@ -79,14 +79,15 @@ impl RelayError {
 #[derive(Clone)]
 pub struct OutboxDb {
     pool: Pool,
-    listen: Option<tokio_postgres::Config>,
+    listen: Option<lc_shared::db::Target>,
 }
 
 impl OutboxDb {
     /// The pool, plus a `LISTEN` connection to `database_url` (the URL the pool was built
     /// from).
-    pub fn new(pool: Pool, database_url: &str) -> Result<Self, tokio_postgres::Error> {
-        let listen = database_url.parse::<tokio_postgres::Config>()?;
+    /// It connects with the URL's TLS settings, as the pool does.
+    pub fn new(pool: Pool, database_url: &str) -> Result<Self, lc_shared::db::DbError> {
+        let listen = lc_shared::db::Target::parse(database_url)?;
         Ok(Self {
             pool,
             listen: Some(listen),

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lc_shared::amqp::reconnect_backoff;
+use lc_shared::db::Target;
 use lc_shared::shutdown::Shutdown;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 /// The channel the `outbox_notify` trigger notifies.
 pub(super) const CHANNEL: &str = "loginconnect_outbox";
@@ -26,9 +27,10 @@ enum ListenError {
 }
 
 /// Keeps a listening connection up until `shutdown`, waking `wake` on every notification.
-pub(super) async fn run(mut config: tokio_postgres::Config, wake: Arc<Notify>, shutdown: Shutdown) {
+pub(super) async fn run(mut target: Target, wake: Arc<Notify>, shutdown: Shutdown) {
     // Bound the connect, and notice a silently dead peer well before the OS default of hours.
-    config
+    target
+        .config
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
@@ -36,7 +38,7 @@ pub(super) async fn run(mut config: tokio_postgres::Config, wake: Arc<Notify>, s
     let mut delays = reconnect_backoff();
     while !shutdown.is_triggered() {
         let mut subscribed = false;
-        match listen(&config, &wake, &shutdown, &mut subscribed).await {
+        match listen(&target, &wake, &shutdown, &mut subscribed).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "outbox LISTEN connection lost; polling until it is back");
@@ -57,12 +59,12 @@ pub(super) async fn run(mut config: tokio_postgres::Config, wake: Arc<Notify>, s
 /// One connection's life: `Ok` on shutdown, `Err` when it fails; `subscribed` tells whether
 /// `LISTEN` got through first.
 async fn listen(
-    config: &tokio_postgres::Config,
+    target: &Target,
     wake: &Notify,
     shutdown: &Shutdown,
     subscribed: &mut bool,
 ) -> Result<(), ListenError> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = target.config.connect(target.tls.clone()).await?;
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!("LISTEN {CHANNEL}");
     let subscribe = client.batch_execute(&statement);

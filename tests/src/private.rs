@@ -1,7 +1,7 @@
-//! A private RabbitMQ node and PostgreSQL cluster, started by the suite from the machine's own
-//! installations on free ports, so that the two faults that cannot be aimed at one vhost or
-//! one database (stopping the broker application, restarting the database server) hit only
-//! the suite.
+//! A private RabbitMQ node and PostgreSQL cluster, started by the fault suite or a test from
+//! the machine's own installations on free ports: for the faults that cannot be aimed at one
+//! vhost or one database (stopping the broker application, restarting the database server),
+//! and for server settings the shared services do not have (TLS listeners).
 //!
 //! Both run as the services' own system users when the suite runs as root (the broker's
 //! Erlang cookie and PostgreSQL's refusal to run as root leave no other choice), with their
@@ -197,9 +197,24 @@ pub struct PrivateCluster {
     bin: PathBuf,
 }
 
+/// TLS for a [`PrivateCluster`]: the server's certificate chain and key (PEM).
+pub struct ClusterTls {
+    /// The server certificate (PEM).
+    pub cert_pem: String,
+    /// Its private key (PEM).
+    pub key_pem: String,
+    /// Refuse connections without TLS over TCP (`hostssl` lines only in `pg_hba.conf`).
+    pub tls_only: bool,
+}
+
 impl PrivateCluster {
     /// Creates a cluster under `dir`, starts it and waits until it answers.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, None)
+    }
+
+    /// [`PrivateCluster::start`], with TLS on when `tls` is given.
+    pub fn start_with(dir: &Path, tls: Option<&ClusterTls>) -> anyhow::Result<Self> {
         let bin = postgres_bin_dir()?;
         let port = free_port()?;
         let dir = dir.join("postgres");
@@ -210,6 +225,30 @@ impl PrivateCluster {
             .args(["-A", "trust", "-U", "postgres", "-N", "-D"])
             .arg(dir.join("data"));
         run(initdb, "create a PostgreSQL cluster (initdb)")?;
+        if let Some(tls) = tls {
+            let data = dir.join("data");
+            std::fs::write(data.join("server.crt"), &tls.cert_pem)?;
+            std::fs::write(data.join("server.key"), &tls.key_pem)?;
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))?;
+            std::io::Write::write_all(
+                &mut conf,
+                b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            )?;
+            if tls.tls_only {
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+                     hostssl all all ::1/128 trust\n",
+                )?;
+            }
+            make_dir_for(&data, "postgres")?;
+            // PostgreSQL refuses a key others can read.
+            let mut chmod = Command::new("chmod");
+            chmod.arg("600").arg(data.join("server.key"));
+            run(chmod, "make the server key private")?;
+        }
         let cluster = Self { port, dir, bin };
         cluster.pg_ctl("start")?;
         Ok(cluster)
