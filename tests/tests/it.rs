@@ -23,6 +23,7 @@ mod deployment;
 mod graph_client;
 mod ingest;
 mod intake_isolation;
+mod linking;
 mod login_events;
 mod observability;
 mod relay;
