@@ -25,6 +25,7 @@ mod ingest;
 mod intake_isolation;
 mod linking;
 mod login_events;
+mod never_again;
 mod observability;
 mod relay;
 mod scale_out;
