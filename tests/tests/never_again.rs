@@ -10,10 +10,11 @@ use lc_meta::login::deletion::{DeletionIdentity, DeletionRequest};
 use lc_shared::events::{IdentityLinked, PublicEvent, insert_outbox};
 use lc_testkit::login::{login_args, login_event_body, login_id_for, post_login_event, sign_now};
 use lc_testkit::pipeline::{
-    PAGE, TestEnv, WAIT, body, count, eventually, metrics_text, optin_item, optin_state,
-    post_signed, text_reply_item,
+    PAGE, TestEnv, WAIT, body, claim, count, eventually, insert_optin, metrics_text, optin_item,
+    optin_state, post_signed, text_reply_item,
 };
 use lc_worker::deletion::apply;
+use lc_worker::scheduler::store::call_start::{CallCheck, begin_call};
 use lc_worker::scheduler::store::rescue::prune_finished;
 use time::OffsetDateTime;
 
@@ -53,6 +54,32 @@ async fn a_person_linked_long_ago_gets_no_first_message_from_a_new_optin() {
     assert_eq!(optin_state(&sql, "R8").await.as_deref(), Some("replied"));
     assert!(env.graph.send_calls().is_empty(), "nothing sent");
     p.stop_scheduler().await;
+}
+
+#[tokio::test]
+async fn a_link_made_while_the_optin_is_claimed_stops_the_call_however_old_the_reply() {
+    let env = TestEnv::new().await;
+    let pool = env.migrated_pool(1).await;
+    let sql = env.sql().await;
+    let now = OffsetDateTime::now_utc();
+    insert_optin(&sql, PAGE, "R9", now, "pending").await;
+    let mut client = pool.get().await.expect("client");
+    let claimed = claim(&mut client, "worker", Duration::from_secs(30)).await;
+    assert_eq!(claimed.len(), 1);
+    // Meta redelivers, hours late, a reply of two days ago: the link appears while the
+    // opt-in is claimed (the correlator only turns a `pending` opt-in into `replied`).
+    let replied_at = now - Duration::from_secs(2 * 86_400);
+    sql.execute(
+        "INSERT INTO links (page_id, login_id, psid, linked_at) VALUES ($1, 'R9', 'PSID9', $2)",
+        &[&PAGE, &replied_at],
+    )
+    .await
+    .expect("link");
+    let check = begin_call(&mut client, &claimed[0]).await.expect("check");
+    assert!(
+        matches!(check, CallCheck::Replied(_)),
+        "no call to a linked person: {check:?}"
+    );
 }
 
 #[tokio::test]
