@@ -33,7 +33,8 @@ pub enum EventKind {
     Message,
     /// A postback (button, Get Started or persistent menu tap).
     Postback,
-    /// Anything else: echoes, deliveries, reads, reactions, standby items, unknown events.
+    /// Anything else: echoes, deliveries, reads, reactions, standby items without
+    /// `prior_message`, unknown events.
     Other,
 }
 
@@ -228,7 +229,10 @@ impl ParseError {
 
 /// Parses a whole delivery body (the raw POST bytes) into its events, in order.
 ///
-/// Items in `standby` are always [`EventKind::Other`] because another app owns the thread. An
+/// Items in `standby` are [`EventKind::Other`] because another app owns the thread, with one
+/// exception: a message or postback carrying `prior_message`. That is the person's reply to
+/// our first message arriving while a handover app (an inbox, a human-agent tool) owns the
+/// thread, and linking it is ours to do, so it keeps its kind and goes to the correlator. An
 /// entry without `messaging` or `standby` (e.g. a `changes` entry) contributes nothing.
 /// Fails on a malformed envelope or entry; an item only fails if it is an opt-in, message or
 /// postback whose time is bad or missing, since those are ordered and acted on.
@@ -254,7 +258,10 @@ pub fn parse_delivery(body: &[u8]) -> Result<Vec<WebhookEvent>, ParseError> {
 fn parse_entry(entry: &RawValue, events: &mut Vec<WebhookEvent>) -> Result<(), ParseError> {
     let entry = object(entry).ok_or(ParseError::NotAnObject { what: "entry item" })?;
     let mut channels = Vec::new();
-    for (name, standby) in [("messaging", false), ("standby", true)] {
+    for (name, standby) in [
+        ("messaging", Channel::Messaging),
+        ("standby", Channel::Standby),
+    ] {
         if let Some(list) = entry.get(name) {
             let items = array(list).ok_or(ParseError::wrong(name, "an array"))?;
             channels.push((name, standby, items));
@@ -286,25 +293,48 @@ fn parse_entry(entry: &RawValue, events: &mut Vec<WebhookEvent>) -> Result<(), P
 ///
 /// `fallback_time` is used when neither the item's `timestamp` nor a watermark gives a time
 /// (normally the entry's `time`). The item is treated as coming from `messaging`; use
-/// [`QueuedEvent::parse`] for queued events, which also keeps standby items `Other`.
+/// [`QueuedEvent::parse`] for queued events, which also keeps `other` events `Other`.
 pub fn parse_item(
     page_id: &str,
     raw: &RawValue,
     fallback_time: Option<OffsetDateTime>,
 ) -> Result<WebhookEvent, ParseError> {
-    parse_item_in(page_id, raw, fallback_time, false)
+    parse_item_in(page_id, raw, fallback_time, Channel::Messaging)
+}
+
+/// Where an item was read from, which decides what it may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    /// `entry[].messaging`: the thread is ours; every kind.
+    Messaging,
+    /// `entry[].standby`: another app owns the thread; only a reply with `prior_message`
+    /// (ours to link) is not `Other`.
+    Standby,
+    /// A queued event routed as `other`: stays `Other` whatever it looks like.
+    Opaque,
 }
 
 fn parse_item_in(
     page_id: &str,
     raw: &RawValue,
     fallback_time: Option<OffsetDateTime>,
-    standby: bool,
+    channel: Channel,
 ) -> Result<WebhookEvent, ParseError> {
     // A non-object item is unknown rather than an error: the envelope around it was valid.
     let item = object(raw);
-    let details = match &item {
-        Some(item) if !standby => classify(item),
+    let details = match (&item, channel) {
+        (Some(item), Channel::Messaging) => classify(item),
+        (Some(item), Channel::Standby) => match classify(item) {
+            reply @ (EventDetails::Message(Reply {
+                prior_message: Some(_),
+                ..
+            })
+            | EventDetails::Postback(Reply {
+                prior_message: Some(_),
+                ..
+            })) => reply,
+            _ => EventDetails::Other,
+        },
         _ => EventDetails::Other,
     };
     let kind = details.kind();
@@ -559,14 +589,19 @@ impl QueuedEvent {
     /// Re-parses `event` as [`parse_item`] does, with `timestamp_ms` as the fallback time.
     ///
     /// An event queued as `Other` stays `Other` (standby items look like messages but are not
-    /// ours to answer). The result keeps this message's `idempotency_key`, since that is the
-    /// key the producer published under; any other disagreement in kind is an error.
+    /// ours to answer). A standby reply with `prior_message` is queued as a message and reads
+    /// as one here. The result keeps this message's `idempotency_key`, since that is the key
+    /// the producer published under; any other disagreement in kind is an error.
     pub fn parse(&self) -> Result<WebhookEvent, ParseError> {
         let nanos = i128::from(self.timestamp_ms) * 1_000_000;
         let fallback = OffsetDateTime::from_unix_timestamp_nanos(nanos)
             .map_err(|e| ParseError::bad_time("timestamp_ms", e.to_string()))?;
-        let standby = self.kind == EventKind::Other;
-        let mut event = parse_item_in(&self.page_id, &self.event, Some(fallback), standby)?;
+        let channel = if self.kind == EventKind::Other {
+            Channel::Opaque
+        } else {
+            Channel::Messaging
+        };
+        let mut event = parse_item_in(&self.page_id, &self.event, Some(fallback), channel)?;
         if event.kind != self.kind {
             return Err(ParseError::KindMismatch {
                 queued: self.kind,

@@ -165,7 +165,8 @@ async fn redeliveries_repeats_and_every_reply_shape_link_once_each() {
         t + Duration::from_secs(60),
     )])
     .await;
-    // A postback with prior_message, and a quick reply whose prior_message uses `login_id`.
+    // A postback with prior_message, and a quick reply whose prior_message uses `login_id`
+    // (other sources never link: see linking.rs).
     p.deliver(vec![
         json!({"sender": {"id": "PSID5"}, "recipient": {"id": PAGE}, "timestamp": ms(t),
                "postback": {"mid": "m_5", "title": "Get Started", "payload": "GET_STARTED"},
@@ -173,7 +174,7 @@ async fn redeliveries_repeats_and_every_reply_shape_link_once_each() {
         json!({"sender": {"id": "PSID6"}, "recipient": {"id": PAGE}, "timestamp": ms(t),
                "message": {"mid": "m_6", "text": "Outfit suggestions",
                            "quick_reply": {"payload": "CURATION"}},
-               "prior_message": {"source": "checkbox_plugin", "login_id": "L6"}}),
+               "prior_message": {"source": "login_connect", "login_id": "L6"}}),
     ])
     .await;
     p.start_correlator(&env).await;

@@ -9,7 +9,7 @@ use lc_meta::login::signed_request::sign_request;
 use lc_testkit::contract::load_schema;
 use lc_testkit::login::{OTHER_PAGE, STATUS_BASE, login_id_for};
 use lc_testkit::pipeline::{APP_SECRET, PAGE, TestEnv, WAIT, event_json, eventually, metrics_text};
-use lc_worker::deletion::{Applied, apply};
+use lc_worker::deletion::{Applied, Deleted, apply};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 const ASID: &str = "7770001";
@@ -143,10 +143,16 @@ async fn a_deletion_request_deletes_announces_and_reports_completion() {
     .await;
     let (s, report) = status(&ingest, &code).await;
     assert_eq!(s, 200);
-    assert_eq!(report["deleted"], 2, "{report}");
+    assert_eq!(report["deleted"], 3, "{report}");
     assert_eq!(report["deleted_optins"], 1);
     assert_eq!(report["deleted_links"], 1);
+    assert_eq!(report["deleted_link_conflicts"], 1);
+    assert_eq!(report["deleted_outbox_events"], 0);
     assert_eq!(report["identities"], 2);
+    assert_eq!(
+        report["matched_identities"], 1,
+        "only the first page held anything"
+    );
     assert_eq!(rows(&sql, &login_id).await, 0, "the person's rows are gone");
     assert_eq!(
         rows(&sql, &other_person).await,
@@ -193,6 +199,7 @@ async fn status_is_pending_until_the_scheduler_ran() {
     .await;
     let (_, report) = status(&ingest, &code).await;
     assert_eq!(report["deleted"], 0, "nothing was stored for this person");
+    assert_eq!(report["matched_identities"], 0, "{report}");
     assert_eq!(env.depth(DELETION_QUEUE).await, 0);
 }
 
@@ -315,11 +322,14 @@ async fn a_redelivered_request_changes_nothing() {
     let first = apply(&mut client, &request).await.expect("apply");
     assert_eq!(
         first,
-        Applied::Completed {
+        Applied::Completed(Deleted {
+            matched: 1,
             optins: 1,
             links: 1,
-            events: 1
-        }
+            link_conflicts: 1,
+            events: 1,
+            ..Deleted::default()
+        })
     );
     drop(client);
     // The person opts in again afterwards (a new login): a redelivery of the old request

@@ -1,16 +1,25 @@
 //! The correlator: joins a person's login_id to their PSID when they reply.
 //!
-//! It consumes `correlator.replies` (messages and postbacks routed by ingest). A reply that
-//! carries `prior_message` with a login_id creates the link `(page_id, login_id) → psid`,
+//! It consumes `correlator.replies` (messages and postbacks routed by ingest, from `messaging`
+//! and — when they carry `prior_message` — from `standby`). A reply that carries
+//! `prior_message` with a login_id from an allowed source (`CORRELATOR_LINK_SOURCES`, default
+//! `login_connect`) creates the link `(page_id, login_id) → psid`,
 //! moves a still-`pending` opt-in to `replied` (so the scheduler never sends it) and writes one
 //! `identity.linked` event to the outbox, all in the batch's transaction; the delivery is
 //! acked only after the commit. Redeliveries and repeated `prior_message`s find the link and do
 //! nothing (invariant 9). A second PSID for a linked login_id keeps the first link and is
-//! recorded in `link_conflicts`. The outbox relay in the same process publishes the events.
+//! recorded in `link_conflicts`. A `prior_message` of any other source (a checkbox plugin's
+//! `user_ref` is chosen client-side, so it can name anyone's login_id) never links: it is
+//! counted (`correlator_replies_total{result="foreign_source"}`), logged and kept in
+//! `foreign_prior_messages`. A reply of a person deleted by a data deletion request that
+//! happened before the deletion (a redelivery) recreates nothing. The outbox relay in the
+//! same process publishes the events.
 //!
 //! - [`replies`]: decoding and the per-batch transaction;
+//! - [`link`]: what one reply does in the database;
 //! - [`metrics`]: the Prometheus metrics.
 
+pub mod link;
 pub mod metrics;
 pub mod replies;
 
@@ -48,6 +57,18 @@ pub struct CorrelatorConfig {
         default_value = "0.0.0.0:9102"
     )]
     pub metrics_addr: SocketAddr,
+
+    /// `prior_message.source` values that may link a login_id, comma-separated (compared
+    /// exactly, after trimming spaces). Replies naming a login_id with any other source, or
+    /// with none, are never linked: counted, logged and kept in `foreign_prior_messages`.
+    #[arg(
+        long = "link-sources",
+        env = "CORRELATOR_LINK_SOURCES",
+        value_delimiter = ',',
+        default_value = link::DEFAULT_LINK_SOURCE,
+        value_parser = link::parse_link_source,
+    )]
+    pub link_sources: Vec<String>,
 }
 
 /// A running correlator.
@@ -80,6 +101,8 @@ pub async fn start(
     let metrics = CorrelatorMetrics::new(&registry)?;
     let relay_metrics = RelayMetrics::new(&registry)?;
     let metrics_addr = metrics_listener.local_addr()?;
+    let sources = link::LinkSources::new(&config.link_sources);
+    tracing::info!(link_sources = ?config.link_sources, "prior_message sources that may link");
 
     let mut tasks = JoinSet::new();
     {
@@ -90,6 +113,7 @@ pub async fn start(
             tag: worker_id.clone(),
         };
         let (pool, metrics) = (pool.clone(), metrics.clone());
+        let sources = sources.clone();
         consumer::spawn_supervised(
             &mut tasks,
             &registry,
@@ -97,8 +121,8 @@ pub async fn start(
             settings,
             &shutdown,
             move |batch| {
-                let (pool, metrics) = (pool.clone(), metrics.clone());
-                async move { replies::handle_batch(&pool, &metrics, &batch).await }
+                let (pool, metrics, sources) = (pool.clone(), metrics.clone(), sources.clone());
+                async move { replies::handle_batch(&pool, &metrics, &sources, &batch).await }
             },
         )?;
     }

@@ -1,8 +1,14 @@
 //! Carrying out user data deletion requests queued by ingest on `scheduler.deletions`.
 //!
-//! Each request is applied in one transaction: the person's opt-ins, links and link
-//! conflicts are deleted, one `identity.deleted` event per (page, login_id) is written to the
-//! outbox, and a receipt with the counts is stored under the confirmation code (what
+//! Each request is applied in one transaction: the person's opt-ins, links, link
+//! conflicts, foreign `prior_message`s kept for inspection, the permanent record of pruned
+//! windows (`contacted`) and the outbox events about them not yet published are deleted; a
+//! tombstone (a hash of page and login_id, with the request's time) is written, so an opt-in
+//! or reply of the person that happened before the request — Meta redelivering it, an
+//! operator replaying a dead letter — cannot recreate them (a later one is a new consent and
+//! is recorded as usual); one `identity.deleted` event per (page, login_id) is written to
+//! the outbox; and a receipt with the counts — how many identities matched anything, and
+//! the rows of each kind — is stored under the confirmation code (what
 //! `GET /data-deletion/{code}` reports). The receipt doubles as the idempotency key: a
 //! redelivered request finds it and changes nothing, so every event is written once.
 //!
@@ -51,16 +57,31 @@ impl DeletionMetrics {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     /// Deleted and announced now.
-    Completed {
-        /// Opt-in rows deleted.
-        optins: u64,
-        /// Link rows deleted.
-        links: u64,
-        /// `identity.deleted` events written.
-        events: usize,
-    },
+    Completed(Deleted),
     /// A receipt for this confirmation code exists: applied before (a redelivery).
     AlreadyDone,
+}
+
+/// The counts of one applied request, as its receipt stores them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// (page, login_id) pairs of the request that had anything stored (0 is an honest
+    /// "we held nothing about this person").
+    pub matched: usize,
+    /// Opt-in rows deleted.
+    pub optins: u64,
+    /// Link rows deleted.
+    pub links: u64,
+    /// Link conflict rows deleted.
+    pub link_conflicts: u64,
+    /// Replies with a foreign `prior_message` source deleted.
+    pub foreign_replies: u64,
+    /// Permanent records of pruned windows deleted (the tombstone replaces them).
+    pub contact_records: u64,
+    /// Unpublished outbox events about the person deleted (never published now).
+    pub outbox_events: u64,
+    /// `identity.deleted` events written.
+    pub events: usize,
 }
 
 /// Applies one request in its own transaction (see the module doc).
@@ -93,11 +114,15 @@ pub async fn apply(client: &mut Client, request: &DeletionRequest) -> Result<App
         .iter()
         .map(|i| i.login_id.as_str())
         .collect();
+    // Every statement names the (page, login_id) pairs it deleted, so the receipt can say
+    // how many of the request's identities matched anything.
+    let ids: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&pages, &login_ids];
     let optins = tx
-        .execute(
+        .query(
             "DELETE FROM optins o USING unnest($1::text[], $2::text[]) AS d(page_id, login_id) \
-             WHERE o.page_id = d.page_id AND o.login_id = d.login_id",
-            &[&pages, &login_ids],
+             WHERE o.page_id = d.page_id AND o.login_id = d.login_id \
+             RETURNING o.page_id, o.login_id",
+            &ids,
         )
         .await?;
     let links = tx
@@ -105,15 +130,62 @@ pub async fn apply(client: &mut Client, request: &DeletionRequest) -> Result<App
             "DELETE FROM links l USING unnest($1::text[], $2::text[]) AS d(page_id, login_id) \
              WHERE l.page_id = d.page_id AND l.login_id = d.login_id \
              RETURNING l.page_id, l.login_id, l.psid",
-            &[&pages, &login_ids],
+            &ids,
+        )
+        .await?;
+    let conflicts = tx
+        .query(
+            "DELETE FROM link_conflicts c \
+             USING unnest($1::text[], $2::text[]) AS d(page_id, login_id) \
+             WHERE c.page_id = d.page_id AND c.login_id = d.login_id \
+             RETURNING c.page_id, c.login_id",
+            &ids,
+        )
+        .await?;
+    let foreign = tx
+        .query(
+            "DELETE FROM foreign_prior_messages f \
+             USING unnest($1::text[], $2::text[]) AS d(page_id, login_id) \
+             WHERE f.page_id = d.page_id AND f.login_id = d.login_id \
+             RETURNING f.page_id, f.login_id",
+            &ids,
+        )
+        .await?;
+    let contacted = tx
+        .query(
+            "DELETE FROM contacted c USING unnest($1::text[], $2::text[]) AS d(page_id, login_id) \
+             WHERE c.person = person_key(d.page_id, d.login_id) \
+             RETURNING d.page_id, d.login_id",
+            &ids,
+        )
+        .await?;
+    // Events about the person the relay has not published yet are withdrawn (a row the
+    // relay holds is locked: this waits, then sees it published and leaves it). Earlier
+    // `identity.deleted` events stay: they announce a deletion, not the person's data.
+    let outbox = tx
+        .query(
+            "DELETE FROM outbox o USING unnest($1::text[], $2::text[]) AS d(page_id, login_id) \
+             WHERE o.published_at IS NULL AND o.event_type <> 'identity.deleted' \
+               AND o.page_id = d.page_id AND o.cloudevent->'data'->>'login_id' = d.login_id \
+             RETURNING d.page_id, d.login_id",
+            &ids,
         )
         .await?;
     tx.execute(
-        "DELETE FROM link_conflicts c USING unnest($1::text[], $2::text[]) AS d(page_id, login_id) \
-         WHERE c.page_id = d.page_id AND c.login_id = d.login_id",
-        &[&pages, &login_ids],
+        "INSERT INTO deleted_people (person, deleted_at) \
+         SELECT person_key(d.page_id, d.login_id), $3 \
+         FROM unnest($1::text[], $2::text[]) AS d(page_id, login_id) \
+         ON CONFLICT (person) DO UPDATE \
+         SET deleted_at = GREATEST(deleted_people.deleted_at, EXCLUDED.deleted_at)",
+        &[&pages, &login_ids, &request.requested_at],
     )
     .await?;
+    let matched: std::collections::BTreeSet<(String, String)> =
+        [&optins, &links, &conflicts, &foreign, &contacted, &outbox]
+            .into_iter()
+            .flatten()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
     let now = OffsetDateTime::now_utc();
     for identity in &request.identities {
         let psid = links
@@ -131,27 +203,41 @@ pub async fn apply(client: &mut Client, request: &DeletionRequest) -> Result<App
         });
         insert_outbox(&*tx, &event, EVENT_SOURCE, None).await?;
     }
+    let n = |rows: &Vec<tokio_postgres::Row>| rows.len() as u64;
+    let deleted = Deleted {
+        matched: matched.len(),
+        optins: n(&optins),
+        links: n(&links),
+        link_conflicts: n(&conflicts),
+        foreign_replies: n(&foreign),
+        contact_records: n(&contacted),
+        outbox_events: n(&outbox),
+        events: request.identities.len(),
+    };
     let count = |n: u64| i32::try_from(n).unwrap_or(i32::MAX);
     let identities = i32::try_from(request.identities.len()).unwrap_or(i32::MAX);
     tx.execute(
         "INSERT INTO data_deletions (confirmation_code, requested_at, completed_at, identities, \
-             deleted_optins, deleted_links) VALUES ($1, $2, $3, $4, $5, $6)",
+             deleted_optins, deleted_links, matched_identities, deleted_link_conflicts, \
+             deleted_foreign_replies, deleted_contact_records, deleted_outbox_events) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         &[
             &request.confirmation_code,
             &request.requested_at,
             &now,
             &identities,
-            &count(optins),
-            &count(links.len() as u64),
+            &count(deleted.optins),
+            &count(deleted.links),
+            &count(deleted.matched as u64),
+            &count(deleted.link_conflicts),
+            &count(deleted.foreign_replies),
+            &count(deleted.contact_records),
+            &count(deleted.outbox_events),
         ],
     )
     .await?;
     tx.commit().await?;
-    Ok(Applied::Completed {
-        optins,
-        links: links.len() as u64,
-        events: request.identities.len(),
-    })
+    Ok(Applied::Completed(deleted))
 }
 
 /// Applies a batch of deliveries, one transaction each; a database error retries the whole
@@ -175,17 +261,19 @@ pub async fn handle_batch(
             }
         };
         match apply(&mut client, &request).await? {
-            Applied::Completed {
-                optins,
-                links,
-                events,
-            } => {
+            Applied::Completed(d) => {
                 metrics.requests.with_label_values(&["completed"]).inc();
                 tracing::info!(
                     confirmation_code = %request.confirmation_code,
-                    deleted_optins = optins,
-                    deleted_links = links,
-                    events,
+                    identities = request.identities.len(),
+                    matched = d.matched,
+                    deleted_optins = d.optins,
+                    deleted_links = d.links,
+                    deleted_link_conflicts = d.link_conflicts,
+                    deleted_foreign_replies = d.foreign_replies,
+                    deleted_contact_records = d.contact_records,
+                    deleted_outbox_events = d.outbox_events,
+                    events = d.events,
                     "data deletion request completed"
                 );
             }

@@ -268,7 +268,9 @@ async fn deletion_status(
         let client = d.pool.get().await.map_err(|e| e.to_string())?;
         client
             .query_opt(
-                "SELECT completed_at, identities, deleted_optins, deleted_links \
+                "SELECT completed_at, identities, deleted_optins, deleted_links, \
+                        matched_identities, deleted_link_conflicts, deleted_foreign_replies, \
+                        deleted_contact_records, deleted_outbox_events \
                  FROM data_deletions WHERE confirmation_code = $1",
                 &[&code],
             )
@@ -298,14 +300,26 @@ async fn deletion_status(
             let completed_at: OffsetDateTime = r.get(0);
             let optins: i32 = r.get(2);
             let links: i32 = r.get(3);
+            // NULL in receipts written before these counts existed: reported as null.
+            let more: [Option<i32>; 5] = std::array::from_fn(|i| r.get(4 + i));
+            let [matched, conflicts, foreign, contacted, outbox] = more;
+            let deleted = [optins, links]
+                .into_iter()
+                .chain(more.into_iter().skip(1).flatten())
+                .sum::<i32>();
             json!({
                 "confirmation_code": code,
                 "status": "completed",
                 "completed_at": completed_at.format(&Rfc3339).ok(),
                 "identities": r.get::<_, i32>(1),
-                "deleted": optins + links,
+                "matched_identities": matched,
+                "deleted": deleted,
                 "deleted_optins": optins,
                 "deleted_links": links,
+                "deleted_link_conflicts": conflicts,
+                "deleted_foreign_replies": foreign,
+                "deleted_contact_records": contacted,
+                "deleted_outbox_events": outbox,
             })
         }
     };

@@ -268,16 +268,68 @@ fn reaction_keeps_escaped_emoji_in_raw() {
 }
 
 #[test]
-fn standby_message_is_other() {
+fn standby_reply_with_prior_message_is_a_message_to_link() {
     let body = fixture!("standby");
     let ev = parse_one(body);
-    assert_other(&ev, PAGE_A, 1_700_000_900_000);
+    assert_eq!(ev.kind, EventKind::Message);
     assert_raw_is_verbatim(body, &ev);
+    let EventDetails::Message(reply) = &ev.details else {
+        panic!("not a message: {:?}", ev.details);
+    };
+    assert_eq!(
+        reply.prior_message,
+        Some(PriorMessage {
+            source: Some("login_connect".into()),
+            login_id: "AZx9LcLoginId_7f3e2a1b".into(),
+        })
+    );
+    assert_eq!(ev.idempotency_key, "mid:m_standby_0001");
+    // Queued, it reads back as the same message.
+    let again = QueuedEvent::from_webhook(&ev).parse().unwrap();
+    assert_eq!(again.details, ev.details);
+}
+
+#[test]
+fn other_standby_items_are_other() {
+    let item = |v: serde_json::Value| {
+        let body = json!({"object": "page", "entry": [{"id": PAGE_A, "time": 1_700_000_900_100_i64,
+            "standby": [v]}]});
+        parse_delivery(body.to_string().as_bytes())
+            .unwrap()
+            .remove(0)
+    };
+    let plain = item(
+        json!({"sender": {"id": "1"}, "timestamp": 1_700_000_900_000_i64,
+        "message": {"mid": "m_s", "text": "to the inbox"}}),
+    );
+    assert_other(&plain, PAGE_A, 1_700_000_900_000);
     // Read as a `messaging` item, the same bytes would be a message: only the channel differs.
     assert_eq!(
-        parse_item(PAGE_A, &ev.raw, None).unwrap().kind,
+        parse_item(PAGE_A, &plain.raw, None).unwrap().kind,
         EventKind::Message
     );
+    let postback = item(
+        json!({"sender": {"id": "1"}, "timestamp": 1_700_000_900_000_i64,
+        "postback": {"mid": "m_p", "title": "Menu"}}),
+    );
+    assert_eq!(postback.kind, EventKind::Other);
+    // An echo is never a reply, prior_message or not.
+    let echo = item(
+        json!({"sender": {"id": PAGE_A}, "timestamp": 1_700_000_900_000_i64,
+        "message": {"mid": "m_e", "is_echo": true},
+        "prior_message": {"source": "login_connect", "identifier": "L"}}),
+    );
+    assert_eq!(echo.kind, EventKind::Other);
+    // Queued as `other`, an item stays `other` even if it carries prior_message.
+    let mut queued = QueuedEvent::from_webhook(&plain);
+    queued.event = serde_json::value::RawValue::from_string(
+        json!({"sender": {"id": "1"}, "timestamp": 1_700_000_900_000_i64,
+               "message": {"mid": "m_s"},
+               "prior_message": {"source": "login_connect", "identifier": "L"}})
+        .to_string(),
+    )
+    .unwrap();
+    assert_eq!(queued.parse().unwrap().kind, EventKind::Other);
 }
 
 #[test]

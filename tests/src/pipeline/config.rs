@@ -73,6 +73,7 @@ impl TestEnv {
         CorrelatorConfig {
             worker: self.worker_args(),
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            link_sources: vec![lc_worker::correlator::link::DEFAULT_LINK_SOURCE.to_owned()],
         }
     }
 }

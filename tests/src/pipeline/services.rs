@@ -222,10 +222,17 @@ impl Pipeline {
         eventually(WAIT, &format!("{n} replies processed"), || {
             let metrics = metrics.clone();
             async move {
-                ["linked", "duplicate", "conflict", "no_prior_message"]
-                    .iter()
-                    .map(|r| metrics.replies.with_label_values(&[*r]).get())
-                    .sum::<u64>()
+                [
+                    "linked",
+                    "duplicate",
+                    "conflict",
+                    "no_prior_message",
+                    "foreign_source",
+                    "deleted",
+                ]
+                .iter()
+                .map(|r| metrics.replies.with_label_values(&[*r]).get())
+                .sum::<u64>()
                     >= n
             }
         })

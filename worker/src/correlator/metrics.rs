@@ -6,7 +6,8 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 #[derive(Clone)]
 pub struct CorrelatorMetrics {
     /// Replies consumed and committed, by result: `linked`, `duplicate`, `conflict`,
-    /// `no_prior_message`.
+    /// `no_prior_message`, `foreign_source` (a `prior_message` of a source that may not link:
+    /// kept, never linked), `deleted` (a reply of a person deleted since: nothing stored).
     pub replies: IntCounterVec,
     /// Newly recorded link conflicts (a login_id already linked to another PSID).
     pub link_conflicts: IntCounter,
@@ -45,7 +46,14 @@ impl CorrelatorMetrics {
         registry.register(Box::new(m.dead_lettered.clone()))?;
         registry.register(Box::new(m.batch_failures.clone()))?;
         // Show every result from the start, so rate() queries work before the first one.
-        for result in ["linked", "duplicate", "conflict", "no_prior_message"] {
+        for result in [
+            "linked",
+            "duplicate",
+            "conflict",
+            "no_prior_message",
+            "foreign_source",
+            "deleted",
+        ] {
             m.replies.with_label_values(&[result]);
         }
         Ok(m)

@@ -1,110 +1,41 @@
-//! One batch of `correlator.replies`: decode every delivery, then create links, mark opt-ins
-//! replied and write `identity.linked` events, all in one transaction.
+//! One batch of `correlator.replies`: decode every delivery, then handle every reply that
+//! names a login_id ([`link::apply`]), all in one transaction.
 //!
-//! Idempotence rests on the `links` primary key: `INSERT … ON CONFLICT DO NOTHING RETURNING`
-//! tells a new link from an existing one, and only a new link updates the opt-in and writes an
-//! event. A redelivered reply, a later reply repeating `prior_message`, or two replies of one
-//! login_id in the same batch (the second sees the first's row in the same transaction) all
-//! find the link already there. Concurrent replicas serialise on the primary key: the second
-//! insert waits for the first transaction and then does nothing.
+//! Ids are checked before the database (`lc_meta::ids`, as the scheduler's intake does), so a
+//! NUL, a control character or an overlong id dead-letters its one reply with a reason. If
+//! the database still refuses one row (SQLSTATE classes 22, 23, 54), every statement of the
+//! pipelined batch is awaited before judging: the refusal may reach the batch after another
+//! reply's 25P02 ("transaction aborted"), which says nothing about that reply. Then the batch
+//! is handled again one reply per transaction, so exactly the refused reply is
+//! dead-lettered and the others commit.
 
 use deadpool_postgres::{Pool, Transaction};
+use lc_meta::ids::check_id;
 use lc_meta::webhook::{EventDetails, QueuedEvent};
 use lc_shared::amqp::header_str;
-use lc_shared::events::{IdentityLinked, PublicEvent, insert_outbox};
 use lc_shared::telemetry::{TraceParent, continue_trace, login_id_label};
-use time::OffsetDateTime;
 use tracing::Instrument;
-use uuid::Uuid;
 
+use super::link::{self, BatchError, LinkRequest, LinkSources, Outcome};
 use super::metrics::CorrelatorMetrics;
 use crate::runtime::consumer::{Incoming, Verdict};
 
-/// CloudEvent `source` of the events the correlator writes.
-pub const EVENT_SOURCE: &str = "/loginconnect/correlator";
-
-/// Longest id we store. Meta's ids are far shorter; the bound keeps a hostile value from
-/// failing the btree index (about 2.7 kB per entry) and so the whole batch.
-const MAX_ID_BYTES: usize = 1024;
-
-/// Why a batch could not be committed; the consumer retries it.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchError {
-    /// No database connection could be taken from the pool.
-    #[error("cannot get a database connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    /// A statement failed.
-    #[error("database error: {0}")]
-    Db(#[from] tokio_postgres::Error),
-    /// A link was deleted (a data deletion request) while its reply was being handled.
-    #[error("a link was deleted while its reply was handled; retrying the batch")]
-    LinkDeleted,
-}
-
-impl BatchError {
-    /// The database refused the data itself (SQLSTATE classes 22 "data exception", 23
-    /// "integrity constraint violation" and 54 "program limit exceeded"): retrying the same
-    /// message can never succeed, so it is dead-lettered instead of blocking the queue.
-    fn rejected_data(&self) -> Option<String> {
-        let Self::Db(e) = self else { return None };
-        let code = e.code()?.code();
-        ["22", "23", "54"]
-            .iter()
-            .any(|class| code.starts_with(class))
-            .then(|| {
-                let message = e
-                    .as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_owned());
-                format!("the database rejected the reply's data (SQLSTATE {code}): {message}")
-            })
-    }
-}
-
-/// A decoded reply that names a login_id.
-struct LinkRequest {
-    /// Position in the batch (for the verdict).
-    index: usize,
-    page_id: String,
-    login_id: String,
-    psid: String,
-    mid: Option<String>,
-    /// The reply's own timestamp: the link's `linked_at`.
-    at: OffsetDateTime,
-    /// `prior_message.source`, logged only (the Login Connect values are undocumented).
-    source: Option<String>,
-    /// The delivery's `traceparent` (from ingest), the parent of this reply's span.
-    traceparent: Option<TraceParent>,
-}
-
 /// A committed outcome and the trace context it was handled in (what the event carries).
 type Traced = (Outcome, TraceParent);
-
-/// What committing one link request did.
-enum Outcome {
-    /// A new link, announced by this event; the opt-in's state after the update, if any.
-    Linked {
-        event_id: Uuid,
-        optin_state: Option<String>,
-    },
-    /// The same link existed already.
-    Duplicate,
-    /// The login_id is linked to another PSID; `recorded` is false if the conflict was
-    /// recorded before (a redelivery).
-    Conflict { linked_psid: String, recorded: bool },
-}
 
 /// Handles one batch. Undecodable messages get [`Verdict::DeadLetter`]; database trouble is
 /// an `Err`, so the consumer retries the batch instead of dead-lettering healthy messages.
 pub(super) async fn handle_batch(
     pool: &Pool,
     metrics: &CorrelatorMetrics,
+    sources: &LinkSources,
     batch: &[Incoming],
 ) -> Result<Vec<Verdict>, BatchError> {
     let mut verdicts = vec![Verdict::Ack; batch.len()];
     let mut requests = Vec::new();
     let mut without_prior = 0;
     for (index, incoming) in batch.iter().enumerate() {
-        match decode(index, incoming) {
+        match decode(index, incoming, sources) {
             Ok(Some(request)) => requests.push(request),
             Ok(None) => without_prior += 1,
             Err(reason) => verdicts[index] = Verdict::DeadLetter(reason),
@@ -153,7 +84,11 @@ pub(super) async fn handle_batch(
 
 /// Reads a delivery: `Ok(None)` for an event that names no login_id (nothing to do), `Err`
 /// with the reason for one that can never be processed.
-fn decode(index: usize, incoming: &Incoming) -> Result<Option<LinkRequest>, String> {
+fn decode(
+    index: usize,
+    incoming: &Incoming,
+    sources: &LinkSources,
+) -> Result<Option<LinkRequest>, String> {
     let queued: QueuedEvent = serde_json::from_slice(&incoming.data)
         .map_err(|e| format!("body is not a queued webhook event (QueuedEvent JSON): {e}"))?;
     let event = queued.parse().map_err(|e| {
@@ -177,9 +112,19 @@ fn decode(index: usize, incoming: &Incoming) -> Result<Option<LinkRequest>, Stri
         ("prior_message login_id", Some(&prior.login_id)),
         ("sender id", Some(&reply.psid)),
         ("mid", reply.mid.as_ref()),
+        // Kept (and logged) for a source that may not link; an empty one is just not listed.
+        (
+            "prior_message source",
+            prior.source.as_ref().filter(|s| !s.is_empty()),
+        ),
     ] {
         if let Some(value) = value {
-            check_id(field, value)?;
+            check_id(field, value).map_err(|e| {
+                format!(
+                    "reply to page {} refused: {e}",
+                    event.page_id.escape_debug()
+                )
+            })?;
         }
     }
     let traceparent =
@@ -191,24 +136,10 @@ fn decode(index: usize, incoming: &Incoming) -> Result<Option<LinkRequest>, Stri
         psid: reply.psid,
         mid: reply.mid,
         at: event.timestamp,
+        may_link: sources.allows(prior.source.as_deref()),
         source: prior.source,
         traceparent,
     }))
-}
-
-/// PostgreSQL text cannot hold NUL, and overlong keys fail the index: both would fail the
-/// batch forever, so they are rejected up front with a clear reason.
-fn check_id(field: &str, value: &str) -> Result<(), String> {
-    if value.contains('\0') {
-        return Err(format!("{field} contains a NUL character"));
-    }
-    if value.len() > MAX_ID_BYTES {
-        return Err(format!(
-            "{field} is {} bytes long (at most {MAX_ID_BYTES})",
-            value.len()
-        ));
-    }
-    Ok(())
 }
 
 /// The normal path: every request in one transaction.
@@ -221,11 +152,44 @@ async fn apply_together(pool: &Pool, requests: &[LinkRequest]) -> Result<Vec<Tra
     // All requests at once: their statements are pipelined on the one connection (a round
     // trip per step for the whole batch, not per statement). The server still runs them one
     // at a time in the order they arrive and each request's own steps stay in order, so two
-    // replies of one login_id still meet the primary key as described above.
-    let outcomes =
-        futures_util::future::try_join_all(requests.iter().map(|r| apply_traced(&tx, r))).await?;
+    // replies of one login_id still meet the primary key as described in [`link`].
+    //
+    // Every request is awaited, not just until the first error: after one statement fails,
+    // the others queued behind it fail with 25P02, and which failure a short-circuiting join
+    // sees first depends on when it is polled. Only the full set says whether some reply's
+    // data was refused.
+    let results =
+        futures_util::future::join_all(requests.iter().map(|r| apply_traced(&tx, r))).await;
+    let mut outcomes = Vec::with_capacity(results.len());
+    let mut failure: Option<BatchError> = None;
+    for result in results {
+        match result {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) => failure = Some(most_telling(failure, e)),
+        }
+    }
+    if let Some(e) = failure {
+        // Dropping `tx` rolls the batch back.
+        return Err(e);
+    }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// Of two failures of one batch, the one that says most: a refusal of a row's data (the
+/// caller then isolates that row), else any failure that is not merely 25P02.
+fn most_telling(seen: Option<BatchError>, new: BatchError) -> BatchError {
+    let Some(seen) = seen else { return new };
+    let rank = |e: &BatchError| {
+        if e.rejected_data().is_some() {
+            2
+        } else if e.is_aborted_transaction() {
+            0
+        } else {
+            1
+        }
+    };
+    if rank(&new) > rank(&seen) { new } else { seen }
 }
 
 /// The fallback when the database rejected some request's data: one transaction each, so
@@ -262,101 +226,8 @@ async fn apply_traced(tx: &Transaction<'_>, r: &LinkRequest) -> Result<Traced, B
     );
     let trace = continue_trace(&span, r.traceparent.as_ref());
     span.record("trace_id", trace.trace_id_hex());
-    let outcome = apply(tx, r, &trace).instrument(span).await?;
+    let outcome = link::apply(tx, r, &trace).instrument(span).await?;
     Ok((outcome, trace))
-}
-
-/// Links one reply inside `tx`; `trace` goes onto the event's outbox row.
-async fn apply(
-    tx: &Transaction<'_>,
-    r: &LinkRequest,
-    trace: &TraceParent,
-) -> Result<Outcome, BatchError> {
-    let inserted = tx
-        .query_opt(
-            "INSERT INTO links (page_id, login_id, psid, linked_at, first_reply_mid) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (page_id, login_id) DO NOTHING \
-             RETURNING psid",
-            &[&r.page_id, &r.login_id, &r.psid, &r.at, &r.mid],
-        )
-        .await?;
-    if inserted.is_some() {
-        // Only a pending opt-in becomes `replied` (announced by the event below; the
-        // scheduler claims only `pending`, so it will never send). A sent, sending, failed or
-        // expired one keeps its state and its own event; it just learns when the reply came.
-        let optin = tx
-            .query_opt(
-                concat!(
-                    "UPDATE optins SET \
-                   replied_at = COALESCE(replied_at, $3), \
-                   state = CASE WHEN state = ",
-                    lc_shared::state_sql!(pending),
-                    " THEN ",
-                    lc_shared::state_sql!(replied),
-                    " ELSE state END, \
-                   finished_at = CASE WHEN state = ",
-                    lc_shared::state_sql!(pending),
-                    " THEN now() ELSE finished_at END, \
-                   lease_owner = CASE WHEN state = ",
-                    lc_shared::state_sql!(pending),
-                    " THEN NULL ELSE lease_owner END, \
-                   lease_expires_at = CASE WHEN state = ",
-                    lc_shared::state_sql!(pending),
-                    " THEN NULL \
-                                           ELSE lease_expires_at END, \
-                   updated_at = now() \
-                 WHERE page_id = $1 AND login_id = $2 \
-                 RETURNING opted_in_at, state"
-                ),
-                &[&r.page_id, &r.login_id, &r.at],
-            )
-            .await?;
-        let (opted_in_at, optin_state) = match optin {
-            Some(row) => (Some(row.get::<_, OffsetDateTime>(0)), Some(row.get(1))),
-            // The opt-in has not arrived yet: the scheduler finds the link when it does.
-            None => (None, None),
-        };
-        let event = PublicEvent::IdentityLinked(IdentityLinked {
-            page_id: r.page_id.clone(),
-            login_id: r.login_id.clone(),
-            psid: r.psid.clone(),
-            linked_at: r.at,
-            opted_in_at,
-            first_reply_mid: r.mid.clone(),
-        });
-        let traceparent = trace.to_string();
-        let event_id = insert_outbox(&**tx, &event, EVENT_SOURCE, Some(&traceparent)).await?;
-        return Ok(Outcome::Linked {
-            event_id,
-            optin_state,
-        });
-    }
-    // The link exists, unless a data deletion removed it since the insert looked: then the
-    // batch is retried and the reply links afresh.
-    let linked_psid: String = tx
-        .query_opt(
-            "SELECT psid FROM links WHERE page_id = $1 AND login_id = $2",
-            &[&r.page_id, &r.login_id],
-        )
-        .await?
-        .ok_or(BatchError::LinkDeleted)?
-        .get(0);
-    if linked_psid == r.psid {
-        return Ok(Outcome::Duplicate);
-    }
-    let recorded = tx
-        .query_opt(
-            "INSERT INTO link_conflicts (page_id, login_id, linked_psid, conflicting_psid, mid) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (page_id, login_id, conflicting_psid) DO NOTHING RETURNING id",
-            &[&r.page_id, &r.login_id, &linked_psid, &r.psid, &r.mid],
-        )
-        .await?
-        .is_some();
-    Ok(Outcome::Conflict {
-        linked_psid,
-        recorded,
-    })
 }
 
 /// Counts and logs one committed outcome.
@@ -394,6 +265,26 @@ fn report(metrics: &CorrelatorMetrics, r: &LinkRequest, outcome: Outcome, trace:
             } else {
                 tracing::debug!(page_id = %r.page_id, login = %login, conflicting_psid = %r.psid, %trace_id, "known link conflict seen again");
             }
+        }
+        Outcome::Foreign { recorded } => {
+            metrics.replies.with_label_values(&["foreign_source"]).inc();
+            if recorded {
+                tracing::warn!(
+                    page_id = %r.page_id, login = %login, psid = %r.psid, mid = ?r.mid,
+                    source = ?r.source, %trace_id,
+                    "prior_message from a source that may not link (CORRELATOR_LINK_SOURCES): \
+                     not linked, kept in foreign_prior_messages"
+                );
+            } else {
+                tracing::debug!(page_id = %r.page_id, login = %login, mid = ?r.mid, %trace_id, "known foreign prior_message seen again");
+            }
+        }
+        Outcome::Deleted => {
+            metrics.replies.with_label_values(&["deleted"]).inc();
+            tracing::info!(
+                page_id = %r.page_id, login = %login, mid = ?r.mid, %trace_id,
+                "reply of a person deleted since (a redelivery): nothing stored"
+            );
         }
     }
 }

@@ -141,6 +141,7 @@ pub async fn record_batch(
             Recorded::Replied => "replied",
             Recorded::Expired => "expired",
             Recorded::UnknownPage => "unknown_page",
+            Recorded::Deleted => "deleted",
         };
         metrics.optins_recorded.with_label_values(&[label]).inc();
         match recorded {
@@ -150,6 +151,9 @@ pub async fn record_batch(
                 tracing::error!(page_id = %optin.page_id, login_id = %login_id_label(&optin.login_id), "opt-in for a page that is not in PAGES_FILE: recorded as failed (unknown_page)");
             }
             Recorded::Replied => metrics.terminal_of(OptinState::Replied).inc(),
+            Recorded::Deleted => {
+                tracing::info!(page_id = %optin.page_id, login_id = %login_id_label(&optin.login_id), opted_in_at = %optin.opted_in_at, "opt-in of a person whose data was deleted since (a redelivery): nothing recorded");
+            }
             _ => {}
         }
         tracing::debug!(page_id = %optin.page_id, login_id = %login_id_label(&optin.login_id), result = label, "opt-in recorded");

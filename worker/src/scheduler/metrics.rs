@@ -152,7 +152,14 @@ impl SchedulerMetrics {
         };
         // Known label values exist from the start, so dashboards and alerts see zeros rather
         // than missing series.
-        for r in ["pending", "duplicate", "replied", "expired", "unknown_page"] {
+        for r in [
+            "pending",
+            "duplicate",
+            "replied",
+            "expired",
+            "unknown_page",
+            "deleted",
+        ] {
             m.optins_recorded.with_label_values(&[r]);
         }
         // Every failure class, so that new classes get their zero series too.

@@ -3,8 +3,10 @@
 //!
 //! The mark is what lets the rescuer tell a worker that died before calling (safe to retry)
 //! from one that died with a call in flight (outcome unknown, see [`super::rescue`]). The
-//! checks: the person has not replied (a reply and its opt-in committed at the same moment do
-//! not see each other, so this is checked again here), and no other page has messaged the
+//! checks: the person has never been linked (a reply and its opt-in committed at the same
+//! moment do not see each other, and a reply of long ago may be redelivered late, so this is
+//! checked again here, whatever the link's time: a linked person may be mid-conversation),
+//! and no other page has messaged the
 //! login_id (Meta lets only that page use it). They run under a per-login_id advisory lock,
 //! so two workers calling for two pages of one login_id take turns and the second sees the
 //! first one's mark.
@@ -67,8 +69,7 @@ pub async fn begin_calls(
     let check_and_mark = tx
         .prepare_cached(concat!(
             "WITH link AS ( \
-                 SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2 \
-                   AND linked_at >= $4::timestamptz - interval '5 minutes'), \
+                 SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2), \
              other AS ( \
                  SELECT page_id FROM optins WHERE login_id = $2 AND page_id <> $1 \
                    AND (message_id IS NOT NULL OR failure_reason = 'outcome_unknown' \
@@ -78,7 +79,7 @@ pub async fn begin_calls(
                  LIMIT 1), \
              mark AS ( \
                  UPDATE optins SET call_started_at = now(), \
-                     lease_expires_at = now() + make_interval(secs => $5), updated_at = now() \
+                     lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
                  WHERE page_id = $1 AND login_id = $2 AND fence = $3 AND state = ",
             lc_shared::state_sql!(sending),
             " \
@@ -95,13 +96,7 @@ pub async fn begin_calls(
             tx_ref
                 .query_one(
                     check_and_mark,
-                    &[
-                        &c.page_id,
-                        &c.login_id,
-                        &c.fence,
-                        &c.opted_in_at,
-                        &c.lease.as_secs_f64(),
-                    ],
+                    &[&c.page_id, &c.login_id, &c.fence, &c.lease.as_secs_f64()],
                 )
                 .await
         }

@@ -1,6 +1,9 @@
 //! Recording an opt-in as it arrives: one row per (page, login_id) and window, idempotent
 //! under redelivery, with the replies-first, expired and unknown-page rules, and the
-//! earliest-time rule for duplicates of a pending opt-in.
+//! earliest-time rule for duplicates of a pending opt-in. What outlives the row is honoured
+//! too: a person ever linked gets no first message, the permanent record of a pruned sent
+//! opt-in (`contacted`) stands in for its row, and an opt-in that happened before the
+//! person's data deletion (`deleted_people`) recreates nothing.
 //!
 //! Nothing here panics on input: the deadline arithmetic is checked, stored values are read
 //! with `try_get`, and an opt-in that can never be recorded comes back as a
@@ -16,10 +19,6 @@ use time::OffsetDateTime;
 use tokio_postgres::types::ToSql;
 
 use super::{EVENT_SOURCE, LOGIN_EVENT_SOURCE, StoreError, Timing};
-
-/// A link made this long before an opt-in still counts as a reply processed first: the two
-/// come from different sources whose clocks may disagree.
-const REPLY_SKEW: time::Duration = time::Duration::minutes(5);
 
 /// SQLSTATE classes that say the database refused this row's data rather than failed: 22
 /// "data exception" (e.g. 22021, a NUL in text), 23 "integrity constraint violation", 54
@@ -171,10 +170,19 @@ pub enum Recorded {
     Expired,
     /// The page is not configured: recorded as failed with its event.
     UnknownPage,
+    /// The person's data was deleted after this opt-in happened (a redelivery or replay):
+    /// nothing recorded.
+    Deleted,
 }
 
 /// Records one opt-in inside the caller's transaction (see the module doc of the scheduler
 /// for the rules: one message per window, replies first, expired and unknown pages).
+///
+/// Before any of that, what outlives an opt-in row: an opt-in that happened at or before a
+/// data deletion of the person is [`Recorded::Deleted`]; without a row, the permanent
+/// record of a pruned window makes a login event (or a webhook opt-in inside that window) a
+/// [`Recorded::Duplicate`]; and a person linked at any time is [`Recorded::Replied`] — a
+/// linked person may be mid-conversation, and a "first" message then would be a second one.
 ///
 /// A duplicate of a `pending` opt-in that carries an earlier time moves its `opted_in_at`,
 /// `deadline` and `send_at` earlier (never later): whichever source is recorded first — a
@@ -198,25 +206,34 @@ pub async fn record_optin(
         last_send,
         send_at,
     } = WindowTimes::of(optin.opted_in_at, timing)?;
-    let link = tx
-        .query_opt(
-            "SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2",
-            &[&optin.page_id, &optin.login_id],
+    // One round trip for everything the decision needs besides the row itself.
+    let known = tx
+        .query_one(
+            "SELECT (SELECT linked_at FROM links WHERE page_id = $1 AND login_id = $2), \
+                    (SELECT deadline FROM contacted WHERE person = person_key($1, $2)), \
+                    EXISTS (SELECT 1 FROM deleted_people \
+                            WHERE person = person_key($1, $2) AND deleted_at >= $3), \
+                    EXISTS (SELECT 1 FROM optins WHERE page_id = $1 AND login_id = $2)",
+            &[&optin.page_id, &optin.login_id, &optin.opted_in_at],
         )
         .await?;
-    let linked_at: Option<OffsetDateTime> = match &link {
-        Some(r) => Some(column(r, 0, "links", "linked_at")?),
-        None => None,
-    };
-    // A link made by a reply at (or just before, allowing for clock skew between the two
-    // sources) this opt-in means the reply was processed first: never send.
-    let linked_at = linked_at.filter(|at| {
-        optin
-            .opted_in_at
-            .checked_sub(REPLY_SKEW)
-            .is_none_or(|floor| *at >= floor)
-    });
+    let linked_at: Option<OffsetDateTime> = column(&known, 0, "links", "linked_at")?;
+    let contacted_until: Option<OffsetDateTime> = column(&known, 1, "contacted", "deadline")?;
+    let deleted_since: bool = column(&known, 2, "deleted_people", "deleted_at")?;
+    let has_row: bool = column(&known, 3, "optins", "page_id")?;
+    if deleted_since {
+        return Ok(Recorded::Deleted);
+    }
+    // The record of a pruned window answers as its row would have (below): a login event
+    // never opens a window over it, a webhook opt-in only after its deadline.
+    if let Some(until) = contacted_until
+        && !has_row
+        && (optin.source == LOGIN_EVENT_SOURCE || optin.opted_in_at < until)
+    {
+        return Ok(Recorded::Duplicate);
+    }
 
+    // Linked at any time (before or after this opt-in): never send.
     let (state, outcome, reason) = if linked_at.is_some() {
         (OptinState::Replied, Recorded::Replied, None)
     } else if !page_known {

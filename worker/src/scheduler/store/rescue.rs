@@ -128,16 +128,22 @@ pub async fn rescue_expired_leases(
 
 /// Deletes terminal rows finished more than `older_than` ago, a batch at a time, to keep
 /// the hot table small. Returns how many were deleted.
+///
+/// A pruned row that was sent, replied, or failed with an unknown outcome (Graph may have
+/// delivered) leaves its permanent record in `contacted` (a hash of page and login_id and
+/// the window's deadline), in the same statement: without it, the person's next login event
+/// would find no row and open a window for a second "first" message.
 pub async fn prune_finished(
     client: &impl deadpool_postgres::GenericClient,
     older_than: Duration,
     batch: i64,
 ) -> Result<u64, StoreError> {
     let secs = older_than.as_secs_f64();
-    Ok(client
-        .execute(
+    let row = client
+        .query_one(
             concat!(
-                "DELETE FROM optins WHERE ctid IN ( \
+                "WITH gone AS ( \
+                 DELETE FROM optins WHERE ctid IN ( \
                  SELECT ctid FROM optins \
                  WHERE finished_at < now() - make_interval(secs => $1) \
                    AND state IN (",
@@ -149,9 +155,24 @@ pub async fn prune_finished(
                 ", ",
                 lc_shared::state_sql!(expired),
                 ") \
-                 LIMIT $2)"
+                 LIMIT $2) \
+                 RETURNING page_id, login_id, state, failure_reason, deadline), \
+                 kept AS ( \
+                 INSERT INTO contacted (person, deadline) \
+                 SELECT person_key(page_id, login_id), deadline FROM gone \
+                 WHERE state IN (",
+                lc_shared::state_sql!(sent),
+                ", ",
+                lc_shared::state_sql!(replied),
+                ") OR failure_reason = 'outcome_unknown' \
+                 ON CONFLICT (person) DO UPDATE \
+                 SET deadline = GREATEST(contacted.deadline, EXCLUDED.deadline), \
+                     recorded_at = now()) \
+                 SELECT count(*) FROM gone"
             ),
             &[&secs, &batch],
         )
-        .await?)
+        .await?;
+    let deleted: i64 = row.get(0);
+    Ok(u64::try_from(deleted).unwrap_or(0))
 }
