@@ -24,12 +24,13 @@ use lc_shared::amqp::BrokerLink;
 use lc_shared::outgoing;
 use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::{TraceParent, continue_trace, render_metrics};
+use lc_shared::topology;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 use crate::config::IngestConfig;
-use crate::delivery::{self, DeliveryMessages};
-use crate::metrics::IngestMetrics;
+use crate::delivery::{self, DeliveryMessages, Refused};
+use crate::metrics::{IngestMetrics, method_label};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -206,24 +207,28 @@ async fn handle_delivery(
         return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
     }
 
-    let DeliveryMessages { messages, unparsed } = delivery::messages(body, &trace.to_string());
+    let DeliveryMessages { messages, tally } = match delivery::messages(body, &trace.to_string()) {
+        Ok(m) => m,
+        Err(e @ Refused::NotAJsonObject(_)) => {
+            s.metrics.not_json_object.inc();
+            tracing::warn!(error = %e, "signed webhook body refused: not a JSON object");
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
     if messages.is_empty() {
         return (StatusCode::OK, "EVENT_RECEIVED\n").into_response();
     }
-    let kinds: Vec<&'static str> = messages.iter().map(|m| m.kind).collect();
+    // What each message is, for counting once the broker confirmed them all.
+    let counted: Vec<(&'static str, usize)> =
+        messages.iter().map(|m| (m.kind, m.body.len())).collect();
     match outgoing::publish_all(&s.link, messages, s.confirm_timeout).await {
         Ok(latency) => {
             s.metrics.confirm_latency.observe(latency.as_secs_f64());
-            if unparsed {
-                s.metrics.unparsed_bodies.inc();
-            } else {
-                for kind in kinds {
-                    s.metrics.events_published.with_label_values(&[kind]).inc();
-                }
-            }
+            count_stored(&s.metrics, &counted, &tally);
             tracing::debug!(
                 latency_ms = latency.as_millis(),
-                unparsed,
+                unparsed = tally.unparsed_body,
+                set_aside = tally.unparsed_parts,
                 "delivery stored"
             );
             (StatusCode::OK, "EVENT_RECEIVED\n").into_response()
@@ -238,6 +243,41 @@ async fn handle_delivery(
                 .into_response()
         }
     }
+}
+
+/// Counts a stored body: events by kind, what went to the bounded inspection queues (by
+/// queue, messages and bytes), unparsed bodies and parts.
+fn count_stored(
+    metrics: &IngestMetrics,
+    messages: &[(&'static str, usize)],
+    tally: &delivery::Tally,
+) {
+    for (kind, bytes) in messages {
+        let queue = match *kind {
+            "unparsed" => Some(topology::UNPARSED_QUEUE),
+            "other" => Some(topology::OTHER_QUEUE),
+            _ => None,
+        };
+        if let Some(queue) = queue {
+            metrics
+                .inspection_messages
+                .with_label_values(&[queue])
+                .inc();
+            metrics
+                .inspection_bytes
+                .with_label_values(&[queue])
+                .inc_by(u64::try_from(*bytes).unwrap_or(u64::MAX));
+        }
+        if *kind != "unparsed" {
+            metrics.events_published.with_label_values(&[kind]).inc();
+        }
+    }
+    if tally.unparsed_body {
+        metrics.unparsed_bodies.inc();
+    }
+    metrics
+        .unparsed_parts
+        .inc_by(u64::try_from(tally.unparsed_parts).unwrap_or(u64::MAX));
 }
 
 /// `GET /readyz`: ready while the broker link is up and the process is not draining.

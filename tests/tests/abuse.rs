@@ -355,26 +355,27 @@ async fn thousands_of_idle_connections_do_not_starve_valid_deliveries() {
 }
 
 #[tokio::test]
-async fn signed_invalid_utf8_is_kept_on_the_unparsed_queue() {
+async fn signed_invalid_utf8_is_refused_and_nothing_is_stored() {
     let ingest = Ingest::start().await;
     let mut body = br#"{"object":"page","entry":[{"id":"1","time":1,"messaging":[{"x":""#.to_vec();
     body.extend_from_slice(&[0xff, 0xfe, 0xc3, 0x28, 0x80]);
     body.extend_from_slice(br#""}]}]}"#);
-    assert_eq!(ingest.post_signed(&body).await, 200);
-    let conn = ingest.vhost.connect().await;
-    let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
-    assert_eq!(kept.len(), 1);
-    assert_eq!(kept[0].data, body, "kept byte for byte");
+    // Not JSON, so not a webhook body whatever its signature (issue 14, item 4).
+    assert_eq!(ingest.post_signed(&body).await, 400);
+    assert_eq!(ingest.depth(topology::UNPARSED_QUEUE).await, 0);
     ingest.assert_responsive("after invalid UTF-8").await;
     ingest.stop().await;
 }
 
 #[tokio::test]
-async fn signed_json_nested_ten_thousand_deep_is_kept_and_ingest_survives() {
+async fn signed_json_nested_ten_thousand_deep_is_bounded_and_ingest_survives() {
     let ingest = Ingest::start().await;
     let depth = 10_000;
     let deep_array = format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
-    assert_eq!(ingest.post_signed(&deep_array).await, 200);
+    // Valid JSON but not an object: not a webhook body.
+    assert_eq!(ingest.post_signed(&deep_array).await, 400);
+    let deep_object = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth)).into_bytes();
+    assert_eq!(ingest.post_signed(&deep_object).await, 200);
     // Deep inside an item that is otherwise a valid delivery.
     let inner = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
     let deep_item = format!(
@@ -383,15 +384,15 @@ async fn signed_json_nested_ten_thousand_deep_is_kept_and_ingest_survives() {
     .into_bytes();
     assert_eq!(ingest.post_signed(&deep_item).await, 200);
     let conn = ingest.vhost.connect().await;
-    // The deep array cannot be a delivery: kept raw for inspection.
+    // The deep object is not a delivery: kept raw for inspection.
     let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
     assert_eq!(
         kept.len(),
         1,
-        "the deep array is kept on {}",
+        "the deep object is kept on {}",
         topology::UNPARSED_QUEUE
     );
-    assert_eq!(kept[0].data, deep_array);
+    assert_eq!(kept[0].data, deep_object);
     // The parser never descends into an item it does not act on, so the deep item is an
     // `other` event like any unknown one, kept byte for byte.
     let other = take_all(&conn, topology::OTHER_QUEUE).await;
