@@ -24,6 +24,7 @@ pub struct IngestConfig {
         long = "app-secrets",
         env = "META_APP_SECRETS",
         value_delimiter = ',',
+        value_parser = trimmed_secret,
         required = true,
         hide_env_values = true
     )]
@@ -110,5 +111,91 @@ impl IngestConfig {
             return Err("INGEST_MAX_BODY_BYTES must be at least 1024".into());
         }
         Ok(())
+    }
+}
+
+/// Parses one item of a comma-separated secret list: surrounding whitespace is never part of
+/// a secret (`"a, b"` would otherwise hold `" b"`, which never verifies), so it is trimmed;
+/// an item that is empty after trimming is refused by validation. Never fails, so clap never
+/// has a reason to echo the value.
+pub(crate) fn trimmed_secret(item: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(item.trim()))
+}
+
+/// A clap parser for `app_id=client_token` items whose error never contains the value: clap
+/// puts a rejected value into its message ("invalid value '…'"), which would print a client
+/// token to the terminal and the logs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientTokenParser;
+
+impl clap::builder::TypedValueParser for ClientTokenParser {
+    type Value = lc_meta::login::login_id::AppClientToken;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let refuse = |why: String| {
+            let name = arg.and_then(clap::Arg::get_env).map_or_else(
+                || "LOGIN_EVENTS_CLIENT_TOKENS".to_owned(),
+                |e| e.to_string_lossy().into_owned(),
+            );
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid item in {name} (value not shown): {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refuse("not UTF-8".to_owned()))?;
+        text.parse().map_err(|e| refuse(format!("{e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<IngestConfig, clap::Error> {
+        let mut args = vec!["ingest", "--app-secrets", "a, b ,c", "--verify-token", "v"];
+        args.extend_from_slice(extra);
+        IngestConfig::try_parse_from(args)
+    }
+
+    #[test]
+    fn secret_items_are_trimmed() {
+        let config = parse(&[]).expect("parses");
+        let secrets: Vec<&str> = config.app_secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, ["a", "b", "c"]);
+        let config = parse(&["--login-events-secrets", " x ,y"]).expect("parses");
+        let secrets: Vec<&str> = config
+            .login
+            .login_events_secrets
+            .iter()
+            .map(Secret::expose)
+            .collect();
+        assert_eq!(secrets, ["x", "y"]);
+        let config =
+            IngestConfig::try_parse_from(["ingest", "--app-secrets", "a, ", "--verify-token", "v"])
+                .expect("parses");
+        assert!(config.validate().is_err(), "an empty item is refused");
+    }
+
+    #[test]
+    fn a_rejected_client_token_is_not_echoed() {
+        for bad in ["123:super-secret-token", "abc=super-secret-token", "123="] {
+            let err = parse(&["--login-events-client-tokens", bad]).expect_err("refused");
+            let text = err.to_string();
+            assert!(!text.contains("super-secret-token"), "{text}");
+            assert!(!text.contains(bad), "{text}");
+            assert!(text.contains("LOGIN_EVENTS_CLIENT_TOKENS"), "{text}");
+        }
+        let ok = parse(&["--login-events-client-tokens", "1=t, 2=u"]).expect("parses");
+        assert_eq!(ok.login.client_tokens.len(), 2);
     }
 }

@@ -12,6 +12,7 @@ pub struct LoginArgs {
         long = "login-events-secrets",
         env = "LOGIN_EVENTS_SECRETS",
         value_delimiter = ',',
+        value_parser = crate::config::trimmed_secret,
         hide_env_values = true
     )]
     pub login_events_secrets: Vec<Secret>,
@@ -30,6 +31,7 @@ pub struct LoginArgs {
         long = "login-events-client-tokens",
         env = "LOGIN_EVENTS_CLIENT_TOKENS",
         value_delimiter = ',',
+        value_parser = crate::config::ClientTokenParser,
         hide_env_values = true
     )]
     pub client_tokens: Vec<AppClientToken>,
