@@ -14,12 +14,23 @@ use lc_shared::config::{AmqpArgs, LogArgs};
     about = "Receives Meta's signed Messenger webhooks and puts each event durably on RabbitMQ."
 )]
 pub struct IngestConfig {
-    /// Address to listen on.
+    /// Address to listen on (the webhook and the Login half; put this behind the load
+    /// balancer).
     #[arg(long, env = "INGEST_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: SocketAddr,
 
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`. Keep it off the load
+    /// balancer (the default is reachable from this host only).
+    #[arg(
+        long = "admin-addr",
+        env = "INGEST_ADMIN_ADDR",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub admin_addr: SocketAddr,
+
     /// Meta app secrets, comma-separated; a delivery signed with any one of them is accepted
     /// (secret rotation, or one deployment serving two apps).
+    /// Items are trimmed: `"a, b"` is the secrets `a` and `b`.
     #[arg(
         long = "app-secrets",
         env = "META_APP_SECRETS",
@@ -67,6 +78,21 @@ pub struct IngestConfig {
     )]
     pub request_timeout_ms: u64,
 
+    /// Also serve HTTP/2 (h2c, prior knowledge). Off by default: Meta posts HTTP/1.1, and
+    /// with HTTP/2 every connection is bounded by an idle watch instead of hyper's header
+    /// timeout.
+    #[arg(long = "http2", env = "INGEST_HTTP2", default_value_t = false)]
+    pub http2: bool,
+
+    /// Most connections open at once (both listeners' webhook side); a connection beyond it
+    /// is answered 503 at once and closed. Keep it below the process's file-descriptor limit.
+    #[arg(
+        long = "max-connections",
+        env = "INGEST_MAX_CONNECTIONS",
+        default_value_t = 4096
+    )]
+    pub max_connections: usize,
+
     /// Confirm-mode channels used for publishing (round robin).
     #[arg(
         long = "publish-channels",
@@ -109,6 +135,12 @@ impl IngestConfig {
         }
         if self.max_body_bytes < 1024 {
             return Err("INGEST_MAX_BODY_BYTES must be at least 1024".into());
+        }
+        if self.max_connections == 0 {
+            return Err("INGEST_MAX_CONNECTIONS must be at least 1".into());
+        }
+        if self.admin_addr == self.addr && self.addr.port() != 0 {
+            return Err("INGEST_ADMIN_ADDR must differ from INGEST_ADDR".into());
         }
         Ok(())
     }

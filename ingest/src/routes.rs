@@ -1,4 +1,6 @@
-//! HTTP routes of ingest: the webhook handshake and deliveries, health, readiness, metrics.
+//! HTTP routes of ingest: the webhook handshake and deliveries, health and readiness on the
+//! main listener; metrics (with health and readiness again) on the admin listener
+//! ([`admin_router`]), so a load balancer in front of the main one exposes no metrics.
 //!
 //! The handlers here only speak HTTP: they check signatures, publish what
 //! [`crate::delivery`] makes of a body, count, and choose the status code. The Login half's
@@ -82,7 +84,6 @@ pub fn router(
         .route("/webhook", get(handshake).post(receive_delivery))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .merge(login)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         // Refuses a declared Content-Length over the limit with 413 before reading any of the
@@ -103,12 +104,21 @@ pub fn router(
         .with_state(state)
 }
 
+/// The admin listener's routes: `/metrics`, `/healthz`, `/readyz`.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let response = next.run(req).await;
     let label = format!("{method} {route}");
     state

@@ -21,12 +21,15 @@ const SECOND_SECRET: &str = "app-secret-two";
 fn config(amqp_url: &str) -> IngestConfig {
     IngestConfig {
         addr: "127.0.0.1:0".parse().expect("addr"),
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
         app_secrets: vec![Secret::new(SECRET), Secret::new(SECOND_SECRET)],
         verify_token: Secret::new("verify-me"),
         accept_sha1: false,
         max_body_bytes: 64 * 1024,
         confirm_timeout_ms: 1000,
         request_timeout_ms: 5000,
+        http2: false,
+        max_connections: 4096,
         publish_channels: 2,
         amqp: AmqpArgs {
             amqp_url: amqp_url.to_owned(),
@@ -300,7 +303,7 @@ async fn oversized_bodies_get_413_and_signed_garbage_is_kept_unparsed() {
 
     let metrics = h
         .http
-        .get(h.url("/metrics"))
+        .get(format!("http://{}/metrics", h.ingest.admin_addr))
         .send()
         .await
         .expect("metrics")

@@ -251,7 +251,7 @@ async fn unauthenticated_replayed_and_invalid_events_publish_nothing() {
     );
     assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 1);
 
-    let metrics = metrics_text(ingest.addr).await;
+    let metrics = metrics_text(ingest.admin_addr).await;
     assert!(
         metrics.contains("ingest_login_events_total{result=\"accepted\"} 1"),
         "{metrics}"

@@ -344,7 +344,7 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
     }
 
     for (name, addr) in [
-        ("ingest", ingest.addr),
+        ("ingest", ingest.admin_addr),
         ("scheduler", scheduler.metrics_addr),
         ("correlator", correlator.metrics_addr),
     ] {
