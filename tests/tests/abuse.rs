@@ -655,3 +655,77 @@ async fn metric_labels_are_bounded_and_metrics_live_on_the_admin_listener() {
     );
     ingest.stop().await;
 }
+
+/// Issue 14, item 10, with `INGEST_HTTP2=true`: h2c works (prior knowledge), and connections
+/// that send nothing, only the preface, or finish their requests and then sit idle are all
+/// closed once the request timeout has passed without a request in flight.
+#[tokio::test]
+async fn with_http2_on_idle_connections_are_closed_too() {
+    let vhost = TestVhost::create();
+    let mut config = ingest_config(vhost.url());
+    config.app_secrets = vec![Secret::new(SECRET)];
+    config.request_timeout_ms = u64::try_from(REQUEST_TIMEOUT.as_millis()).expect("ms");
+    config.http2 = true;
+    let (running, shutdown) = start_ingest_with(config).await;
+    let ingest = Ingest {
+        vhost,
+        running,
+        shutdown,
+        http: reqwest::Client::new(),
+    };
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let body = optins_body(1, "h2c");
+    let answer = h2
+        .post(ingest.url("/webhook"))
+        .header("x-hub-signature-256", sign_sha256(SECRET, &body))
+        .body(body)
+        .send()
+        .await
+        .expect("h2c post");
+    assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+    assert_eq!(answer.status().as_u16(), 200);
+
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(ingest.running.addr)
+            .await
+            .expect("connect");
+        if i % 2 == 1 {
+            s.write_all(H2_PREFACE).await.expect("preface");
+        }
+        idle.push(s);
+    }
+    let opened = Instant::now();
+    let watchers: Vec<_> = idle
+        .into_iter()
+        .map(|s| tokio::spawn(closed_within(s, REQUEST_TIMEOUT + Duration::from_secs(4))))
+        .collect();
+    ingest.assert_responsive("with HTTP/2 on").await;
+    let mut still_open = 0;
+    for w in watchers {
+        if !w.await.expect("join") {
+            still_open += 1;
+        }
+    }
+    assert_eq!(
+        still_open,
+        0,
+        "{still_open} of 200 connections still open {:?} after they were opened",
+        opened.elapsed()
+    );
+    lc_testkit::pipeline::eventually(
+        REQUEST_TIMEOUT + Duration::from_secs(4),
+        "the h2c client's idle connection closed too",
+        || async {
+            admin_metrics(&ingest)
+                .await
+                .contains("ingest_open_connections 0")
+        },
+    )
+    .await;
+    assert_eq!(ingest.depth(topology::SCHEDULER_QUEUE).await, 2);
+    ingest.stop().await;
+}
