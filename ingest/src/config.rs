@@ -136,8 +136,8 @@ impl IngestConfig {
         if self.max_body_bytes < 1024 {
             return Err("INGEST_MAX_BODY_BYTES must be at least 1024".into());
         }
-        if self.max_connections == 0 {
-            return Err("INGEST_MAX_CONNECTIONS must be at least 1".into());
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err("INGEST_MAX_CONNECTIONS must be between 1 and 1000000".into());
         }
         if self.admin_addr == self.addr && self.addr.port() != 0 {
             return Err("INGEST_ADMIN_ADDR must differ from INGEST_ADDR".into());
