@@ -16,5 +16,5 @@ RUN apt-get update \
 COPY --from=build /out/ /usr/local/bin/
 USER 10001
 ENV LOG_FORMAT=json
-EXPOSE 8080 9101 9102
+EXPOSE 8080 9101 9102 9465
 CMD ["ingest"]

@@ -116,6 +116,8 @@ impl BenchEnv {
             "ingest",
             "--addr",
             "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
             "--app-secrets",
             APP_SECRET,
             "--verify-token",

@@ -152,6 +152,9 @@ impl Fleet {
             Role::Ingest => {
                 cmd.envs(self.config.ingest.iter().cloned());
                 cmd.env("INGEST_ADDR", &addr);
+                // Its metrics listener: a port of its own, so several ingests run side by
+                // side (the default, 127.0.0.1:9465, would be taken by the first).
+                cmd.env("INGEST_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()?));
             }
             Role::Scheduler => {
                 cmd.envs(self.config.scheduler.iter().cloned());
@@ -268,7 +271,8 @@ impl Fleet {
     }
 
     /// The sum of a counter or gauge (`name`, without labels) over the `/metrics` of every
-    /// running process of `role` (a restarted process counts from zero again); `None` if no
+    /// running process of `role` (workers only: ingest serves its metrics on an admin port
+    /// this fleet does not track) (a restarted process counts from zero again); `None` if no
     /// process answered.
     pub async fn metric_sum(&self, role: Role, name: &str) -> Option<f64> {
         let client = reqwest::Client::new();

@@ -14,16 +14,28 @@ use lc_shared::config::{AmqpArgs, LogArgs};
     about = "Receives Meta's signed Messenger webhooks and puts each event durably on RabbitMQ."
 )]
 pub struct IngestConfig {
-    /// Address to listen on.
+    /// Address to listen on (the webhook and the Login half; put this behind the load
+    /// balancer).
     #[arg(long, env = "INGEST_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: SocketAddr,
 
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`. Keep it off the load
+    /// balancer (the default is reachable from this host only).
+    #[arg(
+        long = "admin-addr",
+        env = "INGEST_ADMIN_ADDR",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub admin_addr: SocketAddr,
+
     /// Meta app secrets, comma-separated; a delivery signed with any one of them is accepted
     /// (secret rotation, or one deployment serving two apps).
+    /// Items are trimmed: `"a, b"` is the secrets `a` and `b`.
     #[arg(
         long = "app-secrets",
         env = "META_APP_SECRETS",
         value_delimiter = ',',
+        value_parser = trimmed_secret,
         required = true,
         hide_env_values = true
     )]
@@ -65,6 +77,21 @@ pub struct IngestConfig {
         default_value_t = 10_000
     )]
     pub request_timeout_ms: u64,
+
+    /// Also serve HTTP/2 (h2c, prior knowledge). Off by default: Meta posts HTTP/1.1, and
+    /// with HTTP/2 every connection is bounded by an idle watch instead of hyper's header
+    /// timeout.
+    #[arg(long = "http2", env = "INGEST_HTTP2", default_value_t = false)]
+    pub http2: bool,
+
+    /// Most connections open at once (both listeners' webhook side); a connection beyond it
+    /// is answered 503 at once and closed. Keep it below the process's file-descriptor limit.
+    #[arg(
+        long = "max-connections",
+        env = "INGEST_MAX_CONNECTIONS",
+        default_value_t = 4096
+    )]
+    pub max_connections: usize,
 
     /// Confirm-mode channels used for publishing (round robin).
     #[arg(
@@ -109,6 +136,98 @@ impl IngestConfig {
         if self.max_body_bytes < 1024 {
             return Err("INGEST_MAX_BODY_BYTES must be at least 1024".into());
         }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err("INGEST_MAX_CONNECTIONS must be between 1 and 1000000".into());
+        }
+        if self.admin_addr == self.addr && self.addr.port() != 0 {
+            return Err("INGEST_ADMIN_ADDR must differ from INGEST_ADDR".into());
+        }
         Ok(())
+    }
+}
+
+/// Parses one item of a comma-separated secret list: surrounding whitespace is never part of
+/// a secret (`"a, b"` would otherwise hold `" b"`, which never verifies), so it is trimmed;
+/// an item that is empty after trimming is refused by validation. Never fails, so clap never
+/// has a reason to echo the value.
+pub(crate) fn trimmed_secret(item: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(item.trim()))
+}
+
+/// A clap parser for `app_id=client_token` items whose error never contains the value: clap
+/// puts a rejected value into its message ("invalid value '…'"), which would print a client
+/// token to the terminal and the logs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientTokenParser;
+
+impl clap::builder::TypedValueParser for ClientTokenParser {
+    type Value = lc_meta::login::login_id::AppClientToken;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let refuse = |why: String| {
+            let name = arg.and_then(clap::Arg::get_env).map_or_else(
+                || "LOGIN_EVENTS_CLIENT_TOKENS".to_owned(),
+                |e| e.to_string_lossy().into_owned(),
+            );
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid item in {name} (value not shown): {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refuse("not UTF-8".to_owned()))?;
+        text.parse().map_err(|e| refuse(format!("{e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<IngestConfig, clap::Error> {
+        let mut args = vec!["ingest", "--app-secrets", "a, b ,c", "--verify-token", "v"];
+        args.extend_from_slice(extra);
+        IngestConfig::try_parse_from(args)
+    }
+
+    #[test]
+    fn secret_items_are_trimmed() {
+        let config = parse(&[]).expect("parses");
+        let secrets: Vec<&str> = config.app_secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, ["a", "b", "c"]);
+        let config = parse(&["--login-events-secrets", " x ,y"]).expect("parses");
+        let secrets: Vec<&str> = config
+            .login
+            .login_events_secrets
+            .iter()
+            .map(Secret::expose)
+            .collect();
+        assert_eq!(secrets, ["x", "y"]);
+        let config =
+            IngestConfig::try_parse_from(["ingest", "--app-secrets", "a, ", "--verify-token", "v"])
+                .expect("parses");
+        assert!(config.validate().is_err(), "an empty item is refused");
+    }
+
+    #[test]
+    fn a_rejected_client_token_is_not_echoed() {
+        for bad in ["123:super-secret-token", "abc=super-secret-token", "123="] {
+            let err = parse(&["--login-events-client-tokens", bad]).expect_err("refused");
+            let text = err.to_string();
+            assert!(!text.contains("super-secret-token"), "{text}");
+            assert!(!text.contains(bad), "{text}");
+            assert!(text.contains("LOGIN_EVENTS_CLIENT_TOKENS"), "{text}");
+        }
+        let ok = parse(&["--login-events-client-tokens", "1=t, 2=u"]).expect("parses");
+        assert_eq!(ok.login.client_tokens.len(), 2);
     }
 }

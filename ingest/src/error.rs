@@ -9,13 +9,13 @@ pub enum IngestError {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The listen address cannot be bound.
-    #[error(
-        "cannot listen on {addr}: {source} (is another process using the port? set INGEST_ADDR)"
-    )]
+    /// A listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using the port? set {var})")]
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// The variable that sets it (`INGEST_ADDR` or `INGEST_ADMIN_ADDR`).
+        var: &'static str,
         /// The OS error.
         source: std::io::Error,
     },

@@ -6,8 +6,10 @@
 //! Rooms:
 //! - [`config`]: flags and environment variables ([`IngestConfig`]).
 //! - [`error`]: [`IngestError`], what stops the service.
-//! - [`routes`]: the HTTP handlers (`/webhook`, `/healthz`, `/readyz`, `/metrics`) and the
-//!   router with its limits, request counting and timeout.
+//! - [`routes`]: the HTTP handlers (`/webhook`, `/healthz`, `/readyz`) and the router with
+//!   its limits, request counting and timeout; the admin listener's router (`/metrics`).
+//! - [`transport`]: how connections are served: HTTP/1.1 (HTTP/2 on request) with every
+//!   connection bounded from accept, and a cap on open connections.
 //! - [`delivery`]: what a verified webhook body becomes on the broker: one message per
 //!   event, or the raw body on `messenger.unparsed` when it does not parse.
 //! - [`metrics`]: the Prometheus metrics of the webhook side.
@@ -24,6 +26,7 @@ pub mod error;
 pub mod login;
 pub mod metrics;
 pub mod routes;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -40,16 +43,18 @@ pub use error::IngestError;
 pub struct RunningIngest {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
+    /// The address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     /// The broker link it publishes through.
     pub broker: BrokerLink,
     /// Completes when the server has drained after shutdown.
     pub task: JoinHandle<Result<(), IngestError>>,
 }
 
-/// Starts ingest on `listener` and returns once it serves HTTP (the broker connects in the
-/// background; `/readyz` says when it is ready). It stops when `shutdown` fires: new
-/// connections are refused, in-flight requests finish (with their confirms), then the broker
-/// connection is closed.
+/// Starts ingest on `listener`, and its admin listener on `config.admin_addr`, and returns
+/// once both serve HTTP (the broker connects in the background; `/readyz` says when it is
+/// ready). It stops when `shutdown` fires: new connections are refused, in-flight requests
+/// finish (with their confirms), then the broker connection is closed.
 pub async fn start(
     config: IngestConfig,
     listener: TcpListener,
@@ -57,6 +62,14 @@ pub async fn start(
 ) -> Result<RunningIngest, IngestError> {
     config.validate().map_err(IngestError::Config)?;
     let addr = listener.local_addr().map_err(IngestError::Serve)?;
+    let admin = TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| IngestError::Bind {
+            addr: config.admin_addr,
+            var: "INGEST_ADMIN_ADDR",
+            source,
+        })?;
+    let admin_addr = admin.local_addr().map_err(IngestError::Serve)?;
     let metrics = metrics::IngestMetrics::new()?;
     let broker = BrokerLink::start(
         &config.amqp.amqp_url,
@@ -70,81 +83,55 @@ pub async fn start(
         config.confirm_timeout(),
         &metrics.registry,
     )?;
+    let connections = metrics.connections.clone();
     let state = routes::AppState::new(&config, broker.clone(), metrics, shutdown.clone());
+    let admin_app = routes::admin_router(state.clone());
     let app = routes::router(
         state,
         login,
         config.max_body_bytes,
         config.request_timeout(),
     );
+    let webhook_side = transport::Transport {
+        request_timeout: config.request_timeout(),
+        http2: config.http2,
+        max_connections: config.max_connections,
+    };
+    // The admin side is for one scraper and probes: HTTP/1.1, a few connections.
+    let admin_side = transport::Transport {
+        request_timeout: config.request_timeout(),
+        http2: false,
+        max_connections: ADMIN_MAX_CONNECTIONS,
+    };
+    let admin_task = tokio::spawn(transport::serve(
+        admin,
+        admin_app,
+        admin_side,
+        None,
+        shutdown.clone(),
+    ));
     let link = broker.clone();
-    let header_timeout = config.request_timeout();
     let task = tokio::spawn(async move {
-        let served = serve(listener, app, header_timeout, shutdown).await;
+        let served =
+            transport::serve(listener, app, webhook_side, Some(connections), shutdown).await;
+        if let Ok(Err(e)) = admin_task.await {
+            tracing::warn!(error = %e, "the admin listener stopped with an error");
+        }
         link.close().await;
         tracing::info!("ingest stopped");
         served.map_err(IngestError::Serve)
     });
-    tracing::info!(%addr, "ingest listening");
-    Ok(RunningIngest { addr, broker, task })
+    tracing::info!(%addr, %admin_addr, "ingest listening (metrics on the admin address)");
+    Ok(RunningIngest {
+        addr,
+        admin_addr,
+        broker,
+        task,
+    })
 }
 
-/// Serves `app` on `listener` until `shutdown` fires, then stops accepting and waits until
-/// every open connection has finished its request (idle ones are closed at once).
-///
-/// Not `axum::serve`, because it sets no bound on reading request headers: a client sending
-/// one header byte at a time would hold its connection and task for ever (slow loris).
-/// Here hyper closes a connection whose request headers are not complete within
-/// `header_timeout` (`INGEST_REQUEST_TIMEOUT_MS`, which also bounds the body through the
-/// router's timeout layer). The timer also runs while a kept-alive connection waits for its
-/// next request, so idle connections are closed after the same time.
-async fn serve(
-    listener: TcpListener,
-    app: axum::Router,
-    header_timeout: Duration,
-    shutdown: Shutdown,
-) -> Result<(), std::io::Error> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::server::graceful::GracefulShutdown;
-    use hyper_util::service::TowerToHyperService;
-
-    let mut http = Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    let graceful = GracefulShutdown::new();
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(e) => {
-                    // Out of file descriptors, or a connection reset before it was accepted:
-                    // not fatal. A short pause lets a flood drain instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.wait() => break,
-        };
-        // Small answers (200/503) must not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let connection = http
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection closed with an error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
-}
+/// Connections the admin listener serves at once.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Binds `config.addr`, runs ingest until `shutdown` fires and the server has drained.
 pub async fn run(config: IngestConfig, shutdown: Shutdown) -> Result<(), IngestError> {
@@ -152,6 +139,7 @@ pub async fn run(config: IngestConfig, shutdown: Shutdown) -> Result<(), IngestE
         .await
         .map_err(|source| IngestError::Bind {
             addr: config.addr,
+            var: "INGEST_ADDR",
             source,
         })?;
     let running = start(config, listener, shutdown).await?;

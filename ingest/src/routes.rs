@@ -1,4 +1,6 @@
-//! HTTP routes of ingest: the webhook handshake and deliveries, health, readiness, metrics.
+//! HTTP routes of ingest: the webhook handshake and deliveries, health and readiness on the
+//! main listener; metrics (with health and readiness again) on the admin listener
+//! ([`admin_router`]), so a load balancer in front of the main one exposes no metrics.
 //!
 //! The handlers here only speak HTTP: they check signatures, publish what
 //! [`crate::delivery`] makes of a body, count, and choose the status code. The Login half's
@@ -24,12 +26,13 @@ use lc_shared::amqp::BrokerLink;
 use lc_shared::outgoing;
 use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::{TraceParent, continue_trace, render_metrics};
+use lc_shared::topology;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 use crate::config::IngestConfig;
-use crate::delivery::{self, DeliveryMessages};
-use crate::metrics::IngestMetrics;
+use crate::delivery::{self, DeliveryMessages, Refused};
+use crate::metrics::{IngestMetrics, method_label};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -81,7 +84,6 @@ pub fn router(
         .route("/webhook", get(handshake).post(receive_delivery))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .merge(login)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         // Refuses a declared Content-Length over the limit with 413 before reading any of the
@@ -102,12 +104,21 @@ pub fn router(
         .with_state(state)
 }
 
+/// The admin listener's routes: `/metrics`, `/healthz`, `/readyz`.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let response = next.run(req).await;
     let label = format!("{method} {route}");
     state
@@ -206,24 +217,28 @@ async fn handle_delivery(
         return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
     }
 
-    let DeliveryMessages { messages, unparsed } = delivery::messages(body, &trace.to_string());
+    let DeliveryMessages { messages, tally } = match delivery::messages(body, &trace.to_string()) {
+        Ok(m) => m,
+        Err(e @ Refused::NotAJsonObject(_)) => {
+            s.metrics.not_json_object.inc();
+            tracing::warn!(error = %e, "signed webhook body refused: not a JSON object");
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
     if messages.is_empty() {
         return (StatusCode::OK, "EVENT_RECEIVED\n").into_response();
     }
-    let kinds: Vec<&'static str> = messages.iter().map(|m| m.kind).collect();
+    // What each message is, for counting once the broker confirmed them all.
+    let counted: Vec<(&'static str, usize)> =
+        messages.iter().map(|m| (m.kind, m.body.len())).collect();
     match outgoing::publish_all(&s.link, messages, s.confirm_timeout).await {
         Ok(latency) => {
             s.metrics.confirm_latency.observe(latency.as_secs_f64());
-            if unparsed {
-                s.metrics.unparsed_bodies.inc();
-            } else {
-                for kind in kinds {
-                    s.metrics.events_published.with_label_values(&[kind]).inc();
-                }
-            }
+            count_stored(&s.metrics, &counted, &tally);
             tracing::debug!(
                 latency_ms = latency.as_millis(),
-                unparsed,
+                unparsed = tally.unparsed_body,
+                set_aside = tally.unparsed_parts,
                 "delivery stored"
             );
             (StatusCode::OK, "EVENT_RECEIVED\n").into_response()
@@ -238,6 +253,41 @@ async fn handle_delivery(
                 .into_response()
         }
     }
+}
+
+/// Counts a stored body: events by kind, what went to the bounded inspection queues (by
+/// queue, messages and bytes), unparsed bodies and parts.
+fn count_stored(
+    metrics: &IngestMetrics,
+    messages: &[(&'static str, usize)],
+    tally: &delivery::Tally,
+) {
+    for (kind, bytes) in messages {
+        let queue = match *kind {
+            "unparsed" => Some(topology::UNPARSED_QUEUE),
+            "other" => Some(topology::OTHER_QUEUE),
+            _ => None,
+        };
+        if let Some(queue) = queue {
+            metrics
+                .inspection_messages
+                .with_label_values(&[queue])
+                .inc();
+            metrics
+                .inspection_bytes
+                .with_label_values(&[queue])
+                .inc_by(u64::try_from(*bytes).unwrap_or(u64::MAX));
+        }
+        if *kind != "unparsed" {
+            metrics.events_published.with_label_values(&[kind]).inc();
+        }
+    }
+    if tally.unparsed_body {
+        metrics.unparsed_bodies.inc();
+    }
+    metrics
+        .unparsed_parts
+        .inc_by(u64::try_from(tally.unparsed_parts).unwrap_or(u64::MAX));
 }
 
 /// `GET /readyz`: ready while the broker link is up and the process is not draining.

@@ -233,30 +233,24 @@ impl ParseError {
 /// exception: a message or postback carrying `prior_message`. That is the person's reply to
 /// our first message arriving while a handover app (an inbox, a human-agent tool) owns the
 /// thread, and linking it is ours to do, so it keeps its kind and goes to the correlator. An
-/// entry without `messaging` or `standby` (e.g. a `changes` entry) contributes nothing.
-/// Fails on a malformed envelope or entry; an item only fails if it is an opt-in, message or
-/// postback whose time is bad or missing, since those are ordered and acted on.
+/// entry without `messaging` or `standby` items that carries anything else (e.g. a `changes`
+/// entry of another subscription) is one [`EventKind::Other`] event keeping the whole entry.
+/// Fails on a malformed envelope, entry or item (an opt-in, message or postback whose time is
+/// bad or missing, since those are ordered and acted on): [`parse_delivery_parts`] sets such
+/// a part aside instead and keeps the rest.
 pub fn parse_delivery(body: &[u8]) -> Result<Vec<WebhookEvent>, ParseError> {
-    let text = std::str::from_utf8(body).map_err(ParseError::NotUtf8)?;
-    let root: &RawValue = serde_json::from_str(text).map_err(ParseError::NotJson)?;
-    let envelope = object(root).ok_or(ParseError::NotAnObject { what: "body" })?;
-    let kind = envelope
-        .get("object")
-        .ok_or(ParseError::missing("object"))?;
-    if string(kind).as_deref() != Some("page") {
-        return Err(ParseError::NotAPageObject(preview(kind.get())));
-    }
-    let entries = envelope.get("entry").ok_or(ParseError::missing("entry"))?;
-    let entries = array(entries).ok_or(ParseError::wrong("entry", "an array"))?;
     let mut events = Vec::new();
-    for (i, entry) in entries.into_iter().enumerate() {
-        parse_entry(entry, &mut events).map_err(|e| e.at(&format!("entry[{i}]")))?;
+    for part in parse_delivery_parts(body)? {
+        match part {
+            DeliveryPart::Event(event) => events.push(*event),
+            DeliveryPart::SetAside(part) => return Err(part.error),
+        }
     }
     Ok(events)
 }
 
-fn parse_entry(entry: &RawValue, events: &mut Vec<WebhookEvent>) -> Result<(), ParseError> {
-    let entry = object(entry).ok_or(ParseError::NotAnObject { what: "entry item" })?;
+fn parse_entry(entry_raw: &RawValue, out: &mut Vec<DeliveryPart>) -> Result<(), ParseError> {
+    let entry = object(entry_raw).ok_or(ParseError::NotAnObject { what: "entry item" })?;
     let mut channels = Vec::new();
     for (name, standby) in [
         ("messaging", Channel::Messaging),
@@ -270,6 +264,9 @@ fn parse_entry(entry: &RawValue, events: &mut Vec<WebhookEvent>) -> Result<(), P
     // Entries for other subscriptions (feed `changes`, …) may lack what we need; only
     // demand id and time when there is something to attribute to them.
     if channels.iter().all(|(_, _, items)| items.is_empty()) {
+        if let Some(event) = parts::other_entry(&entry, entry_raw)? {
+            out.push(DeliveryPart::Event(Box::new(event)));
+        }
         return Ok(());
     }
     let page_id = entry.get("id").ok_or(ParseError::missing("id"))?;
@@ -277,13 +274,22 @@ fn parse_entry(entry: &RawValue, events: &mut Vec<WebhookEvent>) -> Result<(), P
         "id",
         "a non-empty string or a non-negative integer",
     ))?;
-    let time = (entry.get("time").map(parse_timestamp).transpose())
+    let time_raw = entry.get("time");
+    let time = (time_raw.map(parse_timestamp).transpose())
         .map_err(|reason| ParseError::bad_time("time", reason))?;
     for (name, standby, items) in channels {
         for (j, item) in items.into_iter().enumerate() {
-            let event = parse_item_in(&page_id, item, time, standby)
-                .map_err(|e| e.at(&format!("{name}[{j}]")))?;
-            events.push(event);
+            // One bad item is set aside alone; the rest of its entry and batch go on.
+            out.push(match parse_item_in(&page_id, item, time, standby) {
+                Ok(event) => DeliveryPart::Event(Box::new(event)),
+                Err(e) => DeliveryPart::SetAside(parts::item_alone(
+                    &page_id,
+                    time_raw,
+                    name,
+                    item,
+                    e.at(&format!("{name}[{j}]")),
+                )),
+            });
         }
     }
     Ok(())
@@ -694,6 +700,10 @@ fn preview(json: &str) -> String {
         None => json.to_owned(),
     }
 }
+
+mod parts;
+
+pub use parts::{DeliveryPart, SetAside, parse_delivery_parts};
 
 #[cfg(test)]
 mod tests;

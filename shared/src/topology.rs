@@ -20,7 +20,8 @@ pub const CORRELATOR_QUEUE: &str = "correlator.replies";
 /// Bounded queue of events no worker acts on (echoes, deliveries, reads…), kept for
 /// inspection instead of being discarded by the broker (bound `other.*`).
 pub const OTHER_QUEUE: &str = "messenger.other";
-/// Queue of signed bodies that could not be parsed, kept raw for inspection and replay.
+/// Bounded queue of signed bodies (or single entries and events of them) that could not be
+/// parsed, kept raw for inspection and replay.
 pub const UNPARSED_QUEUE: &str = "messenger.unparsed";
 /// Header naming why a message was dead-lettered or put on [`UNPARSED_QUEUE`].
 pub const ERROR_HEADER: &str = "x-loginconnect-error";
@@ -30,6 +31,11 @@ pub const ORIGIN_QUEUE_HEADER: &str = "x-loginconnect-origin-queue";
 pub const DELIVERY_LIMIT: i64 = 10;
 /// Most messages kept in [`OTHER_QUEUE`]; the oldest are dropped beyond it.
 pub const OTHER_QUEUE_MAX_LENGTH: i64 = 100_000;
+/// Most messages kept in [`UNPARSED_QUEUE`]; the oldest are dropped beyond it.
+pub const UNPARSED_QUEUE_MAX_LENGTH: i64 = 10_000;
+/// Most body bytes kept in each of [`OTHER_QUEUE`] and [`UNPARSED_QUEUE`] (256 MiB); the
+/// oldest messages are dropped beyond it.
+pub const INSPECTION_QUEUE_MAX_BYTES: i64 = 256 * 1024 * 1024;
 
 /// Work queue of data deletion requests, published by ingest through the default exchange
 /// and consumed by the scheduler process (no bindings on [`WEBHOOK_EXCHANGE`]).
@@ -101,6 +107,40 @@ fn work_queue_arguments(work_queue: &str) -> FieldTable {
     ])
 }
 
+/// Arguments of an inspection queue ([`UNPARSED_QUEUE`], [`OTHER_QUEUE`]): bounded by count
+/// and bytes, and beyond the bound the broker drops the oldest message (`drop-head`, no
+/// dead-letter exchange). So these queues can never fill the broker's disk (whose alarm
+/// would block every publisher, valid deliveries included), and a publish to them is never
+/// refused (`reject-publish` would nack it and turn a valid delivery into a 503). What is
+/// dropped is counted by the broker (`rabbitmq_global_messages_dead_lettered_maxlen_total`
+/// with `dead_letter_strategy="disabled"`) and can be told from what ingest kept
+/// (`ingest_inspection_messages_total`).
+fn inspection_queue_arguments(max_length: i64) -> FieldTable {
+    table(&[
+        ("x-queue-type", long("quorum")),
+        ("x-max-length", AMQPValue::LongLongInt(max_length)),
+        (
+            "x-max-length-bytes",
+            AMQPValue::LongLongInt(INSPECTION_QUEUE_MAX_BYTES),
+        ),
+        ("x-overflow", long("drop-head")),
+    ])
+}
+
+/// Says what to do when an inspection queue exists with other arguments (declared by an
+/// older version, before it was bounded): the broker refuses the declaration and the
+/// process cannot become ready until the old queue is gone.
+fn explain_inequivalent(queue: &str, error: &lapin::Error) {
+    if error.to_string().contains("PRECONDITION_FAILED") {
+        tracing::error!(
+            queue,
+            "{queue} exists with other arguments (an older version declared it unbounded): \
+             inspect or replay what it holds, then delete it (rabbitmqctl delete_queue {queue}); \
+             the next declaration recreates it bounded. See the README, Upgrading"
+        );
+    }
+}
+
 /// Declares the whole topology; safe to call any number of times from any process.
 pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
     let exchange_opts = ExchangeDeclareOptions {
@@ -147,19 +187,19 @@ pub async fn declare(channel: &Channel) -> Result<(), lapin::Error> {
             )
             .await?;
     }
-    channel
-        .queue_declare(UNPARSED_QUEUE.into(), durable(), quorum.clone())
-        .await?;
-    let other_args = table(&[
-        ("x-queue-type", long("quorum")),
-        (
-            "x-max-length",
-            AMQPValue::LongLongInt(OTHER_QUEUE_MAX_LENGTH),
-        ),
-    ]);
-    channel
-        .queue_declare(OTHER_QUEUE.into(), durable(), other_args)
-        .await?;
+    for (queue, max_length) in [
+        (UNPARSED_QUEUE, UNPARSED_QUEUE_MAX_LENGTH),
+        (OTHER_QUEUE, OTHER_QUEUE_MAX_LENGTH),
+    ] {
+        channel
+            .queue_declare(
+                queue.into(),
+                durable(),
+                inspection_queue_arguments(max_length),
+            )
+            .await
+            .inspect_err(|e| explain_inequivalent(queue, e))?;
+    }
     channel
         .queue_bind(
             OTHER_QUEUE.into(),

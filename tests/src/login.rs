@@ -36,6 +36,7 @@ pub fn login_args(database_url: Option<String>) -> LoginArgs {
         ],
         page_ids: vec![PAGE.to_owned(), OTHER_PAGE.to_owned()],
         data_deletion_base_url: database_url.as_ref().map(|_| STATUS_BASE.to_owned()),
+        data_deletion_max_age_secs: 3600,
         database_url: database_url.map(Secret::new),
     }
 }

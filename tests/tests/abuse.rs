@@ -199,7 +199,7 @@ async fn a_huge_content_length_is_refused_with_413_before_the_body_arrives() {
     );
     let metrics = ingest
         .http
-        .get(ingest.url("/metrics"))
+        .get(format!("http://{}/metrics", ingest.running.admin_addr))
         .send()
         .await
         .expect("metrics")
@@ -355,26 +355,27 @@ async fn thousands_of_idle_connections_do_not_starve_valid_deliveries() {
 }
 
 #[tokio::test]
-async fn signed_invalid_utf8_is_kept_on_the_unparsed_queue() {
+async fn signed_invalid_utf8_is_refused_and_nothing_is_stored() {
     let ingest = Ingest::start().await;
     let mut body = br#"{"object":"page","entry":[{"id":"1","time":1,"messaging":[{"x":""#.to_vec();
     body.extend_from_slice(&[0xff, 0xfe, 0xc3, 0x28, 0x80]);
     body.extend_from_slice(br#""}]}]}"#);
-    assert_eq!(ingest.post_signed(&body).await, 200);
-    let conn = ingest.vhost.connect().await;
-    let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
-    assert_eq!(kept.len(), 1);
-    assert_eq!(kept[0].data, body, "kept byte for byte");
+    // Not JSON, so not a webhook body whatever its signature (issue 14, item 4).
+    assert_eq!(ingest.post_signed(&body).await, 400);
+    assert_eq!(ingest.depth(topology::UNPARSED_QUEUE).await, 0);
     ingest.assert_responsive("after invalid UTF-8").await;
     ingest.stop().await;
 }
 
 #[tokio::test]
-async fn signed_json_nested_ten_thousand_deep_is_kept_and_ingest_survives() {
+async fn signed_json_nested_ten_thousand_deep_is_bounded_and_ingest_survives() {
     let ingest = Ingest::start().await;
     let depth = 10_000;
     let deep_array = format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
-    assert_eq!(ingest.post_signed(&deep_array).await, 200);
+    // Valid JSON but not an object: not a webhook body.
+    assert_eq!(ingest.post_signed(&deep_array).await, 400);
+    let deep_object = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth)).into_bytes();
+    assert_eq!(ingest.post_signed(&deep_object).await, 200);
     // Deep inside an item that is otherwise a valid delivery.
     let inner = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
     let deep_item = format!(
@@ -383,15 +384,15 @@ async fn signed_json_nested_ten_thousand_deep_is_kept_and_ingest_survives() {
     .into_bytes();
     assert_eq!(ingest.post_signed(&deep_item).await, 200);
     let conn = ingest.vhost.connect().await;
-    // The deep array cannot be a delivery: kept raw for inspection.
+    // The deep object is not a delivery: kept raw for inspection.
     let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
     assert_eq!(
         kept.len(),
         1,
-        "the deep array is kept on {}",
+        "the deep object is kept on {}",
         topology::UNPARSED_QUEUE
     );
-    assert_eq!(kept[0].data, deep_array);
+    assert_eq!(kept[0].data, deep_object);
     // The parser never descends into an item it does not act on, so the deep item is an
     // `other` event like any unknown one, kept byte for byte.
     let other = take_all(&conn, topology::OTHER_QUEUE).await;
@@ -470,5 +471,261 @@ async fn every_single_byte_change_of_the_verify_token_is_refused() {
     ] {
         assert_eq!(handshake(token.to_owned()).await.0, 403, "{token:?}");
     }
+    ingest.stop().await;
+}
+
+/// The text of ingest's `/metrics`, served on its admin listener only.
+async fn admin_metrics(ingest: &Ingest) -> String {
+    reqwest::get(format!("http://{}/metrics", ingest.running.admin_addr))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// Whether the server closes `stream` within `within` (EOF or reset), reading and dropping
+/// whatever it answers first.
+async fn closed_within(mut stream: TcpStream, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): all an h2c client sends before its
+/// SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Issue 14, item 10: connections that send nothing, or only the HTTP/2 preface, are closed
+/// once the request timeout has passed since they were accepted (the `auto` builder waited
+/// for the protocol preface for ever and served h2c without any header or idle timeout), and
+/// signed deliveries keep succeeding all along.
+#[tokio::test]
+async fn idle_and_h2_preface_connections_are_closed_after_the_timeout() {
+    let ingest = Ingest::start().await;
+    let n = idle_connections();
+    let mut idle = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = TcpStream::connect(ingest.running.addr)
+            .await
+            .expect("connect");
+        if i % 2 == 1 {
+            s.write_all(H2_PREFACE).await.expect("preface");
+        }
+        idle.push(s);
+    }
+    let opened = Instant::now();
+    let watchers: Vec<_> = idle
+        .into_iter()
+        .map(|s| tokio::spawn(closed_within(s, REQUEST_TIMEOUT + Duration::from_secs(4))))
+        .collect();
+    let mut round = 0;
+    while opened.elapsed() < REQUEST_TIMEOUT + Duration::from_millis(500) {
+        ingest
+            .assert_responsive(&format!(
+                "with {n} idle or h2c-preface connections (round {round})"
+            ))
+            .await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut still_open = 0;
+    for w in watchers {
+        if !w.await.expect("join") {
+            still_open += 1;
+        }
+    }
+    assert_eq!(
+        still_open,
+        0,
+        "{still_open} of {n} connections (idle or HTTP/2 preface only) were still open {:?} after they were opened",
+        opened.elapsed()
+    );
+    ingest
+        .assert_responsive("after the idle connections were closed")
+        .await;
+    ingest.stop().await;
+}
+
+/// Issue 14, item 10: beyond `INGEST_MAX_CONNECTIONS` open connections, a new connection is
+/// answered `503` at once and closed (Meta retries), and counted; once connections close,
+/// deliveries are taken again.
+#[tokio::test]
+async fn connections_beyond_the_cap_get_a_fast_503() {
+    let vhost = TestVhost::create();
+    let mut config = ingest_config(vhost.url());
+    config.app_secrets = vec![Secret::new(SECRET)];
+    config.max_connections = 20;
+    let (running, shutdown) = start_ingest_with(config).await;
+    let ingest = Ingest {
+        vhost,
+        running,
+        shutdown,
+        http: reqwest::Client::new(),
+    };
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(
+            TcpStream::connect(ingest.running.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    lc_testkit::pipeline::eventually(
+        Duration::from_secs(5),
+        "the 20 idle connections accepted",
+        || async {
+            admin_metrics(&ingest)
+                .await
+                .contains("ingest_open_connections 20")
+        },
+    )
+    .await;
+    let mut extra = TcpStream::connect(ingest.running.addr)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let answer = read_answer(&mut extra, Duration::from_secs(1))
+        .await
+        .expect("an answer within a second");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        admin_metrics(&ingest)
+            .await
+            .contains("ingest_connections_shed_total 1"),
+        "the shed connection is counted"
+    );
+    drop(idle);
+    lc_testkit::pipeline::eventually(Duration::from_secs(5), "the slots free again", || async {
+        admin_metrics(&ingest)
+            .await
+            .contains("ingest_open_connections 0")
+    })
+    .await;
+    ingest
+        .assert_responsive("after the idle connections left")
+        .await;
+    ingest.stop().await;
+}
+
+/// Issue 14, item 11: the method label of `ingest_http_requests_total` is a fixed set (any
+/// extension method counts as `OTHER`), and `/metrics` is served on the admin listener only,
+/// so the load balancer exposes nothing but the webhook paths.
+#[tokio::test]
+async fn metric_labels_are_bounded_and_metrics_live_on_the_admin_listener() {
+    let ingest = Ingest::start().await;
+    for i in 0..50 {
+        let method = reqwest::Method::from_bytes(format!("BREW{i}").as_bytes()).expect("method");
+        let status = ingest
+            .http
+            .request(method, ingest.url("/webhook"))
+            .send()
+            .await
+            .expect("request")
+            .status();
+        assert_eq!(status.as_u16(), 405);
+    }
+    let main_port = ingest
+        .http
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        main_port.status().as_u16(),
+        404,
+        "no /metrics on the webhook port"
+    );
+    let metrics = admin_metrics(&ingest).await;
+    assert!(!metrics.contains("BREW"), "a label per method:\n{metrics}");
+    assert!(
+        metrics.contains("ingest_http_requests_total{route=\"OTHER /webhook\",status=\"405\"} 50"),
+        "{metrics}"
+    );
+    ingest.stop().await;
+}
+
+/// Issue 14, item 10, with `INGEST_HTTP2=true`: h2c works (prior knowledge), and connections
+/// that send nothing, only the preface, or finish their requests and then sit idle are all
+/// closed once the request timeout has passed without a request in flight.
+#[tokio::test]
+async fn with_http2_on_idle_connections_are_closed_too() {
+    let vhost = TestVhost::create();
+    let mut config = ingest_config(vhost.url());
+    config.app_secrets = vec![Secret::new(SECRET)];
+    config.request_timeout_ms = u64::try_from(REQUEST_TIMEOUT.as_millis()).expect("ms");
+    config.http2 = true;
+    let (running, shutdown) = start_ingest_with(config).await;
+    let ingest = Ingest {
+        vhost,
+        running,
+        shutdown,
+        http: reqwest::Client::new(),
+    };
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let body = optins_body(1, "h2c");
+    let answer = h2
+        .post(ingest.url("/webhook"))
+        .header("x-hub-signature-256", sign_sha256(SECRET, &body))
+        .body(body)
+        .send()
+        .await
+        .expect("h2c post");
+    assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+    assert_eq!(answer.status().as_u16(), 200);
+
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(ingest.running.addr)
+            .await
+            .expect("connect");
+        if i % 2 == 1 {
+            s.write_all(H2_PREFACE).await.expect("preface");
+        }
+        idle.push(s);
+    }
+    let opened = Instant::now();
+    let watchers: Vec<_> = idle
+        .into_iter()
+        .map(|s| tokio::spawn(closed_within(s, REQUEST_TIMEOUT + Duration::from_secs(4))))
+        .collect();
+    ingest.assert_responsive("with HTTP/2 on").await;
+    let mut still_open = 0;
+    for w in watchers {
+        if !w.await.expect("join") {
+            still_open += 1;
+        }
+    }
+    assert_eq!(
+        still_open,
+        0,
+        "{still_open} of 200 connections still open {:?} after they were opened",
+        opened.elapsed()
+    );
+    lc_testkit::pipeline::eventually(
+        REQUEST_TIMEOUT + Duration::from_secs(4),
+        "the h2c client's idle connection closed too",
+        || async {
+            admin_metrics(&ingest)
+                .await
+                .contains("ingest_open_connections 0")
+        },
+    )
+    .await;
+    assert_eq!(ingest.depth(topology::SCHEDULER_QUEUE).await, 2);
     ingest.stop().await;
 }

@@ -357,3 +357,109 @@ async fn a_redelivered_request_changes_nothing() {
         .get(0);
     assert_eq!(events, 1);
 }
+
+/// Issue 14, item 5: only a fresh deletion callback is accepted. Facebook Login's own
+/// `signed_request` (it carries `code` or `oauth_token`; every visitor who logs in holds
+/// one) is refused, as is one issued too long ago, in the future, or without `issued_at`;
+/// nothing is queued for any of them.
+#[tokio::test]
+async fn login_signed_requests_and_stale_callbacks_are_refused() {
+    let env = TestEnv::new().await;
+    env.migrated_pool(2).await;
+    let (ingest, _stop_ingest) = env.start_login_ingest().await;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let payload = |extra: Value| {
+        let mut p = json!({"algorithm": "HMAC-SHA256", "user_id": ASID, "issued_at": now});
+        for (k, v) in extra.as_object().expect("object") {
+            p[k] = v.clone();
+        }
+        p
+    };
+    let cases = [
+        (
+            "Login's signed_request (code)",
+            payload(json!({"code": "AQD-login-code"})),
+            400,
+            "code",
+        ),
+        (
+            "Login's signed_request (oauth_token)",
+            payload(json!({"oauth_token": "EAAB-token", "expires": now + 3600})),
+            400,
+            "oauth_token",
+        ),
+        (
+            "no issued_at",
+            json!({"algorithm": "HMAC-SHA256", "user_id": ASID}),
+            400,
+            "issued_at",
+        ),
+        (
+            "issued two hours ago",
+            payload(json!({"issued_at": now - 7200})),
+            401,
+            "issued_at",
+        ),
+        (
+            "issued in an hour",
+            payload(json!({"issued_at": now + 3600})),
+            401,
+            "issued_at",
+        ),
+    ];
+    for (what, p, expected, message) in cases {
+        let request = sign_request(APP_SECRET, &p);
+        let (got, json) = post_form(&ingest, &[("signed_request", &request)]).await;
+        assert_eq!(got, expected, "{what}: {json}");
+        let error = json["error"].as_str().unwrap_or_default();
+        assert!(error.contains(message), "{what}: {error}");
+    }
+    assert_eq!(env.depth(DELETION_QUEUE).await, 0, "nothing queued");
+}
+
+/// Issue 14, item 5: the same callback posted again (a replay, or Meta retrying) is the same
+/// request: the same confirmation code, one deletion, one `identity.deleted` per identity.
+#[tokio::test]
+async fn the_same_callback_twice_is_one_deletion() {
+    let env = TestEnv::new().await;
+    let events = env.capture_events(&["identity.deleted"]).await;
+    let (scheduler, _stop) = env.start_scheduler(env.scheduler_config()).await;
+    let (ingest, _stop_ingest) = env.start_login_ingest().await;
+    let request = signed_request_for(ASID, APP_SECRET);
+
+    let (s, first) = post_form(&ingest, &[("signed_request", &request)]).await;
+    assert_eq!(s, 200, "{first}");
+    let code = first["confirmation_code"]
+        .as_str()
+        .expect("code")
+        .to_owned();
+    eventually(WAIT, "status completed", || async {
+        status(&ingest, &code).await.1["status"] == "completed"
+    })
+    .await;
+    let (s, second) = post_form(&ingest, &[("signed_request", &request)]).await;
+    assert_eq!(s, 200, "{second}");
+    assert_eq!(second, first, "the same answer for the same request");
+    eventually(WAIT, "the repeat handled", || async {
+        env.depth(DELETION_QUEUE).await == 0
+            && metrics_text(scheduler.metrics_addr)
+                .await
+                .contains("scheduler_data_deletions_total{result=\"duplicate\"} 1")
+    })
+    .await;
+    let got = env
+        .deliveries(&events, 3, std::time::Duration::from_secs(2))
+        .await;
+    assert_eq!(
+        got.len(),
+        2,
+        "one identity.deleted per configured page, once"
+    );
+    let sql = env.sql().await;
+    let receipts: i64 = sql
+        .query_one("SELECT count(*) FROM data_deletions", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(receipts, 1);
+}

@@ -21,12 +21,15 @@ const SECOND_SECRET: &str = "app-secret-two";
 fn config(amqp_url: &str) -> IngestConfig {
     IngestConfig {
         addr: "127.0.0.1:0".parse().expect("addr"),
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
         app_secrets: vec![Secret::new(SECRET), Secret::new(SECOND_SECRET)],
         verify_token: Secret::new("verify-me"),
         accept_sha1: false,
         max_body_bytes: 64 * 1024,
         confirm_timeout_ms: 1000,
         request_timeout_ms: 5000,
+        http2: false,
+        max_connections: 4096,
         publish_channels: 2,
         amqp: AmqpArgs {
             amqp_url: amqp_url.to_owned(),
@@ -300,7 +303,7 @@ async fn oversized_bodies_get_413_and_signed_garbage_is_kept_unparsed() {
 
     let metrics = h
         .http
-        .get(h.url("/metrics"))
+        .get(format!("http://{}/metrics", h.ingest.admin_addr))
         .send()
         .await
         .expect("metrics")
@@ -420,6 +423,225 @@ async fn concurrent_load_is_all_acknowledged_and_all_stored() {
     assert_eq!(
         queue_depth(&ch, topology::SCHEDULER_QUEUE).await as usize,
         tasks * per_task
+    );
+    h.stop().await;
+}
+
+/// Issue 14, item 4: an app secret's HMAC made for another context is not a webhook. Facebook
+/// Login's `signed_request` (held by every visitor who logs in) is
+/// `<b64 HMAC(app secret, P)>.<P>`: posting `P` with that MAC in hex as
+/// `X-Hub-Signature-256` verifies, but `P` is base64 text, not a JSON object, so it is refused
+/// with `400` and nothing is stored. So is any other body that is not a JSON object.
+#[tokio::test]
+async fn only_json_objects_are_webhook_bodies() {
+    let h = Harness::start().await;
+    let login = lc_meta::login::signed_request::sign_request(
+        SECRET,
+        &json!({"algorithm": "HMAC-SHA256", "code": "AQD-login-code", "issued_at": 1_700_000_000,
+                "user_id": "1234567890"}),
+    );
+    let (_, payload) = login.split_once('.').expect("dot");
+    let mut bodies: Vec<Vec<u8>> = vec![
+        payload.as_bytes().to_vec(),
+        b"\xff\xfe not UTF-8".to_vec(),
+        b"[{\"object\":\"page\"}]".to_vec(),
+        b"\"a string\"".to_vec(),
+        b"12345".to_vec(),
+        b"{\"object\":\"page\"".to_vec(),
+        b"".to_vec(),
+    ];
+    bodies.push(format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes());
+    for body in &bodies {
+        let resp = h.post_signed(body).await;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("text");
+        assert_eq!(
+            status,
+            400,
+            "{:?}: {text}",
+            String::from_utf8_lossy(&body[..body.len().min(40)])
+        );
+        assert!(text.contains("JSON object"), "{text}");
+    }
+    assert_eq!(h.all_queue_depths().await, 0, "nothing stored");
+    h.stop().await;
+}
+
+/// Issue 14, item 4: `messenger.unparsed` and `messenger.other` are bounded by count and bytes
+/// and drop their oldest messages beyond the bound, so they can neither fill the broker's disk
+/// nor refuse (nack) a publish. Redeclaring them with exactly these arguments succeeds only
+/// if the topology declared them so; filling `messenger.unparsed` past its bound keeps every
+/// publish confirmed.
+#[tokio::test]
+async fn inspection_queues_are_bounded_and_never_refuse_a_publish() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let h = Harness::start().await;
+    let conn = h.vhost.connect().await;
+    for (queue, max_length) in [
+        (
+            topology::UNPARSED_QUEUE,
+            topology::UNPARSED_QUEUE_MAX_LENGTH,
+        ),
+        (topology::OTHER_QUEUE, topology::OTHER_QUEUE_MAX_LENGTH),
+    ] {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(topology::INSPECTION_QUEUE_MAX_BYTES),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString(LongString::from("drop-head")),
+        );
+        let ch = conn.create_channel().await.expect("channel");
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{queue} is not declared with the bound: {e}"));
+    }
+    const {
+        assert!(
+            topology::UNPARSED_QUEUE_MAX_LENGTH <= 10_000,
+            "cheap to fill in a test"
+        )
+    };
+
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let total = topology::UNPARSED_QUEUE_MAX_LENGTH + 50;
+    let mut confirms = Vec::new();
+    for i in 0..total {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                topology::UNPARSED_QUEUE.into(),
+                BasicPublishOptions::default(),
+                format!("{{\"n\":{i}}}").as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        let confirmation = confirm.await.expect("confirm");
+        assert!(
+            confirmation.is_ack(),
+            "a bounded inspection queue never nacks"
+        );
+    }
+    let depth = queue_depth(&ch, topology::UNPARSED_QUEUE).await;
+    assert_eq!(i64::from(depth), topology::UNPARSED_QUEUE_MAX_LENGTH);
+    let first = ch
+        .basic_get(
+            topology::UNPARSED_QUEUE.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+        .expect("a message");
+    assert_eq!(
+        first.delivery.data.as_slice(),
+        b"{\"n\":50}",
+        "the oldest were dropped"
+    );
+    h.stop().await;
+}
+
+/// Issue 14, item 14: an entry that carries only `changes` (feed and other subscriptions of
+/// the same app) is kept on `messenger.other` for its page, not acknowledged and dropped.
+#[tokio::test]
+async fn changes_entries_are_kept_on_messenger_other() {
+    let h = Harness::start().await;
+    let entry = json!({"id": "111", "time": 1_700_000_001_000_i64,
+                       "changes": [{"field": "feed", "value": {"item": "status", "verb": "add"}}]});
+    let body = serde_json::to_vec(&json!({"object": "page", "entry": [entry]})).expect("json");
+    assert_eq!(h.post_signed(&body).await.status(), 200);
+    let conn = h.vhost.connect().await;
+    let others = take_all(&conn, topology::OTHER_QUEUE).await;
+    assert_eq!(others.len(), 1, "the changes entry is kept");
+    assert_eq!(others[0].routing_key.as_str(), "other.111");
+    let queued: lc_meta::webhook::QueuedEvent =
+        serde_json::from_slice(&others[0].data).expect("queued");
+    assert_eq!(queued.page_id, "111");
+    let kept: Value = serde_json::from_str(queued.event.get()).expect("json");
+    assert_eq!(kept, entry, "the whole entry, as sent");
+    assert_eq!(h.all_queue_depths().await, 0, "nothing else");
+    h.stop().await;
+}
+
+/// Issue 14, item 14: one event with a bad timestamp (or one bad entry) in a batch sets aside
+/// that event (that entry) alone on `messenger.unparsed`, with the reason; every other event
+/// of the batch goes to its queue, so the good opt-ins keep their window.
+#[tokio::test]
+async fn one_bad_event_is_set_aside_alone() {
+    let h = Harness::start().await;
+    let mut bad = optin("111", "L_BAD", 0);
+    bad["timestamp"] = json!("yesterday");
+    let good_entry = json!({"id": "111", "time": 1_700_000_001_000_i64, "messaging": [
+        optin("111", "L1", 1_700_000_000_000), bad, reply("111", "P1", "m_a", "L0"),
+        optin("111", "L2", 1_700_000_000_100)]});
+    let entry_without_id = json!({"time": 1_700_000_001_000_i64,
+                                  "messaging": [optin("333", "L3", 1_700_000_000_000)]});
+    let other_page = json!({"id": "222", "time": 1_700_000_001_000_i64,
+                            "messaging": [optin("222", "L4", 1_700_000_000_000)]});
+    let body = serde_json::to_vec(&json!({"object": "page",
+        "entry": [good_entry, entry_without_id, other_page]}))
+    .expect("json");
+    assert_eq!(h.post_signed(&body).await.status(), 200);
+
+    let conn = h.vhost.connect().await;
+    let optins = take_all(&conn, topology::SCHEDULER_QUEUE).await;
+    let ids: Vec<String> = optins
+        .iter()
+        .map(|d| d.properties.message_id().as_ref().expect("id").to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            "optin:111:L1:1700000000000",
+            "optin:111:L2:1700000000100",
+            "optin:222:L4:1700000000000"
+        ]
+    );
+    assert_eq!(take_all(&conn, topology::CORRELATOR_QUEUE).await.len(), 1);
+    let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
+    assert_eq!(kept.len(), 2, "the bad event and the bad entry, each alone");
+    let reasons: Vec<String> = kept
+        .iter()
+        .map(|d| header_str(&d.properties, topology::ERROR_HEADER).expect("reason"))
+        .collect();
+    assert!(reasons[0].contains("timestamp"), "{reasons:?}");
+    assert!(reasons[1].contains("id"), "{reasons:?}");
+    // Each is kept as a delivery of its own, so a replay parses it like any body.
+    let first: Value = serde_json::from_slice(&kept[0].data).expect("json");
+    assert_eq!(first["entry"][0]["id"], "111");
+    assert_eq!(
+        first["entry"][0]["messaging"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        first["entry"][0]["messaging"][0]["optin"]["login_id"],
+        "L_BAD"
+    );
+    let second: Value = serde_json::from_slice(&kept[1].data).expect("json");
+    assert_eq!(
+        second["entry"][0]["messaging"][0]["optin"]["login_id"],
+        "L3"
     );
     h.stop().await;
 }

@@ -251,7 +251,7 @@ async fn unauthenticated_replayed_and_invalid_events_publish_nothing() {
     );
     assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 1);
 
-    let metrics = metrics_text(ingest.addr).await;
+    let metrics = metrics_text(ingest.admin_addr).await;
     assert!(
         metrics.contains("ingest_login_events_total{result=\"accepted\"} 1"),
         "{metrics}"
@@ -313,4 +313,47 @@ async fn a_login_days_after_the_first_window_does_not_message_again() {
         .expect("row")
         .get(0);
     assert_eq!(cycle, 1, "no new cycle");
+}
+
+/// Issue 14, item 6: the signature header is bounded (at most 1 KiB, at most 4 `v1`), so a
+/// request cannot make ingest compute thousands of MACs. A valid signature padded with a fifth
+/// `v1`, or hidden in a header over 1 KiB, is refused; four `v1` entries still verify.
+#[tokio::test]
+async fn oversized_signature_headers_are_refused_before_any_mac() {
+    let env = TestEnv::new().await;
+    let (ingest, _stop) = env.start_ingest_with_login(login_args(None)).await;
+    let body = login_event_body("5550099", PAGE, OffsetDateTime::now_utc());
+    let valid = sign_now(&body);
+    let bogus = |i: usize| {
+        format!(
+            ",v1={}",
+            format!("{i:x}").repeat(64).get(..64).unwrap_or("")
+        )
+    };
+
+    let five: String = std::iter::once(valid.clone())
+        .chain((1..5).map(bogus))
+        .collect();
+    let (status, json) = post_login_event(&ingest, &body, Some(&five)).await;
+    assert_eq!(status, 401, "five v1 entries: {json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("at most 4")),
+        "{json}"
+    );
+
+    let padded = format!("{valid},pad={}", "a".repeat(1100));
+    let (status, json) = post_login_event(&ingest, &body, Some(&padded)).await;
+    assert_eq!(status, 401, "a header over 1 KiB: {json}");
+    assert!(
+        json["error"].as_str().is_some_and(|e| e.contains("1024")),
+        "{json}"
+    );
+    assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 0);
+
+    let four: String = (1..4).map(bogus).fold(valid, |h, b| h + &b);
+    let (status, json) = post_login_event(&ingest, &body, Some(&four)).await;
+    assert_eq!(status, 200, "four v1 entries, one valid: {json}");
+    assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 1);
 }

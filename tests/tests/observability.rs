@@ -61,7 +61,7 @@ async fn every_documented_metric_is_exported_after_a_demo_flow() {
 
     let mut exported = String::new();
     for addr in [
-        p.ingest.addr,
+        p.ingest.admin_addr,
         p.scheduler().metrics_addr,
         p.correlator().metrics_addr,
     ] {

@@ -278,7 +278,18 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
     );
     events.extend(env.deliveries(&capture, 1, WAIT).await);
     assert_eq!(events.len(), 4, "expected identity.linked too");
-    let garbage = b"not json at all".to_vec();
+    // Not JSON: refused with 400 (not a webhook body), nothing stored.
+    let not_json = b"not json at all".to_vec();
+    let refused = post(not_json.clone(), Some(sign_sha256(APP_SECRET, &not_json)))
+        .await
+        .expect("post");
+    assert_eq!(refused.status(), 400);
+    out.add(
+        "ingest 400 answer".to_owned(),
+        refused.text().await.unwrap_or_default(),
+    );
+    // A JSON object that is no delivery: kept on the unparsed queue.
+    let garbage = br#"{"object":"not a page","entry":"x"}"#.to_vec();
     assert_eq!(
         post(garbage.clone(), Some(sign_sha256(APP_SECRET, &garbage)))
             .await
@@ -333,7 +344,7 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
     }
 
     for (name, addr) in [
-        ("ingest", ingest.addr),
+        ("ingest", ingest.admin_addr),
         ("scheduler", scheduler.metrics_addr),
         ("correlator", correlator.metrics_addr),
     ] {

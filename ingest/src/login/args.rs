@@ -12,6 +12,7 @@ pub struct LoginArgs {
         long = "login-events-secrets",
         env = "LOGIN_EVENTS_SECRETS",
         value_delimiter = ',',
+        value_parser = crate::config::trimmed_secret,
         hide_env_values = true
     )]
     pub login_events_secrets: Vec<Secret>,
@@ -30,6 +31,7 @@ pub struct LoginArgs {
         long = "login-events-client-tokens",
         env = "LOGIN_EVENTS_CLIENT_TOKENS",
         value_delimiter = ',',
+        value_parser = crate::config::ClientTokenParser,
         hide_env_values = true
     )]
     pub client_tokens: Vec<AppClientToken>,
@@ -47,6 +49,15 @@ pub struct LoginArgs {
     )]
     pub data_deletion_base_url: Option<String>,
 
+    /// Oldest `issued_at` a data deletion callback may carry (seconds before now); older
+    /// ones are refused as replays. A request seen again within it is the same request.
+    #[arg(
+        long = "data-deletion-max-age-secs",
+        env = "DATA_DELETION_MAX_AGE_SECS",
+        default_value_t = 3600
+    )]
+    pub data_deletion_max_age_secs: u64,
+
     /// PostgreSQL URL, read (never written) by `GET /data-deletion/{code}`; required with
     /// data deletion, unused otherwise.
     #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
@@ -62,6 +73,7 @@ impl Default for LoginArgs {
             client_tokens: Vec::new(),
             page_ids: Vec::new(),
             data_deletion_base_url: None,
+            data_deletion_max_age_secs: 3600,
             database_url: None,
         }
     }
@@ -122,6 +134,9 @@ impl LoginArgs {
                      LOGIN_EVENTS_CLIENT_TOKENS and LOGIN_PAGE_IDS to derive the person's \
                      login_ids"
                     .into());
+            }
+            if !(60..=7 * 86_400).contains(&self.data_deletion_max_age_secs) {
+                return Err("DATA_DELETION_MAX_AGE_SECS must be between 60 and 604800".into());
             }
             if self.database_url.is_none() {
                 return Err(

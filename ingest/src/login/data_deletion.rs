@@ -11,8 +11,15 @@
 //! endpoint reads that receipt through a small read-only pool: no receipt yet means
 //! `pending`; the code itself is MAC-authenticated, so unknown codes are `404`.
 //!
-//! Answers: `400` malformed request, `401` bad signature, `503` broker unavailable,
-//! `200 {"url": …, "confirmation_code": …}` otherwise (Meta's documented answer).
+//! Only Meta's callback is accepted, not any `signed_request` of the app: Facebook Login
+//! gives every visitor who logs in one with the same key and format, which carries `code` or
+//! `oauth_token` (refused), and `issued_at` must be fresh (`DATA_DELETION_MAX_AGE_SECS`). The
+//! confirmation code is derived from (user_id, issued_at), so the same callback posted again
+//! is the same request: the same answer, one receipt, one set of `identity.deleted` events.
+//!
+//! Answers: `400` malformed request or a Login `signed_request`, `401` bad signature or a
+//! stale `issued_at`, `503` broker unavailable, `200 {"url": …, "confirmation_code": …}`
+//! otherwise (Meta's documented answer).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +36,7 @@ use lc_meta::login::deletion::{
     ConfirmationCodes, DELETION_QUEUE, DeletionIdentity, DeletionRequest,
 };
 use lc_meta::login::login_id::{AppClientToken, compute_login_id};
-use lc_meta::login::signed_request::{SignedRequestError, parse_signed_request};
+use lc_meta::login::signed_request::{SignedRequestError, parse_deletion_callback};
 use lc_meta::secret::Secret;
 use lc_shared::amqp::{self, BrokerLink};
 use lc_shared::outgoing::{self as publish, Outgoing};
@@ -56,6 +63,7 @@ pub(super) struct DataDeletion {
     pages: Vec<String>,
     codes: ConfirmationCodes,
     status_base: String,
+    max_age_secs: u64,
     pool: Pool,
     link: BrokerLink,
     confirm_timeout: Duration,
@@ -88,6 +96,7 @@ impl DataDeletion {
             pages: args.pages(),
             codes: ConfirmationCodes::new(app_secrets),
             status_base: status_base.trim_end_matches('/').to_owned(),
+            max_age_secs: args.data_deletion_max_age_secs,
             pool,
             link: link.clone(),
             confirm_timeout,
@@ -168,21 +177,28 @@ async fn handle_request(
             );
         }
     };
-    let signed = match parse_signed_request(&form.signed_request, &d.app_secrets) {
-        Ok(s) => s,
-        Err(e @ SignedRequestError::Malformed(_)) => {
-            tracing::warn!(error = %e, "data deletion request refused");
-            return ("bad_request", error(StatusCode::BAD_REQUEST, e.to_string()));
-        }
-        Err(e @ SignedRequestError::BadSignature) => {
-            tracing::warn!(error = %e, "data deletion request refused");
-            return (
-                "unauthorized",
-                error(StatusCode::UNAUTHORIZED, e.to_string()),
-            );
-        }
-    };
-    let Some(code) = d.codes.issue() else {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let signed =
+        match parse_deletion_callback(&form.signed_request, &d.app_secrets, now, d.max_age_secs) {
+            Ok(s) => s,
+            Err(
+                e @ (SignedRequestError::Malformed(_)
+                | SignedRequestError::NotADeletionCallback { .. }),
+            ) => {
+                tracing::warn!(error = %e, "data deletion request refused");
+                return ("bad_request", error(StatusCode::BAD_REQUEST, e.to_string()));
+            }
+            Err(e @ (SignedRequestError::BadSignature | SignedRequestError::Stale { .. })) => {
+                tracing::warn!(error = %e, "data deletion request refused");
+                return (
+                    "unauthorized",
+                    error(StatusCode::UNAUTHORIZED, e.to_string()),
+                );
+            }
+        };
+    // parse_deletion_callback guarantees issued_at; 0 is never reached.
+    let issued_at = signed.issued_at.unwrap_or_default();
+    let Some(code) = d.codes.for_request(&signed.user_id, issued_at) else {
         // new() is only reached with META_APP_SECRETS validated non-empty.
         return (
             "unavailable",

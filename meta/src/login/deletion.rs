@@ -27,6 +27,9 @@ const CODE_RANDOM_BYTES: usize = 16;
 const CODE_TAG_BYTES: usize = 8;
 /// Domain separation: the app secret keys other MACs too (webhooks, signed_request).
 const CODE_DOMAIN: &[u8] = b"loginconnect/data-deletion-code/v1:";
+/// Domain of the code's first part when it is derived from the request (see
+/// [`ConfirmationCodes::for_request`]).
+const REQUEST_DOMAIN: &[u8] = b"loginconnect/data-deletion-request/v1:";
 
 /// One identity to delete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +99,27 @@ impl ConfirmationCodes {
         ))
     }
 
+    /// The code of the deletion request of app-scoped user `user_id` issued at `issued_at`
+    /// (unix seconds), or `None` when no secret is configured. The same request always gets
+    /// the same code — its first part is a MAC of (user_id, issued_at) rather than random — so
+    /// a callback posted again is the same request downstream (one receipt, one set of
+    /// `identity.deleted` events) and gets the same answer. The code reveals nothing of the
+    /// user id without the app secret.
+    pub fn for_request(&self, user_id: &str, issued_at: i64) -> Option<String> {
+        let key = self.keys.first()?;
+        let mut mac = key.clone();
+        mac.update(REQUEST_DOMAIN);
+        mac.update(format!("{user_id}:{issued_at}").as_bytes());
+        let seed = mac.finalize().into_bytes();
+        let random = &seed[..CODE_RANDOM_BYTES];
+        let tag = Self::tag(key, random).finalize().into_bytes();
+        Some(format!(
+            "{}{}",
+            hex::encode(random),
+            hex::encode(&tag[..CODE_TAG_BYTES])
+        ))
+    }
+
     /// True if `code` was issued with one of the secrets (constant-time per secret).
     pub fn is_valid(&self, code: &str) -> bool {
         let split = CODE_RANDOM_BYTES * 2;
@@ -142,6 +166,20 @@ mod tests {
         assert!(!old.is_valid("../../etc/passwd"));
         assert_ne!(old.issue(), old.issue());
         assert_eq!(ConfirmationCodes::new(&[]).issue(), None);
+    }
+
+    #[test]
+    fn a_request_always_gets_the_same_valid_code() {
+        let codes = ConfirmationCodes::new(&[Secret::new("s")]);
+        let a = codes.for_request("123", 1_700_000_000).expect("code");
+        assert_eq!(codes.for_request("123", 1_700_000_000), Some(a.clone()));
+        assert!(codes.is_valid(&a));
+        assert_ne!(codes.for_request("123", 1_700_000_001), Some(a.clone()));
+        assert_ne!(codes.for_request("124", 1_700_000_000), Some(a.clone()));
+        assert_ne!(
+            ConfirmationCodes::new(&[Secret::new("t")]).for_request("123", 1_700_000_000),
+            Some(a)
+        );
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //! ```
 //!
 //! The key is a shared secret configured on both sides (`LOGIN_EVENTS_SECRETS`), separate
-//! from Meta's app secret. Several `v1=` entries may be sent (one per secret while rotating);
-//! any configured secret matching any entry is accepted. The request is refused when `t` is
+//! from Meta's app secret. Several `v1=` entries may be sent (one per secret while rotating,
+//! at most [`MAX_SIGNATURES`] in a header of at most [`MAX_HEADER_LEN`] bytes); any configured
+//! secret matching any entry is accepted. The MAC is computed once per secret and compared
+//! with each entry in constant time, so a request costs at most one MAC per secret whatever it
+//! sends. The request is refused when `t` is
 //! further than the allowed skew from the receiver's clock, in either direction. Inside that
 //! window a replay is possible but harmless: the same login produces the same opt-in key.
 
@@ -17,12 +20,17 @@ use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 use crate::secret::Secret;
 use crate::signature::hmac_sha256;
 
 /// The header carrying the signature.
 pub const LOGIN_SIGNATURE_HEADER: &str = "x-loginconnect-signature";
+/// Longest header accepted: `t` and four `v1` entries take about 300 bytes.
+pub const MAX_HEADER_LEN: usize = 1024;
+/// Most `v1=` entries accepted in one header (rotation needs two).
+pub const MAX_SIGNATURES: usize = 4;
 
 /// Why a signature was refused. Texts are safe to return to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,21 +115,29 @@ impl EventSignatureVerifier {
         now: i64,
     ) -> Result<i64, EventSignatureError> {
         let header = header.ok_or(EventSignatureError::Missing)?;
+        if header.len() > MAX_HEADER_LEN {
+            return Err(EventSignatureError::Malformed(
+                "the header is longer than 1024 bytes",
+            ));
+        }
         let (t_text, signatures) = parse_header(header)?;
         let t: i64 = t_text
             .parse()
             .map_err(|_| EventSignatureError::Malformed("t must be unix seconds"))?;
-        let mut matched = false;
-        // Every key and every signature is tried, so timing does not tell which matched.
+        let mut matched = subtle::Choice::from(0);
+        // One MAC per secret, compared with every entry in constant time; every key and every
+        // entry is tried, so timing does not tell which matched.
         for key in &self.keys {
+            let mut mac = key.clone();
+            mac.update(t_text.as_bytes());
+            mac.update(b".");
+            mac.update(body);
+            let tag = mac.finalize().into_bytes();
             for expected in &signatures {
-                let mut mac = key.clone();
-                mac.update(t_text.as_bytes());
-                mac.update(b".");
-                mac.update(body);
-                matched |= mac.verify_slice(expected).is_ok();
+                matched |= tag.as_slice().ct_eq(expected);
             }
         }
+        let matched: bool = matched.into();
         if !matched {
             return Err(EventSignatureError::Mismatch);
         }
@@ -160,6 +176,11 @@ fn parse_header(header: &str) -> Result<(&str, Vec<Vec<u8>>), EventSignatureErro
                 if value.len() != 64 {
                     return Err(EventSignatureError::Malformed(
                         "v1 must be 64 hex characters",
+                    ));
+                }
+                if signatures.len() == MAX_SIGNATURES {
+                    return Err(EventSignatureError::Malformed(
+                        "at most 4 v1 signatures are accepted",
                     ));
                 }
                 let bytes = hex::decode(value)
@@ -248,6 +269,28 @@ mod tests {
         let (_, b_sig) = b.split_once(",v1=").expect("v1");
         let both = format!("{a},v1={b_sig},v0=ignored");
         assert_eq!(v.verify(Some(&both), body, NOW), Ok(NOW));
+    }
+
+    #[test]
+    fn headers_are_bounded() {
+        let v = verifier(&["s"]);
+        let body = b"{}";
+        let valid = sign_login_event("s", NOW, body);
+        let other = format!(",v1={}", "0".repeat(64));
+        let four = format!("{valid}{}", other.repeat(3));
+        assert_eq!(v.verify(Some(&four), body, NOW), Ok(NOW));
+        let five = format!("{valid}{}", other.repeat(4));
+        assert_eq!(
+            v.verify(Some(&five), body, NOW),
+            Err(EventSignatureError::Malformed(
+                "at most 4 v1 signatures are accepted"
+            ))
+        );
+        let long = format!("{valid},x={}", "a".repeat(MAX_HEADER_LEN));
+        assert!(matches!(
+            v.verify(Some(&long), body, NOW),
+            Err(EventSignatureError::Malformed(_))
+        ));
     }
 
     #[test]

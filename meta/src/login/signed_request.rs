@@ -7,6 +7,11 @@
 //!
 //! The signature is checked before the payload is decoded, so nothing unauthenticated is
 //! parsed beyond the outer structure.
+//!
+//! Facebook Login hands every visitor who logs in a `signed_request` of the same format and
+//! key (the JS SDK's `authResponse.signedRequest`, the `fbsr_<app>` cookie), which carries
+//! `code` (or `oauth_token`). [`parse_deletion_callback`] accepts only what Meta's deletion
+//! callback is: no such field, and a fresh `issued_at`.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{URL_SAFE_NO_PAD, URL_SAFE_PAD_INDIFFERENT};
@@ -27,6 +32,9 @@ pub struct SignedRequest {
     pub user_id: String,
     /// When Meta issued the request (unix seconds), when given.
     pub issued_at: Option<i64>,
+    /// `code` or `oauth_token` when the payload carries one: the marks of Facebook Login's
+    /// own `signed_request`.
+    pub login_field: Option<&'static str>,
 }
 
 /// Why a `signed_request` was refused. Texts are safe to return to the caller.
@@ -38,6 +46,55 @@ pub enum SignedRequestError {
     /// Well-formed, but no configured app secret produces the signature.
     #[error("signed_request signature does not match any configured app secret")]
     BadSignature,
+    /// Authentic, but Facebook Login's own `signed_request` (it carries `field`), not Meta's
+    /// data deletion callback.
+    #[error(
+        "this signed_request carries `{field}`: it is Facebook Login's, not a data deletion callback"
+    )]
+    NotADeletionCallback {
+        /// `code` or `oauth_token`.
+        field: &'static str,
+    },
+    /// Authentic, but `issued_at` is too far from now: a replay, or not a callback at all.
+    #[error(
+        "issued_at is {age_secs} s before now; a deletion callback may be at most {max_secs} s old and not from the future"
+    )]
+    Stale {
+        /// Now minus `issued_at`, in seconds (negative: in the future).
+        age_secs: i64,
+        /// The largest age allowed.
+        max_secs: u64,
+    },
+}
+
+/// How far in the future `issued_at` may be (clock skew between Meta and us).
+pub const MAX_FUTURE_SKEW_SECS: i64 = 300;
+
+/// Verifies a data deletion callback's `signed_request` ([`parse_signed_request`]) and
+/// accepts it only if it is one: no Login `code` or `oauth_token`, and an `issued_at` at most
+/// `max_age_secs` before `now` (unix seconds) and at most [`MAX_FUTURE_SKEW_SECS`] after it.
+pub fn parse_deletion_callback(
+    value: &str,
+    secrets: &[Secret],
+    now: i64,
+    max_age_secs: u64,
+) -> Result<SignedRequest, SignedRequestError> {
+    let request = parse_signed_request(value, secrets)?;
+    if let Some(field) = request.login_field {
+        return Err(SignedRequestError::NotADeletionCallback { field });
+    }
+    let issued_at = request
+        .issued_at
+        .ok_or_else(|| malformed("issued_at is missing"))?;
+    let age = now.saturating_sub(issued_at);
+    let max = i64::try_from(max_age_secs).unwrap_or(i64::MAX);
+    if age > max || age < -MAX_FUTURE_SKEW_SECS {
+        return Err(SignedRequestError::Stale {
+            age_secs: age,
+            max_secs: max_age_secs,
+        });
+    }
+    Ok(request)
 }
 
 fn malformed(reason: impl Into<String>) -> SignedRequestError {
@@ -94,7 +151,14 @@ pub fn parse_signed_request(
         return Err(malformed("user_id must be digits"));
     }
     let issued_at = payload.get("issued_at").and_then(Value::as_i64);
-    Ok(SignedRequest { user_id, issued_at })
+    let login_field = ["code", "oauth_token"]
+        .into_iter()
+        .find(|f| payload.get(*f).is_some_and(|v| !v.is_null()));
+    Ok(SignedRequest {
+        user_id,
+        issued_at,
+        login_field,
+    })
 }
 
 /// Builds a `signed_request` for `payload` the way Meta does (unpadded base64url); used by
@@ -157,6 +221,52 @@ mod tests {
             parse_signed_request(&forged, &secrets(&["s"])),
             Err(SignedRequestError::BadSignature)
         );
+    }
+
+    #[test]
+    fn only_fresh_deletion_callbacks() {
+        let s = secrets(&["s"]);
+        let now = 1_700_000_000;
+        let at = |issued_at: i64| {
+            sign_request(
+                "s",
+                &json!({"algorithm": "HMAC-SHA256", "issued_at": issued_at, "user_id": "1"}),
+            )
+        };
+        assert!(parse_deletion_callback(&at(now - 3600), &s, now, 3600).is_ok());
+        assert!(parse_deletion_callback(&at(now + 300), &s, now, 3600).is_ok());
+        assert!(matches!(
+            parse_deletion_callback(&at(now - 3601), &s, now, 3600),
+            Err(SignedRequestError::Stale { age_secs: 3601, .. })
+        ));
+        assert!(matches!(
+            parse_deletion_callback(&at(now + 301), &s, now, 3600),
+            Err(SignedRequestError::Stale { .. })
+        ));
+        let login = sign_request(
+            "s",
+            &json!({"algorithm": "HMAC-SHA256", "code": "AQ", "issued_at": now, "user_id": "1"}),
+        );
+        assert_eq!(
+            parse_deletion_callback(&login, &s, now, 3600),
+            Err(SignedRequestError::NotADeletionCallback { field: "code" })
+        );
+        let token = sign_request(
+            "s",
+            &json!({"algorithm": "HMAC-SHA256", "oauth_token": "EA", "issued_at": now,
+                    "user_id": "1"}),
+        );
+        assert_eq!(
+            parse_deletion_callback(&token, &s, now, 3600),
+            Err(SignedRequestError::NotADeletionCallback {
+                field: "oauth_token"
+            })
+        );
+        let undated = sign_request("s", &json!({"algorithm": "HMAC-SHA256", "user_id": "1"}));
+        assert!(matches!(
+            parse_deletion_callback(&undated, &s, now, 3600),
+            Err(SignedRequestError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -466,12 +466,63 @@ fn entries_without_items_contribute_nothing() {
         {"id": PAGE_A, "time": 1},
         {"id": PAGE_A, "time": 1, "messaging": []},
         {"id": PAGE_A, "time": 1, "messaging": null},
-        {"changes": [{"field": "feed", "value": {}}]},
     ]});
     let events = parse_delivery(body.to_string().as_bytes()).unwrap();
     assert!(events.is_empty());
     let empty = parse_delivery(br#"{"object":"page","entry":[]}"#).unwrap();
     assert!(empty.is_empty());
+}
+
+#[test]
+fn a_changes_entry_is_one_other_event_keeping_the_entry() {
+    let entry =
+        r#"{"id":"106","time":1700000001000,"changes":[{"field":"feed","value":{"verb":"add"}}]}"#;
+    let body = format!(r#"{{"object":"page","entry":[{entry},{{"id":"106","messaging":[]}}]}}"#);
+    let events = parse_delivery(body.as_bytes()).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, EventKind::Other);
+    assert_eq!(events[0].page_id, "106");
+    assert_eq!(events[0].raw.get(), entry, "the entry, byte for byte");
+    assert_eq!(events[0].timestamp.unix_timestamp(), 1_700_000_001);
+    // Without an id there is no page to keep it for: the entry is set aside.
+    let parts = parse_delivery_parts(br#"{"object":"page","entry":[{"changes":[]}]}"#).unwrap();
+    assert!(matches!(parts.as_slice(), [DeliveryPart::SetAside(_)]));
+}
+
+#[test]
+fn a_bad_item_or_entry_is_set_aside_alone() {
+    let body = br#"{"object":"page","entry":[{"id":"106","time":5,"messaging":[{"timestamp":1700000000000,"optin":{"login_id":"A"}},{"timestamp":"soon","optin":{"login_id":"B"}}]},{"time":5,"messaging":[{"timestamp":1700000000000,"optin":{"login_id":"C"}}]},{"id":"107","standby":[{"x":1}]}]}"#;
+    let parts = parse_delivery_parts(body).unwrap();
+    assert_eq!(parts.len(), 4);
+    assert!(matches!(&parts[0], DeliveryPart::Event(e) if e.kind == EventKind::Optin));
+    let DeliveryPart::SetAside(item) = &parts[1] else {
+        panic!("the bad item is set aside: {parts:?}");
+    };
+    assert!(
+        item.error
+            .to_string()
+            .starts_with("at entry[0].messaging[1]: bad timestamp")
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&item.body),
+        r#"{"object":"page","entry":[{"id":"106","time":5,"messaging":[{"timestamp":"soon","optin":{"login_id":"B"}}]}]}"#
+    );
+    let DeliveryPart::SetAside(entry) = &parts[2] else {
+        panic!("the entry without id is set aside: {parts:?}");
+    };
+    assert!(
+        entry
+            .error
+            .to_string()
+            .starts_with("at entry[1]: missing field `id`")
+    );
+    assert!(matches!(&parts[3], DeliveryPart::Event(e) if e.kind == EventKind::Other));
+    // The whole-body parser still refuses the body, naming the first bad part.
+    let err = parse_delivery(body).unwrap_err();
+    assert!(
+        err.to_string().starts_with("at entry[0].messaging[1]"),
+        "{err}"
+    );
 }
 
 #[test]

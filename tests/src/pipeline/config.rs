@@ -83,12 +83,15 @@ impl TestEnv {
 pub fn ingest_config(amqp_url: String) -> IngestConfig {
     IngestConfig {
         addr: "127.0.0.1:0".parse().expect("addr"),
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
         app_secrets: vec![Secret::new(APP_SECRET)],
         verify_token: Secret::new("verify"),
         accept_sha1: false,
         max_body_bytes: 4 * 1024 * 1024,
         confirm_timeout_ms: 2000,
         request_timeout_ms: 10_000,
+        http2: false,
+        max_connections: 4096,
         publish_channels: 2,
         amqp: AmqpArgs { amqp_url },
         log: LogArgs {
