@@ -254,6 +254,65 @@ impl PrivateCluster {
         Ok(cluster)
     }
 
+    /// A streaming standby of this cluster under `dir` (`pg_basebackup -R`: it follows the
+    /// primary until promoted), started and answering. Replication is asynchronous unless
+    /// the primary names it in `synchronous_standby_names` (see [`Self::set`]).
+    pub fn start_standby(&self, dir: &Path, name: &str) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let dir = dir.join("postgres");
+        make_dir_for(&dir, "postgres")?;
+        let mut backup = as_user("postgres", &self.bin.join("pg_basebackup"));
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-X", "stream", "-R", "-d"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres application_name={name}",
+                self.port
+            ))
+            .arg("-D")
+            .arg(dir.join("data"));
+        run(backup, "copy the primary for a standby (pg_basebackup)")?;
+        let standby = Self {
+            port,
+            dir,
+            bin: self.bin.clone(),
+        };
+        standby.pg_ctl("start")?;
+        Ok(standby)
+    }
+
+    /// `ALTER SYSTEM SET <name> = '<value>'` and a reload.
+    pub async fn set(&self, name: &str, value: &str) -> anyhow::Result<()> {
+        let url = format!("{}/postgres", self.postgres_base());
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let value = value.replace('\'', "''");
+        // Two statements: a multi-statement string is one implicit transaction, which
+        // ALTER SYSTEM refuses.
+        client
+            .batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+            .await?;
+        client.batch_execute("SELECT pg_reload_conf()").await?;
+        Ok(())
+    }
+
+    /// Stops the server the way a crash would and leaves it down.
+    pub fn kill(&self) -> anyhow::Result<()> {
+        self.pg_ctl("stop")
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        self.pg_ctl("promote")
+    }
+
     /// `pg_ctl <action>` with the cluster's options; waits for the action to finish.
     fn pg_ctl(&self, action: &str) -> anyhow::Result<()> {
         let mut cmd = as_user("postgres", &self.bin.join("pg_ctl"));

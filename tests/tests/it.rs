@@ -19,6 +19,7 @@ mod contract;
 mod correlator;
 mod crash_window;
 mod data_deletion;
+mod db_failover;
 mod db_tls;
 mod deployment;
 mod graph_client;
