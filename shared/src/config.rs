@@ -12,16 +12,16 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/login
 /// Default `GRAPH_API_URL`.
 pub const DEFAULT_GRAPH_API_URL: &str = "https://graph.facebook.com/v25.0";
 
-/// RabbitMQ connection.
-#[derive(Debug, Clone, clap::Args)]
+/// RabbitMQ connection. Its `Debug` hides the URL's password.
+#[derive(Clone, clap::Args)]
 pub struct AmqpArgs {
     /// RabbitMQ URL, including the vhost (`%2f` is the default vhost).
     #[arg(long = "amqp-url", env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
 }
 
-/// PostgreSQL connection.
-#[derive(Debug, Clone, clap::Args)]
+/// PostgreSQL connection. Its `Debug` hides the URL's password.
+#[derive(Clone, clap::Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL; the database is created if missing.
     #[arg(long = "database-url", env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
@@ -35,10 +35,85 @@ pub struct DatabaseArgs {
     pub database_pool_size: usize,
 }
 
+impl std::fmt::Debug for AmqpArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpArgs")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("database_pool_size", &self.database_pool_size)
+            .finish()
+    }
+}
+
+/// `url` with every password replaced by `***`: the `user:password@` of each URL in it (a
+/// comma-separated list included) and a `password=` item of the key=value form. For logs and
+/// `Debug`; a derived `Debug` of the arguments would print the secret.
+pub fn redact_url(url: &str) -> String {
+    if !url.contains("://") {
+        return url
+            .split(' ')
+            .map(|item| match item.split_once('=') {
+                Some(("password", _)) => "password=***".to_owned(),
+                _ => item.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    url.split(',')
+        .map(|one| {
+            let Some((scheme, rest)) = one.split_once("://") else {
+                return one.to_owned();
+            };
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => match rest[..at].split_once(':') {
+                    Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+                    None => one.to_owned(),
+                },
+                None => one.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Logging.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
     /// Log line format (`RUST_LOG` sets the filter).
     #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_debug_output() {
+        let amqp = AmqpArgs {
+            amqp_url: "amqps://app:s3cret@rabbit-1:5671/%2f,amqps://app:s3cret@rabbit-2:5671/%2f"
+                .into(),
+        };
+        let db = DatabaseArgs {
+            database_url: "postgres://app:pa%40ss@db:5432/lc?sslmode=verify-full".into(),
+            database_pool_size: 8,
+        };
+        let text = format!("{amqp:?} {db:?}");
+        assert!(!text.contains("s3cret") && !text.contains("pa%40ss"), "{text}");
+        assert!(text.contains("app:***@rabbit-2:5671"), "{text}");
+        assert!(text.contains("postgres://app:***@db:5432/lc?sslmode"), "{text}");
+        assert_eq!(
+            redact_url("host=db user=app password=hunter2 dbname=lc"),
+            "host=db user=app password=*** dbname=lc"
+        );
+        assert_eq!(redact_url("postgres://app@db/lc"), "postgres://app@db/lc");
+    }
 }
