@@ -6,7 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
-use lc_shared::amqp::{self, AmqpError, BrokerLink};
+use lc_shared::amqp::{self, AmqpError, BrokerLink, Outcome};
 use lc_shared::events::CLOUDEVENTS_CONTENT_TYPE;
 use lc_shared::topology;
 use time::OffsetDateTime;
@@ -77,33 +77,30 @@ pub(super) async fn publish_batch(
         })
         .collect();
 
-    // One channel for the whole round keeps the round's messages in id order.
-    let channel = link.channel()?;
-    let mut confirms = Vec::with_capacity(rows.len());
+    // One channel leased for the whole round keeps the round's messages in id order and
+    // makes every confirm this round's own.
+    let mut lease = link.lease(settings.confirm_timeout).await?;
     for row in &rows {
         let body = serde_json::to_vec(&row.cloudevent).unwrap_or_default();
-        let confirm = amqp::publish(
-            &channel,
-            topology::EVENTS_EXCHANGE,
-            &row.event_type,
-            // Public events are fire-and-forget for us: an exchange with no queue bound yet
-            // (no downstream service deployed) is not an error.
-            false,
-            &body,
-            properties(row),
-        )
-        .await?;
-        confirms.push(confirm);
+        lease
+            .publish(
+                topology::EVENTS_EXCHANGE,
+                &row.event_type,
+                // Public events are fire-and-forget for us: an exchange with no queue bound
+                // yet (no downstream service deployed) is not an error.
+                false,
+                &body,
+                properties(row),
+            )
+            .await?;
     }
-    let deadline = tokio::time::Instant::now() + settings.confirm_timeout;
-    for confirm in confirms {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match amqp::await_confirm(confirm, left).await {
-            Ok(()) => {}
-            // Unroutable only comes back for mandatory messages; ours are not mandatory, so
-            // a returned message was still accepted by the broker.
-            Err(AmqpError::Unroutable) => {}
-            Err(e) => return Err(e.into()),
+    for outcome in lease.settle(settings.confirm_timeout).await {
+        match outcome {
+            Outcome::Stored => {}
+            Outcome::Nacked | Outcome::Returned => return Err(AmqpError::Nacked.into()),
+            Outcome::Unconfirmed => {
+                return Err(AmqpError::ConfirmTimeout(settings.confirm_timeout).into());
+            }
         }
     }
 
