@@ -26,6 +26,7 @@ mod intake_isolation;
 mod login_events;
 mod observability;
 mod relay;
+mod relay_order;
 mod scale_out;
 mod scheduler;
 mod scheduler_recovery;
