@@ -19,6 +19,7 @@ mod contract;
 mod correlator;
 mod crash_window;
 mod data_deletion;
+mod dead_letters;
 mod deployment;
 mod graph_client;
 mod ingest;
