@@ -247,6 +247,8 @@ async fn a_persons_deletion_waits_for_their_refused_link() {
     let got = env.events(&capture, 1).await;
     assert_eq!(ids_of(&got), vec![a[1].to_string()]);
     assert_eq!(got[0]["personseq"], 2, "the deletion is A's second event");
+    // The message is on the queue once confirmed, a moment before the relay's mark commits.
+    env.wait_outbox_published().await;
     let link_at = published(&pool, &a[0]).await.expect("link published");
     let delete_at = published(&pool, &a[1]).await.expect("deletion published");
     assert!(

@@ -18,6 +18,7 @@
 //! dropped with confirms outstanding (a timeout, a cancelled request) closes its channel, so
 //! a late return can never reach the next holder.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ pub(crate) struct ChannelPool {
     /// Woken when a leased channel was found closed by the broker (the supervisor then
     /// reconnects and re-declares the topology, which may be what the broker missed).
     closed: Arc<Notify>,
+    /// Set once the connection is being replaced: a lease of the old connection that ends
+    /// later must not make the supervisor drop the new one.
+    retired: AtomicBool,
 }
 
 impl ChannelPool {
@@ -63,12 +67,14 @@ impl ChannelPool {
             idle: Mutex::new(vec![first]),
             permits: Arc::new(Semaphore::new(max.max(1))),
             closed,
+            retired: AtomicBool::new(false),
         }
     }
 
     /// Makes publishers waiting for a channel of this connection give up at once (the
     /// connection is being replaced or closed).
     pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
         self.permits.close();
     }
 
@@ -243,9 +249,13 @@ impl Drop for ChannelLease {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(channel);
-        } else if !channel.status().connected() {
-            // The broker closed it (e.g. a publish to a missing exchange): reconnect and
-            // re-declare rather than keep opening channels into the same error.
+        } else if !channel.status().connected()
+            && self.pool.connection.status().connected()
+            && !self.pool.retired.load(Ordering::SeqCst)
+        {
+            // The broker closed this channel on a live connection (e.g. a publish to a
+            // missing exchange): reconnect and re-declare rather than keep opening channels
+            // into the same error. A lost connection is the supervisor's to notice.
             self.pool.closed.notify_one();
         }
         // Otherwise the channel drops here; lapin closes a channel when its last handle
