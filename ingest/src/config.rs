@@ -93,11 +93,12 @@ pub struct IngestConfig {
     )]
     pub max_connections: usize,
 
-    /// Confirm-mode channels used for publishing (round robin).
+    /// Most confirm-mode channels open for publishing at once: each body in flight holds one
+    /// alone (so a returned message counts against its own body); bodies beyond wait for one.
     #[arg(
         long = "publish-channels",
         env = "INGEST_PUBLISH_CHANNELS",
-        default_value_t = 4
+        default_value_t = 64
     )]
     pub publish_channels: usize,
 

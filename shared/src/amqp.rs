@@ -5,6 +5,8 @@
 //! notices a lost connection (its event stream reports an error or ends), reports itself not
 //! ready, reconnects with backoff and re-declares the topology.
 
+mod lease;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +18,9 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::{Notify, watch};
 
 use crate::topology;
+
+use lease::ChannelPool;
+pub use lease::{ChannelLease, Outcome};
 
 /// Errors of connecting and publishing.
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +95,10 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// A supervised broker connection with a small pool of confirm-mode channels.
+/// A supervised broker connection with a pool of confirm-mode channels, each leased to one
+/// publisher at a time (see [`ChannelLease`] for why channels are never shared).
 ///
-/// Clone it freely; all clones share one connection. [`BrokerLink::channel`] answers
+/// Clone it freely; all clones share one connection. [`BrokerLink::lease`] answers
 /// immediately with [`AmqpError::NotConnected`] while the link is down, which lets an HTTP
 /// handler answer 503 at once instead of hanging.
 #[derive(Clone)]
@@ -105,20 +111,20 @@ struct LinkInner {
     name: String,
     channels: usize,
     state: watch::Sender<Option<Arc<LinkState>>>,
-    next: std::sync::atomic::AtomicUsize,
-    closed: Notify,
+    closed: Arc<Notify>,
 }
 
 type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
 
 struct LinkState {
-    connection: Connection,
-    channels: Vec<Channel>,
+    connection: Arc<Connection>,
+    pool: Arc<ChannelPool>,
 }
 
 impl BrokerLink {
-    /// Starts supervising a connection to `url`. Returns at once; the first connection is
-    /// made in the background (see [`BrokerLink::wait_ready`]).
+    /// Starts supervising a connection to `url`, leasing at most `channels` confirm channels
+    /// at once (publishers beyond that wait for one). Returns at once; the first connection
+    /// is made in the background (see [`BrokerLink::wait_ready`]).
     pub fn start(url: &str, connection_name: &str, channels: usize) -> Self {
         let (state, _) = watch::channel(None);
         let link = Self {
@@ -127,8 +133,7 @@ impl BrokerLink {
                 name: connection_name.to_owned(),
                 channels: channels.max(1),
                 state,
-                next: std::sync::atomic::AtomicUsize::new(0),
-                closed: Notify::new(),
+                closed: Arc::new(Notify::new()),
             }),
         };
         tokio::spawn(link.clone().supervise());
@@ -164,26 +169,18 @@ impl BrokerLink {
         }
     }
 
-    /// A confirm-mode channel (round robin over the pool), or `NotConnected` at once.
-    pub fn channel(&self) -> Result<Channel, AmqpError> {
-        let guard = self.inner.state.borrow();
-        let state = guard.as_ref().ok_or(AmqpError::NotConnected)?;
-        if !state.connection.status().connected() {
-            return Err(AmqpError::NotConnected);
-        }
-        let i = self
-            .inner
-            .next
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let channel = state.channels[i % state.channels.len()].clone();
-        if channel.status().connected() {
-            Ok(channel)
-        } else {
-            // A single channel can be closed by the broker (e.g. a publish to a missing
-            // exchange); the connection's supervisor reopens the set.
-            self.inner.closed.notify_one();
-            Err(AmqpError::NotConnected)
-        }
+    /// Leases a confirm-mode channel for one batch of publishes, waiting at most `wait` for
+    /// one to be free; `NotConnected` at once while the link is down.
+    pub async fn lease(&self, wait: Duration) -> Result<ChannelLease, AmqpError> {
+        let pool = {
+            let guard = self.inner.state.borrow();
+            let state = guard.as_ref().ok_or(AmqpError::NotConnected)?;
+            if !state.connection.status().connected() {
+                return Err(AmqpError::NotConnected);
+            }
+            state.pool.clone()
+        };
+        pool.lease(wait).await
     }
 
     /// Opens a new channel on the current connection (for consumers, which want their own).
@@ -201,9 +198,8 @@ impl BrokerLink {
     pub async fn close(&self) {
         let state = self.inner.state.send_replace(None);
         if let Some(state) = state {
-            for ch in &state.channels {
-                let _ = ch.close(200, "shutdown".into()).await;
-            }
+            state.pool.retire();
+            state.pool.close_idle().await;
             let _ = state.connection.close(200, "shutdown".into()).await;
         }
     }
@@ -242,6 +238,7 @@ impl BrokerLink {
                         }
                     }
                     if let Some(old) = self.inner.state.send_replace(None) {
+                        old.pool.retire();
                         let _ = old.connection.close(320, "reconnecting".into()).await;
                     }
                 }
@@ -257,15 +254,19 @@ impl BrokerLink {
     async fn open(&self) -> Result<(LinkState, EventStream), AmqpError> {
         let connection = connect(&self.inner.url, &self.inner.name).await?;
         let events: EventStream = Box::pin(connection.events_listener());
-        let mut channels = Vec::with_capacity(self.inner.channels);
-        for _ in 0..self.inner.channels {
-            channels.push(confirm_channel(&connection).await?);
-        }
-        topology::declare(&channels[0]).await?;
+        let connection = Arc::new(connection);
+        let first = confirm_channel(&connection).await?;
+        topology::declare(&first).await?;
+        let pool = ChannelPool::new(
+            connection.clone(),
+            first,
+            self.inner.channels,
+            self.inner.closed.clone(),
+        );
         Ok((
             LinkState {
                 connection,
-                channels,
+                pool: Arc::new(pool),
             },
             events,
         ))

@@ -107,9 +107,15 @@ mod tests {
             database_pool_size: 8,
         };
         let text = format!("{amqp:?} {db:?}");
-        assert!(!text.contains("s3cret") && !text.contains("pa%40ss"), "{text}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("pa%40ss"),
+            "{text}"
+        );
         assert!(text.contains("app:***@rabbit-2:5671"), "{text}");
-        assert!(text.contains("postgres://app:***@db:5432/lc?sslmode"), "{text}");
+        assert!(
+            text.contains("postgres://app:***@db:5432/lc?sslmode"),
+            "{text}"
+        );
         assert_eq!(
             redact_url("host=db user=app password=hunter2 dbname=lc"),
             "host=db user=app password=*** dbname=lc"

@@ -12,6 +12,15 @@ use uuid::Uuid;
 /// AMQP `content_type` of public events (structured-mode CloudEvents).
 pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
 
+/// Every routing key of a public event (see [`PublicEvent::routing_key`]).
+pub const ROUTING_KEYS: [&str; 5] = [
+    "identity.linked",
+    "first_message.sent",
+    "first_message.failed",
+    "first_message.expired",
+    "identity.deleted",
+];
+
 /// Graph's last error for a failed or expired first message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GraphErrorData {
@@ -152,6 +161,17 @@ impl PublicEvent {
         }
     }
 
+    /// The person (login_id) the event is about, on [`PublicEvent::page_id`].
+    pub fn login_id(&self) -> &str {
+        match self {
+            Self::IdentityLinked(d) => &d.login_id,
+            Self::FirstMessageSent(d) => &d.login_id,
+            Self::FirstMessageFailed(d) => &d.login_id,
+            Self::FirstMessageExpired(d) => &d.login_id,
+            Self::IdentityDeleted(d) => &d.login_id,
+        }
+    }
+
     /// The `data` member as JSON.
     pub fn data(&self) -> serde_json::Value {
         let v = match self {
@@ -175,6 +195,7 @@ impl PublicEvent {
             time: OffsetDateTime::now_utc(),
             datacontenttype: "application/json".to_owned(),
             subject: Some(self.page_id().to_owned()),
+            personseq: None,
             data: self.data(),
         }
     }
@@ -200,11 +221,22 @@ pub struct CloudEvent {
     /// The Page id, so consumers can filter without parsing `data`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub subject: Option<String>,
+    /// Extension attribute: the event's place (1, 2, ...) in the commit order of the events
+    /// about its (page_id, login_id) (increasing, never reused; gaps are possible). Set when the event is written to the outbox; a consumer
+    /// that sees a lower number after a higher one for the same person got a redelivery or a
+    /// requeue and must not let the older event undo the newer.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub personseq: Option<i64>,
     /// The event's data; see the AsyncAPI document for each type's schema.
     pub data: serde_json::Value,
 }
 
 /// Writes one event to the outbox inside the caller's transaction and returns its id.
+///
+/// The event gets the next number of its person's sequence (`personseq`, see
+/// [`CloudEvent::personseq`]): the per-person counter row stays locked until the caller
+/// commits, so a concurrent transaction writing about the same person waits, and numbers
+/// follow commit order. The relay publishes a person's events in that order.
 pub async fn insert_outbox(
     client: &impl tokio_postgres::GenericClient,
     event: &PublicEvent,
@@ -213,20 +245,38 @@ pub async fn insert_outbox(
 ) -> Result<Uuid, tokio_postgres::Error> {
     let ce = event.to_cloudevent(source);
     let json = serde_json::to_value(&ce).unwrap_or(serde_json::Value::Null);
+    let key = person_key(event.page_id(), event.login_id());
     client
         .execute(
-            "INSERT INTO outbox (event_id, event_type, page_id, cloudevent, traceparent) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "WITH seq AS ( \
+                 INSERT INTO outbox_person_seq AS s (person_key, seq) VALUES ($6, 1) \
+                 ON CONFLICT (person_key) DO UPDATE SET seq = s.seq + 1 RETURNING seq) \
+             INSERT INTO outbox (event_id, event_type, page_id, cloudevent, traceparent, \
+                                 person_key, person_seq) \
+             SELECT $1, $2, $3, jsonb_set($4::jsonb, '{personseq}', to_jsonb(seq.seq)), $5, \
+                    $6, seq.seq FROM seq",
             &[
                 &ce.id,
                 &event.routing_key(),
                 &event.page_id(),
                 &json,
                 &traceparent,
+                &key,
             ],
         )
         .await?;
     Ok(ce.id)
+}
+
+/// The key of a person's event sequence: SHA-256 of the length-prefixed page_id and login_id
+/// (only a hash is stored, since the counter outlives a deletion of the person's data).
+pub fn person_key(page_id: &str, login_id: &str) -> Vec<u8> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(page_id.len().to_be_bytes());
+    h.update(page_id.as_bytes());
+    h.update(login_id.as_bytes());
+    h.finalize().to_vec()
 }
 
 #[cfg(test)]
@@ -250,7 +300,16 @@ mod tests {
         assert_eq!(v["data"]["sent_at"], "1970-01-01T00:00:00Z");
         assert_eq!(v["data"]["attempts"], 2);
         assert_eq!(ev.routing_key(), "first_message.sent");
+        assert!(ROUTING_KEYS.contains(&ev.routing_key()));
+        assert_eq!(v.get("personseq"), None, "set by the outbox, not here");
         let back: CloudEvent = serde_json::from_value(v).expect("deserialise");
         assert_eq!(back, ce);
+    }
+
+    #[test]
+    fn person_keys_do_not_collide_across_the_page_login_boundary() {
+        assert_ne!(person_key("1", "23"), person_key("12", "3"));
+        assert_eq!(person_key("1", "23"), person_key("1", "23"));
+        assert_eq!(person_key("1", "23").len(), 32);
     }
 }

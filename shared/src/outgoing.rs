@@ -1,15 +1,16 @@
 //! Turning webhook events into durable AMQP messages: ingest publishes them, and the
 //! operator CLI builds the very same messages when it replays a dead letter.
 //!
-//! All messages of one body are published on one channel back to back and their confirms
-//! awaited together under one deadline: the body is acknowledged to Meta only when every event
-//! is stored, and many bodies are in flight at once across requests.
+//! All messages of one body are published back to back on a channel leased to that body
+//! alone, and their confirms awaited together under one deadline: the body is acknowledged to
+//! Meta only when every event is stored, and many bodies are in flight at once across
+//! requests. The lease is what makes a returned (unroutable) message count against its own
+//! body and no other (see [`crate::amqp::ChannelLease`]).
 
 use std::time::{Duration, Instant};
 
-use crate::amqp::{self, AmqpError, BrokerLink};
+use crate::amqp::{self, AmqpError, BrokerLink, Outcome};
 use crate::topology;
-use futures_util::future::try_join_all;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
 use lc_meta::webhook::{QueuedEvent, WebhookEvent};
@@ -81,35 +82,56 @@ pub fn unparsed_message(body: &[u8], error: &str, traceparent: &str) -> Outgoing
     }
 }
 
-/// Publishes every message and waits for all confirms within `bound` (counted from the first
-/// publish, because a blocked connection can stall the publish itself). Returns how long the
-/// confirms took.
+/// Publishes every message and waits for all confirms within `bound` (counted from the
+/// first moment, because waiting for a channel or a blocked connection can stall the publish
+/// itself). Succeeds only if every message was stored; returns how long that took.
 pub async fn publish_all(
     link: &BrokerLink,
     messages: Vec<Outgoing>,
     bound: Duration,
 ) -> Result<Duration, AmqpError> {
     let started = Instant::now();
-    let channel = link.channel()?;
     let work = async {
-        let mut confirms = Vec::with_capacity(messages.len());
+        let mut lease = link.lease(bound).await?;
+        let keys: Vec<String> = messages.iter().map(|m| m.routing_key.clone()).collect();
         for m in messages {
-            let confirm = amqp::publish(
-                &channel,
-                m.exchange,
-                &m.routing_key,
-                true,
-                &m.body,
-                m.properties,
-            )
-            .await?;
-            confirms.push(amqp::await_confirm(confirm, bound));
+            lease
+                .publish(m.exchange, &m.routing_key, true, &m.body, m.properties)
+                .await?;
         }
-        try_join_all(confirms).await?;
-        Ok::<(), AmqpError>(())
+        let left = bound.saturating_sub(started.elapsed());
+        let outcomes = lease.settle(left).await;
+        body_result(&outcomes, &keys, left)
     };
     match tokio::time::timeout(bound, work).await {
         Ok(result) => result.map(|()| started.elapsed()),
         Err(_) => Err(AmqpError::ConfirmTimeout(bound)),
     }
+}
+
+/// The body's result from its messages' outcomes: the first failure, by severity (a return
+/// names a topology hole, so it is reported before a nack or a missing confirm).
+fn body_result(outcomes: &[Outcome], keys: &[String], bound: Duration) -> Result<(), AmqpError> {
+    let failed = |want: &Outcome| {
+        outcomes
+            .iter()
+            .zip(keys)
+            .find(|(o, _)| *o == want)
+            .map(|(_, k)| k.as_str())
+    };
+    if let Some(key) = failed(&Outcome::Returned) {
+        tracing::error!(
+            routing_key = key,
+            "message returned as unroutable: no queue is bound for it"
+        );
+        return Err(AmqpError::Unroutable);
+    }
+    if let Some(key) = failed(&Outcome::Nacked) {
+        tracing::warn!(routing_key = key, "broker refused the message");
+        return Err(AmqpError::Nacked);
+    }
+    if failed(&Outcome::Unconfirmed).is_some() {
+        return Err(AmqpError::ConfirmTimeout(bound));
+    }
+    Ok(())
 }

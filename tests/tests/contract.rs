@@ -248,6 +248,27 @@ fn schemas_are_strict() {
     );
 }
 
+/// `personseq` (the per-person order, set by the outbox) is a positive 32-bit integer, the
+/// CloudEvents `Integer` type, and nothing else.
+#[test]
+fn personseq_is_a_positive_integer() {
+    let contract = Contract::load();
+    for event in every_event() {
+        let mut json = serde_json::to_value(event.to_cloudevent(SOURCE)).expect("serialise");
+        json["personseq"] = json!(7);
+        contract.assert_valid(event.routing_key(), &json);
+        let back: CloudEvent = serde_json::from_value(json.clone()).expect("CloudEvent");
+        assert_eq!(back.personseq, Some(7), "the model reads it");
+        for bad in [json!(0), json!("7"), json!(1.5), json!(2_147_483_648_i64)] {
+            json["personseq"] = bad.clone();
+            assert!(
+                contract.validate(event.routing_key(), &json).is_err(),
+                "personseq {bad} accepted"
+            );
+        }
+    }
+}
+
 /// The AsyncAPI document names the exchange, every routing key, message type and schema
 /// file, and every file it references exists.
 #[test]

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use lapin::types::FieldTable;
 use lc_ingest::{IngestConfig, RunningIngest};
 use lc_meta::secret::Secret;
 use lc_meta::signature::sign_sha256;
@@ -642,6 +643,106 @@ async fn one_bad_event_is_set_aside_alone() {
     assert_eq!(
         second["entry"][0]["messaging"][0]["optin"]["login_id"],
         "L3"
+    );
+    h.stop().await;
+}
+
+fn wide_config(amqp_url: &str) -> IngestConfig {
+    IngestConfig {
+        publish_channels: 16,
+        confirm_timeout_ms: 5000,
+        request_timeout_ms: 15_000,
+        ..config(amqp_url)
+    }
+}
+
+/// What one body of the unroutable test holds.
+#[derive(Clone, Copy, PartialEq)]
+enum Mix {
+    OptinsOnly,
+    MessageOnly,
+    Both,
+}
+
+fn mixed_body(mix: Mix, round: usize, i: usize) -> Vec<u8> {
+    let login = |n: usize| format!("L{round}_{i}_{n}");
+    let mid = format!("m_{round}_{i}");
+    let items = match mix {
+        Mix::OptinsOnly => vec![
+            optin("111", &login(0), 1_700_000_000_000),
+            optin("111", &login(1), 1_700_000_000_000),
+        ],
+        Mix::MessageOnly => vec![reply("111", &format!("psid{i}"), &mid, &login(0))],
+        Mix::Both => vec![
+            optin("111", &login(0), 1_700_000_000_000),
+            reply("111", &format!("psid{i}"), &mid, &login(1)),
+        ],
+    };
+    envelope(vec![("111", items)])
+}
+
+/// Item 7 of issue 14: with the `message.*` binding gone, every body holding a message
+/// event is dropped by the broker in part and must get `503`, and no other body may: on
+/// channels shared between requests, lapin pinned returns on whichever confirm completed next.
+#[tokio::test]
+async fn a_missing_binding_fails_exactly_the_bodies_whose_events_were_returned() {
+    let h = Harness::start_on(TestVhost::create(), wide_config).await;
+    let conn = h.vhost.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_unbind(
+        topology::CORRELATOR_QUEUE.into(),
+        topology::WEBHOOK_EXCHANGE.into(),
+        "message.*".into(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("unbind message.*");
+
+    let bodies = 500;
+    let rounds = 3;
+    let mut stored_optins = 0;
+    for round in 0..rounds {
+        let mut tasks = Vec::with_capacity(bodies);
+        for i in 0..bodies {
+            let mix = [Mix::OptinsOnly, Mix::MessageOnly, Mix::Both][i % 3];
+            stored_optins += match mix {
+                Mix::OptinsOnly => 2,
+                Mix::Both => 1,
+                Mix::MessageOnly => 0,
+            };
+            let body = mixed_body(mix, round, i);
+            let req = h
+                .http
+                .post(h.url("/webhook"))
+                .header("x-hub-signature-256", sign_sha256(SECRET, &body))
+                .body(body);
+            tasks.push(tokio::spawn(async move {
+                (mix, req.send().await.expect("post").status().as_u16())
+            }));
+        }
+        let mut wrong = Vec::new();
+        for (i, task) in tasks.into_iter().enumerate() {
+            let (mix, status) = task.await.expect("task");
+            let want = if mix == Mix::OptinsOnly { 200 } else { 503 };
+            if status != want {
+                wrong.push((i, status));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "round {round}: {} of {bodies} bodies got the wrong answer (index, status): {wrong:?}",
+            wrong.len()
+        );
+    }
+    assert_eq!(
+        queue_depth(&ch, topology::SCHEDULER_QUEUE).await,
+        stored_optins,
+        "every opt-in was stored"
+    );
+    assert_eq!(
+        queue_depth(&ch, topology::CORRELATOR_QUEUE).await,
+        0,
+        "no message event was stored anywhere"
     );
     h.stop().await;
 }

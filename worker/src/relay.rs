@@ -5,13 +5,20 @@
 //! number of replicas may run against the same database. One round, in one transaction:
 //!
 //! 1. claim up to `relay_batch` unpublished rows in id order with `FOR UPDATE SKIP LOCKED`,
-//!    so concurrent relays take disjoint rows instead of waiting for each other;
-//! 2. publish them all on a confirm-mode channel (all in flight at once), then await every
-//!    confirm within `relay_confirm_timeout_ms`;
-//! 3. `UPDATE outbox SET published_at = now()` for exactly those ids, and commit.
+//!    so concurrent relays take disjoint rows instead of waiting for each other — skipping
+//!    rows in their nack backoff and rows of a person whose earlier event is still
+//!    unpublished (see *Order* below);
+//! 2. publish them all on a confirm-mode channel leased for the round (all in flight at
+//!    once), then await every confirm within `relay_confirm_timeout_ms`;
+//! 3. settle each row by its own outcome: confirmed rows are marked `published_at = now()`;
+//!    rows the broker nacked (a downstream queue with `x-overflow=reject-publish` that is
+//!    full) get a backoff of their own (0.5 s doubling, at most 5 min) and are counted in
+//!    `outbox_events_nacked_total{type}` with a log line naming the routing key; rows without
+//!    a confirm in time stay as they were; then commit.
 //!
-//! Any failure rolls the transaction back, so the rows stay unpublished and the round is
-//! retried after a backoff: nothing is lost while the broker (or the database) is down.
+//! One full downstream queue therefore delays only the events routed to it, not everyone's.
+//! A database failure rolls the transaction back, so the rows stay unpublished and the round
+//! is retried after a backoff: nothing is lost while the broker (or the database) is down.
 //!
 //! Rounds are started by `LISTEN loginconnect_outbox` (the table's insert trigger notifies)
 //! on a dedicated connection, with polling every `relay_poll_ms` as the fallback when that
@@ -22,9 +29,16 @@
 //! confirmed a message but before the mark committed leaves the row unpublished, and the next
 //! round publishes it again with the same `message_id` (the CloudEvent `id`). The same
 //! happens when a confirm times out although the broker did store the message. Consumers
-//! dedupe on the id. Order: a single relay publishes in id order (so one Page's events arrive
-//! in the order they were committed); with several replicas, or after a retried round, a
-//! consumer may see events out of order and must not rely on it.
+//! dedupe on the id.
+//!
+//! **Order per person.** Every event carries `personseq`, its place in the commit order of the
+//! events about its (page_id, login_id) (see [`lc_shared::events::insert_outbox`]). A relay
+//! claims a person's row only when every earlier row of that person is published, so each is
+//! published after the previous one was confirmed, whichever replica holds which row and
+//! however long a nacked row waits: `identity.deleted` never overtakes `identity.linked`.
+//! What the broker and consumers do afterwards (a requeue, a redelivery after a lost mark,
+//! parallel consumers) can still reorder, which `personseq` lets a consumer detect. Events of
+//! different people carry no order.
 
 mod listen;
 mod round;
@@ -113,6 +127,8 @@ pub struct RelayMetrics {
     pub published: IntCounterVec,
     /// Rounds that failed and were rolled back, by stage (`database`, `broker`).
     pub failures: IntCounterVec,
+    /// Events the broker refused (nack) and that wait out a backoff, by routing key.
+    pub nacked: IntCounterVec,
     /// Age in seconds of the oldest unpublished row (0 when none), refreshed every round.
     pub lag_seconds: Gauge,
     /// Published rows deleted after their retention.
@@ -137,6 +153,14 @@ impl RelayMetrics {
                 ),
                 &["stage"],
             )?,
+            nacked: IntCounterVec::new(
+                Opts::new(
+                    "outbox_events_nacked_total",
+                    "Public events the broker refused (e.g. a full downstream queue), retried \
+                     with backoff, by routing key",
+                ),
+                &["type"],
+            )?,
             lag_seconds: Gauge::with_opts(Opts::new(
                 "outbox_lag_seconds",
                 "Age of the oldest unpublished outbox row in seconds (0 when none)",
@@ -152,6 +176,10 @@ impl RelayMetrics {
             m.failures.with_label_values(&[stage]);
         }
         registry.register(Box::new(m.failures.clone()))?;
+        for routing_key in lc_shared::events::ROUTING_KEYS {
+            m.nacked.with_label_values(&[routing_key]);
+        }
+        registry.register(Box::new(m.nacked.clone()))?;
         registry.register(Box::new(m.lag_seconds.clone()))?;
         registry.register(Box::new(m.pruned.clone()))?;
         Ok(m)
@@ -213,17 +241,23 @@ pub async fn run(
         }
         let outcome = round::publish_batch(&db.pool, &link, &settings).await;
         refresh_lag(&db.pool, &metrics).await;
+        let outcome = outcome.and_then(|published| {
+            count(&published, &metrics);
+            if published.unconfirmed > 0 {
+                // Marked what was confirmed; the rest waits for the round after the backoff.
+                Err(RelayError::Broker(AmqpError::ConfirmTimeout(
+                    settings.confirm_timeout,
+                )))
+            } else {
+                Ok(published)
+            }
+        });
         let pause = match outcome {
             Ok(published) => {
                 backoff = amqp::reconnect_backoff();
-                for (routing_key, n) in &published.by_type {
-                    metrics
-                        .published
-                        .with_label_values(&[routing_key.as_str()])
-                        .inc_by(*n);
-                }
-                if published.claimed >= settings.batch {
-                    continue; // a backlog: the next batch is waiting
+                // A backlog, or a person's next event that waited for the one just marked.
+                if published.claimed >= settings.batch || published.marked() > 0 {
+                    continue;
                 }
                 args.poll_interval()
             }
@@ -251,6 +285,27 @@ pub async fn run(
         let _ = listener.await;
     }
     tracing::info!("outbox relay stopped");
+}
+
+/// Counts a settled round and names each refused routing key in the log.
+fn count(published: &round::Published, metrics: &RelayMetrics) {
+    for (routing_key, n) in &published.by_type {
+        metrics
+            .published
+            .with_label_values(&[routing_key.as_str()])
+            .inc_by(*n);
+    }
+    for (routing_key, n) in &published.nacked {
+        metrics
+            .nacked
+            .with_label_values(&[routing_key.as_str()])
+            .inc_by(*n);
+        tracing::warn!(
+            routing_key = routing_key.as_str(),
+            events = n,
+            "broker refused events (is a downstream queue full?); retrying them with backoff"
+        );
+    }
 }
 
 async fn refresh_lag(pool: &Pool, metrics: &RelayMetrics) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
-use lc_shared::amqp::{self, AmqpError, BrokerLink};
+use lc_shared::amqp::{self, BrokerLink, Outcome};
 use lc_shared::events::CLOUDEVENTS_CONTENT_TYPE;
 use lc_shared::topology;
 use time::OffsetDateTime;
@@ -27,13 +27,24 @@ pub(super) struct Settings {
     pub confirm_timeout: Duration,
 }
 
-/// What a committed round published.
+/// What a committed round did.
 #[derive(Debug, Default)]
 pub(super) struct Published {
-    /// Rows claimed (and published, since the round committed).
+    /// Rows claimed.
     pub claimed: i64,
-    /// Count per routing key.
+    /// Rows published (confirmed and marked), per routing key.
     pub by_type: BTreeMap<String, u64>,
+    /// Rows the broker refused, per routing key; each waits out its own backoff.
+    pub nacked: BTreeMap<String, u64>,
+    /// Rows whose confirm did not come in time; they stay unpublished for the next round.
+    pub unconfirmed: u64,
+}
+
+impl Published {
+    /// Rows that were marked published.
+    pub fn marked(&self) -> u64 {
+        self.by_type.values().sum()
+    }
 }
 
 /// One claimed outbox row.
@@ -46,8 +57,26 @@ struct Row {
     created_at: OffsetDateTime,
 }
 
-/// Claims, publishes and marks one batch in one transaction; any error rolls it back (the
-/// transaction is dropped uncommitted), leaving the rows for the next round.
+/// The claim: unpublished rows whose backoff has passed and that no earlier unpublished row
+/// of the same person precedes (also not one another relay holds right now, which is still
+/// unpublished in this snapshot), so a person's events go out one at a time in their order.
+const CLAIM: &str = "SELECT id, event_id, event_type, cloudevent, traceparent, created_at \
+     FROM outbox o WHERE published_at IS NULL \
+       AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+       AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.published_at IS NULL \
+                       AND e.person_key = o.person_key AND e.person_seq < o.person_seq) \
+     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Backoff of a refused row: 0.5 s doubling per attempt, at most 5 minutes.
+const NACK_BACKOFF: &str = "UPDATE outbox SET attempts = attempts + 1, last_error = 'nacked', \
+     next_attempt_at = now() + LEAST(interval '5 minutes', \
+         interval '500 milliseconds' * power(2, LEAST(attempts, 20))) \
+     WHERE id = ANY($1)";
+
+/// Claims, publishes and settles one batch in one transaction: rows the broker confirmed are
+/// marked published, rows it refused get a backoff, unconfirmed rows stay as they were. A
+/// database error rolls it all back (the transaction is dropped uncommitted); rows the broker
+/// already took are then published again with the same id (at-least-once).
 pub(super) async fn publish_batch(
     pool: &Pool,
     link: &BrokerLink,
@@ -55,13 +84,7 @@ pub(super) async fn publish_batch(
 ) -> Result<Published, RelayError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let rows = tx
-        .query(
-            "SELECT id, event_id, event_type, cloudevent, traceparent, created_at FROM outbox \
-             WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            &[&settings.batch],
-        )
-        .await?;
+    let rows = tx.query(CLAIM, &[&settings.batch]).await?;
     if rows.is_empty() {
         return Ok(Published::default());
     }
@@ -77,52 +100,63 @@ pub(super) async fn publish_batch(
         })
         .collect();
 
-    // One channel for the whole round keeps the round's messages in id order.
-    let channel = link.channel()?;
-    let mut confirms = Vec::with_capacity(rows.len());
+    // One channel leased for the whole round keeps the round's messages in id order and
+    // makes every confirm and nack this round's own.
+    let mut lease = link.lease(settings.confirm_timeout).await?;
     for row in &rows {
         let body = serde_json::to_vec(&row.cloudevent).unwrap_or_default();
-        let confirm = amqp::publish(
-            &channel,
-            topology::EVENTS_EXCHANGE,
-            &row.event_type,
-            // Public events are fire-and-forget for us: an exchange with no queue bound yet
-            // (no downstream service deployed) is not an error.
-            false,
-            &body,
-            properties(row),
-        )
-        .await?;
-        confirms.push(confirm);
+        lease
+            .publish(
+                topology::EVENTS_EXCHANGE,
+                &row.event_type,
+                // Public events are fire-and-forget for us: an exchange with no queue bound
+                // yet (no downstream service deployed) is not an error.
+                false,
+                &body,
+                properties(row),
+            )
+            .await?;
     }
-    let deadline = tokio::time::Instant::now() + settings.confirm_timeout;
-    for confirm in confirms {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match amqp::await_confirm(confirm, left).await {
-            Ok(()) => {}
-            // Unroutable only comes back for mandatory messages; ours are not mandatory, so
-            // a returned message was still accepted by the broker.
-            Err(AmqpError::Unroutable) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    tx.execute(
-        "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
-        &[&ids],
-    )
-    .await?;
-    tx.commit().await?;
+    let outcomes = lease.settle(settings.confirm_timeout).await;
 
     let mut published = Published {
         claimed: i64::try_from(rows.len()).unwrap_or(i64::MAX),
         ..Published::default()
     };
-    for row in &rows {
-        *published.by_type.entry(row.event_type.clone()).or_default() += 1;
+    let mut stored = Vec::new();
+    let mut refused = Vec::new();
+    for (row, outcome) in rows.iter().zip(&outcomes) {
+        match outcome {
+            Outcome::Stored => {
+                stored.push(row.id);
+                *published.by_type.entry(row.event_type.clone()).or_default() += 1;
+            }
+            // Not mandatory, so nothing comes back as returned; were it to, retrying is
+            // the safe reading.
+            Outcome::Nacked | Outcome::Returned => {
+                refused.push(row.id);
+                *published.nacked.entry(row.event_type.clone()).or_default() += 1;
+            }
+            Outcome::Unconfirmed => published.unconfirmed += 1,
+        }
     }
-    tracing::debug!(count = rows.len(), "published outbox rows");
+    if !stored.is_empty() {
+        tx.execute(
+            "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
+            &[&stored],
+        )
+        .await?;
+    }
+    if !refused.is_empty() {
+        tx.execute(NACK_BACKOFF, &[&refused]).await?;
+    }
+    tx.commit().await?;
+    tracing::debug!(
+        published = stored.len(),
+        nacked = refused.len(),
+        unconfirmed = published.unconfirmed,
+        "relay round settled"
+    );
     Ok(published)
 }
 

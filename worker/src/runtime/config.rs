@@ -131,6 +131,6 @@ impl WorkerArgs {
 
     /// Starts the supervised broker link.
     pub fn broker(&self, worker_id: &str) -> BrokerLink {
-        BrokerLink::start(&self.amqp.amqp_url, worker_id, 2)
+        BrokerLink::start(&self.amqp.amqp_url, worker_id, 8)
     }
 }

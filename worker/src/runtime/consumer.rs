@@ -19,7 +19,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lc_shared::amqp::{self, AmqpError, BrokerLink};
+use lc_shared::amqp::{self, AmqpError, BrokerLink, Outcome};
 use lc_shared::shutdown::Shutdown;
 use lc_shared::topology;
 use tokio::task::JoinSet;
@@ -169,7 +169,6 @@ where
     channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await?;
-    let dlx_channel = link.channel()?;
     let tag = format!("{}-{}", settings.tag, uuid::Uuid::new_v4().simple());
     let consumer = channel
         .basic_consume(
@@ -223,7 +222,7 @@ where
             let _ = channel.close(200, "shutdown".into()).await;
             return Ok(());
         };
-        settle(&dlx_channel, settings.queue, &deliveries, verdicts).await?;
+        settle(link, settings.queue, &deliveries, verdicts).await?;
     }
 }
 
@@ -256,7 +255,7 @@ where
 }
 
 async fn settle(
-    dlx_channel: &lapin::Channel,
+    link: &BrokerLink,
     queue: &str,
     deliveries: &[Delivery],
     verdicts: Vec<Verdict>,
@@ -270,28 +269,79 @@ async fn settle(
         }
         return Ok(());
     }
-    for (i, d) in deliveries.iter().enumerate() {
-        let verdict = verdicts
-            .get(i)
-            .cloned()
-            .unwrap_or_else(|| Verdict::DeadLetter("handler returned no verdict".into()));
-        if let Verdict::DeadLetter(reason) = verdict {
-            dead_letter(dlx_channel, queue, d, &reason).await?;
-        }
+    let dead: Vec<(&Delivery, String)> = deliveries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            match verdicts
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| Verdict::DeadLetter("handler returned no verdict".into()))
+            {
+                Verdict::DeadLetter(reason) => Some((d, reason)),
+                Verdict::Ack => None,
+            }
+        })
+        .collect();
+    if !dead.is_empty() {
+        // Every dead letter must be stored before any original is acked; otherwise the whole
+        // batch comes back (its commits are idempotent) rather than losing one.
+        dead_letter(link, queue, &dead).await?;
+    }
+    for d in deliveries {
         d.acker.ack(BasicAckOptions::default()).await?;
     }
     Ok(())
 }
 
-/// Re-publishes a delivery to the dead-letter exchange with the reason, awaiting the confirm
-/// before the caller acks the original (so the message exists in one of the two places).
+/// Bound on storing a batch's dead letters.
+const DEAD_LETTER_CONFIRM: Duration = Duration::from_secs(5);
+
+/// Re-publishes deliveries to the dead-letter exchange with their reasons, mandatory, on a
+/// channel leased for them alone, and awaits every confirm before the caller acks the
+/// originals (so each message exists in one of the two places). A dead letter the broker
+/// returns (its dead-letter queue is not bound) or refuses fails the whole call: on a shared
+/// channel its return could have been pinned on someone else's publish and the original
+/// acked although it was stored nowhere.
 pub async fn dead_letter(
-    channel: &lapin::Channel,
+    link: &BrokerLink,
+    queue: &str,
+    dead: &[(&Delivery, String)],
+) -> Result<(), AmqpError> {
+    let mut lease = link.lease(DEAD_LETTER_CONFIRM).await?;
+    for (delivery, reason) in dead {
+        tracing::warn!(queue, reason, message_id = ?delivery.properties.message_id(), "dead-lettering message");
+        lease
+            .publish(
+                topology::DEAD_LETTER_EXCHANGE,
+                queue,
+                true,
+                &delivery.data,
+                dead_letter_properties(queue, delivery, reason),
+            )
+            .await?;
+    }
+    let outcomes = lease.settle(DEAD_LETTER_CONFIRM).await;
+    match outcomes.iter().find(|o| **o != Outcome::Stored) {
+        None => Ok(()),
+        Some(Outcome::Returned) => {
+            tracing::error!(
+                queue,
+                "dead letter returned as unroutable; the batch is not acked"
+            );
+            Err(AmqpError::Unroutable)
+        }
+        Some(Outcome::Nacked) => Err(AmqpError::Nacked),
+        Some(_) => Err(AmqpError::ConfirmTimeout(DEAD_LETTER_CONFIRM)),
+    }
+}
+
+/// The original properties plus the reason, the origin queue and the original routing key.
+fn dead_letter_properties(
     queue: &str,
     delivery: &Delivery,
     reason: &str,
-) -> Result<(), AmqpError> {
-    tracing::warn!(queue, reason, message_id = ?delivery.properties.message_id(), "dead-lettering message");
+) -> lapin::BasicProperties {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
         ShortString::from(topology::ERROR_HEADER),
@@ -305,19 +355,9 @@ pub async fn dead_letter(
         ShortString::from("x-loginconnect-original-routing-key"),
         AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
     );
-    let props = delivery
+    delivery
         .properties
         .clone()
         .with_headers(headers)
-        .with_delivery_mode(2);
-    let confirm = amqp::publish(
-        channel,
-        topology::DEAD_LETTER_EXCHANGE,
-        queue,
-        true,
-        &delivery.data,
-        props,
-    )
-    .await?;
-    amqp::await_confirm(confirm, Duration::from_secs(5)).await
+        .with_delivery_mode(2)
 }
