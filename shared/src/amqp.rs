@@ -17,6 +17,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::{Notify, watch};
 
+use crate::config::redact_url;
 use crate::topology;
 
 use lease::ChannelPool;
@@ -50,18 +51,6 @@ pub enum AmqpError {
     /// The broker did not confirm in time; the message may or may not be stored.
     #[error("no publisher confirm within {0:?}")]
     ConfirmTimeout(Duration),
-}
-
-/// Removes the password from an AMQP URL so it can be logged.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// Opens one connection, named so operators can tell processes apart in the broker's UI.
