@@ -51,18 +51,69 @@ pub enum AmqpError {
     /// The broker did not confirm in time; the message may or may not be stored.
     #[error("no publisher confirm within {0:?}")]
     ConfirmTimeout(Duration),
+    /// A node did not complete the connection in time (unreachable, or overloaded).
+    #[error("RabbitMQ at {url} did not answer within {timeout:?} (check AMQP_URL and the network)")]
+    ConnectTimeout {
+        /// The node's URL with its password removed.
+        url: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
 }
 
-/// Opens one connection, named so operators can tell processes apart in the broker's UI.
+/// How long one node may take to accept a connection before the next is tried.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The nodes `AMQP_URL` names: one URL, or several separated by commas (the nodes of a
+/// cluster, each with the vhost), in the order given.
+pub fn nodes(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// Opens one connection, named so operators can tell processes apart in the broker's UI, to
+/// the first of `url`'s [`nodes`] that accepts it.
 pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, AmqpError> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(LongString::from(connection_name.to_owned()));
-    Connection::connect(url, props)
+    connect_from(url, connection_name, 0)
         .await
-        .map_err(|source| AmqpError::Connect {
-            url: redact_url(url),
-            source,
-        })
+        .map(|(connection, _)| connection)
+}
+
+/// [`connect`], trying the nodes from index `start` on (wrapping around); returns the
+/// connection and the index of the node that took it. Every node gets
+/// `NODE_CONNECT_TIMEOUT`; the error is the last node's.
+async fn connect_from(
+    url: &str,
+    connection_name: &str,
+    start: usize,
+) -> Result<(Connection, usize), AmqpError> {
+    let nodes = nodes(url);
+    let mut last = None;
+    for k in 0..nodes.len() {
+        let i = (start + k) % nodes.len();
+        let props = ConnectionProperties::default()
+            .with_connection_name(LongString::from(connection_name.to_owned()));
+        let attempt =
+            tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect(nodes[i], props));
+        let error = match attempt.await {
+            Ok(Ok(connection)) => return Ok((connection, i)),
+            Ok(Err(source)) => AmqpError::Connect {
+                url: redact_url(nodes[i]),
+                source,
+            },
+            Err(_) => AmqpError::ConnectTimeout {
+                url: redact_url(nodes[i]),
+                timeout: NODE_CONNECT_TIMEOUT,
+            },
+        };
+        if nodes.len() > 1 {
+            tracing::warn!(error = %error, "RabbitMQ node not available; trying the next");
+        }
+        last = Some(error);
+    }
+    Err(last.unwrap_or(AmqpError::NotConnected))
 }
 
 /// Opens a channel in confirm mode.
@@ -97,6 +148,9 @@ pub struct BrokerLink {
 
 struct LinkInner {
     url: String,
+    /// The node the next connection tries first: after a node's connection is lost, the one
+    /// after it (a dead node is not waited for first).
+    next_node: std::sync::atomic::AtomicUsize,
     name: String,
     channels: usize,
     state: watch::Sender<Option<Arc<LinkState>>>,
@@ -108,6 +162,8 @@ type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Se
 struct LinkState {
     connection: Arc<Connection>,
     pool: Arc<ChannelPool>,
+    /// The node's URL, password removed.
+    node: String,
 }
 
 impl BrokerLink {
@@ -119,6 +175,7 @@ impl BrokerLink {
         let link = Self {
             inner: Arc::new(LinkInner {
                 url: url.to_owned(),
+                next_node: std::sync::atomic::AtomicUsize::new(0),
                 name: connection_name.to_owned(),
                 channels: channels.max(1),
                 state,
@@ -136,6 +193,11 @@ impl BrokerLink {
             .borrow()
             .as_ref()
             .is_some_and(|s| s.connection.status().connected())
+    }
+
+    /// The node connected to (its URL without the password), while connected.
+    pub fn connected_node(&self) -> Option<String> {
+        self.inner.state.borrow().as_ref().map(|s| s.node.clone())
     }
 
     /// Waits until the link is ready, or `timeout` passes.
@@ -202,7 +264,7 @@ impl BrokerLink {
             match self.open().await {
                 Ok((state, mut events)) => {
                     delays = reconnect_backoff();
-                    tracing::info!(connection = %self.inner.name, "connected to RabbitMQ; topology declared");
+                    tracing::info!(connection = %self.inner.name, node = %state.node, "connected to RabbitMQ; topology declared");
                     self.inner.state.send_replace(Some(Arc::new(state)));
                     loop {
                         tokio::select! {
@@ -241,7 +303,15 @@ impl BrokerLink {
     }
 
     async fn open(&self) -> Result<(LinkState, EventStream), AmqpError> {
-        let connection = connect(&self.inner.url, &self.inner.name).await?;
+        use std::sync::atomic::Ordering;
+        let start = self.inner.next_node.load(Ordering::Relaxed);
+        let (connection, node) = connect_from(&self.inner.url, &self.inner.name, start).await?;
+        // Whatever happens to this connection, the next one starts with the next node.
+        self.inner.next_node.store(node + 1, Ordering::Relaxed);
+        let node = nodes(&self.inner.url)
+            .get(node)
+            .map(|n| redact_url(n))
+            .unwrap_or_default();
         let events: EventStream = Box::pin(connection.events_listener());
         let connection = Arc::new(connection);
         let first = confirm_channel(&connection).await?;
@@ -256,6 +326,7 @@ impl BrokerLink {
             LinkState {
                 connection,
                 pool: Arc::new(pool),
+                node,
             },
             events,
         ))
