@@ -102,8 +102,7 @@ struct Args {
     /// every process given all three in AMQP_URL; under load, kill -9 of a node no ingest is
     /// connected to, later of the node ingest 1 is connected to, each started again after
     /// --node-down-secs. Replaces the fault loop (so not with --faults; the Graph errors
-    /// stay); needs --services
-    /// private.
+    /// stay); needs --services private.
     #[arg(long, conflicts_with_all = ["scale_out", "faults"])]
     cluster: bool,
     /// How long a killed broker node stays down in the cluster mode (seconds).
