@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use crate::chaos::Timeline;
 use crate::workload::{ItemRef, OptinKind, Plan, PostResults};
 
+pub mod cluster;
 mod counts;
 mod events;
 mod scale;

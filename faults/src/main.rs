@@ -22,10 +22,12 @@
 //! scripts/faults --services shared      # on the machine's broker and server (no restarts)
 //! scripts/faults --scale-out --short    # scale-out: 2,000 opt-ins over 60 s
 //! scripts/faults --scale-out            # scale-out: 5,000 opt-ins over 150 s
+//! scripts/faults --cluster --short      # three RabbitMQ nodes, two of them killed (see [`cluster`])
 //! ```
 
 mod books;
 mod chaos;
+mod cluster;
 mod dbproxy;
 mod procs;
 mod setup;
@@ -96,6 +98,16 @@ struct Args {
     /// pages' waits and the token's take-up. Each of these can be changed below.
     #[arg(long)]
     scale_out: bool,
+    /// The cluster mode (issue 15): three private RabbitMQ nodes joined into one cluster,
+    /// every process given all three in AMQP_URL; under load, kill -9 of a node no ingest is
+    /// connected to, later of the node ingest 1 is connected to, each started again after
+    /// --node-down-secs. Replaces the fault loop (so not with --faults; the Graph errors
+    /// stay); needs --services private.
+    #[arg(long, conflicts_with_all = ["scale_out", "faults"])]
+    cluster: bool,
+    /// How long a killed broker node stays down in the cluster mode (seconds).
+    #[arg(long, default_value_t = 10)]
+    node_down_secs: u64,
     /// Opt-ins to post (default 10,000, 1,000 with --short; scale-out 5,000, 2,000 with
     /// --short).
     #[arg(long)]
@@ -213,15 +225,25 @@ async fn main() -> anyhow::Result<()> {
         "--schedulers must be at least 1"
     );
     anyhow::ensure!(args.pages >= 2, "--pages must be at least 2");
-    let mut services =
-        match Services::create(args.keep, args.services == ServicesMode::Private).await {
-            Ok(services) => services,
-            Err(e) => {
-                println!("FAIL cannot set up the suite's broker and database: {e:#}");
-                println!("0 passed, 1 failed");
-                std::process::exit(1);
-            }
-        };
+    anyhow::ensure!(
+        !args.cluster || args.services == ServicesMode::Private,
+        "--cluster starts its own broker nodes: it needs --services private"
+    );
+    let broker_nodes = if args.cluster { cluster::NODES } else { 1 };
+    let mut services = match Services::create(
+        args.keep,
+        args.services == ServicesMode::Private,
+        broker_nodes,
+    )
+    .await
+    {
+        Ok(services) => services,
+        Err(e) => {
+            println!("FAIL cannot set up the suite's broker and database: {e:#}");
+            println!("0 passed, 1 failed");
+            std::process::exit(1);
+        }
+    };
     println!(
         "faults: vhost {} and database {} on {}",
         services.vhost,
@@ -298,6 +320,8 @@ impl Settings {
         }
         let chosen: Vec<String> = match &args.faults {
             Some(list) => list.clone(),
+            // The cluster mode's faults are its node kills (see `cluster`), not the loop's.
+            None if args.cluster => Vec::new(),
             None if scale => SCALE_OUT_FAULTS.iter().map(|f| (*f).to_owned()).collect(),
             None => {
                 let mut list: Vec<String> =
@@ -374,7 +398,13 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
     let (seed, optins, replies, load) = (st.seed, st.optins, st.replies, st.load);
     println!(
         "faults: {}seed {seed}, {optins} opt-ins, {replies} replies over {}s, Graph transient failure rate {}, UNKNOWN_OUTCOME={}, faults: {}",
-        if args.scale_out { "SCALE-OUT, " } else { "" },
+        if args.scale_out {
+            "SCALE-OUT, "
+        } else if args.cluster {
+            "CLUSTER (node kills), "
+        } else {
+            ""
+        },
         load.as_secs(),
         st.failure_rate,
         args.unknown_outcome,
@@ -554,7 +584,20 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
         db_latency: st.db_latency.unwrap_or_default(),
         db_fast_for: Duration::from_secs(10),
     };
-    {
+    let mut cluster_record = None;
+    if args.cluster {
+        let load_end = Instant::now() + load + Duration::from_secs(10);
+        let faults = cluster::NodeFaults {
+            services,
+            log_dir: run_dir.clone(),
+            timeline: &mut timeline,
+            load,
+            down_for: Duration::from_secs(args.node_down_secs),
+        };
+        cluster_record = Some(faults.run().await);
+        tokio::time::sleep_until(load_end.into()).await;
+        fleet.reap_unexpected(pages.generation)?;
+    } else {
         let mut chaos = Chaos {
             fleet: &mut fleet,
             services,
@@ -612,7 +655,13 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
         ),
         slots_missed,
     };
-    let (checks, counts) = books::check(&ctx, &snapshot);
+    let (mut checks, mut counts) = books::check(&ctx, &snapshot);
+    if let Some(record) = &cluster_record {
+        let failures: Vec<Instant> = posted.failures.iter().map(|t| t.into_std()).collect();
+        let (more, figures) = books::cluster::cluster_checks(record, &failures);
+        checks.extend(more);
+        counts.extend(figures);
+    }
     println!("\n== counts");
     for line in &counts {
         println!("{line}");

@@ -73,8 +73,10 @@ pub struct Services {
     pub database: String,
     /// Keep both after the run (for inspection).
     pub keep: bool,
-    /// The suite's own broker node, if it runs one.
+    /// The suite's own broker node, if it runs one (the first node of a cluster).
     broker: Option<PrivateBroker>,
+    /// The other nodes of the suite's broker cluster (`--cluster`; empty otherwise).
+    peers: Vec<PrivateBroker>,
     /// The suite's own PostgreSQL cluster, if it runs one.
     cluster: Option<PrivateCluster>,
     /// Folder of the private services' files.
@@ -83,8 +85,9 @@ pub struct Services {
 
 impl Services {
     /// Creates a fresh vhost (with permissions for `guest`) and an empty database, on a
-    /// broker node and a database cluster of the suite's own when `private`.
-    pub async fn create(keep: bool, private: bool) -> anyhow::Result<Self> {
+    /// broker node and a database cluster of the suite's own when `private` (a cluster of
+    /// `broker_nodes` RabbitMQ nodes when more than one).
+    pub async fn create(keep: bool, private: bool, broker_nodes: usize) -> anyhow::Result<Self> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("faults_{}_{}", std::process::id(), &suffix[..8]);
         let mut services = Self {
@@ -92,6 +95,7 @@ impl Services {
             database: name.clone(),
             keep,
             broker: None,
+            peers: Vec::new(),
             cluster: None,
             private_dir: None,
         };
@@ -100,7 +104,13 @@ impl Services {
             services.private_dir = Some(dir.clone());
             // Set before starting, so a failed start still stops what did start.
             services.cluster = Some(PrivateCluster::start(&dir)?);
-            services.broker = Some(PrivateBroker::start(&dir, &name).await?);
+            if broker_nodes > 1 {
+                let mut nodes = PrivateBroker::start_cluster(&dir, &name, broker_nodes).await?;
+                services.broker = Some(nodes.remove(0));
+                services.peers = nodes;
+            } else {
+                services.broker = Some(PrivateBroker::start(&dir, &name).await?);
+            }
         }
         services.ctl(&["add_vhost", &name])?;
         services.ctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"])?;
@@ -113,6 +123,15 @@ impl Services {
     /// Where the services run, for the report.
     pub fn describe(&self) -> String {
         match (&self.broker, &self.cluster) {
+            (Some(b), Some(c)) if !self.peers.is_empty() => format!(
+                "private RabbitMQ cluster {} and PostgreSQL cluster (port {})",
+                self.broker_nodes()
+                    .iter()
+                    .map(|n| format!("{} (port {})", n.node, n.port))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                c.port
+            ),
             (Some(b), Some(c)) => format!(
                 "private RabbitMQ node {} (port {}) and PostgreSQL cluster (port {})",
                 b.node, b.port, c.port
@@ -126,12 +145,25 @@ impl Services {
         self.broker.is_some() && self.cluster.is_some()
     }
 
-    /// `rabbitmqctl` against the suite's broker.
-    fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        match &self.broker {
-            Some(b) => b.ctl(args),
-            None => rabbitmqctl(args),
+    /// The suite's private broker nodes (the first, then its cluster peers).
+    pub fn broker_nodes(&self) -> Vec<&PrivateBroker> {
+        self.broker.iter().chain(&self.peers).collect()
+    }
+
+    /// `rabbitmqctl` against the suite's broker: on a cluster, the first node that answers
+    /// (one may be down on purpose).
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let Some(first) = &self.broker else {
+            return rabbitmqctl(args);
+        };
+        let mut result = first.ctl(args);
+        for peer in &self.peers {
+            if result.is_ok() {
+                break;
+            }
+            result = peer.ctl(args);
         }
+        result
     }
 
     fn amqp_base(&self) -> String {
@@ -146,9 +178,17 @@ impl Services {
             .map_or_else(shared_postgres_base, PrivateCluster::postgres_base)
     }
 
-    /// AMQP URL of the vhost.
+    /// AMQP URL of the vhost; on a cluster, every node's, comma-separated (`AMQP_URL`'s list
+    /// form).
     pub fn amqp_url(&self) -> String {
-        format!("{}/{}", self.amqp_base(), self.vhost)
+        if self.peers.is_empty() {
+            return format!("{}/{}", self.amqp_base(), self.vhost);
+        }
+        self.broker_nodes()
+            .iter()
+            .map(|n| format!("{}/{}", n.amqp_base(), self.vhost))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// URL of the database.
@@ -204,10 +244,17 @@ impl Services {
         Ok(client)
     }
 
-    /// A plain AMQP connection to the vhost.
+    /// A plain AMQP connection to the vhost (on a cluster, on the first node that takes it).
     pub async fn amqp(&self) -> anyhow::Result<Connection> {
-        Connection::connect(&self.amqp_url(), ConnectionProperties::default())
-            .await
+        let url = self.amqp_url();
+        let mut last = None;
+        for node in url.split(',') {
+            match Connection::connect(node, ConnectionProperties::default()).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or_else(|| anyhow::anyhow!("no broker node"), anyhow::Error::from))
             .context("cannot connect to the suite's vhost")
     }
 
@@ -227,13 +274,22 @@ impl Services {
         )
         .await?;
         let name = "faults.capture".to_owned();
+        // On a cluster, a quorum queue: a classic queue lives on one node, and while that node
+        // is down the events routed to it would be lost to the books.
+        let mut arguments = FieldTable::default();
+        if !self.peers.is_empty() {
+            arguments.insert(
+                "x-queue-type".into(),
+                lapin::types::AMQPValue::LongString("quorum".into()),
+            );
+        }
         ch.queue_declare(
             name.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            arguments,
         )
         .await?;
         ch.queue_bind(
@@ -375,6 +431,9 @@ impl Services {
 
     /// Stops the private broker and cluster, if any (their files stay with `keep`).
     fn stop_private(&mut self) {
+        for peer in std::mem::take(&mut self.peers) {
+            peer.stop(self.keep);
+        }
         if let Some(b) = self.broker.take() {
             b.stop(self.keep);
         }

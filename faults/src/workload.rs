@@ -336,6 +336,9 @@ pub struct PostResults {
     pub statuses: HashMap<String, u64>,
     /// Extra posts made because an earlier try of the same body was not a 200.
     pub retries: u64,
+    /// When each answer that was not a 200 came (the cluster mode measures how long
+    /// publishes failed after a broker node died).
+    pub failures: Vec<Instant>,
 }
 
 /// Posts every delivery over `load`, with up to `concurrency` in flight, each retried like
@@ -421,6 +424,9 @@ async fn post_one(
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             *r.statuses.entry(status.clone()).or_default() += 1;
+            if status != "200" {
+                r.failures.push(Instant::now());
+            }
             if attempt > 0 {
                 r.retries += 1;
             }

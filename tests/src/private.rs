@@ -90,6 +90,8 @@ pub struct PrivateBroker {
     pub node: String,
     /// Its AMQP port on 127.0.0.1.
     pub port: u16,
+    /// Its Erlang distribution port (inter-node traffic and the CLI tools).
+    dist_port: u16,
     dir: PathBuf,
 }
 
@@ -110,24 +112,107 @@ impl PrivateBroker {
         // No plugins: the management plugin would want the system node's HTTP port.
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
         make_dir_for(&dir, "rabbitmq")?;
+        let broker = Self {
+            node,
+            port,
+            dist_port,
+            dir,
+        };
+        broker.launch()?;
+        broker.await_running(Duration::from_secs(90)).await?;
+        Ok(broker)
+    }
+
+    /// Starts `nodes` nodes (named `<name>-1`, `<name>-2`, …, each with its own AMQP and
+    /// distribution ports and files under `dir/node-<k>`) and joins the others to the first
+    /// (`rabbitmqctl join_cluster`). They run as the `rabbitmq` system user, so they share its
+    /// Erlang cookie. If a later node fails, the ones already started are shut down.
+    pub async fn start_cluster(dir: &Path, name: &str, nodes: usize) -> anyhow::Result<Vec<Self>> {
+        let mut started: Vec<Self> = Vec::with_capacity(nodes);
+        for k in 1..=nodes {
+            let node_dir = dir.join(format!("node-{k}"));
+            let joined = match Self::start(&node_dir, &format!("{name}-{k}")).await {
+                Ok(node) => match started.first() {
+                    Some(seed) => node.join(seed).map(|()| node),
+                    None => Ok(node),
+                },
+                Err(e) => Err(e),
+            };
+            match joined {
+                Ok(node) => started.push(node),
+                Err(e) => {
+                    for node in &started {
+                        node.stop(false);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(started)
+    }
+
+    /// Joins this (fresh) node to `seed`'s cluster: `stop_app`, `join_cluster`, `start_app`.
+    fn join(&self, seed: &Self) -> anyhow::Result<()> {
+        self.ctl(&["stop_app"])?;
+        self.ctl(&["join_cluster", &seed.node])?;
+        self.ctl(&["start_app"])?;
+        Ok(())
+    }
+
+    /// `rabbitmq-server -detached` with this node's files and ports.
+    fn launch(&self) -> anyhow::Result<()> {
+        let dir = &self.dir;
         let mut cmd = as_user(
             "rabbitmq",
             Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server"),
         );
         cmd.arg("-detached")
-            .current_dir(&dir)
-            .env("RABBITMQ_NODENAME", &node)
+            .current_dir(dir)
+            .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("ERL_EPMD_ADDRESS", "127.0.0.1");
-        run(cmd, &format!("start the RabbitMQ node {node}"))?;
-        let broker = Self { node, port, dir };
-        broker.await_running(Duration::from_secs(90)).await?;
-        Ok(broker)
+        run(cmd, &format!("start the RabbitMQ node {}", self.node)).map(drop)
+    }
+
+    /// The OS process id of the node's Erlang VM (`beam.smp`), asked of the node itself.
+    pub fn os_pid(&self) -> anyhow::Result<u32> {
+        let out = self.ctl(&["eval", "os:getpid()."])?;
+        out.trim()
+            .trim_matches('"')
+            .parse()
+            .with_context(|| format!("{} answered no process id: {out}", self.node))
+    }
+
+    /// `kill -9` of the node's `beam.smp`, the way a crashed machine would leave it (no
+    /// clean shutdown, no goodbye to the peers); returns once the process is gone, with its
+    /// pid and when the signal was sent (the moment clients start to notice).
+    pub async fn kill9(&self) -> anyhow::Result<(u32, std::time::Instant)> {
+        let pid = self.os_pid()?;
+        let sent = std::time::Instant::now();
+        let mut kill = Command::new("kill");
+        kill.args(["-9", &pid.to_string()]);
+        run(kill, &format!("kill -9 the RabbitMQ node {}", self.node))?;
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while proc_dir.exists() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if proc_dir.exists() {
+            bail!("{} (pid {pid}) survived kill -9 for 30 s", self.node);
+        }
+        Ok((pid, sent))
+    }
+
+    /// Starts the node again after [`Self::kill9`] (same files, ports and name: it rejoins
+    /// its cluster) and waits until it answers.
+    pub async fn start_again(&self) -> anyhow::Result<()> {
+        self.launch()?;
+        self.await_running(Duration::from_secs(120)).await
     }
 
     /// `rabbitmqctl -n <node> args…`.

@@ -235,3 +235,202 @@ fn readme_configuration_tables_match_the_code() {
         "variables in the README that no binary reads: {unknown:?}"
     );
 }
+
+/// The services of a compose profile.
+fn profile_services<'a>(
+    services: &'a serde_json::Map<String, Value>,
+    profile: &str,
+) -> Vec<(&'a String, &'a Value)> {
+    services
+        .iter()
+        .filter(|(_, def)| {
+            def["profiles"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p == profile))
+        })
+        .collect()
+}
+
+/// `docker compose --profile cluster up`: three RabbitMQ nodes that find each other through
+/// classic-config peer discovery (the nodes the config file lists are exactly the services'
+/// hostnames, and they share one Erlang cookie), and a streaming replica of `postgres` copied
+/// with `pg_basebackup -R` after the primary is healthy; the processes can be pointed at all
+/// of them through `AMQP_URL` and `DATABASE_URL`, as the README shows.
+#[test]
+fn compose_cluster_profile_forms_a_cluster() {
+    let doc = compose();
+    let services = doc["services"].as_object().expect("services");
+    let cluster = profile_services(services, "cluster");
+    let rabbits: Vec<&(&String, &Value)> = cluster
+        .iter()
+        .filter(|(_, def)| {
+            def["image"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("rabbitmq:"))
+        })
+        .collect();
+    assert_eq!(
+        rabbits.len(),
+        3,
+        "three RabbitMQ nodes in the cluster profile"
+    );
+    let volumes = doc["volumes"].as_object().expect("volumes");
+    let mut hostnames = BTreeSet::new();
+    let mut cookies = BTreeSet::new();
+    let mut data_volumes = BTreeSet::new();
+    let mut conf_files = BTreeSet::new();
+    for (name, def) in &rabbits {
+        let host = def["hostname"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has a fixed hostname (its node name)"));
+        hostnames.insert(format!("rabbit@{host}"));
+        cookies.insert(
+            def["environment"]["RABBITMQ_ERLANG_COOKIE"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} sets the shared Erlang cookie"))
+                .to_owned(),
+        );
+        assert!(def.get("healthcheck").is_some(), "{name} has a healthcheck");
+        for mount in def["volumes"].as_array().expect("volumes") {
+            let mount = mount.as_str().expect("short syntax");
+            let (source, target) = mount.split_once(':').expect("source:target");
+            if target.starts_with("/var/lib/rabbitmq") {
+                assert!(
+                    volumes.contains_key(source),
+                    "{name}: volume {source} declared"
+                );
+                data_volumes.insert(source.to_owned());
+            }
+            if target.starts_with("/etc/rabbitmq/conf.d/") {
+                conf_files.insert(source.trim_start_matches("./").to_owned());
+            }
+        }
+    }
+    assert_eq!(cookies.len(), 1, "one Erlang cookie for every node");
+    assert_eq!(data_volumes.len(), 3, "each node keeps its own data");
+    assert_eq!(
+        conf_files.len(),
+        1,
+        "every node reads the same cluster config"
+    );
+    let conf = root(conf_files.first().expect("config"));
+    let setting = |line: &str| {
+        line.split_once('=')
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+    };
+    let settings: Vec<(String, String)> = conf
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(setting)
+        .collect();
+    assert!(
+        settings
+            .iter()
+            .any(|(k, v)| k == "cluster_formation.peer_discovery_backend" && v == "classic_config"),
+        "classic-config peer discovery"
+    );
+    let listed: BTreeSet<String> = settings
+        .iter()
+        .filter(|(k, _)| k.starts_with("cluster_formation.classic_config.nodes."))
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(
+        listed, hostnames,
+        "the config lists exactly the three nodes"
+    );
+
+    // The replica: copied from the primary once it is healthy, then a hot standby.
+    let replicas: Vec<&(&String, &Value)> = cluster
+        .iter()
+        .filter(|(_, def)| {
+            def["image"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("postgres:"))
+        })
+        .collect();
+    assert_eq!(
+        replicas.len(),
+        1,
+        "one PostgreSQL replica in the cluster profile"
+    );
+    let (name, replica) = replicas[0];
+    let script = replica["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        script.contains("pg_basebackup")
+            && script.contains(" -R")
+            && script.contains("-h postgres "),
+        "{name} copies the primary `postgres` with pg_basebackup -R: {script}"
+    );
+    assert_eq!(
+        replica["depends_on"]["postgres"]["condition"], "service_healthy",
+        "{name} waits for the primary"
+    );
+    assert!(
+        replica.get("healthcheck").is_some(),
+        "{name} has a healthcheck"
+    );
+    // The primary lets the replica connect for replication (the image's pg_hba.conf does not).
+    let primary = &services["postgres"];
+    let init: Vec<&str> = primary["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|m| m.contains(":/docker-entrypoint-initdb.d/"))
+        .collect();
+    assert_eq!(init.len(), 1, "the primary runs one init script");
+    let script = root(
+        init[0]
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("./"),
+    );
+    assert!(
+        script.contains("host replication"),
+        "the init script allows replication"
+    );
+
+    // The processes can be given every node; the README says how.
+    let ingest = ingest_env(services, "AMQP_URL");
+    assert!(
+        ingest.starts_with("${AMQP_URL:-"),
+        "AMQP_URL can be set for the cluster: {ingest}"
+    );
+    let scheduler = &services["scheduler"]["environment"]["DATABASE_URL"];
+    assert!(
+        scheduler
+            .as_str()
+            .is_some_and(|u| u.starts_with("${DATABASE_URL:-")),
+        "DATABASE_URL can be set for the replica: {scheduler}"
+    );
+    let readme = root("README.md");
+    let amqp = readme
+        .lines()
+        .find(|l| l.trim_start().starts_with("AMQP_URL=") && l.contains("rabbit-"))
+        .expect("the README gives the cluster's AMQP_URL");
+    for (_, def) in &rabbits {
+        let host = def["hostname"].as_str().unwrap_or_default();
+        assert!(
+            amqp.contains(&format!("@{host}:5672/")),
+            "README AMQP_URL names {host}"
+        );
+    }
+    let db = readme
+        .lines()
+        .find(|l| l.trim_start().starts_with("DATABASE_URL=") && l.contains(name.as_str()))
+        .expect("the README gives the DATABASE_URL with the replica");
+    assert!(db.contains("target_session_attrs=read-write"), "{db}");
+}
+
+fn ingest_env<'a>(services: &'a serde_json::Map<String, Value>, var: &str) -> &'a str {
+    services["ingest"]["environment"][var]
+        .as_str()
+        .unwrap_or_else(|| panic!("ingest sets {var}"))
+}
