@@ -22,11 +22,15 @@
 //! scripts/faults --services shared      # on the machine's broker and server (no restarts)
 //! scripts/faults --scale-out --short    # scale-out: 2,000 opt-ins over 60 s
 //! scripts/faults --scale-out            # scale-out: 5,000 opt-ins over 150 s
+//! scripts/faults --db-failover --short  # PostgreSQL primary killed, standby promoted
 //! ```
+//!
+//! The database failover mode (`--db-failover`, issue 15): see [`failover`].
 
 mod books;
 mod chaos;
 mod dbproxy;
+mod failover;
 mod procs;
 mod setup;
 mod workload;
@@ -80,6 +84,18 @@ const SCALE_OUT_FAULTS: [&str; 6] = [
     "db-slow",
 ];
 
+/// The faults of the database failover mode: the classic ones but the database restart
+/// (the failover replaces it; the killed primary stays down).
+const FAILOVER_FAULTS: [&str; 7] = [
+    "kill",
+    "broker-close",
+    "db-terminate",
+    "rate-limit",
+    "hang",
+    "token",
+    "broker-restart",
+];
+
 /// Fault suite: real binaries, real broker and database, fake Graph; checks the books.
 #[derive(Parser, Debug)]
 #[command(name = "faults", version, about)]
@@ -96,6 +112,13 @@ struct Args {
     /// pages' waits and the token's take-up. Each of these can be changed below.
     #[arg(long)]
     scale_out: bool,
+    /// The database failover mode (issue 15): the private PostgreSQL gets a synchronous
+    /// streaming standby; mid-load the primary's postmaster is killed (-9) and the standby
+    /// promoted 3 s later; every process has both servers in DATABASE_URL
+    /// (target_session_attrs=read-write). The token fault goes through `loginconnect pages
+    /// set-token` (the CLI on the same URL) unless --token-fix says otherwise.
+    #[arg(long, conflicts_with = "scale_out")]
+    db_failover: bool,
     /// Opt-ins to post (default 10,000, 1,000 with --short; scale-out 5,000, 2,000 with
     /// --short).
     #[arg(long)]
@@ -213,15 +236,21 @@ async fn main() -> anyhow::Result<()> {
         "--schedulers must be at least 1"
     );
     anyhow::ensure!(args.pages >= 2, "--pages must be at least 2");
-    let mut services =
-        match Services::create(args.keep, args.services == ServicesMode::Private).await {
-            Ok(services) => services,
-            Err(e) => {
-                println!("FAIL cannot set up the suite's broker and database: {e:#}");
-                println!("0 passed, 1 failed");
-                std::process::exit(1);
-            }
-        };
+    let created = match Services::create(args.keep, args.services == ServicesMode::Private).await {
+        Ok(mut services) if args.db_failover => match services.add_standby().await {
+            Ok(()) => Ok(services),
+            Err(e) => Err(e),
+        },
+        other => other,
+    };
+    let mut services = match created {
+        Ok(services) => services,
+        Err(e) => {
+            println!("FAIL cannot set up the suite's broker and database: {e:#}");
+            println!("0 passed, 1 failed");
+            std::process::exit(1);
+        }
+    };
     println!(
         "faults: vhost {} and database {} on {}",
         services.vhost,
@@ -299,6 +328,7 @@ impl Settings {
         let chosen: Vec<String> = match &args.faults {
             Some(list) => list.clone(),
             None if scale => SCALE_OUT_FAULTS.iter().map(|f| (*f).to_owned()).collect(),
+            None if args.db_failover => FAILOVER_FAULTS.iter().map(|f| (*f).to_owned()).collect(),
             None => {
                 let mut list: Vec<String> =
                     CLASSIC_FAULTS.iter().map(|f| (*f).to_owned()).collect();
@@ -345,6 +375,7 @@ impl Settings {
             Some(TokenFixArg::Seed) => by_seed,
             Some(how) => how,
             None if scale => by_seed,
+            None if args.db_failover => TokenFixArg::SetToken,
             None => TokenFixArg::File,
         };
         Ok(Self {
@@ -374,7 +405,13 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
     let (seed, optins, replies, load) = (st.seed, st.optins, st.replies, st.load);
     println!(
         "faults: {}seed {seed}, {optins} opt-ins, {replies} replies over {}s, Graph transient failure rate {}, UNKNOWN_OUTCOME={}, faults: {}",
-        if args.scale_out { "SCALE-OUT, " } else { "" },
+        if args.scale_out {
+            "SCALE-OUT, "
+        } else if args.db_failover {
+            "DB-FAILOVER, "
+        } else {
+            ""
+        },
         load.as_secs(),
         st.failure_rate,
         args.unknown_outcome,
@@ -554,6 +591,7 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
         db_latency: st.db_latency.unwrap_or_default(),
         db_fast_for: Duration::from_secs(10),
     };
+    let failover_record;
     {
         let mut chaos = Chaos {
             fleet: &mut fleet,
@@ -566,9 +604,27 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
         };
         // Faults go on for the whole load and a little after it.
         let load_end = tokio::time::Instant::now() + load + Duration::from_secs(10);
+        // Beside the loop, not in it: the loop stays as it is for the other modes.
+        let failing_over = services.failover_pair().map(|(primary, standby)| {
+            tokio::spawn(failover::fail_over(
+                primary.clone(),
+                standby.clone(),
+                start,
+                load.mul_f64(failover::AT_SHARE),
+            ))
+        });
         chaos
             .run(&chaos_config, tokio::time::sleep_until(load_end))
             .await?;
+        failover_record = match failing_over {
+            Some(task) => Some(task.await.context("the failover task failed")?),
+            None => None,
+        };
+    }
+    if let Some(record) = &failover_record {
+        *timeline.counts.entry("db-failover").or_default() += 1;
+        timeline.entries.extend(record.notes.iter().cloned());
+        timeline.entries.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     let posted = poster.await.context("the load task failed")?;
     graph.set_failure_rate(0.0);
@@ -612,7 +668,11 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
         ),
         slots_missed,
     };
-    let (checks, counts) = books::check(&ctx, &snapshot);
+    let (mut checks, counts) = books::check(&ctx, &snapshot);
+    if let Some(record) = &failover_record {
+        let writes = failover::Writes::load(&sql, record).await?;
+        checks.push(failover::check(record, &writes));
+    }
     println!("\n== counts");
     for line in &counts {
         println!("{line}");

@@ -77,6 +77,9 @@ pub struct Services {
     broker: Option<PrivateBroker>,
     /// The suite's own PostgreSQL cluster, if it runs one.
     cluster: Option<PrivateCluster>,
+    /// Its streaming standby, in the `--db-failover` mode (see [`crate::failover`]): every
+    /// URL then names both servers, the standby first.
+    standby: Option<PrivateCluster>,
     /// Folder of the private services' files.
     private_dir: Option<PathBuf>,
 }
@@ -93,6 +96,7 @@ impl Services {
             keep,
             broker: None,
             cluster: None,
+            standby: None,
             private_dir: None,
         };
         if private {
@@ -114,8 +118,14 @@ impl Services {
     pub fn describe(&self) -> String {
         match (&self.broker, &self.cluster) {
             (Some(b), Some(c)) => format!(
-                "private RabbitMQ node {} (port {}) and PostgreSQL cluster (port {})",
-                b.node, b.port, c.port
+                "private RabbitMQ node {} (port {}) and PostgreSQL cluster (port {}{})",
+                b.node,
+                b.port,
+                c.port,
+                self.standby.as_ref().map_or(String::new(), |s| format!(
+                    ", synchronous standby on port {}",
+                    s.port
+                ))
             ),
             _ => "the machine's RabbitMQ and PostgreSQL (shared)".into(),
         }
@@ -146,6 +156,32 @@ impl Services {
             .map_or_else(shared_postgres_base, PrivateCluster::postgres_base)
     }
 
+    /// URL of database `db`: with a standby, both servers (standby first) and
+    /// `target_session_attrs=read-write`, so whichever is the primary is found.
+    fn postgres_url(&self, db: &str) -> String {
+        match (&self.standby, &self.cluster) {
+            (Some(standby), Some(primary)) => {
+                crate::failover::multi_host_url(&[standby.port, primary.port], db)
+            }
+            _ => format!("{}/{db}", self.postgres_base()),
+        }
+    }
+
+    /// Adds a streaming standby of the private cluster, synchronous (`--db-failover`).
+    pub async fn add_standby(&mut self) -> anyhow::Result<()> {
+        let (Some(primary), Some(dir)) = (&self.cluster, &self.private_dir) else {
+            bail!("--db-failover needs the suite's private PostgreSQL (--services private)");
+        };
+        // Set before anything else, so a failure later still stops it.
+        self.standby = Some(crate::failover::start_sync_standby(primary, dir).await?);
+        Ok(())
+    }
+
+    /// The private primary and its standby, in the `--db-failover` mode.
+    pub fn failover_pair(&self) -> Option<(&PrivateCluster, &PrivateCluster)> {
+        Some((self.cluster.as_ref()?, self.standby.as_ref()?))
+    }
+
     /// AMQP URL of the vhost.
     pub fn amqp_url(&self) -> String {
         format!("{}/{}", self.amqp_base(), self.vhost)
@@ -153,7 +189,7 @@ impl Services {
 
     /// URL of the database.
     pub fn database_url(&self) -> String {
-        format!("{}/{}", self.postgres_base(), self.database)
+        self.postgres_url(&self.database)
     }
 
     /// The address of the database server (for the latency proxy to forward to).
@@ -183,7 +219,7 @@ impl Services {
 
     /// One statement on the `postgres` maintenance database.
     async fn admin_sql(&self, statement: &str) -> anyhow::Result<u64> {
-        let url = format!("{}/postgres", self.postgres_base());
+        let url = self.postgres_url("postgres");
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .context("cannot connect to PostgreSQL")?;
@@ -341,7 +377,7 @@ impl Services {
 
     /// Terminates every backend connected to this database (only this one). Returns how many.
     pub async fn terminate_backends(&self) -> anyhow::Result<u64> {
-        let url = format!("{}/postgres", self.postgres_base());
+        let url = self.postgres_url("postgres");
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         let task = tokio::spawn(conn);
         let rows = client
@@ -377,6 +413,9 @@ impl Services {
     fn stop_private(&mut self) {
         if let Some(b) = self.broker.take() {
             b.stop(self.keep);
+        }
+        if let Some(c) = self.standby.take() {
+            c.stop(self.keep);
         }
         if let Some(c) = self.cluster.take() {
             c.stop(self.keep);
