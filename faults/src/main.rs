@@ -236,21 +236,23 @@ async fn main() -> anyhow::Result<()> {
         "--schedulers must be at least 1"
     );
     anyhow::ensure!(args.pages >= 2, "--pages must be at least 2");
-    let created = match Services::create(args.keep, args.services == ServicesMode::Private).await {
-        Ok(mut services) if args.db_failover => match services.add_standby().await {
-            Ok(()) => Ok(services),
-            Err(e) => Err(e),
-        },
-        other => other,
-    };
-    let mut services = match created {
-        Ok(services) => services,
-        Err(e) => {
-            println!("FAIL cannot set up the suite's broker and database: {e:#}");
-            println!("0 passed, 1 failed");
-            std::process::exit(1);
-        }
-    };
+    let mut services =
+        match Services::create(args.keep, args.services == ServicesMode::Private).await {
+            Ok(services) => services,
+            Err(e) => {
+                println!("FAIL cannot set up the suite's broker and database: {e:#}");
+                println!("0 passed, 1 failed");
+                std::process::exit(1);
+            }
+        };
+    if args.db_failover
+        && let Err(e) = services.add_standby().await
+    {
+        println!("FAIL cannot set up the standby for --db-failover: {e:#}");
+        println!("0 passed, 1 failed");
+        services.remove().await;
+        std::process::exit(1);
+    }
     println!(
         "faults: vhost {} and database {} on {}",
         services.vhost,
