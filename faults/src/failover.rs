@@ -19,6 +19,7 @@ use lc_testkit::private::PrivateCluster;
 use time::OffsetDateTime;
 
 use crate::books::Check;
+use crate::dbproxy::LatencyProxy;
 
 /// The standby's `application_name`, which the primary names in `synchronous_standby_names`.
 const STANDBY_NAME: &str = "lc_faults_standby";
@@ -43,28 +44,65 @@ pub fn multi_host_url(ports: &[u16], db: &str) -> String {
     )
 }
 
-/// Starts a streaming standby of `primary` under `dir` and makes it synchronous: set on the
-/// primary only after the copy, so the standby (a copy of the primary's settings) does not
-/// wait for a standby of its own once promoted. Returns once the primary reports it `sync`.
-pub async fn start_sync_standby(
+/// How the standby replicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replication {
+    /// Synchronous: a commit returns once the standby has it on disk (the mode's default).
+    Sync,
+    /// Asynchronous, with the WAL stream through a latency proxy that holds every chunk this
+    /// long: the standby is that far behind when the primary dies (a demonstration of what
+    /// asynchronous replication loses; the books are expected to fail).
+    AsyncLagging(Duration),
+}
+
+impl Replication {
+    /// The `sync_state` the primary should report for the standby.
+    fn expected_state(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::AsyncLagging(_) => "async",
+        }
+    }
+}
+
+/// Starts a streaming standby of `primary` under `dir`. Synchronous: set on the primary only
+/// after the copy, so the standby (a copy of the primary's settings) does not wait for a
+/// standby of its own once promoted. Asynchronous: the copy and the stream go through a
+/// [`LatencyProxy`] (returned: it must live as long as the standby streams). Returns once the
+/// primary reports the standby's expected `sync_state`.
+pub async fn start_standby(
     primary: &PrivateCluster,
     dir: &Path,
-) -> anyhow::Result<PrivateCluster> {
-    let standby = primary.start_standby(&dir.join("standby"), STANDBY_NAME)?;
-    primary
-        .set("synchronous_standby_names", STANDBY_NAME)
-        .await
-        .context("cannot make the standby synchronous")?;
+    replication: Replication,
+) -> anyhow::Result<(PrivateCluster, Option<LatencyProxy>)> {
+    let (standby, proxy) = match replication {
+        Replication::Sync => {
+            let standby = primary.start_standby(&dir.join("standby"), STANDBY_NAME)?;
+            primary
+                .set("synchronous_standby_names", STANDBY_NAME)
+                .await
+                .context("cannot make the standby synchronous")?;
+            (standby, None)
+        }
+        Replication::AsyncLagging(lag) => {
+            let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], primary.port));
+            let proxy = LatencyProxy::start(upstream, lag).await?;
+            let standby =
+                primary.start_standby_via(&dir.join("standby"), STANDBY_NAME, proxy.port())?;
+            (standby, Some(proxy))
+        }
+    };
     let url = format!("{}/postgres", primary.postgres_base());
+    let expected = replication.expected_state();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if sync_state(&url).await.as_deref() == Some("sync") {
-            return Ok(standby);
+        if sync_state(&url).await.as_deref() == Some(expected) {
+            return Ok((standby, proxy));
         }
         if Instant::now() >= deadline {
             // Stopped here: the caller never got to own it.
             standby.stop(false);
-            bail!("the standby did not become synchronous within 30 s");
+            bail!("the standby did not become {expected} within 30 s");
         }
         // The primary's view of the standby changes when its walreceiver reports; no event.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -125,12 +163,13 @@ impl Record {
 pub async fn fail_over(
     primary: PrivateCluster,
     standby: PrivateCluster,
+    replication: Replication,
     start: Instant,
     at: Duration,
 ) -> Record {
     let mut record = Record::default();
     tokio::time::sleep_until((start + at).into()).await;
-    if let Err(e) = carry_out(primary, standby, start, &mut record).await {
+    if let Err(e) = carry_out(primary, standby, replication, start, &mut record).await {
         record.note(
             start,
             format!("database failover could not be carried out: {e:#}"),
@@ -143,11 +182,23 @@ pub async fn fail_over(
 async fn carry_out(
     primary: PrivateCluster,
     standby: PrivateCluster,
+    replication: Replication,
     start: Instant,
     record: &mut Record,
 ) -> anyhow::Result<()> {
     let state = sync_state(&format!("{}/postgres", primary.postgres_base())).await;
     record.standby_state = state.clone();
+    if let Replication::AsyncLagging(lag) = replication {
+        // The machine is lost with its network: the WAL the proxy still holds (the lag) must
+        // not reach the standby after the crash, as it would through a live proxy. An empty
+        // primary_conninfo stops the walreceiver at once; its connection, and what the proxy
+        // held for it, go.
+        standby.set("primary_conninfo", "").await?;
+        record.note(
+            start,
+            format!("database: standby cut off from the primary ({lag:?} of WAL held back by the proxy is lost)"),
+        );
+    }
     record.killed_at = Some(OffsetDateTime::now_utc());
     let killed = tokio::time::Instant::now();
     let pid = primary.kill9().await?;
@@ -248,7 +299,7 @@ impl Writes {
 /// The failover's own check: the primary was killed and the standby promoted, a write went
 /// through the multi-host URL, and the workers committed on the new primary (the classic
 /// books then say whether anything committed was lost). Also the figures for the report.
-pub fn check(record: &Record, writes: &Writes) -> Check {
+pub fn check(record: &Record, writes: &Writes, replication: Replication) -> Check {
     let mut problems = Vec::new();
     if let Some(e) = &record.error {
         problems.push(format!("the failover failed: {e}"));
@@ -257,9 +308,10 @@ pub fn check(record: &Record, writes: &Writes) -> Check {
         t.zip(record.killed_at)
             .map(|(t, k)| (t - k).as_seconds_f64())
     };
-    if record.killed_at.is_some() && record.standby_state.as_deref() != Some("sync") {
+    let expected = replication.expected_state();
+    if record.killed_at.is_some() && record.standby_state.as_deref() != Some(expected) {
         problems.push(format!(
-            "the standby was not synchronous when the primary was killed ({}): the run does not show what synchronous replication keeps",
+            "the standby was not {expected} when the primary was killed ({}): the run does not show what it should",
             record.standby_state.as_deref().unwrap_or("not streaming")
         ));
     }
@@ -324,20 +376,29 @@ mod tests {
             first_after: None,
             after_promotion: 0,
         };
-        assert_eq!(check(&record, &stuck).problems.len(), 1);
+        assert_eq!(check(&record, &stuck, Replication::Sync).problems.len(), 1);
         let moved_on = Writes {
             first_after: record.first_write_at,
             after_promotion: 17,
             ..stuck
         };
-        let ok = check(&record, &moved_on);
+        let ok = check(&record, &moved_on, Replication::Sync);
         assert!(ok.problems.is_empty(), "{:?}", ok.problems);
         assert!(ok.detail.contains("writes stalled 4.00s"), "{}", ok.detail);
         let asynchronous = Record {
             standby_state: Some("async".into()),
             ..failed_over()
         };
-        assert_eq!(check(&asynchronous, &moved_on).problems.len(), 1);
+        assert_eq!(
+            check(&asynchronous, &moved_on, Replication::Sync)
+                .problems
+                .len(),
+            1
+        );
+        // The asynchronous demonstration expects an asynchronous standby.
+        let lagging = Replication::AsyncLagging(Duration::from_secs(1));
+        assert!(check(&asynchronous, &moved_on, lagging).problems.is_empty());
+        assert_eq!(check(&record, &moved_on, lagging).problems.len(), 1);
     }
 
     #[test]
@@ -346,6 +407,10 @@ mod tests {
             error: Some("could not kill".into()),
             ..Record::default()
         };
-        assert!(!check(&record, &Writes::default()).problems.is_empty());
+        assert!(
+            !check(&record, &Writes::default(), Replication::Sync)
+                .problems
+                .is_empty()
+        );
     }
 }

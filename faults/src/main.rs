@@ -119,6 +119,11 @@ struct Args {
     /// set-token` (the CLI on the same URL) unless --token-fix says otherwise.
     #[arg(long, conflicts_with = "scale_out")]
     db_failover: bool,
+    /// With --db-failover: replicate ASYNCHRONOUSLY, the standby's WAL stream held this many
+    /// ms per chunk by a proxy, to show what asynchronous replication loses (the books are
+    /// expected to fail).
+    #[arg(long, requires = "db_failover")]
+    async_replication_lag_ms: Option<u64>,
     /// Opt-ins to post (default 10,000, 1,000 with --short; scale-out 5,000, 2,000 with
     /// --short).
     #[arg(long)]
@@ -246,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
             }
         };
     if args.db_failover
-        && let Err(e) = services.add_standby().await
+        && let Err(e) = services.add_standby(replication(&args)).await
     {
         println!("FAIL cannot set up the standby for --db-failover: {e:#}");
         println!("0 passed, 1 failed");
@@ -611,6 +616,7 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
             tokio::spawn(failover::fail_over(
                 primary.clone(),
                 standby.clone(),
+                replication(args),
                 start,
                 load.mul_f64(failover::AT_SHARE),
             ))
@@ -673,7 +679,7 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
     let (mut checks, counts) = books::check(&ctx, &snapshot);
     if let Some(record) = &failover_record {
         let writes = failover::Writes::load(&sql, record).await?;
-        checks.push(failover::check(record, &writes));
+        checks.push(failover::check(record, &writes, replication(args)));
     }
     println!("\n== counts");
     for line in &counts {
@@ -685,6 +691,14 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
     }
     let failed = checks.iter().filter(|c| !c.problems.is_empty()).count();
     Ok((checks.len() - failed, failed))
+}
+
+/// The standby's replication in the `--db-failover` mode.
+fn replication(args: &Args) -> failover::Replication {
+    match args.async_replication_lag_ms {
+        Some(ms) => failover::Replication::AsyncLagging(Duration::from_millis(ms)),
+        None => failover::Replication::Sync,
+    }
 }
 
 /// The median time of 20 `SELECT 1` on a connection to `url`.

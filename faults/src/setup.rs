@@ -80,6 +80,8 @@ pub struct Services {
     /// Its streaming standby, in the `--db-failover` mode (see [`crate::failover`]): every
     /// URL then names both servers, the standby first.
     standby: Option<PrivateCluster>,
+    /// The proxy the standby's WAL stream goes through (asynchronous replication only).
+    replication_proxy: Option<crate::dbproxy::LatencyProxy>,
     /// Folder of the private services' files.
     private_dir: Option<PathBuf>,
 }
@@ -97,6 +99,7 @@ impl Services {
             broker: None,
             cluster: None,
             standby: None,
+            replication_proxy: None,
             private_dir: None,
         };
         if private {
@@ -123,7 +126,13 @@ impl Services {
                 b.port,
                 c.port,
                 self.standby.as_ref().map_or(String::new(), |s| format!(
-                    ", synchronous standby on port {}",
+                    ", {} standby on port {}",
+                    self.replication_proxy
+                        .as_ref()
+                        .map_or("synchronous".into(), |p| format!(
+                            "ASYNCHRONOUS (WAL stream delayed {:?} per chunk)",
+                            p.delay()
+                        )),
                     s.port
                 ))
             ),
@@ -167,13 +176,17 @@ impl Services {
         }
     }
 
-    /// Adds a streaming standby of the private cluster, synchronous (`--db-failover`).
-    pub async fn add_standby(&mut self) -> anyhow::Result<()> {
+    /// Adds a streaming standby of the private cluster (`--db-failover`).
+    pub async fn add_standby(
+        &mut self,
+        replication: crate::failover::Replication,
+    ) -> anyhow::Result<()> {
         let (Some(primary), Some(dir)) = (&self.cluster, &self.private_dir) else {
             bail!("--db-failover needs the suite's private PostgreSQL (--services private)");
         };
-        // Set before anything else, so a failure later still stops it.
-        self.standby = Some(crate::failover::start_sync_standby(primary, dir).await?);
+        let (standby, proxy) = crate::failover::start_standby(primary, dir, replication).await?;
+        self.standby = Some(standby);
+        self.replication_proxy = proxy;
         Ok(())
     }
 

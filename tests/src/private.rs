@@ -261,23 +261,21 @@ impl PrivateCluster {
     /// primary until promoted), started and answering. Replication is asynchronous unless
     /// the primary names it in `synchronous_standby_names` (see [`Self::set`]).
     pub fn start_standby(&self, dir: &Path, name: &str) -> anyhow::Result<Self> {
+        self.start_standby_via(dir, name, self.port)
+    }
+
+    /// [`Self::start_standby`], with the copy and the WAL stream going to 127.0.0.1:`via`
+    /// (e.g. a proxy in front of this primary that delays the stream).
+    pub fn start_standby_via(&self, dir: &Path, name: &str, via: u16) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = dir.join("postgres");
         make_dir_for(&dir, "postgres")?;
         let mut backup = as_user("postgres", &self.bin.join("pg_basebackup"));
         backup
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+            .args(["-h", "127.0.0.1", "-p", &via.to_string(), "-U", "postgres"])
             .args(["-X", "stream", "-R", "-d"])
             .arg(format!(
-                "host=127.0.0.1 port={} user=postgres application_name={name}",
-                self.port
+                "host=127.0.0.1 port={via} user=postgres application_name={name}"
             ))
             .arg("-D")
             .arg(dir.join("data"));
