@@ -23,12 +23,16 @@
 //! scripts/faults --scale-out --short    # scale-out: 2,000 opt-ins over 60 s
 //! scripts/faults --scale-out            # scale-out: 5,000 opt-ins over 150 s
 //! scripts/faults --cluster --short      # three RabbitMQ nodes, two of them killed (see [`cluster`])
+//! scripts/faults --db-failover --short  # PostgreSQL primary killed, standby promoted
 //! ```
+//!
+//! The database failover mode (`--db-failover`, issue 15): see [`failover`].
 
 mod books;
 mod chaos;
 mod cluster;
 mod dbproxy;
+mod failover;
 mod procs;
 mod setup;
 mod workload;
@@ -82,6 +86,18 @@ const SCALE_OUT_FAULTS: [&str; 6] = [
     "db-slow",
 ];
 
+/// The faults of the database failover mode: the classic ones but the database restart
+/// (the failover replaces it; the killed primary stays down).
+const FAILOVER_FAULTS: [&str; 7] = [
+    "kill",
+    "broker-close",
+    "db-terminate",
+    "rate-limit",
+    "hang",
+    "token",
+    "broker-restart",
+];
+
 /// Fault suite: real binaries, real broker and database, fake Graph; checks the books.
 #[derive(Parser, Debug)]
 #[command(name = "faults", version, about)]
@@ -108,6 +124,18 @@ struct Args {
     /// How long a killed broker node stays down in the cluster mode (seconds).
     #[arg(long, default_value_t = 10)]
     node_down_secs: u64,
+    /// The database failover mode (issue 15): the private PostgreSQL gets a synchronous
+    /// streaming standby; mid-load the primary's postmaster is killed (-9) and the standby
+    /// promoted 3 s later; every process has both servers in DATABASE_URL
+    /// (target_session_attrs=read-write). The token fault goes through `loginconnect pages
+    /// set-token` (the CLI on the same URL) unless --token-fix says otherwise.
+    #[arg(long, conflicts_with_all = ["scale_out", "cluster"])]
+    db_failover: bool,
+    /// With --db-failover: replicate ASYNCHRONOUSLY, the standby's WAL stream held this many
+    /// ms per chunk by a proxy, to show what asynchronous replication loses (the books are
+    /// expected to fail).
+    #[arg(long, requires = "db_failover")]
+    async_replication_lag_ms: Option<u64>,
     /// Opt-ins to post (default 10,000, 1,000 with --short; scale-out 5,000, 2,000 with
     /// --short).
     #[arg(long)]
@@ -244,6 +272,14 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
+    if args.db_failover
+        && let Err(e) = services.add_standby(replication(&args)).await
+    {
+        println!("FAIL cannot set up the standby for --db-failover: {e:#}");
+        println!("0 passed, 1 failed");
+        services.remove().await;
+        std::process::exit(1);
+    }
     println!(
         "faults: vhost {} and database {} on {}",
         services.vhost,
@@ -323,6 +359,7 @@ impl Settings {
             // The cluster mode's faults are its node kills (see `cluster`), not the loop's.
             None if args.cluster => Vec::new(),
             None if scale => SCALE_OUT_FAULTS.iter().map(|f| (*f).to_owned()).collect(),
+            None if args.db_failover => FAILOVER_FAULTS.iter().map(|f| (*f).to_owned()).collect(),
             None => {
                 let mut list: Vec<String> =
                     CLASSIC_FAULTS.iter().map(|f| (*f).to_owned()).collect();
@@ -369,6 +406,7 @@ impl Settings {
             Some(TokenFixArg::Seed) => by_seed,
             Some(how) => how,
             None if scale => by_seed,
+            None if args.db_failover => TokenFixArg::SetToken,
             None => TokenFixArg::File,
         };
         Ok(Self {
@@ -402,6 +440,8 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
             "SCALE-OUT, "
         } else if args.cluster {
             "CLUSTER (node kills), "
+        } else if args.db_failover {
+            "DB-FAILOVER, "
         } else {
             ""
         },
@@ -585,6 +625,7 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
         db_fast_for: Duration::from_secs(10),
     };
     let mut cluster_record = None;
+    let mut failover_record = None;
     if args.cluster {
         let load_end = Instant::now() + load + Duration::from_secs(10);
         let faults = cluster::NodeFaults {
@@ -609,9 +650,28 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
         };
         // Faults go on for the whole load and a little after it.
         let load_end = tokio::time::Instant::now() + load + Duration::from_secs(10);
+        // Beside the loop, not in it: the loop stays as it is for the other modes.
+        let failing_over = services.failover_pair().map(|(primary, standby)| {
+            tokio::spawn(failover::fail_over(
+                primary.clone(),
+                standby.clone(),
+                replication(args),
+                start,
+                load.mul_f64(failover::AT_SHARE),
+            ))
+        });
         chaos
             .run(&chaos_config, tokio::time::sleep_until(load_end))
             .await?;
+        failover_record = match failing_over {
+            Some(task) => Some(task.await.context("the failover task failed")?),
+            None => None,
+        };
+    }
+    if let Some(record) = &failover_record {
+        *timeline.counts.entry("db-failover").or_default() += 1;
+        timeline.entries.extend(record.notes.iter().cloned());
+        timeline.entries.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     let posted = poster.await.context("the load task failed")?;
     graph.set_failure_rate(0.0);
@@ -662,6 +722,10 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
         checks.extend(more);
         counts.extend(figures);
     }
+    if let Some(record) = &failover_record {
+        let writes = failover::Writes::load(&sql, record).await?;
+        checks.push(failover::check(record, &writes, replication(args)));
+    }
     println!("\n== counts");
     for line in &counts {
         println!("{line}");
@@ -672,6 +736,14 @@ async fn run(args: &Args, services: &Services) -> anyhow::Result<(usize, usize)>
     }
     let failed = checks.iter().filter(|c| !c.problems.is_empty()).count();
     Ok((checks.len() - failed, failed))
+}
+
+/// The standby's replication in the `--db-failover` mode.
+fn replication(args: &Args) -> failover::Replication {
+    match args.async_replication_lag_ms {
+        Some(ms) => failover::Replication::AsyncLagging(Duration::from_millis(ms)),
+        None => failover::Replication::Sync,
+    }
 }
 
 /// The median time of 20 `SELECT 1` on a connection to `url`.

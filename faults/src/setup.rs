@@ -79,6 +79,11 @@ pub struct Services {
     peers: Vec<PrivateBroker>,
     /// The suite's own PostgreSQL cluster, if it runs one.
     cluster: Option<PrivateCluster>,
+    /// Its streaming standby, in the `--db-failover` mode (see [`crate::failover`]): every
+    /// URL then names both servers, the standby first.
+    standby: Option<PrivateCluster>,
+    /// The proxy the standby's WAL stream goes through (asynchronous replication only).
+    replication_proxy: Option<crate::dbproxy::LatencyProxy>,
     /// Folder of the private services' files.
     private_dir: Option<PathBuf>,
 }
@@ -97,6 +102,8 @@ impl Services {
             broker: None,
             peers: Vec::new(),
             cluster: None,
+            standby: None,
+            replication_proxy: None,
             private_dir: None,
         };
         if private {
@@ -133,8 +140,20 @@ impl Services {
                 c.port
             ),
             (Some(b), Some(c)) => format!(
-                "private RabbitMQ node {} (port {}) and PostgreSQL cluster (port {})",
-                b.node, b.port, c.port
+                "private RabbitMQ node {} (port {}) and PostgreSQL cluster (port {}{})",
+                b.node,
+                b.port,
+                c.port,
+                self.standby.as_ref().map_or(String::new(), |s| format!(
+                    ", {} standby on port {}",
+                    self.replication_proxy
+                        .as_ref()
+                        .map_or("synchronous".into(), |p| format!(
+                            "ASYNCHRONOUS (WAL stream delayed {:?} per chunk)",
+                            p.delay()
+                        )),
+                    s.port
+                ))
             ),
             _ => "the machine's RabbitMQ and PostgreSQL (shared)".into(),
         }
@@ -178,6 +197,36 @@ impl Services {
             .map_or_else(shared_postgres_base, PrivateCluster::postgres_base)
     }
 
+    /// URL of database `db`: with a standby, both servers (standby first) and
+    /// `target_session_attrs=read-write`, so whichever is the primary is found.
+    fn postgres_url(&self, db: &str) -> String {
+        match (&self.standby, &self.cluster) {
+            (Some(standby), Some(primary)) => {
+                crate::failover::multi_host_url(&[standby.port, primary.port], db)
+            }
+            _ => format!("{}/{db}", self.postgres_base()),
+        }
+    }
+
+    /// Adds a streaming standby of the private cluster (`--db-failover`).
+    pub async fn add_standby(
+        &mut self,
+        replication: crate::failover::Replication,
+    ) -> anyhow::Result<()> {
+        let (Some(primary), Some(dir)) = (&self.cluster, &self.private_dir) else {
+            bail!("--db-failover needs the suite's private PostgreSQL (--services private)");
+        };
+        let (standby, proxy) = crate::failover::start_standby(primary, dir, replication).await?;
+        self.standby = Some(standby);
+        self.replication_proxy = proxy;
+        Ok(())
+    }
+
+    /// The private primary and its standby, in the `--db-failover` mode.
+    pub fn failover_pair(&self) -> Option<(&PrivateCluster, &PrivateCluster)> {
+        Some((self.cluster.as_ref()?, self.standby.as_ref()?))
+    }
+
     /// AMQP URL of the vhost; on a cluster, every node's, comma-separated (`AMQP_URL`'s list
     /// form).
     pub fn amqp_url(&self) -> String {
@@ -193,7 +242,7 @@ impl Services {
 
     /// URL of the database.
     pub fn database_url(&self) -> String {
-        format!("{}/{}", self.postgres_base(), self.database)
+        self.postgres_url(&self.database)
     }
 
     /// The address of the database server (for the latency proxy to forward to).
@@ -223,7 +272,7 @@ impl Services {
 
     /// One statement on the `postgres` maintenance database.
     async fn admin_sql(&self, statement: &str) -> anyhow::Result<u64> {
-        let url = format!("{}/postgres", self.postgres_base());
+        let url = self.postgres_url("postgres");
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .context("cannot connect to PostgreSQL")?;
@@ -397,7 +446,7 @@ impl Services {
 
     /// Terminates every backend connected to this database (only this one). Returns how many.
     pub async fn terminate_backends(&self) -> anyhow::Result<u64> {
-        let url = format!("{}/postgres", self.postgres_base());
+        let url = self.postgres_url("postgres");
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         let task = tokio::spawn(conn);
         let rows = client
@@ -436,6 +485,9 @@ impl Services {
         }
         if let Some(b) = self.broker.take() {
             b.stop(self.keep);
+        }
+        if let Some(c) = self.standby.take() {
+            c.stop(self.keep);
         }
         if let Some(c) = self.cluster.take() {
             c.stop(self.keep);

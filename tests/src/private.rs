@@ -274,7 +274,10 @@ impl PrivateBroker {
     }
 }
 
-/// A PostgreSQL cluster of the suite's own (trust authentication for `postgres`).
+/// A PostgreSQL cluster of the suite's own (trust authentication for `postgres`). A clone is
+/// another handle on the same server (for a task that kills or promotes it while the owner
+/// keeps the one that stops it).
+#[derive(Clone)]
 pub struct PrivateCluster {
     /// Its port on 127.0.0.1.
     pub port: u16,
@@ -343,23 +346,21 @@ impl PrivateCluster {
     /// primary until promoted), started and answering. Replication is asynchronous unless
     /// the primary names it in `synchronous_standby_names` (see [`Self::set`]).
     pub fn start_standby(&self, dir: &Path, name: &str) -> anyhow::Result<Self> {
+        self.start_standby_via(dir, name, self.port)
+    }
+
+    /// [`Self::start_standby`], with the copy and the WAL stream going to 127.0.0.1:`via`
+    /// (e.g. a proxy in front of this primary that delays the stream).
+    pub fn start_standby_via(&self, dir: &Path, name: &str, via: u16) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = dir.join("postgres");
         make_dir_for(&dir, "postgres")?;
         let mut backup = as_user("postgres", &self.bin.join("pg_basebackup"));
         backup
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+            .args(["-h", "127.0.0.1", "-p", &via.to_string(), "-U", "postgres"])
             .args(["-X", "stream", "-R", "-d"])
             .arg(format!(
-                "host=127.0.0.1 port={} user=postgres application_name={name}",
-                self.port
+                "host=127.0.0.1 port={via} user=postgres application_name={name}"
             ))
             .arg("-D")
             .arg(dir.join("data"));
@@ -391,6 +392,51 @@ impl PrivateCluster {
     /// Stops the server the way a crash would and leaves it down.
     pub fn kill(&self) -> anyhow::Result<()> {
         self.pg_ctl("stop")
+    }
+
+    /// The postmaster's process id, from the first line of `postmaster.pid` (present while
+    /// the server runs, and left behind by a crash).
+    pub fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let path = self.dir.join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("no process id on the first line of {}", path.display()))
+    }
+
+    /// Whether the postmaster named in `postmaster.pid` is alive: its process exists and is
+    /// not a zombie (a killed postmaster stays one until whoever adopted it reaps it, and
+    /// `kill -0` would still find it).
+    pub fn is_running(&self) -> bool {
+        self.postmaster_pid().is_ok_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // `pid (comm) state …`: the state follows the last `)`.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .is_some_and(|state| state != "Z" && state != "X")
+            })
+        })
+    }
+
+    /// `kill -9` of the postmaster: a crash of the server machine as far as clients can
+    /// tell (no shutdown, no checkpoint, nothing sent to the standby), unlike [`Self::kill`],
+    /// which asks `pg_ctl` for an immediate stop. Returns once the postmaster is gone (its
+    /// backends notice its death and exit by themselves). Returns the pid it killed.
+    pub async fn kill9(&self) -> anyhow::Result<u32> {
+        let pid = self.postmaster_pid()?;
+        let mut kill = Command::new("kill");
+        kill.args(["-KILL", &pid.to_string()]);
+        run(kill, &format!("kill -9 the postmaster (pid {pid})"))?;
+        // A signalled process is gone at once; polled so the caller may rely on it (bounded).
+        for _ in 0..100 {
+            if !self.is_running() {
+                return Ok(pid);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the postmaster (pid {pid}) still runs 5 s after kill -9")
     }
 
     /// Promotes a standby to primary and waits until it accepts writes.
@@ -433,6 +479,13 @@ impl PrivateCluster {
 
     /// Stops the server and removes its files (errors are reported, not returned).
     pub fn stop(&self, keep_files: bool) {
+        // A server killed with kill -9 has nothing left to stop (pg_ctl would complain).
+        if !self.is_running() {
+            if !keep_files {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
+            return;
+        }
         if let Err(e) = self.pg_ctl("stop") {
             eprintln!("could not stop the PostgreSQL cluster: {e:#}");
         }
