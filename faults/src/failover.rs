@@ -325,15 +325,14 @@ pub fn check(record: &Record, writes: &Writes, replication: Replication) -> Chec
     let detail = match record.killed_pid {
         None => "the primary was never killed".into(),
         Some(pid) => format!(
-            "primary (postmaster pid {pid}) killed -9, standby promoted {} after; a write through the multi-host URL {} after the kill; the system's last commit {} before the kill and its first {} after it (writes stalled {}); {} events committed on the new primary",
+            "primary (postmaster pid {pid}) killed -9, standby promoted {} after; a write through the multi-host URL {} after the kill; the system's writes stalled {} (from the kill to its first commit after it; its last commit before it: {} before); {} events committed on the new primary",
             fmt(secs(record.promoted_at)),
             fmt(secs(record.first_write_at)),
-            fmt(secs(writes.last_before).map(|s| -s)),
             fmt(secs(writes.first_after)),
             fmt(writes
-                .first_after
-                .zip(writes.last_before)
-                .map(|(a, b)| (a - b).as_seconds_f64())),
+                .last_before
+                .zip(record.killed_at)
+                .map(|(b, k)| (k - b).as_seconds_f64())),
             writes.after_promotion
         ),
     };
@@ -372,7 +371,9 @@ mod tests {
     fn workers_that_never_wrote_on_the_new_primary_fail_the_check() {
         let record = failed_over();
         let stuck = Writes {
-            last_before: record.killed_at,
+            last_before: record
+                .killed_at
+                .map(|k| k - time::Duration::milliseconds(500)),
             first_after: None,
             after_promotion: 0,
         };
@@ -385,6 +386,11 @@ mod tests {
         let ok = check(&record, &moved_on, Replication::Sync);
         assert!(ok.problems.is_empty(), "{:?}", ok.problems);
         assert!(ok.detail.contains("writes stalled 4.00s"), "{}", ok.detail);
+        assert!(
+            ok.detail.contains("last commit before it: 0.50s"),
+            "{}",
+            ok.detail
+        );
         let asynchronous = Record {
             standby_state: Some("async".into()),
             ..failed_over()

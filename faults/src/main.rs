@@ -195,7 +195,7 @@ struct Args {
     /// How the token fault replaces the token: `file` (the pages file; with SIGHUP in the
     /// classic mode, noticed by content in scale-out), `set-token` (`loginconnect pages
     /// set-token --from-file`), or `seed` (one of the two by the seed). Default: file;
-    /// scale-out: seed.
+    /// scale-out: seed; --db-failover: set-token.
     #[arg(long, value_enum)]
     token_fix: Option<TokenFixArg>,
     /// Longest a small page's opt-in may wait for its first call (scale-out check), seconds.
