@@ -15,6 +15,7 @@
 
 mod abuse;
 mod amqp_nodes;
+mod amqp_tls;
 mod cli;
 mod contract;
 mod correlator;

@@ -129,8 +129,13 @@ impl WorkerArgs {
         Ok(pool)
     }
 
-    /// Starts the supervised broker link.
-    pub fn broker(&self, worker_id: &str) -> BrokerLink {
-        BrokerLink::start(&self.amqp.amqp_url, worker_id, 8)
+    /// Starts the supervised broker link; a TLS setting that cannot be used stops the
+    /// start-up here.
+    pub fn broker(&self, worker_id: &str) -> Result<BrokerLink, StartError> {
+        let endpoint = self
+            .amqp
+            .endpoint()
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        Ok(BrokerLink::start(endpoint, worker_id, 8))
     }
 }
