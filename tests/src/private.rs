@@ -35,7 +35,7 @@ fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
 
 /// A port nobody listens on right now (the OS picks it; it is released at once, so a race
 /// with another program is possible but unlikely; the start-up fails clearly if it happens).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
     Ok(listener.local_addr()?.port())
 }
@@ -48,7 +48,7 @@ fn running_as_root() -> bool {
 }
 
 /// `program` run as the system `user` when we are root, as ourselves otherwise.
-fn as_user(user: &str, program: &Path) -> Command {
+pub(crate) fn as_user(user: &str, program: &Path) -> Command {
     if running_as_root() {
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", user, "--"]).arg(program);
@@ -59,7 +59,7 @@ fn as_user(user: &str, program: &Path) -> Command {
 }
 
 /// Runs `cmd`; an error names `what` and carries the command's own error output.
-fn run(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+pub(crate) fn run(mut cmd: Command, what: &str) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run the command to {what}"))?;
@@ -74,7 +74,7 @@ fn run(mut cmd: Command, what: &str) -> anyhow::Result<String> {
 }
 
 /// Creates `dir` (and parents) owned by `user` when we are root.
-fn make_dir_for(dir: &Path, user: &str) -> anyhow::Result<()> {
+pub(crate) fn make_dir_for(dir: &Path, user: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if running_as_root() {
         let mut chown = Command::new("chown");

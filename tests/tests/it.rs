@@ -32,6 +32,7 @@ mod linking;
 mod login_events;
 mod never_again;
 mod observability;
+mod pgbouncer;
 mod relay;
 mod relay_order;
 mod scale_out;

@@ -116,6 +116,7 @@ impl WorkerArgs {
     /// Creates the database if needed, builds the pool and applies migrations (if enabled).
     pub async fn prepare_database(&self) -> Result<Pool, StartError> {
         db::ensure_database(&self.database.database_url).await?;
+        db::refuse_transaction_pooling(&self.database.database_url).await?;
         let pool = db::pool(
             &self.database.database_url,
             self.database.database_pool_size,
