@@ -298,7 +298,7 @@ fn parse_entry(entry_raw: &RawValue, out: &mut Vec<DeliveryPart>) -> Result<(), 
 /// The page id of an entry (`id`): a non-empty string or a non-negative integer that can be
 /// one word of a routing key ([`crate::ids::check_page_id`]); any other id sets the entry
 /// aside, since its events could be routed nowhere.
-pub(super) fn entry_page_id(entry: &Fields<'_>) -> Result<String, ParseError> {
+fn entry_page_id(entry: &Fields<'_>) -> Result<String, ParseError> {
     let page_id = entry.get("id").ok_or(ParseError::missing("id"))?;
     let page_id = id_text(page_id).ok_or(ParseError::wrong(
         "id",
