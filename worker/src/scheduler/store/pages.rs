@@ -241,7 +241,10 @@ pub async fn resume(client: &mut Client, page_id: &str) -> Result<bool, StoreErr
     )
     .await?;
     let now: OffsetDateTime = before.get(2);
-    if let Some(reason) = before.get::<_, Option<&str>>(0).and_then(PauseReason::parse) {
+    if let Some(reason) = before
+        .get::<_, Option<&str>>(0)
+        .and_then(PauseReason::parse)
+    {
         announce_resume(&*tx, page_id, reason.into(), ResumedBy::Operator, now).await?;
     }
     if before.get::<_, bool>(1) {
