@@ -36,4 +36,5 @@ mod relay_order;
 mod scale_out;
 mod scheduler;
 mod scheduler_recovery;
+mod tenant_events;
 mod watchdog;
