@@ -181,7 +181,8 @@ pub async fn set_meta_app_id(client: &Client, app_id: &str) -> Result<(), StoreE
     Ok(())
 }
 
-/// Pauses a page (idempotent: the first pause's time and detail stay). Returns true if this
+/// Pauses a page (idempotent: the first pause's time and detail stay; a token pause for a
+/// token other than the one stored with `pages set-token` is not one). Returns true if this
 /// call paused it (it was not paused before); only then is `page.paused` written, in the same
 /// transaction, so a pause is announced once however many replicas meet the same error.
 pub async fn pause(
@@ -193,11 +194,17 @@ pub async fn pause(
 ) -> Result<bool, StoreError> {
     let tx = client.transaction().await?;
     // A concurrent pause waits for this row lock, then finds `paused_reason` set: no row.
+    // A refusal of a token other than the one stored now (a call still in flight when
+    // `pages set-token` stored a new one) says nothing about the new token: no pause, so
+    // no pause–resume flap announced to consumers.
     let row = tx
         .query_opt(
             "UPDATE page_state SET paused_reason = $2, paused_since = now(), paused_detail = $3, \
                  paused_token = $4, updated_at = now() \
-             WHERE page_id = $1 AND paused_reason IS NULL RETURNING paused_since",
+             WHERE page_id = $1 AND paused_reason IS NULL \
+               AND NOT ($2 = 'token_invalid' AND $4::text IS NOT NULL AND EXISTS ( \
+                   SELECT 1 FROM page_tokens t WHERE t.page_id = $1 AND t.fingerprint <> $4)) \
+             RETURNING paused_since",
             &[&page_id, &reason.as_str(), &detail, &token_fingerprint],
         )
         .await?;
