@@ -1,5 +1,11 @@
-//! The outbox relay: publishes the public events that state changes wrote to the `outbox`
-//! table onto exchange `loginconnect.events`, with publisher confirms.
+//! The outbox relay: publishes the events that state changes wrote to the `outbox` table
+//! onto exchange `loginconnect.events`, with publisher confirms.
+//!
+//! A row holds the event kind (`event_type`) and its page (`page_id`); the routing key is
+//! built from both at publish time, `<kind>.<page_id>`. Rows written by a version before
+//! tenant-scoped events (whose key had no page) are therefore published under the new key
+//! too, and get the `pageid` and `appid` attributes they lack added to their body (see
+//! `round.rs`); their event id stays, so a consumer's dedupe still holds.
 //!
 //! Every worker process runs one (the scheduler and the correlator both write events), and any
 //! number of replicas may run against the same database. One round, in one transaction:

@@ -8,7 +8,6 @@ use deadpool_postgres::Pool;
 use lc_shared::events::{
     OperationalEvent, SubscriptionLost, SubscriptionRestored, insert_operational,
 };
-use time::OffsetDateTime;
 
 use super::{PageCheck, RoundReport};
 
@@ -51,55 +50,54 @@ pub async fn record_round(pool: &Pool, report: &RoundReport) -> Result<Announced
             PageCheck::Failed(_) => continue,
         };
         let tx = client.transaction().await?;
-        // Locked, so a replica taking over the watchdog mid-round cannot announce twice.
-        let since: Option<OffsetDateTime> = tx
-            .query_opt(
-                "SELECT unsubscribed_since FROM page_state WHERE page_id = $1 FOR UPDATE",
-                &[page_id],
-            )
-            .await?
-            .and_then(|r| r.get(0));
-        match (missing, since) {
-            (Some(missing), None) => {
-                let now: OffsetDateTime = tx
-                    .query_one(
+        // Each statement changes (and locks) the row only when the state really changes,
+        // so a healthy page costs no lock (claims lock page rows too) and a loss or a return
+        // is announced once, also if another replica took over the watchdog mid-round.
+        match missing {
+            Some(missing) => {
+                let row = tx
+                    .query_opt(
                         "INSERT INTO page_state (page_id, rate_limit, unsubscribed_since) \
                          VALUES ($1, 0, now()) ON CONFLICT (page_id) DO UPDATE \
                          SET unsubscribed_since = now(), updated_at = now() \
+                         WHERE page_state.unsubscribed_since IS NULL \
                          RETURNING unsubscribed_since",
                         &[page_id],
                     )
-                    .await?
-                    .get(0);
-                let event = OperationalEvent::SubscriptionLost(SubscriptionLost {
-                    page_id: page_id.clone(),
-                    app_id: String::new(),
-                    missing: missing.clone(),
-                    since: now,
-                });
-                insert_operational(&*tx, &event, EVENT_SOURCE).await?;
-                announced.lost.push(page_id.clone());
+                    .await?;
+                if let Some(row) = row {
+                    let event = OperationalEvent::SubscriptionLost(SubscriptionLost {
+                        page_id: page_id.clone(),
+                        app_id: String::new(),
+                        missing: missing.clone(),
+                        since: row.get(0),
+                    });
+                    insert_operational(&*tx, &event, EVENT_SOURCE).await?;
+                    announced.lost.push(page_id.clone());
+                }
             }
-            (None, Some(lost_since)) => {
-                let now: OffsetDateTime = tx
-                    .query_one(
-                        "UPDATE page_state SET unsubscribed_since = NULL, updated_at = now() \
-                         WHERE page_id = $1 RETURNING now()",
+            None => {
+                let row = tx
+                    .query_opt(
+                        "WITH lost AS (SELECT page_id, unsubscribed_since FROM page_state \
+                             WHERE page_id = $1 AND unsubscribed_since IS NOT NULL FOR UPDATE) \
+                         UPDATE page_state p SET unsubscribed_since = NULL, updated_at = now() \
+                         FROM lost WHERE p.page_id = lost.page_id \
+                         RETURNING lost.unsubscribed_since, now()",
                         &[page_id],
                     )
-                    .await?
-                    .get(0);
-                let event = OperationalEvent::SubscriptionRestored(SubscriptionRestored {
-                    page_id: page_id.clone(),
-                    app_id: String::new(),
-                    lost_since,
-                    restored_at: now,
-                });
-                insert_operational(&*tx, &event, EVENT_SOURCE).await?;
-                announced.restored.push(page_id.clone());
+                    .await?;
+                if let Some(row) = row {
+                    let event = OperationalEvent::SubscriptionRestored(SubscriptionRestored {
+                        page_id: page_id.clone(),
+                        app_id: String::new(),
+                        lost_since: row.get(0),
+                        restored_at: row.get(1),
+                    });
+                    insert_operational(&*tx, &event, EVENT_SOURCE).await?;
+                    announced.restored.push(page_id.clone());
+                }
             }
-            // Still missing (announced before), or still fine: nothing changed.
-            _ => {}
         }
         tx.commit().await?;
     }
