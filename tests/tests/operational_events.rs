@@ -287,3 +287,67 @@ async fn a_lost_subscription_is_announced_once_over_two_rounds_and_its_return_af
     );
     relay.stop().await;
 }
+
+/// `loginconnect pages resume` announces what it lifted: the restriction and the throttle,
+/// each `page.resumed` by `operator`; resuming a page with nothing to lift announces nothing.
+#[tokio::test]
+async fn an_operators_resume_announces_each_hold_it_lifted() {
+    let env = TestEnv::new().await;
+    let ops = env.capture_events(&["page.*.#"]).await;
+    let pool = env.migrated_pool(2).await;
+    let mut client = pool.get().await.expect("client");
+    pages::ensure(&client, &[PAGE], 10).await.expect("page row");
+    let relay = env.start_relay(&pool, env.worker_args().relay).await;
+    assert!(
+        pages::pause(
+            &mut client,
+            PAGE,
+            pages::PauseReason::Restricted,
+            None,
+            "(#10) restricted"
+        )
+        .await
+        .expect("pause")
+    );
+    pages::throttle(&mut client, PAGE, Duration::from_secs(600))
+        .await
+        .expect("throttle");
+    assert!(pages::resume(&mut client, PAGE).await.expect("resume"));
+    assert!(
+        pages::resume(&mut client, PAGE)
+            .await
+            .expect("resume again")
+    );
+    let got = drained(&env, &ops).await;
+    relay.stop().await;
+    let seen: Vec<(String, &str, &str)> = got
+        .iter()
+        .map(|(k, e)| {
+            (
+                k.clone(),
+                e["data"]["reason"].as_str().unwrap_or("-"),
+                e["data"]["resumed_by"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    let (paused, resumed) = (
+        format!("page.paused.{PAGE}"),
+        format!("page.resumed.{PAGE}"),
+    );
+    assert_eq!(
+        seen,
+        vec![
+            (paused.clone(), "restricted", "-"),
+            (paused, "throttled", "-"),
+            (resumed.clone(), "restricted", "operator"),
+            (resumed, "throttled", "operator"),
+        ]
+    );
+    assert!(
+        pages::announce_throttle_ends(&mut client)
+            .await
+            .expect("ends")
+            .is_empty(),
+        "the lifted throttle's end is not announced again"
+    );
+}
