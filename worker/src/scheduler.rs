@@ -100,6 +100,16 @@ pub async fn start(
         rate_limit: config.page_rate_limit,
     };
     let pages = source.load(&pool).await.map_err(StartError::Config)?;
+    if let Some((app_id, _)) = config.watchdog.enabled() {
+        // Shared through the database, so the correlator's events carry the same `appid`.
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        store::pages::set_meta_app_id(&client, &app_id)
+            .await
+            .map_err(|e| StartError::Config(format!("cannot record META_APP_ID: {e}")))?;
+    }
 
     for page in &pages.pages {
         metrics

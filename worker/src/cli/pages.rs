@@ -84,8 +84,8 @@ pub async fn list(out: &mut dyn Write, db: &DatabaseArgs, json: bool) -> Result<
 
 /// `pages resume PAGE`.
 pub async fn resume(out: &mut dyn Write, db: &DatabaseArgs, page: &str) -> Result<(), CliError> {
-    let c = client(db).await?;
-    if !pages::resume(&c, page).await? {
+    let mut c = client(db).await?;
+    if !pages::resume(&mut c, page).await? {
         return Err(CliError::Other(format!(
             "page {page} is unknown here (`loginconnect pages list` shows the known pages)"
         )));

@@ -98,8 +98,8 @@ async fn sync(pool: &Pool, config: &PagesConfig, rate_limit: u32) -> Result<(), 
             token_fingerprint: fingerprint(p.access_token.expose()),
         })
         .collect();
-    let client = pool.get().await?;
-    for page_id in pages::sync(&client, &list, rate_limit).await? {
+    let mut client = pool.get().await?;
+    for page_id in pages::sync(&mut client, &list, rate_limit).await? {
         tracing::info!(
             page_id,
             "page token changed; sends resumed on every replica"
