@@ -16,6 +16,7 @@
 mod abuse;
 mod amqp_nodes;
 mod amqp_tls;
+mod claim_plan;
 mod cli;
 mod contract;
 mod correlator;
