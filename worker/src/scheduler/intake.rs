@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::{Client, Pool};
 use lc_meta::ids::{check_event_time, check_id};
-use lc_meta::pages::PagesConfig;
+use lc_meta::pages::{MAX_PAYLOAD_CHARS, MessageVariables, PagesConfig};
 use lc_meta::webhook::{EventDetails, QueuedEvent};
 use lc_shared::telemetry::login_id_label;
 use time::OffsetDateTime;
@@ -24,7 +24,7 @@ use tokio::sync::{Notify, RwLock};
 
 use super::metrics::SchedulerMetrics;
 use super::store::record::{self, NewOptin, RecordError, Recorded};
-use super::store::{StoreError, Timing};
+use super::store::{LOGIN_EVENT_SOURCE, StoreError, Timing};
 use crate::runtime::consumer::{Incoming, Verdict};
 
 /// Decodes one delivery into an opt-in, or says why it cannot be one. `now` is the clock the
@@ -55,13 +55,58 @@ pub fn decode(msg: &Incoming, now: OffsetDateTime) -> Result<NewOptin, String> {
             event.page_id.escape_debug()
         )
     })?;
+    let message_ref = message_ref(optin.reference.or(optin.payload));
+    let variables = if queued.source == LOGIN_EVENT_SOURCE {
+        login_event_variables(&queued, &event.page_id)
+    } else {
+        None
+    };
     Ok(NewOptin {
         page_id: event.page_id,
         login_id: optin.login_id,
         opted_in_at: event.timestamp,
         source: queued.source,
         traceparent: lc_shared::amqp::header_str(&msg.properties, "traceparent"),
+        message_ref,
+        variables,
     })
+}
+
+/// The opt-in's `ref` (else `payload`) as stored to choose a message variant. A value no
+/// variant can hold (longer than a variant ref may be, or with control characters, which the
+/// database may refuse) chooses nothing and is dropped rather than costing the opt-in.
+fn message_ref(value: Option<String>) -> Option<String> {
+    value.filter(|r| {
+        !r.is_empty()
+            && r.chars().count() <= MAX_PAYLOAD_CHARS
+            && !r.chars().any(char::is_control)
+    })
+}
+
+/// The variables a login event carried (`optin.variables`), validated again: ingest bounded
+/// them, but a message that breaks a bound anyway (a replay edited by hand) keeps its opt-in
+/// and loses only the personalisation.
+fn login_event_variables(queued: &QueuedEvent, page_id: &str) -> Option<MessageVariables> {
+    #[derive(serde::Deserialize)]
+    struct Item {
+        optin: Option<ItemOptin>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ItemOptin {
+        variables: Option<serde_json::Value>,
+    }
+    let value = serde_json::from_str::<Item>(queued.event.get())
+        .ok()?
+        .optin?
+        .variables?;
+    match MessageVariables::from_json(&value) {
+        Ok(v) if v.is_empty() => None,
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(page_id = %page_id.escape_debug(), error = %e, "login event variables refused; the opt-in is recorded without them");
+            None
+        }
+    }
 }
 
 /// A decoded opt-in and where it sits in the batch (for its verdict).
