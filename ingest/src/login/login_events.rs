@@ -317,7 +317,7 @@ async fn handle(
         event.logged_in_at_ms,
         &event.variables,
     )
-        .and_then(|q| publish::event_message_from_queued(&q, &trace.to_string()));
+    .and_then(|q| publish::event_message_from_queued(&q, &trace.to_string()));
     let message = match message {
         Ok(m) => m,
         Err(e) => {
@@ -438,8 +438,13 @@ mod tests {
 
     #[test]
     fn queued_optin_parses_like_a_webhook_optin() {
-        let q = queued_optin("222", "abc", 1_700_000_000_123, &MessageVariables::default())
-            .expect("queued");
+        let q = queued_optin(
+            "222",
+            "abc",
+            1_700_000_000_123,
+            &MessageVariables::default(),
+        )
+        .expect("queued");
         assert_eq!(q.idempotency_key, "optin:222:abc:1700000000123");
         let ev = q.parse().expect("parses");
         assert_eq!(ev.kind, EventKind::Optin);

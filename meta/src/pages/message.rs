@@ -131,11 +131,7 @@ impl FirstMessage {
     /// The message for an opt-in: the variant its `message_ref` chooses rendered with
     /// `variables` (its `default_text` when that fails or breaks a limit), else the page's
     /// own message. Never returns a text outside Meta's limits, given a validated page.
-    pub fn render(
-        &self,
-        message_ref: Option<&str>,
-        variables: &MessageVariables,
-    ) -> Rendered<'_> {
+    pub fn render(&self, message_ref: Option<&str>, variables: &MessageVariables) -> Rendered<'_> {
         let Some(variant) = self.variant_for(message_ref) else {
             return Rendered {
                 message: self.default_message(),
@@ -288,8 +284,7 @@ fn check_default_text(text: &str, problem: &mut impl FnMut(&str, String)) {
     if text.trim().is_empty() {
         problem(
             "default_text",
-            "missing or empty; give the plain text sent when the template cannot be filled"
-                .into(),
+            "missing or empty; give the plain text sent when the template cannot be filled".into(),
         );
     } else if n > MAX_TEXT_CHARS {
         problem(

@@ -20,7 +20,10 @@ pub const MAX_VARIABLE_VALUE_CHARS: usize = 500;
 /// Validated string variables: names are identifiers usable in a template, values are
 /// bounded text without control characters (a line break is allowed).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "BTreeMap<String, String>", into = "BTreeMap<String, String>")]
+#[serde(
+    try_from = "BTreeMap<String, String>",
+    into = "BTreeMap<String, String>"
+)]
 pub struct MessageVariables(BTreeMap<String, String>);
 
 /// Why a set of variables is refused; the text names the variable and the rule.
@@ -42,7 +45,9 @@ pub enum VariablesError {
     #[error("variable `{0}` must be a string")]
     NotAString(String),
     /// A value that is too long.
-    #[error("variable `{name}` has {chars} characters; at most {MAX_VARIABLE_VALUE_CHARS} are allowed")]
+    #[error(
+        "variable `{name}` has {chars} characters; at most {MAX_VARIABLE_VALUE_CHARS} are allowed"
+    )]
     TooLong {
         /// The variable.
         name: String,
@@ -142,8 +147,15 @@ mod tests {
     fn accepts_bounded_string_variables() {
         let v = MessageVariables::from_json(&json!({"first_name": "Ada", "_x1": "line\nbreak"}))
             .expect("valid");
-        assert_eq!(v.as_map().get("first_name").map(String::as_str), Some("Ada"));
-        assert!(MessageVariables::from_json(&json!({})).expect("empty").is_empty());
+        assert_eq!(
+            v.as_map().get("first_name").map(String::as_str),
+            Some("Ada")
+        );
+        assert!(
+            MessageVariables::from_json(&json!({}))
+                .expect("empty")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -152,10 +164,16 @@ mod tests {
         assert_eq!(e(json!(["a"])), VariablesError::NotAnObject);
         assert_eq!(e(json!({"n": 1})), VariablesError::NotAString("n".into()));
         assert!(matches!(e(json!({"1st": "x"})), VariablesError::BadName(_)));
-        assert!(matches!(e(json!({"first-name": "x"})), VariablesError::BadName(_)));
+        assert!(matches!(
+            e(json!({"first-name": "x"})),
+            VariablesError::BadName(_)
+        ));
         assert!(matches!(e(json!({"": "x"})), VariablesError::BadName(_)));
         let long_name = "a".repeat(MAX_VARIABLE_NAME_CHARS + 1);
-        assert!(matches!(e(json!({ long_name: "x" })), VariablesError::BadName(_)));
+        assert!(matches!(
+            e(json!({ long_name: "x" })),
+            VariablesError::BadName(_)
+        ));
         let long = "é".repeat(MAX_VARIABLE_VALUE_CHARS + 1);
         assert_eq!(
             e(json!({ "p": long })),
@@ -183,7 +201,10 @@ mod tests {
         let v = MessageVariables::from_json(&json!({"a": "b"})).expect("valid");
         let text = serde_json::to_string(&v).expect("json");
         assert_eq!(text, r#"{"a":"b"}"#);
-        assert_eq!(serde_json::from_str::<MessageVariables>(&text).expect("back"), v);
+        assert_eq!(
+            serde_json::from_str::<MessageVariables>(&text).expect("back"),
+            v
+        );
         assert!(serde_json::from_str::<MessageVariables>(r#"{"a b":"c"}"#).is_err());
     }
 }

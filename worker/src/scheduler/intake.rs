@@ -77,9 +77,7 @@ pub fn decode(msg: &Incoming, now: OffsetDateTime) -> Result<NewOptin, String> {
 /// database may refuse) chooses nothing and is dropped rather than costing the opt-in.
 fn message_ref(value: Option<String>) -> Option<String> {
     value.filter(|r| {
-        !r.is_empty()
-            && r.chars().count() <= MAX_PAYLOAD_CHARS
-            && !r.chars().any(char::is_control)
+        !r.is_empty() && r.chars().count() <= MAX_PAYLOAD_CHARS && !r.chars().any(char::is_control)
     })
 }
 

@@ -53,11 +53,23 @@ fn problems(variants: &str) -> String {
 #[test]
 fn variant_is_chosen_by_ref_or_payload_value() {
     let m = message();
-    assert_eq!(m.variant_for(Some("checkout")).map(|v| v.name.as_str()), Some("order"));
+    assert_eq!(
+        m.variant_for(Some("checkout")).map(|v| v.name.as_str()),
+        Some("order")
+    );
     // A numeric payload arrives as its digits.
-    assert_eq!(m.variant_for(Some("42")).map(|v| v.name.as_str()), Some("order"));
-    assert_eq!(m.variant_for(Some("news")).map(|v| v.name.as_str()), Some("newsletter"));
-    assert!(m.variant_for(Some("Checkout")).is_none(), "exact match only");
+    assert_eq!(
+        m.variant_for(Some("42")).map(|v| v.name.as_str()),
+        Some("order")
+    );
+    assert_eq!(
+        m.variant_for(Some("news")).map(|v| v.name.as_str()),
+        Some("newsletter")
+    );
+    assert!(
+        m.variant_for(Some("Checkout")).is_none(),
+        "exact match only"
+    );
     assert!(m.variant_for(None).is_none());
 }
 
@@ -180,13 +192,19 @@ fn default_text_must_fit_and_be_plain() {
          default_text = \"{long}\"\n"
     ));
     assert!(e.contains("page \"42\""), "{e}");
-    assert!(e.contains("first_message.variants[\"a\"].default_text"), "{e}");
+    assert!(
+        e.contains("first_message.variants[\"a\"].default_text"),
+        "{e}"
+    );
     assert!(e.contains("2000"), "{e}");
     let e = problems(
         "[[pages.first_message.variants]]\nname = \"a\"\nrefs = [\"r\"]\ntemplate = \"Hi\"\n\
          default_text = \"Hi {{ name }}\"\n",
     );
-    assert!(e.contains("default_text") && e.contains("template syntax"), "{e}");
+    assert!(
+        e.contains("default_text") && e.contains("template syntax"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -212,7 +230,10 @@ fn names_and_refs_are_unique_and_present() {
     assert!(e.contains("names must be unique"), "{e}");
     assert!(e.contains("already chooses variant \"a\""), "{e}");
     assert!(e.contains("variants[\"bad name\"].name"), "{e}");
-    assert!(e.contains("variants[\"bad name\"].refs") && e.contains("never be chosen"), "{e}");
+    assert!(
+        e.contains("variants[\"bad name\"].refs") && e.contains("never be chosen"),
+        "{e}"
+    );
     let e = problems(
         "[[pages.first_message.variants]]\nrefs = [\"r\"]\ntemplate = \"x\"\ndefault_text = \"x\"\n",
     );

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Client;
 use lc_meta::pages::MessageVariables;
-use tokio_postgres::types::Json;
 use time::OffsetDateTime;
+use tokio_postgres::types::Json;
 
 use super::StoreError;
 

@@ -13,10 +13,10 @@
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
+use lc_meta::pages::MessageVariables;
 use lc_shared::events::{FirstMessageExpired, FirstMessageFailed, PublicEvent, insert_outbox};
 use lc_shared::optin::{FailureReason, OptinState};
 use time::OffsetDateTime;
-use lc_meta::pages::MessageVariables;
 use tokio_postgres::types::{Json, ToSql};
 
 use super::{EVENT_SOURCE, LOGIN_EVENT_SOURCE, StoreError, Timing};
