@@ -102,7 +102,7 @@ async fn fallbacks(p: &Pipeline, reason: &str) -> bool {
 
 #[tokio::test]
 async fn ref_and_login_event_variables_render_in_either_order() {
-    let (env, p) = setup(2).await;
+    let (env, p) = setup(3).await;
     let sql = env.sql().await;
     let now = OffsetDateTime::now_utc();
 
@@ -174,7 +174,7 @@ async fn ref_and_login_event_variables_render_in_either_order() {
 
 #[tokio::test]
 async fn missing_variable_sends_the_variant_default_text() {
-    let (env, p) = setup(2).await;
+    let (env, p) = setup(3).await;
     let login_id = login_id_for("7000003", PAGE);
     let (status, _) = login_event(&p, "7000003", json!({"first_name": "Ada"})).await;
     assert_eq!(status, 200);
@@ -197,7 +197,7 @@ async fn missing_variable_sends_the_variant_default_text() {
 
 #[tokio::test]
 async fn over_long_rendering_is_never_sent() {
-    let (env, p) = setup(2).await;
+    let (env, p) = setup(3).await;
     let login_id = login_id_for("7000004", PAGE);
     // Five times 400 characters is 2004 with the spaces: over Meta's 1999.
     let product = "x".repeat(400);
@@ -285,4 +285,62 @@ async fn bad_variables_are_refused_with_what_was_wrong() {
         0,
         "nothing published"
     );
+}
+
+#[tokio::test]
+async fn variables_are_erased_whichever_way_an_opt_in_ends() {
+    let env = TestEnv::new().await;
+    let _pool = env.migrated_pool(1).await;
+    let sql = env.sql().await;
+    sql.batch_execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, \
+             next_attempt_at, message_ref, variables) \
+         SELECT '1', 'l' || s, now(), now() + interval '1 day', now(), 'pending', now(), 'r', \
+             '{\"first_name\": \"Ada\"}' FROM generate_series(1, 6) s",
+    )
+    .await
+    .expect("rows");
+    // Claimed and given back: still needed, kept.
+    sql.batch_execute(
+        "UPDATE optins SET state = 'sending' WHERE login_id = 'l1'; \
+         UPDATE optins SET state = 'pending' WHERE login_id = 'l1'; \
+         UPDATE optins SET state = 'sent' WHERE login_id = 'l2'; \
+         UPDATE optins SET state = 'replied' WHERE login_id = 'l3'; \
+         UPDATE optins SET state = 'failed' WHERE login_id = 'l4'; \
+         UPDATE optins SET state = 'expired' WHERE login_id = 'l5'",
+    )
+    .await
+    .expect("transitions");
+    let kept: Vec<String> = sql
+        .query(
+            "SELECT login_id FROM optins WHERE variables IS NOT NULL ORDER BY login_id",
+            &[],
+        )
+        .await
+        .expect("query")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        kept,
+        ["l1", "l6"],
+        "only unfinished opt-ins keep their variables"
+    );
+    // A row inserted already finished (an expired or unknown-page opt-in) stores none.
+    sql.batch_execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, \
+             next_attempt_at, variables) \
+         VALUES ('1', 'l7', now(), now(), now(), 'expired', now(), '{\"a\": \"b\"}')",
+    )
+    .await
+    .expect("insert");
+    let erased: bool = sql
+        .query_one(
+            "SELECT variables IS NULL FROM optins WHERE login_id = 'l7'",
+            &[],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    assert!(erased);
 }

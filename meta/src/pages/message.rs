@@ -66,7 +66,8 @@ pub enum Fallback {
     TooLong,
     /// The rendered text is empty or only whitespace.
     Empty,
-    /// Rendering failed otherwise (e.g. an operation on a value of the wrong type).
+    /// Rendering failed otherwise (an operation on a value of the wrong type, or more work
+    /// than [`RENDER_FUEL`] allows).
     RenderError,
 }
 
@@ -101,13 +102,19 @@ pub struct Rendered<'a> {
     pub fallback: Option<Fallback>,
 }
 
+/// Work one rendering may do (minijinja "fuel", about one unit per instruction): far more
+/// than a first message needs, and a bound on a template that loops over its variables, since
+/// rendering runs on the scheduler's async workers.
+pub const RENDER_FUEL: u64 = 50_000;
+
 /// The one template environment: strict undefined values, no auto-escaping, no loader (a
-/// template cannot include files), and only the core syntax (minijinja is built without its
-/// filter library, macros and multi-template features).
+/// template cannot include files), only the core syntax (minijinja is built without its
+/// filter library, macros and multi-template features), and bounded work per rendering.
 static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_auto_escape_callback(|_| AutoEscape::None);
+    env.set_fuel(Some(RENDER_FUEL));
     env
 });
 

@@ -144,6 +144,20 @@ fn render_errors_fall_back() {
 }
 
 #[test]
+fn runaway_templates_are_stopped_and_fall_back() {
+    let mut m = message();
+    // 500 × 500 × 500 iterations: stopped by the fuel bound, not run to the end.
+    m.variants[0].template =
+        "{% for a in p %}{% for b in p %}{% for c in p %}.{% endfor %}{% endfor %}{% endfor %}"
+            .into();
+    let started = std::time::Instant::now();
+    let r = m.render(Some("checkout"), &vars(json!({"p": "x".repeat(500)})));
+    assert_eq!(r.fallback, Some(Fallback::RenderError));
+    assert_eq!(r.message.text, "Thanks for your order!");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[test]
 fn variants_round_trip_through_json() {
     let m = message();
     let value = serde_json::to_value(&m).expect("json");
