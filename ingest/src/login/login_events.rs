@@ -11,6 +11,10 @@
 //! of kind `optin` (source `login_event`) on `messenger.webhook`, acknowledged `200` only
 //! after the broker confirmed it. The scheduler keys opt-ins by (page, login_id), so the
 //! webhook opt-in for the same login, before or after, is a duplicate: one message.
+//!
+//! A login event may carry `variables` for the page's personalised first message; they are
+//! bounded here ([`MessageVariables`]) and refused with `400` naming what was wrong, before
+//! anything is published.
 
 use std::collections::HashMap;
 use std::sync::Arc;

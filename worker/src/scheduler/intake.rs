@@ -331,4 +331,69 @@ mod tests {
         let err = decode(&incoming_at("abc", 1_000_000_000), now()).expect_err("1970");
         assert!(err.contains("before 2004-01-01"), "{err}");
     }
+
+    /// An opt-in of `source` whose `optin` object has `extra` members besides `login_id`.
+    fn incoming_with(source: &str, extra: &str) -> Incoming {
+        let event = serde_json::value::RawValue::from_string(format!(
+            r#"{{"recipient":{{"id":"1"}},"timestamp":1700000000000,"optin":{{"login_id":"abc"{extra}}}}}"#
+        ))
+        .expect("raw");
+        let queued = QueuedEvent {
+            page_id: "1".into(),
+            kind: EventKind::Optin,
+            source: source.into(),
+            timestamp_ms: 1_700_000_000_000,
+            idempotency_key: "k".into(),
+            event,
+        };
+        Incoming {
+            data: serde_json::to_vec(&queued).expect("json"),
+            routing_key: "optin.1".into(),
+            properties: lapin::BasicProperties::default(),
+            redelivered: false,
+        }
+    }
+
+    #[test]
+    fn reads_the_ref_else_the_payload_and_drops_unusable_ones() {
+        let r = |extra: &str| decode(&incoming_with("webhook", extra), now()).expect("decodes");
+        assert_eq!(r(r#","ref":"sale""#).message_ref.as_deref(), Some("sale"));
+        assert_eq!(r(r#","payload":42"#).message_ref.as_deref(), Some("42"));
+        assert_eq!(
+            r(r#","ref":"a","payload":"b""#).message_ref.as_deref(),
+            Some("a")
+        );
+        assert_eq!(r("").message_ref, None);
+        assert_eq!(r(r#","ref":null"#).message_ref, None);
+        // The opt-in is kept; only the ref no variant could hold is dropped.
+        assert_eq!(r(r#","ref":"a\u0000b""#).message_ref, None);
+        let long = format!(r#","ref":"{}""#, "x".repeat(1001));
+        assert_eq!(r(&long).message_ref, None);
+    }
+
+    #[test]
+    fn variables_come_only_from_login_events() {
+        let extra = r#","variables":{"first_name":"Ada"}"#;
+        let login = decode(&incoming_with("login_event", extra), now()).expect("decodes");
+        let vars = login.variables.expect("variables");
+        assert_eq!(
+            vars.as_map().get("first_name").map(String::as_str),
+            Some("Ada")
+        );
+        let webhook = decode(&incoming_with("webhook", extra), now()).expect("decodes");
+        assert!(
+            webhook.variables.is_none(),
+            "a webhook cannot inject variables"
+        );
+        // Variables that break a bound cost the personalisation, not the opt-in.
+        let bad = decode(
+            &incoming_with("login_event", r#","variables":{"a b":"x"}"#),
+            now(),
+        )
+        .expect("decodes");
+        assert!(bad.variables.is_none());
+        let empty =
+            decode(&incoming_with("login_event", r#","variables":{}"#), now()).expect("decodes");
+        assert!(empty.variables.is_none());
+    }
 }

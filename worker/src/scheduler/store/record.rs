@@ -3,7 +3,9 @@
 //! earliest-time rule for duplicates of a pending opt-in. What outlives the row is honoured
 //! too: a person ever linked gets no first message, the permanent record of a pruned sent
 //! opt-in (`contacted`) stands in for its row, and an opt-in that happened before the
-//! person's data deletion (`deleted_people`) recreates nothing.
+//! person's data deletion (`deleted_people`) recreates nothing. A duplicate of a pending
+//! opt-in also brings what it knows for a personalised first message (the webhook's `ref`, a
+//! login event's variables) onto the row, since the two halves arrive in either order.
 //!
 //! Nothing here panics on input: the deadline arithmetic is checked, stored values are read
 //! with `try_get`, and an opt-in that can never be recorded comes back as a
