@@ -32,9 +32,7 @@ fn config(amqp_url: &str) -> IngestConfig {
         http2: false,
         max_connections: 4096,
         publish_channels: 2,
-        amqp: AmqpArgs {
-            amqp_url: amqp_url.to_owned(),
-        },
+        amqp: AmqpArgs::new(amqp_url),
         log: lc_shared::config::LogArgs {
             log_format: LogFormat::Text,
         },

@@ -15,6 +15,7 @@
 
 mod abuse;
 mod amqp_nodes;
+mod amqp_tls;
 mod cli;
 mod contract;
 mod correlator;
@@ -32,6 +33,7 @@ mod login_events;
 mod never_again;
 mod observability;
 mod personalised;
+mod pgbouncer;
 mod relay;
 mod relay_order;
 mod scale_out;

@@ -15,12 +15,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures_util::StreamExt;
+use lapin::ExchangeKind;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Connection, ExchangeKind};
+use lc_shared::amqp::{AmqpEndpoint, AmqpError};
+use lc_shared::config::AmqpArgs;
 use lc_shared::events::{CloudEvent, IdentityLinked};
 use lc_shared::topology::EVENTS_EXCHANGE;
 use time::format_description::well_known::Rfc3339;
@@ -34,9 +36,9 @@ use uuid::Uuid;
     about = "Prints every identity link loginconnect announces (an example downstream service)."
 )]
 struct Args {
-    /// RabbitMQ URL, including the vhost.
-    #[arg(long = "amqp-url", env = "AMQP_URL", default_value = lc_shared::config::DEFAULT_AMQP_URL, hide_env_values = true)]
-    amqp_url: String,
+    /// RabbitMQ URL and TLS files, as loginconnect's own (`AMQP_URL`, `AMQP_TLS_*`).
+    #[command(flatten)]
+    amqp: AmqpArgs,
 
     /// This service's own queue (declared durable, quorum).
     #[arg(long, default_value = "crm.identity-links")]
@@ -93,11 +95,13 @@ impl Seen {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    // A TLS file that cannot be used is a configuration error: stop instead of retrying.
+    let endpoint = args.amqp.endpoint()?;
     let mut seen = Seen::new(args.dedupe_capacity);
     let mut delay = Duration::from_millis(200);
     loop {
         tokio::select! {
-            result = consume(&args, &mut seen) => match result {
+            result = consume(&args, &endpoint, &mut seen) => match result {
                 Ok(()) => eprintln!("the broker closed the consumer; reconnecting"),
                 Err(e) => eprintln!("connection problem: {e}; reconnecting in {delay:?}"),
             },
@@ -110,8 +114,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Consumes until the connection or channel fails.
-async fn consume(args: &Args, seen: &mut Seen) -> Result<(), lapin::Error> {
-    let conn = Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default()).await?;
+async fn consume(args: &Args, endpoint: &AmqpEndpoint, seen: &mut Seen) -> Result<(), AmqpError> {
+    let conn = lc_shared::amqp::connect(endpoint, "downstream_consumer").await?;
     let ch = conn.create_channel().await?;
     // Declaring the exchange too (same flags as loginconnect) lets this start first.
     ch.exchange_declare(

@@ -87,7 +87,7 @@ pub async fn start(
     let watchdog_graph = graph.clone();
     let worker_id = config.worker.worker_id("scheduler");
     let pool = config.worker.prepare_database().await?;
-    let link = config.worker.broker(&worker_id);
+    let link = config.worker.broker(&worker_id)?;
     let registry = prometheus::Registry::new();
     let metrics = SchedulerMetrics::new(&registry)?;
     let relay_metrics = crate::relay::RelayMetrics::new(&registry)?;
