@@ -120,7 +120,7 @@ impl TryFrom<RawQuickReply> for QuickReply {
                 title: raw.title,
                 payload: raw.payload,
             }),
-            Some(_) => Err("quick reply `content_type` must be \"text\" (or left out)".into()),
+            Some(_) => Err("quick reply `content_type` must be text (or left out)".into()),
         }
     }
 }
