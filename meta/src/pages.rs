@@ -20,6 +20,12 @@ use serde::ser::{Serialize, SerializeStruct, Serializer};
 
 use crate::secret::Secret;
 
+pub mod message;
+pub mod variables;
+
+pub use message::{Fallback, MessageVariant, OutgoingMessage, Rendered};
+pub use variables::{MessageVariables, VariablesError};
+
 /// Meta: `message.text` "must be UTF-8 and less than 2000 characters".
 pub const MAX_TEXT_CHARS: usize = 1999;
 /// Meta: at most 13 quick replies per message.
@@ -49,21 +55,31 @@ pub struct PageConfig {
     pub first_message: FirstMessage,
 }
 
-/// The initial message; serializes to the Send API `message` object.
+/// The initial message of a page: its own text and quick replies, and named variants.
 ///
-/// `{"text": .., "quick_replies": [{"content_type": "text", "title": .., "payload": ..}]}`,
-/// without `quick_replies` when there are none (Graph rejects an empty array).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// Serializes to (and deserializes from) the same shape the pages file uses, so it can be
+/// stored as JSON; without variants that is exactly the Send API `message` object
+/// (`{"text": .., "quick_replies": [{"content_type": "text", "title": .., "payload": ..}]}`).
+/// What is sent is an [`OutgoingMessage`] ([`FirstMessage::render`]). Every field has a
+/// default so older files and stored JSON stay valid; [`FirstMessage::check`] applies the
+/// rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FirstMessage {
-    /// The message text (1 to 1999 characters).
+    /// The message text (1 to 1999 characters), sent when no variant is chosen.
+    #[serde(default)]
     pub text: String,
     /// Up to 13 text quick replies.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quick_replies: Vec<QuickReply>,
+    /// Personalised alternatives chosen by the opt-in's `ref`/`payload` (see [`message`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<MessageVariant>,
 }
 
 /// A text quick reply button.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "RawQuickReply")]
 pub struct QuickReply {
     /// The button label (1 to 20 characters).
     pub title: String,
@@ -80,6 +96,48 @@ impl Serialize for QuickReply {
         s.serialize_field("title", &self.title)?;
         s.serialize_field("payload", &self.payload)?;
         s.end()
+    }
+}
+
+// A quick reply as written: missing fields become empty (and get our own error, naming the
+// page); `content_type` is accepted because stored JSON carries it, but only as "text".
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuickReply {
+    #[serde(default)]
+    title: String,
+    #[serde(default)]
+    payload: String,
+    content_type: Option<String>,
+}
+
+impl TryFrom<RawQuickReply> for QuickReply {
+    type Error = String;
+
+    fn try_from(raw: RawQuickReply) -> Result<Self, Self::Error> {
+        match raw.content_type.as_deref() {
+            None | Some("text") => Ok(Self {
+                title: raw.title,
+                payload: raw.payload,
+            }),
+            Some(_) => Err("quick reply `content_type` must be text (or left out)".into()),
+        }
+    }
+}
+
+impl FirstMessage {
+    /// Every problem of this message against Meta's limits and the variant rules, for the
+    /// page labelled `page` (e.g. `page "1234"`); empty when it is valid.
+    pub fn check(&self, page: &str) -> Vec<PageProblem> {
+        let mut problems = Vec::new();
+        check_message(self, &mut |field: &str, problem: String| {
+            problems.push(PageProblem {
+                page: page.to_owned(),
+                field: field.to_owned(),
+                problem,
+            });
+        });
+        problems
     }
 }
 
@@ -116,7 +174,8 @@ pub enum PagesError {
     #[error(
         "pages file {file}: {location}: {message}; fix the TOML (keys allowed in [[pages]]: id, \
          access_token, access_token_env, app_secret, app_secret_env, first_message; in \
-         [pages.first_message]: text, quick_replies; in a quick reply: title, payload)"
+         [pages.first_message]: text, quick_replies, variants; in a quick reply: title, \
+         payload; in a variant: name, refs, template, default_text, quick_replies)"
     )]
     Syntax {
         /// The path given.
@@ -163,22 +222,7 @@ struct RawPage {
     access_token_env: Option<String>,
     app_secret: Option<Secret>,
     app_secret_env: Option<String>,
-    first_message: Option<RawFirstMessage>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFirstMessage {
-    text: Option<String>,
-    #[serde(default)]
-    quick_replies: Vec<RawQuickReply>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQuickReply {
-    title: Option<String>,
-    payload: Option<String>,
+    first_message: Option<FirstMessage>,
 }
 
 /// The label `parse` uses for the file in its errors (it has no path).
@@ -318,7 +362,10 @@ fn validate_page(
             );
             None
         }
-        Some(m) => validate_message(m, &mut problem),
+        Some(m) => {
+            check_message(&m, &mut problem);
+            Some(m)
+        }
     };
 
     if problems.len() > before {
@@ -405,19 +452,13 @@ fn resolve_secret(
     }
 }
 
-fn validate_message(
-    raw: RawFirstMessage,
-    problem: &mut impl FnMut(&str, String),
-) -> Option<FirstMessage> {
-    let mut ok = true;
-    let text = raw.text.unwrap_or_default();
-    let text_chars = text.chars().count();
-    if text.trim().is_empty() {
+fn check_message(m: &FirstMessage, problem: &mut impl FnMut(&str, String)) {
+    let text_chars = m.text.chars().count();
+    if m.text.trim().is_empty() {
         problem(
             "first_message.text",
             "missing or empty; Meta requires a non-empty text".into(),
         );
-        ok = false;
     } else if text_chars > MAX_TEXT_CHARS {
         problem(
             "first_message.text",
@@ -426,25 +467,30 @@ fn validate_message(
                 MAX_TEXT_CHARS + 1
             ),
         );
-        ok = false;
     }
-    if raw.quick_replies.len() > MAX_QUICK_REPLIES {
+    check_quick_replies(&m.quick_replies, "first_message.quick_replies", problem);
+    message::check_variants(&m.variants, problem);
+}
+
+/// Checks a list of quick replies whose field is `field` (e.g. `first_message.quick_replies`).
+fn check_quick_replies(
+    quick_replies: &[QuickReply],
+    field: &str,
+    problem: &mut impl FnMut(&str, String),
+) {
+    if quick_replies.len() > MAX_QUICK_REPLIES {
         problem(
-            "first_message.quick_replies",
+            field,
             format!(
                 "has {} entries; Meta allows at most {MAX_QUICK_REPLIES} — remove some",
-                raw.quick_replies.len()
+                quick_replies.len()
             ),
         );
-        ok = false;
     }
-    let mut quick_replies = Vec::with_capacity(raw.quick_replies.len());
-    for (i, qr) in raw.quick_replies.into_iter().enumerate() {
-        let title = qr.title.unwrap_or_default();
-        let payload = qr.payload.unwrap_or_default();
+    for (i, qr) in quick_replies.iter().enumerate() {
         let checks = [
-            ("title", &title, MAX_TITLE_CHARS),
-            ("payload", &payload, MAX_PAYLOAD_CHARS),
+            ("title", &qr.title, MAX_TITLE_CHARS),
+            ("payload", &qr.payload, MAX_PAYLOAD_CHARS),
         ];
         for (name, value, max) in checks {
             let n = value.chars().count();
@@ -455,18 +501,12 @@ fn validate_message(
                     format!("has {n} characters")
                 };
                 problem(
-                    &format!("first_message.quick_replies[{i}].{name}"),
+                    &format!("{field}[{i}].{name}"),
                     format!("{what}; Meta requires 1 to {max} characters"),
                 );
-                ok = false;
             }
         }
-        quick_replies.push(QuickReply { title, payload });
     }
-    ok.then_some(FirstMessage {
-        text,
-        quick_replies,
-    })
 }
 
 fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> PagesError {

@@ -34,6 +34,7 @@ fn page_config(id: &str, token: &str, app_secret: Option<&str>) -> PageConfig {
                     payload: "AGENT".into(),
                 },
             ],
+            variants: vec![],
         },
     }
 }

@@ -34,6 +34,7 @@ mod login_events;
 mod never_again;
 mod observability;
 mod operational_events;
+mod personalised;
 mod pgbouncer;
 mod relay;
 mod relay_order;

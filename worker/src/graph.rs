@@ -27,7 +27,7 @@ use sha2::Sha256;
 use time::OffsetDateTime;
 use usage::{Usage, parse_usage, wait_asked};
 
-use lc_meta::pages::PageConfig;
+use lc_meta::pages::{OutgoingMessage, PageConfig};
 
 /// How long to wait for a TCP/TLS connection to Graph; requests have their own timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -155,19 +155,34 @@ impl GraphClient {
         self.base.as_str()
     }
 
-    /// Sends the page's first message to `login_id`: `POST {base}/{page_id}/messages`.
-    ///
-    /// `traceparent` (W3C) is passed on when given, so the call joins the caller's trace.
+    /// Sends the page's own first message (no variant) to `login_id`; see
+    /// [`GraphClient::send_message`].
     pub async fn send_first_message(
         &self,
         page: &PageConfig,
         login_id: &str,
         traceparent: Option<&str>,
     ) -> SendOutcome {
+        let message = page.first_message.default_message();
+        self.send_message(page, &message, login_id, traceparent)
+            .await
+    }
+
+    /// Sends `message` (already rendered and within Meta's limits) to `login_id`:
+    /// `POST {base}/{page_id}/messages`.
+    ///
+    /// `traceparent` (W3C) is passed on when given, so the call joins the caller's trace.
+    pub async fn send_message(
+        &self,
+        page: &PageConfig,
+        message: &OutgoingMessage,
+        login_id: &str,
+        traceparent: Option<&str>,
+    ) -> SendOutcome {
         let body = json!({
             "recipient": { "login_id": login_id },
             "messaging_type": "UPDATE",
-            "message": page.first_message,
+            "message": message,
         });
         let url = self.url(page, &[&page.id, "messages"], &[]);
         let answer = match self

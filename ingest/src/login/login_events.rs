@@ -11,6 +11,10 @@
 //! of kind `optin` (source `login_event`) on `messenger.webhook`, acknowledged `200` only
 //! after the broker confirmed it. The scheduler keys opt-ins by (page, login_id), so the
 //! webhook opt-in for the same login, before or after, is a duplicate: one message.
+//!
+//! A login event may carry `variables` for the page's personalised first message; they are
+//! bounded here ([`MessageVariables`]) and refused with `400` naming what was wrong, before
+//! anything is published.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use lc_meta::login::event_signature::{EventSignatureVerifier, LOGIN_SIGNATURE_HEADER};
 use lc_meta::login::login_id::{compute_login_id, is_facebook_id};
+use lc_meta::pages::MessageVariables;
 use lc_meta::secret::Secret;
 use lc_meta::webhook::{EventKind, QueuedEvent};
 use lc_shared::amqp::BrokerLink;
@@ -136,6 +141,8 @@ pub struct LoginEvent {
     pub page_id: String,
     /// When the login succeeded, unix milliseconds.
     pub logged_in_at_ms: i64,
+    /// Variables for the page's personalised first message (`variables`, optional).
+    pub variables: MessageVariables,
 }
 
 /// Why a body is not a usable login event: `BadRequest` → 400, `Unprocessable` → 422.
@@ -219,25 +226,38 @@ pub fn parse_login_event(body: &[u8]) -> Result<LoginEvent, LoginEventError> {
             "field `logged_in_at` is before 1973: send unix milliseconds, not seconds".into(),
         ));
     }
+    // Bounded here, before anything is published: they are stored with the opt-in.
+    let variables = match obj.get("variables") {
+        None | Some(Value::Null) => MessageVariables::default(),
+        Some(v) => MessageVariables::from_json(v)
+            .map_err(|e| LoginEventError::BadRequest(e.to_string()))?,
+    };
     Ok(LoginEvent {
         asid,
         app_id,
         page_id,
         logged_in_at_ms,
+        variables,
     })
 }
 
 /// The queued opt-in for `login_id`: the same shape a webhook opt-in has, so the scheduler
-/// cannot tell them apart except by `source`.
+/// cannot tell them apart except by `source`. Variables, when there are any, travel as
+/// `optin.variables` (read by the scheduler only from `source: "login_event"`).
 pub fn queued_optin(
     page_id: &str,
     login_id: &str,
     timestamp_ms: i64,
+    variables: &MessageVariables,
 ) -> Result<QueuedEvent, serde_json::Error> {
+    let mut optin = json!({ "login_id": login_id });
+    if !variables.is_empty() {
+        optin["variables"] = serde_json::to_value(variables)?;
+    }
     let item = json!({
         "recipient": { "id": page_id },
         "timestamp": timestamp_ms,
-        "optin": { "login_id": login_id },
+        "optin": optin,
     });
     Ok(QueuedEvent {
         page_id: page_id.to_owned(),
@@ -295,8 +315,13 @@ async fn handle(
         return unprocessable("field `logged_in_at` is in the future".into());
     }
     let login_id = compute_login_id(token, &event.asid, &event.app_id, &event.page_id);
-    let message = queued_optin(&event.page_id, &login_id, event.logged_in_at_ms)
-        .and_then(|q| publish::event_message_from_queued(&q, &trace.to_string()));
+    let message = queued_optin(
+        &event.page_id,
+        &login_id,
+        event.logged_in_at_ms,
+        &event.variables,
+    )
+    .and_then(|q| publish::event_message_from_queued(&q, &trace.to_string()));
     let message = match message {
         Ok(m) => m,
         Err(e) => {
@@ -388,11 +413,42 @@ mod tests {
         assert!(unprocessable(
             br#"{"asid":"1","app_id":"2","page_id":"3","logged_in_at":1700000000}"#
         ));
+        // Variables: an object of bounded strings, or a 400 naming what was wrong.
+        let with = |v: &str| {
+            parse_login_event(
+                format!(
+                    r#"{{"asid":"1","app_id":"2","page_id":"3","logged_in_at":1700000000000,"variables":{v}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        assert_eq!(
+            with(r#"{"first_name":"Ada"}"#)
+                .expect("valid")
+                .variables
+                .as_map()
+                .get("first_name")
+                .map(String::as_str),
+            Some("Ada")
+        );
+        assert!(with("null").expect("null is none").variables.is_empty());
+        for bad in [r#""Ada""#, r#"{"n":1}"#, r#"{"first name":"x"}"#] {
+            assert!(
+                matches!(with(bad), Err(LoginEventError::BadRequest(m)) if m.contains("variable")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
     fn queued_optin_parses_like_a_webhook_optin() {
-        let q = queued_optin("222", "abc", 1_700_000_000_123).expect("queued");
+        let q = queued_optin(
+            "222",
+            "abc",
+            1_700_000_000_123,
+            &MessageVariables::default(),
+        )
+        .expect("queued");
         assert_eq!(q.idempotency_key, "optin:222:abc:1700000000123");
         let ev = q.parse().expect("parses");
         assert_eq!(ev.kind, EventKind::Optin);

@@ -94,6 +94,7 @@ fn first_message_serializes_to_send_api_shape() {
             title: "Yes".into(),
             payload: "Y".into(),
         }],
+        ..FirstMessage::default()
     };
     assert_eq!(
         serde_json::to_value(&m).expect("json"),
@@ -103,6 +104,7 @@ fn first_message_serializes_to_send_api_shape() {
     let bare = FirstMessage {
         text: "Hi".into(),
         quick_replies: vec![],
+        variants: vec![],
     };
     assert_eq!(
         serde_json::to_value(&bare).expect("json"),

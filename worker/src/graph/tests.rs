@@ -283,6 +283,7 @@ fn page(app_secret: Option<&str>) -> PageConfig {
         first_message: FirstMessage {
             text: "Hi".into(),
             quick_replies: vec![],
+            variants: vec![],
         },
     }
 }

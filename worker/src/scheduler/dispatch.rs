@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::graph::{GraphClient, SendOutcome};
 use deadpool_postgres::Pool;
-use lc_meta::pages::PagesConfig;
+use lc_meta::pages::{OutgoingMessage, PageConfig, PagesConfig};
 use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::{TraceParent, continue_trace, login_id_label};
 use time::OffsetDateTime;
@@ -422,13 +422,14 @@ impl Dispatcher {
             .get(&c.page_id)
             .cloned()
             .unwrap_or(page);
+        let message = self.render(&page, c);
         // The call gets its own span, so the trace shows Graph's latency apart from ours.
         let call_span = tracing::info_span!("send_api_call", page_id = %c.page_id);
         let call_trace = continue_trace(&call_span, Some(trace)).to_string();
         let started = Instant::now();
         let outcome = self
             .graph
-            .send_first_message(&page, &c.login_id, Some(&call_trace))
+            .send_message(&page, &message, &c.login_id, Some(&call_trace))
             .instrument(call_span)
             .await;
         self.metrics
@@ -456,6 +457,28 @@ impl Dispatcher {
                 self.record_failure(c, f, last_send, &token).await
             }
         }
+    }
+
+    /// The message for this opt-in: the variant its `ref` chooses, filled with its variables,
+    /// or the page's own message. A rendering that fails or breaks Meta's limits is never
+    /// sent: the variant's default text goes instead, logged and counted by reason.
+    fn render(&self, page: &PageConfig, c: &Claimed) -> OutgoingMessage {
+        let rendered = page
+            .first_message
+            .render(c.message_ref.as_deref(), &c.variables);
+        if let Some(reason) = rendered.fallback {
+            self.metrics
+                .message_fallbacks
+                .with_label_values(&[reason.as_str()])
+                .inc();
+            tracing::warn!(
+                page_id = %c.page_id,
+                variant = rendered.variant.unwrap_or_default(),
+                reason = reason.as_str(),
+                "personalised first message not usable; sending the variant's default text"
+            );
+        }
+        rendered.message
     }
 
     /// How far after now an idle page's first slot is put: what this replica needs from a

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::{Client, Pool};
 use lc_meta::ids::{check_event_time, check_id, check_page_id};
-use lc_meta::pages::PagesConfig;
+use lc_meta::pages::{MAX_PAYLOAD_CHARS, MessageVariables, PagesConfig};
 use lc_meta::webhook::{EventDetails, QueuedEvent};
 use lc_shared::telemetry::login_id_label;
 use time::OffsetDateTime;
@@ -24,7 +24,7 @@ use tokio::sync::{Notify, RwLock};
 
 use super::metrics::SchedulerMetrics;
 use super::store::record::{self, NewOptin, RecordError, Recorded};
-use super::store::{StoreError, Timing};
+use super::store::{LOGIN_EVENT_SOURCE, StoreError, Timing};
 use crate::runtime::consumer::{Incoming, Verdict};
 
 /// Decodes one delivery into an opt-in, or says why it cannot be one. `now` is the clock the
@@ -57,13 +57,56 @@ pub fn decode(msg: &Incoming, now: OffsetDateTime) -> Result<NewOptin, String> {
             event.page_id.escape_debug()
         )
     })?;
+    let message_ref = message_ref(optin.reference.or(optin.payload));
+    let variables = if queued.source == LOGIN_EVENT_SOURCE {
+        login_event_variables(&queued, &event.page_id)
+    } else {
+        None
+    };
     Ok(NewOptin {
         page_id: event.page_id,
         login_id: optin.login_id,
         opted_in_at: event.timestamp,
         source: queued.source,
         traceparent: lc_shared::amqp::header_str(&msg.properties, "traceparent"),
+        message_ref,
+        variables,
     })
+}
+
+/// The opt-in's `ref` (else `payload`) as stored to choose a message variant. A value no
+/// variant can hold (longer than a variant ref may be, or with control characters, which the
+/// database may refuse) chooses nothing and is dropped rather than costing the opt-in.
+fn message_ref(value: Option<String>) -> Option<String> {
+    value.filter(|r| {
+        !r.is_empty() && r.chars().count() <= MAX_PAYLOAD_CHARS && !r.chars().any(char::is_control)
+    })
+}
+
+/// The variables a login event carried (`optin.variables`), validated again: ingest bounded
+/// them, but a message that breaks a bound anyway (a replay edited by hand) keeps its opt-in
+/// and loses only the personalisation.
+fn login_event_variables(queued: &QueuedEvent, page_id: &str) -> Option<MessageVariables> {
+    #[derive(serde::Deserialize)]
+    struct Item {
+        optin: Option<ItemOptin>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ItemOptin {
+        variables: Option<serde_json::Value>,
+    }
+    let value = serde_json::from_str::<Item>(queued.event.get())
+        .ok()?
+        .optin?
+        .variables?;
+    match MessageVariables::from_json(&value) {
+        Ok(v) if v.is_empty() => None,
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(page_id = %page_id.escape_debug(), error = %e, "login event variables refused; the opt-in is recorded without them");
+            None
+        }
+    }
 }
 
 /// A decoded opt-in and where it sits in the batch (for its verdict).
@@ -289,5 +332,70 @@ mod tests {
         // 10^9 (read as seconds): September 2001, before any opt-in could exist.
         let err = decode(&incoming_at("abc", 1_000_000_000), now()).expect_err("1970");
         assert!(err.contains("before 2004-01-01"), "{err}");
+    }
+
+    /// An opt-in of `source` whose `optin` object has `extra` members besides `login_id`.
+    fn incoming_with(source: &str, extra: &str) -> Incoming {
+        let event = serde_json::value::RawValue::from_string(format!(
+            r#"{{"recipient":{{"id":"1"}},"timestamp":1700000000000,"optin":{{"login_id":"abc"{extra}}}}}"#
+        ))
+        .expect("raw");
+        let queued = QueuedEvent {
+            page_id: "1".into(),
+            kind: EventKind::Optin,
+            source: source.into(),
+            timestamp_ms: 1_700_000_000_000,
+            idempotency_key: "k".into(),
+            event,
+        };
+        Incoming {
+            data: serde_json::to_vec(&queued).expect("json"),
+            routing_key: "optin.1".into(),
+            properties: lapin::BasicProperties::default(),
+            redelivered: false,
+        }
+    }
+
+    #[test]
+    fn reads_the_ref_else_the_payload_and_drops_unusable_ones() {
+        let r = |extra: &str| decode(&incoming_with("webhook", extra), now()).expect("decodes");
+        assert_eq!(r(r#","ref":"sale""#).message_ref.as_deref(), Some("sale"));
+        assert_eq!(r(r#","payload":42"#).message_ref.as_deref(), Some("42"));
+        assert_eq!(
+            r(r#","ref":"a","payload":"b""#).message_ref.as_deref(),
+            Some("a")
+        );
+        assert_eq!(r("").message_ref, None);
+        assert_eq!(r(r#","ref":null"#).message_ref, None);
+        // The opt-in is kept; only the ref no variant could hold is dropped.
+        assert_eq!(r(r#","ref":"a\u0000b""#).message_ref, None);
+        let long = format!(r#","ref":"{}""#, "x".repeat(1001));
+        assert_eq!(r(&long).message_ref, None);
+    }
+
+    #[test]
+    fn variables_come_only_from_login_events() {
+        let extra = r#","variables":{"first_name":"Ada"}"#;
+        let login = decode(&incoming_with("login_event", extra), now()).expect("decodes");
+        let vars = login.variables.expect("variables");
+        assert_eq!(
+            vars.as_map().get("first_name").map(String::as_str),
+            Some("Ada")
+        );
+        let webhook = decode(&incoming_with("webhook", extra), now()).expect("decodes");
+        assert!(
+            webhook.variables.is_none(),
+            "a webhook cannot inject variables"
+        );
+        // Variables that break a bound cost the personalisation, not the opt-in.
+        let bad = decode(
+            &incoming_with("login_event", r#","variables":{"a b":"x"}"#),
+            now(),
+        )
+        .expect("decodes");
+        assert!(bad.variables.is_none());
+        let empty =
+            decode(&incoming_with("login_event", r#","variables":{}"#), now()).expect("decodes");
+        assert!(empty.variables.is_none());
     }
 }

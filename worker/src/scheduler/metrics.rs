@@ -1,6 +1,7 @@
 //! Prometheus metrics of the scheduler.
 
 use crate::graph::FailureClass;
+use lc_meta::pages::Fallback;
 use lc_shared::optin::OptinState;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -41,6 +42,8 @@ pub struct SchedulerMetrics {
     pub dead_lettered: IntCounter,
     /// Messages waiting in the scheduler's queues (refreshed periodically).
     pub queue_ready: IntGaugeVec,
+    /// Personalised messages sent as their variant's default text, by [`Fallback`] reason.
+    pub message_fallbacks: IntCounterVec,
 }
 
 impl SchedulerMetrics {
@@ -149,6 +152,13 @@ impl SchedulerMetrics {
                 ),
                 &["queue"],
             )?,
+            message_fallbacks: IntCounterVec::new(
+                Opts::new(
+                    "scheduler_message_fallbacks_total",
+                    "Personalised first messages sent as their variant's default text, by reason",
+                ),
+                &["reason"],
+            )?,
         };
         // Known label values exist from the start, so dashboards and alerts see zeros rather
         // than missing series.
@@ -169,6 +179,9 @@ impl SchedulerMetrics {
         for t in OptinState::TERMINAL {
             m.terminal_of(t);
         }
+        for f in Fallback::ALL {
+            m.message_fallbacks.with_label_values(&[f.as_str()]);
+        }
         registry.register(Box::new(m.queue_ready.clone()))?;
         registry.register(Box::new(m.optins_recorded.clone()))?;
         registry.register(Box::new(m.sends.clone()))?;
@@ -185,6 +198,7 @@ impl SchedulerMetrics {
         registry.register(Box::new(m.optins_by_state.clone()))?;
         registry.register(Box::new(m.nearest_deadline.clone()))?;
         registry.register(Box::new(m.dead_lettered.clone()))?;
+        registry.register(Box::new(m.message_fallbacks.clone()))?;
         Ok(m)
     }
 }

@@ -18,7 +18,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Client;
+use lc_meta::pages::MessageVariables;
 use time::OffsetDateTime;
+use tokio_postgres::types::Json;
 
 use super::StoreError;
 
@@ -46,6 +48,10 @@ pub struct Claimed {
     pub lease_end: Instant,
     /// The send slot of this row on this process's clock: its call may not start earlier.
     pub slot: Instant,
+    /// The opt-in's `ref`/`payload`, which chooses a message variant.
+    pub message_ref: Option<String>,
+    /// Variables for the message's placeholders (empty when there are none).
+    pub variables: MessageVariables,
 }
 
 /// What a claim asks for.
@@ -204,8 +210,20 @@ const LEASE_SQL: &str = concat!(
      FROM unnest($3::text[], $4::text[]) AS c(page_id, login_id) \
      WHERE o.page_id = c.page_id AND o.login_id = c.login_id \
      RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
-         o.traceparent"
+         o.traceparent, o.message_ref, o.variables"
 );
+
+/// The stored variables of a claimed row. One that does not read back (edited by hand)
+/// costs the personalisation, never the first message: the variant's default text is sent.
+fn stored_variables(row: &tokio_postgres::Row) -> MessageVariables {
+    match row.try_get::<_, Option<Json<MessageVariables>>>(8) {
+        Ok(v) => v.map(|Json(v)| v).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "stored optins.variables cannot be read; sending without them");
+            MessageVariables::default()
+        }
+    }
+}
 
 /// One candidate row and its page's slot spacing.
 struct Candidate {
@@ -303,6 +321,8 @@ pub async fn claim_due(
                 lease: request.lease,
                 lease_end,
                 slot,
+                message_ref: r.try_get(7).ok().flatten(),
+                variables: stored_variables(r),
             }
         })
         .collect();

@@ -3,7 +3,9 @@
 //! earliest-time rule for duplicates of a pending opt-in. What outlives the row is honoured
 //! too: a person ever linked gets no first message, the permanent record of a pruned sent
 //! opt-in (`contacted`) stands in for its row, and an opt-in that happened before the
-//! person's data deletion (`deleted_people`) recreates nothing.
+//! person's data deletion (`deleted_people`) recreates nothing. A duplicate of a pending
+//! opt-in also brings what it knows for a personalised first message (the webhook's `ref`, a
+//! login event's variables) onto the row, since the two halves arrive in either order.
 //!
 //! Nothing here panics on input: the deadline arithmetic is checked, stored values are read
 //! with `try_get`, and an opt-in that can never be recorded comes back as a
@@ -13,10 +15,11 @@
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
+use lc_meta::pages::MessageVariables;
 use lc_shared::events::{FirstMessageExpired, FirstMessageFailed, PublicEvent, insert_outbox};
 use lc_shared::optin::{FailureReason, OptinState};
 use time::OffsetDateTime;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 
 use super::{EVENT_SOURCE, LOGIN_EVENT_SOURCE, StoreError, Timing};
 
@@ -146,6 +149,10 @@ pub struct NewOptin {
     pub source: String,
     /// Trace context of the delivery.
     pub traceparent: Option<String>,
+    /// The webhook's `optin.ref` (else `optin.payload`): chooses a message variant.
+    pub message_ref: Option<String>,
+    /// Variables a login event carried for the message's placeholders.
+    pub variables: Option<MessageVariables>,
 }
 
 /// What recording an opt-in did.
@@ -255,8 +262,9 @@ pub async fn record_optin(
     };
     let finished = (state != OptinState::Pending).then_some(now);
 
-    // $1–$11 of both the insert and the new-window update below.
-    let row: [&(dyn ToSql + Sync); 11] = [
+    let variables = optin.variables.as_ref().map(Json);
+    // $1–$13 of both the insert and the new-window update below.
+    let row: [&(dyn ToSql + Sync); 13] = [
         &optin.page_id,
         &optin.login_id,
         &optin.source,
@@ -268,12 +276,15 @@ pub async fn record_optin(
         &linked_at,
         &optin.traceparent,
         &finished,
+        &optin.message_ref,
+        &variables,
     ];
     let inserted = tx
         .query_opt(
             "INSERT INTO optins (page_id, login_id, source, opted_in_at, deadline, send_at, state, \
-                 next_attempt_at, failure_reason, replied_at, traceparent, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $8, $9, $10, $11) \
+                 next_attempt_at, failure_reason, replied_at, traceparent, finished_at, \
+                 message_ref, variables) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $8, $9, $10, $11, $12, $13) \
              ON CONFLICT (page_id, login_id) DO NOTHING RETURNING cycle",
             &row,
         )
@@ -297,6 +308,9 @@ pub async fn record_optin(
         if optin.opted_in_at < existing_deadline || optin.source == LOGIN_EVENT_SOURCE {
             let same_optin_earlier =
                 optin.opted_in_at < existing_opted_in_at && existing_opted_in_at < deadline;
+            if existing_state == OptinState::Pending {
+                merge_personalisation(tx, optin, now).await?;
+            }
             if existing_state != OptinState::Pending || !same_optin_earlier {
                 return Ok(Recorded::Duplicate);
             }
@@ -340,7 +354,7 @@ pub async fn record_optin(
                  fence = fence + 1, lease_owner = NULL, lease_expires_at = NULL, \
                  call_started_at = NULL, message_id = NULL, sent_at = NULL, last_error_code = NULL, \
                  last_error_subcode = NULL, last_error_message = NULL, last_error_fbtrace = NULL, \
-                 updated_at = $12 \
+                 message_ref = $12, variables = $13, updated_at = $14 \
              WHERE page_id = $1 AND login_id = $2",
             &[row.as_slice(), &[&now]].concat(),
         )
@@ -367,6 +381,39 @@ pub async fn record_optin(
         insert_outbox(&**tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
     }
     Ok(outcome)
+}
+
+/// Adds what a duplicate of a pending opt-in (locked by the caller) brings for its first
+/// message: the webhook's `ref`, or a login event's variables. The login event and the webhook
+/// of one login arrive in either order, each with half of what the message needs, so both end
+/// up on the row; a newer value replaces an older one (a later login event's variables are
+/// the fresher), an absent one changes nothing. A row already claimed (`sending`) keeps what
+/// its claim read: its call may be under way.
+async fn merge_personalisation(
+    tx: &Transaction<'_>,
+    optin: &NewOptin,
+    now: OffsetDateTime,
+) -> Result<(), RecordError> {
+    if optin.message_ref.is_none() && optin.variables.is_none() {
+        return Ok(());
+    }
+    tx.execute(
+        concat!(
+            "UPDATE optins SET message_ref = COALESCE($3, message_ref), \
+             variables = COALESCE($4, variables), updated_at = $5 \
+             WHERE page_id = $1 AND login_id = $2 AND state = ",
+            lc_shared::state_sql!(pending)
+        ),
+        &[
+            &optin.page_id,
+            &optin.login_id,
+            &optin.message_ref,
+            &optin.variables.as_ref().map(Json),
+            &now,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Moves a pending opt-in (locked by the caller) to the earlier times of a duplicate (see
