@@ -30,7 +30,7 @@ pub const MAX_TITLE_CHARS: usize = 20;
 pub const MAX_PAYLOAD_CHARS: usize = 1000;
 
 /// Every page of the deployment, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PagesConfig {
     /// The pages, in file order; ids are unique.
     pub pages: Vec<PageConfig>,
@@ -52,18 +52,51 @@ pub struct PageConfig {
 /// The initial message; serializes to the Send API `message` object.
 ///
 /// `{"text": .., "quick_replies": [{"content_type": "text", "title": .., "payload": ..}]}`,
-/// without `quick_replies` when there are none (Graph rejects an empty array).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// without `quick_replies` when there are none (Graph rejects an empty array). The same JSON
+/// is what the page registry stores and the admin API takes, so it also deserializes (a
+/// quick reply's `content_type` is accepted and ignored).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct FirstMessage {
     /// The message text (1 to 1999 characters).
     pub text: String,
     /// Up to 13 text quick replies.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quick_replies: Vec<QuickReply>,
 }
 
+impl FirstMessage {
+    /// Checks the message against Meta's Send API limits (as the pages file is checked), for
+    /// messages that come from elsewhere (the admin API, the registry). Every problem is
+    /// listed, labelled with `page`.
+    pub fn validate(&self, page: &str) -> Result<(), Vec<PageProblem>> {
+        let raw = RawFirstMessage {
+            text: Some(self.text.clone()),
+            quick_replies: self
+                .quick_replies
+                .iter()
+                .map(|q| RawQuickReply {
+                    title: Some(q.title.clone()),
+                    payload: Some(q.payload.clone()),
+                })
+                .collect(),
+        };
+        let mut problems = Vec::new();
+        let checked = validate_message(raw, &mut |field: &str, text: String| {
+            problems.push(PageProblem {
+                page: page.to_owned(),
+                field: field.to_owned(),
+                problem: text,
+            })
+        });
+        match checked {
+            Some(_) if problems.is_empty() => Ok(()),
+            _ => Err(problems),
+        }
+    }
+}
+
 /// A text quick reply button.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct QuickReply {
     /// The button label (1 to 20 characters).
     pub title: String,

@@ -31,6 +31,7 @@ mod linking;
 mod login_events;
 mod never_again;
 mod observability;
+mod registry;
 mod relay;
 mod relay_order;
 mod scale_out;

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod correlator;
 pub mod deletion;
 pub mod graph;
+pub mod registry;
 pub mod relay;
 pub mod runtime;
 pub mod scheduler;

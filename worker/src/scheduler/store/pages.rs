@@ -20,6 +20,9 @@ pub enum PauseReason {
     TokenInvalid,
     /// Graph says the page is restricted from sending (10/1893063): waits for `pages resume`.
     Restricted,
+    /// An operator paused the page (admin API or `loginconnect pages pause`): waits for a
+    /// resume; a new token does not lift it.
+    Operator,
 }
 
 impl PauseReason {
@@ -28,11 +31,13 @@ impl PauseReason {
         match self {
             Self::TokenInvalid => "token_invalid",
             Self::Restricted => "restricted",
+            Self::Operator => "operator",
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
-        [Self::TokenInvalid, Self::Restricted]
+    /// The reason stored as `s` (`None` for a value this version does not know).
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::TokenInvalid, Self::Restricted, Self::Operator]
             .into_iter()
             .find(|r| r.as_str() == s)
     }
@@ -65,27 +70,30 @@ pub struct PageSync<'a> {
     pub page_id: &'a str,
     /// Fingerprint of the token this replica would call with.
     pub token_fingerprint: String,
+    /// Send API calls per second: the registry's limit of the page, else `PAGE_RATE_LIMIT`.
+    pub rate_limit: u32,
 }
 
-/// Makes sure every configured page has its state row with `rate_limit`, and resumes token
+/// Makes sure every configured page has its state row with its rate limit, and resumes token
 /// pauses of pages whose token is now another one than the one Graph refused. Returns the
-/// pages resumed. (Every replica runs this at start and after each configuration change; the
-/// last one to start sets the rate, so give every replica the same `PAGE_RATE_LIMIT`.)
-pub async fn sync(
-    client: &Client,
-    pages: &[PageSync<'_>],
-    rate_limit: u32,
-) -> Result<Vec<String>, StoreError> {
+/// pages resumed. (Every replica runs this at start and after each configuration change; for
+/// a page without a limit of its own the last one to start sets the rate, so give every
+/// replica the same `PAGE_RATE_LIMIT`.)
+pub async fn sync(client: &Client, pages: &[PageSync<'_>]) -> Result<Vec<String>, StoreError> {
     let ids: Vec<&str> = pages.iter().map(|p| p.page_id).collect();
     let prints: Vec<&str> = pages.iter().map(|p| p.token_fingerprint.as_str()).collect();
-    let rate = i32::try_from(rate_limit).unwrap_or(i32::MAX);
+    let rates: Vec<i32> = pages
+        .iter()
+        .map(|p| i32::try_from(p.rate_limit).unwrap_or(i32::MAX))
+        .collect();
     client
         .execute(
-            "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), $2 \
+            "INSERT INTO page_state (page_id, rate_limit) \
+             SELECT * FROM unnest($1::text[], $2::integer[]) \
              ON CONFLICT (page_id) DO UPDATE SET rate_limit = EXCLUDED.rate_limit, \
                  updated_at = now() \
              WHERE page_state.rate_limit <> EXCLUDED.rate_limit",
-            &[&ids, &rate],
+            &[&ids, &rates],
         )
         .await?;
     let rows = client
