@@ -14,6 +14,7 @@
 //! in `Cargo.toml`): with `autotests = false`, a file named nowhere is neither built nor run.
 
 mod abuse;
+mod admin_api;
 mod amqp_nodes;
 mod cli;
 mod contract;

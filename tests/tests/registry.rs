@@ -6,18 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lc_meta::pages::{FirstMessage, PagesConfig};
-use lc_meta::secret::Secret;
 use lc_shared::shutdown::Shutdown;
-use lc_testkit::pipeline::{FIRST_TEXT, PAGE, TestEnv, WAIT, insert_optin};
-use lc_worker::registry::model::{NewPage, PageUpdate};
+use lc_testkit::admin::KEYS;
+use lc_testkit::pipeline::{FIRST_TEXT, PAGE, TestEnv, WAIT, eventually, insert_optin};
+use lc_worker::registry::model::PageUpdate;
 use lc_worker::registry::{import, ops, store};
 use lc_worker::scheduler::RunningScheduler;
-use lc_worker::scheduler::tokens::TokenKeys;
+use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::RwLock;
 
-/// A token-encryption key list for the schedulers and the registry.
-const KEYS: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 /// A page created through the registry, not in the pages file.
 const NEW_PAGE: &str = "3234567890";
 const NEW_TOKEN: &str = "EAAG-api-page-token";
@@ -130,24 +128,21 @@ async fn registry_changes_reach_two_scheduler_replicas_within_a_second() {
     let a = env.start_scheduler(config.clone()).await;
     let b = env.start_scheduler(config).await;
     let views = [a.0.pages.clone(), b.0.pages.clone()];
-    let mut c = pool.get().await.expect("client");
+    let admin = env.start_admin().await;
 
-    // A new first message and a rate limit for the file's page.
-    let update = PageUpdate {
-        first_message: Some(message("New text from the registry")),
-        rate_limit: Some(Some(7)),
-        ..Default::default()
-    };
-    ops::update_page(&c, "test", PAGE, &update)
-        .await
-        .expect("update");
+    // A new first message and a rate limit for the file's page, through the admin API.
+    let update = json!({"first_message": {"text": "New text from the registry"}, "rate_limit": 7});
+    let changed = admin
+        .write("PATCH", &format!("/pages/{PAGE}"), Some(update))
+        .await;
+    assert_eq!(changed.status, 200, "{:?}", changed.body);
     let took = until_both(&views, "the new first message", |p| {
         p.get(PAGE)
             .is_some_and(|p| p.first_message.text == "New text from the registry")
     })
     .await;
     assert!(took < Duration::from_millis(1500), "took {took:?}");
-    lc_testkit::pipeline::eventually(
+    eventually(
         WAIT,
         "the page's own rate limit in the shared state",
         || {
@@ -168,21 +163,18 @@ async fn registry_changes_reach_two_scheduler_replicas_within_a_second() {
     )
     .await;
 
-    // A new page with a token set through the registry.
-    let new = NewPage {
-        page_id: NEW_PAGE.into(),
-        app_id: None,
-        name: Some("Client B".into()),
-        first_message: message("Welcome to client B"),
-        rate_limit: None,
-    };
-    ops::create_page(&c, "test", &new).await.expect("create");
-    let keys = TokenKeys::parse(KEYS).expect("keys");
-    ops::set_token(&mut c, &keys, "test", NEW_PAGE, &Secret::new(NEW_TOKEN))
-        .await
-        .expect("token");
+    // A new page with a token, through the admin API.
+    let new = json!({"page_id": NEW_PAGE, "name": "Client B",
+                     "first_message": {"text": "Welcome to client B"}});
+    assert_eq!(admin.write("POST", "/pages", Some(new)).await.status, 201);
+    let token = json!({"access_token": NEW_TOKEN});
+    let stored = admin
+        .write("PUT", &format!("/pages/{NEW_PAGE}/token"), Some(token))
+        .await;
+    assert_eq!(stored.status, 200, "{:?}", stored.body);
     let took = until_both(&views, "the new page", |p| p.get(NEW_PAGE).is_some()).await;
     assert!(took < Duration::from_millis(1500), "took {took:?}");
+    admin.stop().await;
 
     // A send uses the new text.
     let sql = env.sql().await;

@@ -57,6 +57,9 @@ pub enum Command {
     /// page, store or rotate tokens.
     #[command(subcommand)]
     Pages(PagesCommand),
+    /// Serve the admin API (pages, apps, statuses, opt-ins, links over JSON/HTTP on
+    /// `ADMIN_ADDR`) until SIGTERM or Ctrl-C; the database is migrated first.
+    Admin(crate::admin::AdminArgs),
     /// Print the manual Facebook Login dialog URL for Login Connect (and the JS SDK call).
     LoginUrl(login::LoginUrlArgs),
     /// GET a URL and exit 0 on 2xx (container healthchecks without curl).
@@ -244,6 +247,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             )?;
             Ok(())
         }
+        Command::Admin(args) => serve_admin(&cli.database, &args).await,
         Command::Status { json } => inspect::status(out, &cli.database, &cli.amqp, json).await,
         Command::DeadLetters(DeadLettersCommand::List { queue, limit }) => {
             dead_letters::list(out, &cli.amqp, queue.as_deref(), limit).await
@@ -306,4 +310,27 @@ async fn probe(out: &mut dyn Write, url: &str) -> Result<(), CliError> {
     } else {
         Err(CliError::Other(format!("{url}: {}", resp.status())))
     }
+}
+
+/// `admin`: migrates, then serves the admin API until a signal.
+async fn serve_admin(db: &DatabaseArgs, args: &crate::admin::AdminArgs) -> Result<(), CliError> {
+    let settings = args
+        .settings()
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    lc_shared::db::ensure_database(&db.database_url).await?;
+    let pool = lc_shared::db::pool(&db.database_url, db.database_pool_size)?;
+    lc_shared::db::migrate(&pool).await?;
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|e| {
+            CliError::Other(format!(
+                "cannot listen on {} for the admin API: {e} (set ADMIN_ADDR)",
+                args.admin_addr
+            ))
+        })?;
+    let shutdown = lc_shared::shutdown::Shutdown::on_signals();
+    let running = crate::admin::start(pool, settings, listener, shutdown)
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    let _ = running.task.await;
+    Ok(())
 }
