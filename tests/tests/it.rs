@@ -32,6 +32,7 @@ mod linking;
 mod login_events;
 mod never_again;
 mod observability;
+mod openapi;
 mod registry;
 mod relay;
 mod relay_order;
