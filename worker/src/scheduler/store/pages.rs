@@ -241,55 +241,6 @@ pub async fn load_pauses(client: &Client) -> Result<Vec<PageHold>, StoreError> {
         .collect())
 }
 
-/// A page's state for operators (`loginconnect pages list`).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PageStatus {
-    /// The page.
-    pub page_id: String,
-    /// Calls per second allowed.
-    pub rate_limit: i32,
-    /// The usage-header slow-down in force (1 = full speed).
-    pub rate_factor: f32,
-    /// `token_invalid` / `restricted`, or none.
-    pub paused_reason: Option<String>,
-    /// Since when.
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub paused_since: Option<OffsetDateTime>,
-    /// What Graph said.
-    pub paused_detail: Option<String>,
-    /// Throttled until, if in the future.
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub throttled_until: Option<OffsetDateTime>,
-    /// Whether a token set with `pages set-token` overrides the pages file.
-    pub token_override: bool,
-}
-
-/// Every page's state, by page id.
-pub async fn list(client: &Client) -> Result<Vec<PageStatus>, StoreError> {
-    let rows = client
-        .query(
-            "SELECT p.page_id, p.rate_limit, p.rate_factor, p.paused_reason, p.paused_since, \
-                 p.paused_detail, CASE WHEN p.throttled_until > now() THEN p.throttled_until END, \
-                 t.page_id IS NOT NULL \
-             FROM page_state p LEFT JOIN page_tokens t USING (page_id) ORDER BY p.page_id",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| PageStatus {
-            page_id: r.get(0),
-            rate_limit: r.get(1),
-            rate_factor: r.get(2),
-            paused_reason: r.get(3),
-            paused_since: r.get(4),
-            paused_detail: r.get(5),
-            throttled_until: r.get(6),
-            token_override: r.get(7),
-        })
-        .collect())
-}
-
 /// A page token as stored: encrypted, with the id of the key that encrypted it.
 #[derive(Debug, Clone)]
 pub struct StoredToken {
