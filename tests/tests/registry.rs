@@ -141,7 +141,7 @@ async fn registry_changes_reach_two_scheduler_replicas_within_a_second() {
             .is_some_and(|p| p.first_message.text == "New text from the registry")
     })
     .await;
-    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
     eventually(
         WAIT,
         "the page's own rate limit in the shared state",
@@ -173,7 +173,7 @@ async fn registry_changes_reach_two_scheduler_replicas_within_a_second() {
         .await;
     assert_eq!(stored.status, 200, "{:?}", stored.body);
     let took = until_both(&views, "the new page", |p| p.get(NEW_PAGE).is_some()).await;
-    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
     admin.stop().await;
 
     // A send uses the new text.

@@ -356,3 +356,12 @@ pub async fn not_found() -> ApiError {
         "no such route; docs/openapi.yaml lists the routes",
     )
 }
+
+/// A known path with another method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this path does not take that method; docs/openapi.yaml lists the routes",
+    )
+}

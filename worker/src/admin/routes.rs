@@ -214,5 +214,7 @@ pub fn router(state: AdminState) -> Router {
     for (path, m) in by_path {
         app = app.route(path, m);
     }
-    app.fallback(h::not_found).with_state(state)
+    app.fallback(h::not_found)
+        .method_not_allowed_fallback(h::method_not_allowed)
+        .with_state(state)
 }
