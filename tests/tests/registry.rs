@@ -198,3 +198,64 @@ async fn registry_changes_reach_two_scheduler_replicas_within_a_second() {
     assert_eq!(text_of(NEW_PAGE).as_deref(), Some("Welcome to client B"));
     assert_ne!(FIRST_TEXT, "New text from the registry");
 }
+
+#[tokio::test]
+async fn a_replicas_view_takes_stored_tokens_first_and_an_apps_secret_from_the_variable_it_names() {
+    use lc_worker::registry::model::{NewApp, NewPage};
+    use lc_worker::registry::view;
+    use lc_worker::scheduler::tokens::TokenKeys;
+
+    let env = TestEnv::new().await;
+    let pool = env.migrated_pool(1).await;
+    let mut c = pool.get().await.expect("client");
+    let text = std::fs::read_to_string(&env.pages_file).expect("file");
+    let file = PagesConfig::parse(&text, &|_| None).expect("pages");
+    import::import_file(&mut c, &file).await.expect("import");
+    let app = NewApp {
+        app_id: "123123123".into(),
+        app_secret_env: "CLIENT_E_SECRET".into(),
+        login_app_id: None,
+        client_token_env: None,
+    };
+    ops::create_app(&c, "test", &app).await.expect("app");
+    for page_id in [NEW_PAGE, "9234567890"] {
+        let new = NewPage {
+            page_id: page_id.into(),
+            app_id: Some("123123123".into()),
+            name: None,
+            first_message: message("Client E"),
+            rate_limit: Some(3),
+        };
+        ops::create_page(&c, "test", &new).await.expect("page");
+    }
+    let keys = TokenKeys::parse(KEYS).expect("keys");
+    let token = lc_meta::secret::Secret::new(NEW_TOKEN);
+    ops::set_token(&mut c, &keys, "test", NEW_PAGE, &token)
+        .await
+        .expect("token");
+    let env_of = |name: &str| (name == "CLIENT_E_SECRET").then(|| "client-e-secret".to_owned());
+    let seen = view::build(&c, Some(&file), &keys, &env_of)
+        .await
+        .expect("view");
+
+    let file_page = seen.config.get(PAGE).expect("the file's page");
+    assert_eq!(
+        file_page.access_token.expose(),
+        file.pages[0].access_token.expose()
+    );
+    let bound = seen
+        .config
+        .get(NEW_PAGE)
+        .expect("the API page with its stored token");
+    assert_eq!(bound.access_token.expose(), NEW_TOKEN);
+    assert_eq!(
+        bound.app_secret.as_ref().map(|s| s.expose().to_owned()),
+        Some("client-e-secret".to_owned())
+    );
+    assert_eq!(seen.rate_limits.get(NEW_PAGE), Some(&3));
+    assert_eq!(
+        seen.left_out,
+        vec!["9234567890".to_owned()],
+        "no token: left out"
+    );
+}
