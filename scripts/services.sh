@@ -39,6 +39,21 @@ install_missing() {
   apt-get install -y -qq "${pkgs[@]}" >/dev/null
 }
 
+# PgBouncer is not a service of loginconnect: tests/tests/pgbouncer.rs starts its own in front
+# of PostgreSQL to prove the pooler rule. Installed here when root and apt-get can; otherwise
+# a warning only (running loginconnect does not need it; that test then fails, naming it).
+install_test_tools() {
+  command -v pgbouncer >/dev/null 2>&1 && return 0
+  $check_only && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "pgbouncer is not installed (only tests/tests/pgbouncer.rs needs it): apt-get install pgbouncer"
+    return 0
+  fi
+  log "installing pgbouncer (for the pooler test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq pgbouncer >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
+}
+
 start_rabbit() {
   rabbit_up && return 0
   $check_only && { log "RabbitMQ is not running"; return 1; }
@@ -65,5 +80,6 @@ start_pg() {
 }
 
 install_missing
+install_test_tools
 start_rabbit
 start_pg

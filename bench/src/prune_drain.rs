@@ -28,6 +28,51 @@ struct Sample {
     rows: i64,
     /// `pg_total_relation_size('optins')`.
     bytes: i64,
+    /// Resident set of this process (scheduler, null Graph and sampler), kB.
+    rss_kb: u64,
+}
+
+/// The `drain` suite: the batched DB ceiling of this run, then the drain of `rows` due
+/// opt-ins, and their ratio.
+pub async fn suite(rows: usize, quick: bool) -> anyhow::Result<Report> {
+    let mut report = Report::new("drain", quick).await;
+    let ceiling = {
+        let env = BenchEnv::new(16).await?;
+        let _pool = env.migrated_pool(1).await?;
+        let sql = env.sql().await?;
+        crate::scheduler::db_ceiling(&env, &sql, 20_000, 8, true).await?
+    };
+    report.add(
+        "scheduler_db_ceiling_batched_rows_per_s",
+        ceiling.round(),
+        "rows/s",
+        "bare loop, 8 connections: claim_due (100) then finish_sent, one transaction per batch",
+    );
+    run(rows, &mut report).await?;
+    add_ratio(&mut report);
+    report.finish();
+    report.target(
+        "table size steady while draining with pruning (≤ 1.5× its start)",
+        "drain_table_growth",
+        1.5,
+        true,
+    );
+    Ok(report)
+}
+
+/// `drain_vs_db_batched`, when both figures are in `report`.
+pub fn add_ratio(report: &mut Report) {
+    if let (Some(drain), Some(ceiling)) = (
+        report.get("drain_sends_per_s"),
+        report.get("scheduler_db_ceiling_batched_rows_per_s"),
+    ) {
+        report.add(
+            "drain_vs_db_batched",
+            round3(drain / ceiling.max(1.0)),
+            "ratio",
+            "drain sends/s with pruning / the batched DB ceiling of this run",
+        );
+    }
 }
 
 /// Runs the drain of `n` due opt-ins into `report` (figures `drain_*`).
@@ -128,17 +173,42 @@ pub async fn run(n: usize, report: &mut Report) -> anyhow::Result<()> {
         "ratio",
         "largest size / size at the start (≈ 1: the table did not grow while draining)",
     );
+    // RSS against sends over the second half of the drain (after warm-up): a leak grows
+    // with every send, allocator growth levels off.
+    let sending: Vec<&Sample> = samples.iter().filter(|s| s.calls < n as u64).collect();
+    if let (Some(mid), Some(end)) = (sending.get(sending.len() / 2), sending.last()) {
+        let sends = end.calls.saturating_sub(mid.calls).max(1) as f64;
+        report.add(
+            "drain_rss_mid_mb",
+            round3(mid.rss_kb as f64 / 1024.0),
+            "MB",
+            "resident set of the bench process halfway through the sends",
+        );
+        report.add(
+            "drain_rss_end_mb",
+            round3(end.rss_kb as f64 / 1024.0),
+            "MB",
+            "resident set at the last sample before every row was sent",
+        );
+        report.add(
+            "drain_rss_growth_kb_per_1k_sends",
+            round3((end.rss_kb as f64 - mid.rss_kb as f64) / sends * 1000.0),
+            "kB",
+            "RSS growth per 1,000 sends over the second half (≈ 0: flat)",
+        );
+    }
     report.attach(
         "drain_samples",
         samples
             .iter()
             .map(|s| {
                 format!(
-                    "{:.0}s calls={} rows={} mb={}",
+                    "{:.0}s calls={} rows={} mb={} rss_mb={:.1}",
                     s.t.as_secs_f64(),
                     s.calls,
                     s.rows,
-                    mb(s.bytes)
+                    mb(s.bytes),
+                    s.rss_kb as f64 / 1024.0
                 )
             })
             .collect::<Vec<_>>()
@@ -159,6 +229,7 @@ async fn sample(sql: &tokio_postgres::Client, t: Duration, calls: u64) -> anyhow
         calls,
         rows: row.get(0),
         bytes: row.get(1),
+        rss_kb: crate::machine::rss_kb(),
     })
 }
 

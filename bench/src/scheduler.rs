@@ -168,17 +168,7 @@ pub async fn run(params: &SchedulerParams, quick: bool) -> anyhow::Result<Report
     crate::skew::run(&params.skew, &mut report).await?;
     if params.drain_rows > 0 {
         crate::prune_drain::run(params.drain_rows, &mut report).await?;
-        if let (Some(drain), Some(ceiling)) = (
-            report.get("drain_sends_per_s"),
-            report.get("scheduler_db_ceiling_batched_rows_per_s"),
-        ) {
-            report.add(
-                "drain_vs_db_batched",
-                round3(drain / ceiling.max(1.0)),
-                "ratio",
-                "drain sends/s with pruning / the batched DB ceiling of this run",
-            );
-        }
+        crate::prune_drain::add_ratio(&mut report);
     }
     report.finish();
     report.target(

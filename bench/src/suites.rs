@@ -17,6 +17,9 @@ pub enum Suite {
     Correlator,
     /// A million pending opt-ins: claim latency, sizes, RSS, deadline misses vs EDF.
     Scale,
+    /// The scheduler draining a million due opt-ins (100,000 quick) with pruning on: sends/s
+    /// vs the batched DB ceiling, table size, RSS per 1,000 sends. Not part of `all`.
+    Drain,
     /// All of the above, in that order.
     All,
 }
@@ -37,6 +40,7 @@ impl Suite {
             Self::Scheduler => "scheduler",
             Self::Correlator => "correlator",
             Self::Scale => "scale",
+            Self::Drain => "drain",
             Self::All => "all",
         }
     }
@@ -76,6 +80,10 @@ pub async fn run_one(suite: Suite, quick: bool) -> anyhow::Result<Report> {
                 ScaleParams::full()
             };
             crate::scale::run(&p, quick).await
+        }
+        Suite::Drain => {
+            let rows = if quick { 100_000 } else { 1_000_000 };
+            crate::prune_drain::suite(rows, quick).await
         }
         Suite::All => anyhow::bail!("`all` is run suite by suite"),
     }

@@ -119,8 +119,10 @@ impl Snapshot {
             .collect();
         let outbox = sql
             .query(
+                // The public events (about a person); operational events (page.*,
+                // subscription.*) have no person and are not what the books check.
                 "SELECT event_id::text, event_type, page_id, cloudevent->'data'->>'login_id', \
-                 published_at IS NOT NULL FROM outbox",
+                 published_at IS NOT NULL FROM outbox WHERE cloudevent->'data' ? 'login_id'",
                 &[],
             )
             .await?
@@ -132,6 +134,7 @@ impl Snapshot {
                 published: r.get(4),
             })
             .collect();
+        // Operational events carry no `data.login_id` and are left out, like their rows.
         let captured = captured
             .iter()
             .filter_map(|body| {

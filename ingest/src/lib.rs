@@ -61,6 +61,10 @@ pub async fn start(
     shutdown: Shutdown,
 ) -> Result<RunningIngest, IngestError> {
     config.validate().map_err(IngestError::Config)?;
+    let endpoint = config
+        .amqp
+        .endpoint()
+        .map_err(|e| IngestError::Config(e.to_string()))?;
     let addr = listener.local_addr().map_err(IngestError::Serve)?;
     let admin = TcpListener::bind(config.admin_addr)
         .await
@@ -71,11 +75,7 @@ pub async fn start(
         })?;
     let admin_addr = admin.local_addr().map_err(IngestError::Serve)?;
     let metrics = metrics::IngestMetrics::new()?;
-    let broker = BrokerLink::start(
-        &config.amqp.amqp_url,
-        &format!("ingest@{addr}"),
-        config.publish_channels,
-    );
+    let broker = BrokerLink::start(endpoint, &format!("ingest@{addr}"), config.publish_channels);
     let login = login::routes(
         &config.login,
         &config.app_secrets,

@@ -61,6 +61,74 @@ pub enum IdError {
     },
 }
 
+/// Longest page id accepted, in bytes. A page id becomes the last word of AMQP routing keys
+/// (`optin.<page_id>` on the webhook exchange, `first_message.sent.<page_id>` on the events
+/// exchange), which are at most 255 bytes; Meta's page ids are under 20 digits.
+pub const MAX_PAGE_ID_BYTES: usize = 100;
+
+/// Why a page id was refused.
+///
+/// A page id is one word of a topic routing key, so it must not hold the word separator
+/// `.`, the binding wildcards `*` and `#`, whitespace, or anything else outside
+/// `[A-Za-z0-9_-]`: a dotted id makes a key no binding routes (ingest would answer 503 for
+/// ever), and a wildcard could not be bound to as a literal page by a consumer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PageIdError {
+    /// The page id is the empty string.
+    #[error("page id is empty")]
+    Empty,
+    /// Longer than [`MAX_PAGE_ID_BYTES`].
+    #[error("page id is {len} bytes long (at most {MAX_PAGE_ID_BYTES})")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A character that cannot be one word of a routing key.
+    #[error(
+        "page id {shown} contains {found} at byte {at}; a page id may hold only letters, \
+         digits, '_' and '-' (it is a word of the AMQP routing keys; a Facebook Page id is \
+         digits)"
+    )]
+    BadCharacter {
+        /// The id, escaped and cut to 64 characters (it may hold control characters).
+        shown: String,
+        /// The character, described (`'.'`, `U+000A`, …).
+        found: String,
+        /// Byte offset of the first such character.
+        at: usize,
+    },
+}
+
+/// Checks a page id: non-empty, at most [`MAX_PAGE_ID_BYTES`] bytes, only ASCII letters,
+/// digits, `_` and `-` (see [`PageIdError`] for why). Every place a page id enters — the
+/// webhook parser, the login event endpoint, the pages file, the workers' intake — refuses
+/// one that fails this, so it never reaches a publisher.
+pub fn check_page_id(value: &str) -> Result<(), PageIdError> {
+    if value.is_empty() {
+        return Err(PageIdError::Empty);
+    }
+    if value.len() > MAX_PAGE_ID_BYTES {
+        return Err(PageIdError::TooLong { len: value.len() });
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    match value.char_indices().find(|(_, c)| !allowed(*c)) {
+        None => Ok(()),
+        Some((at, c)) => {
+            let found = if c.is_control() || c.is_whitespace() {
+                format!("U+{:04X}", u32::from(c))
+            } else {
+                format!("{c:?}")
+            };
+            let shown: String = value.escape_debug().to_string().chars().take(64).collect();
+            Err(PageIdError::BadCharacter {
+                shown: format!("\"{shown}\""),
+                found,
+                at,
+            })
+        }
+    }
+}
+
 /// Why an event time was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimeError {
@@ -159,6 +227,47 @@ mod tests {
             check_id("psid", "a\u{85}"),
             Err(IdError::Control { code: 0x85, .. })
         ));
+    }
+
+    #[test]
+    fn page_ids_that_cannot_be_a_routing_key_word_are_refused() {
+        for ok in [
+            "1234567890",
+            "page-a",
+            "P_1",
+            &"9".repeat(MAX_PAGE_ID_BYTES),
+        ] {
+            assert_eq!(check_page_id(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(check_page_id(""), Err(PageIdError::Empty));
+        assert_eq!(
+            check_page_id(&"9".repeat(MAX_PAGE_ID_BYTES + 1)),
+            Err(PageIdError::TooLong {
+                len: MAX_PAGE_ID_BYTES + 1
+            })
+        );
+        let e = check_page_id("12.34").expect_err("dot");
+        assert_eq!(
+            e.to_string(),
+            "page id \"12.34\" contains '.' at byte 2; a page id may hold only letters, \
+             digits, '_' and '-' (it is a word of the AMQP routing keys; a Facebook Page id \
+             is digits)"
+        );
+        for (bad, at) in [
+            ("12*", 2),
+            ("#", 0),
+            ("1 2", 1),
+            ("1\n", 1),
+            ("é", 0),
+            ("a/b", 1),
+        ] {
+            assert!(
+                matches!(check_page_id(bad), Err(PageIdError::BadCharacter { at: a, .. }) if a == at),
+                "{bad:?}"
+            );
+        }
+        let e = check_page_id("1\t2").expect_err("tab");
+        assert!(e.to_string().contains("U+0009"), "{e}");
     }
 
     #[test]

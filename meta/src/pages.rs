@@ -321,6 +321,9 @@ fn validate_page(
             "id",
             "must contain only digits (a Facebook Page id, as a string), not a name or URL".into(),
         );
+    } else if let Err(e) = crate::ids::check_page_id(&id) {
+        // Digits only, but too long to be a word of a routing key.
+        problem("id", e.to_string());
     }
 
     let access_token = resolve_secret(

@@ -174,6 +174,10 @@ pub enum ParseError {
         /// What was wrong with it.
         reason: String,
     },
+    /// The entry's `id` cannot be a page id (a dot, a wildcard, whitespace…: it could not
+    /// be routed).
+    #[error("field `id`: {0}")]
+    BadPageId(crate::ids::PageIdError),
     /// [`QueuedEvent::parse`] found a different kind than the message was routed as.
     #[error("queued as `{}` but the event parses as `{}`", queued.as_str(), parsed.as_str())]
     KindMismatch {
@@ -269,11 +273,7 @@ fn parse_entry(entry_raw: &RawValue, out: &mut Vec<DeliveryPart>) -> Result<(), 
         }
         return Ok(());
     }
-    let page_id = entry.get("id").ok_or(ParseError::missing("id"))?;
-    let page_id = id_text(page_id).ok_or(ParseError::wrong(
-        "id",
-        "a non-empty string or a non-negative integer",
-    ))?;
+    let page_id = entry_page_id(&entry)?;
     let time_raw = entry.get("time");
     let time = (time_raw.map(parse_timestamp).transpose())
         .map_err(|reason| ParseError::bad_time("time", reason))?;
@@ -293,6 +293,19 @@ fn parse_entry(entry_raw: &RawValue, out: &mut Vec<DeliveryPart>) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// The page id of an entry (`id`): a non-empty string or a non-negative integer that can be
+/// one word of a routing key ([`crate::ids::check_page_id`]); any other id sets the entry
+/// aside, since its events could be routed nowhere.
+fn entry_page_id(entry: &Fields<'_>) -> Result<String, ParseError> {
+    let page_id = entry.get("id").ok_or(ParseError::missing("id"))?;
+    let page_id = id_text(page_id).ok_or(ParseError::wrong(
+        "id",
+        "a non-empty string or a non-negative integer",
+    ))?;
+    crate::ids::check_page_id(&page_id).map_err(ParseError::BadPageId)?;
+    Ok(page_id)
 }
 
 /// Parses one `messaging` item for a page (the workers re-parse `QueuedEvent.event` with this).

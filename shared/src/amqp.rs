@@ -6,6 +6,7 @@
 //! ready, reconnects with backoff and re-declares the topology.
 
 mod lease;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::topology;
 
 use lease::ChannelPool;
 pub use lease::{ChannelLease, Outcome};
+pub use tls::{TlsFiles, TlsSettingsError};
 
 /// Errors of connecting and publishing.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,19 @@ pub enum AmqpError {
         /// What lapin reported.
         source: lapin::Error,
     },
+    /// The TLS handshake with a node failed (or the node refused our certificate).
+    #[error("TLS with RabbitMQ at {url} failed: {cause}; {fix}")]
+    Tls {
+        /// The node's URL with its password removed.
+        url: String,
+        /// What rustls reported, and which CA and client certificate were in use.
+        cause: String,
+        /// Which setting to change.
+        fix: String,
+    },
+    /// An `AMQP_TLS_*` setting cannot be used.
+    #[error(transparent)]
+    TlsSettings(#[from] TlsSettingsError),
     /// A channel operation failed (the connection or channel is probably gone).
     #[error("RabbitMQ channel error: {0}")]
     Channel(#[from] lapin::Error),
@@ -73,10 +88,74 @@ pub fn nodes(url: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Where RabbitMQ is: the nodes of `AMQP_URL` and the TLS files for `amqps://`. Built from a
+/// bare URL (`"amqp://…".into()`) it has no TLS files: plain AMQP, or lapin's default TLS.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AmqpEndpoint {
+    url: String,
+    tls: TlsFiles,
+}
+
+impl AmqpEndpoint {
+    /// `url` (one node or several, see [`nodes`]) with the TLS files `tls`, checked: the
+    /// files are read once and every node must be `amqps://` when files are given.
+    pub fn new(url: &str, tls: TlsFiles) -> Result<Self, TlsSettingsError> {
+        tls.validate(&nodes(url))?;
+        Ok(Self {
+            url: url.to_owned(),
+            tls,
+        })
+    }
+
+    /// The URL (with its password: never log it, see [`redact_url`]).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl std::fmt::Debug for AmqpEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpEndpoint")
+            .field("url", &redact_url(&self.url))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl From<&str> for AmqpEndpoint {
+    fn from(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            tls: TlsFiles::default(),
+        }
+    }
+}
+
+impl From<&String> for AmqpEndpoint {
+    fn from(url: &String) -> Self {
+        url.as_str().into()
+    }
+}
+
+impl From<String> for AmqpEndpoint {
+    fn from(url: String) -> Self {
+        url.as_str().into()
+    }
+}
+
+impl From<&AmqpEndpoint> for AmqpEndpoint {
+    fn from(endpoint: &AmqpEndpoint) -> Self {
+        endpoint.clone()
+    }
+}
+
 /// Opens one connection, named so operators can tell processes apart in the broker's UI, to
-/// the first of `url`'s [`nodes`] that accepts it.
-pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, AmqpError> {
-    connect_from(url, connection_name, 0)
+/// the first of the endpoint's [`nodes`] that accepts it.
+pub async fn connect(
+    endpoint: impl Into<AmqpEndpoint>,
+    connection_name: &str,
+) -> Result<Connection, AmqpError> {
+    connect_from(&endpoint.into(), connection_name, 0)
         .await
         .map(|(connection, _)| connection)
 }
@@ -85,24 +164,23 @@ pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, Amq
 /// connection and the index of the node that took it. Every node gets
 /// `NODE_CONNECT_TIMEOUT`; the error is the last node's.
 async fn connect_from(
-    url: &str,
+    endpoint: &AmqpEndpoint,
     connection_name: &str,
     start: usize,
 ) -> Result<(Connection, usize), AmqpError> {
-    let nodes = nodes(url);
+    let nodes = nodes(&endpoint.url);
     let mut last = None;
     for k in 0..nodes.len() {
         let i = (start + k) % nodes.len();
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(connection_name.to_owned()));
-        let attempt =
-            tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect(nodes[i], props));
+        let attempt = tokio::time::timeout(
+            NODE_CONNECT_TIMEOUT,
+            open_node(nodes[i], &endpoint.tls, props),
+        );
         let error = match attempt.await {
             Ok(Ok(connection)) => return Ok((connection, i)),
-            Ok(Err(source)) => AmqpError::Connect {
-                url: redact_url(nodes[i]),
-                source,
-            },
+            Ok(Err(error)) => error,
             Err(_) => AmqpError::ConnectTimeout {
                 url: redact_url(nodes[i]),
                 timeout: NODE_CONNECT_TIMEOUT,
@@ -114,6 +192,31 @@ async fn connect_from(
         last = Some(error);
     }
     Err(last.unwrap_or(AmqpError::NotConnected))
+}
+
+/// One connection to `node`: through our own rustls configuration when TLS files are set
+/// (see the `tls` module for why), through lapin's own connect otherwise. A failure caused by
+/// TLS comes back as [`AmqpError::Tls`], naming the cause and the setting to change.
+async fn open_node(
+    node: &str,
+    tls: &TlsFiles,
+    props: ConnectionProperties,
+) -> Result<Connection, AmqpError> {
+    let result = match tls.client_config()? {
+        None => Connection::connect(node, props).await,
+        Some(config) => tls::connect(node, config, props).await,
+    };
+    result.map_err(|source| match tls::explain(&source, tls) {
+        Some((cause, fix)) => AmqpError::Tls {
+            url: redact_url(node),
+            cause,
+            fix,
+        },
+        None => AmqpError::Connect {
+            url: redact_url(node),
+            source,
+        },
+    })
 }
 
 /// Opens a channel in confirm mode.
@@ -147,7 +250,7 @@ pub struct BrokerLink {
 }
 
 struct LinkInner {
-    url: String,
+    endpoint: AmqpEndpoint,
     /// The node the next connection tries first: after a node's connection is lost, the one
     /// after it (a dead node is not waited for first).
     next_node: std::sync::atomic::AtomicUsize,
@@ -167,14 +270,18 @@ struct LinkState {
 }
 
 impl BrokerLink {
-    /// Starts supervising a connection to `url`, leasing at most `channels` confirm channels
+    /// Starts supervising a connection to `endpoint` (a URL converts), leasing at most `channels` confirm channels
     /// at once (publishers beyond that wait for one). Returns at once; the first connection
     /// is made in the background (see [`BrokerLink::wait_ready`]).
-    pub fn start(url: &str, connection_name: &str, channels: usize) -> Self {
+    pub fn start(
+        endpoint: impl Into<AmqpEndpoint>,
+        connection_name: &str,
+        channels: usize,
+    ) -> Self {
         let (state, _) = watch::channel(None);
         let link = Self {
             inner: Arc::new(LinkInner {
-                url: url.to_owned(),
+                endpoint: endpoint.into(),
                 next_node: std::sync::atomic::AtomicUsize::new(0),
                 name: connection_name.to_owned(),
                 channels: channels.max(1),
@@ -305,10 +412,11 @@ impl BrokerLink {
     async fn open(&self) -> Result<(LinkState, EventStream), AmqpError> {
         use std::sync::atomic::Ordering;
         let start = self.inner.next_node.load(Ordering::Relaxed);
-        let (connection, node) = connect_from(&self.inner.url, &self.inner.name, start).await?;
+        let (connection, node) =
+            connect_from(&self.inner.endpoint, &self.inner.name, start).await?;
         // Whatever happens to this connection, the next one starts with the next node.
         self.inner.next_node.store(node + 1, Ordering::Relaxed);
-        let node = nodes(&self.inner.url)
+        let node = nodes(&self.inner.endpoint.url)
             .get(node)
             .map(|n| redact_url(n))
             .unwrap_or_default();

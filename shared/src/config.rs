@@ -3,6 +3,9 @@
 //! Every option can be given as an environment variable (the README's configuration table
 //! lists them); defaults point at the local services so a bare `cargo run` works.
 
+use std::path::PathBuf;
+
+use crate::amqp::{AmqpEndpoint, TlsFiles, TlsSettingsError};
 use crate::telemetry::LogFormat;
 
 /// Default `AMQP_URL`.
@@ -18,6 +21,39 @@ pub struct AmqpArgs {
     /// RabbitMQ URL, including the vhost (`%2f` is the default vhost).
     #[arg(long = "amqp-url", env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
+    /// PEM file of the CA that signed the broker's certificate (`amqps://` only); without it
+    /// the system's trust store is used.
+    #[arg(long = "amqp-tls-ca-file", env = "AMQP_TLS_CA_FILE")]
+    pub amqp_tls_ca_file: Option<PathBuf>,
+    /// PEM file of a client certificate, for brokers that require one (`amqps://` only).
+    #[arg(long = "amqp-tls-cert-file", env = "AMQP_TLS_CERT_FILE")]
+    pub amqp_tls_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(long = "amqp-tls-key-file", env = "AMQP_TLS_KEY_FILE")]
+    pub amqp_tls_key_file: Option<PathBuf>,
+}
+
+impl AmqpArgs {
+    /// `url` without TLS files (plain AMQP, or `amqps://` trusting the system's roots).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            amqp_url: url.into(),
+            amqp_tls_ca_file: None,
+            amqp_tls_cert_file: None,
+            amqp_tls_key_file: None,
+        }
+    }
+
+    /// The broker to connect to, its TLS files checked (see [`AmqpEndpoint::new`]): call it
+    /// at start-up, so a wrong setting stops the process with an error naming it.
+    pub fn endpoint(&self) -> Result<AmqpEndpoint, TlsSettingsError> {
+        let tls = TlsFiles {
+            ca_file: self.amqp_tls_ca_file.clone(),
+            cert_file: self.amqp_tls_cert_file.clone(),
+            key_file: self.amqp_tls_key_file.clone(),
+        };
+        AmqpEndpoint::new(&self.amqp_url, tls)
+    }
 }
 
 /// PostgreSQL connection. Its `Debug` hides the URL's password.
@@ -39,6 +75,9 @@ impl std::fmt::Debug for AmqpArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpArgs")
             .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("amqp_tls_ca_file", &self.amqp_tls_ca_file)
+            .field("amqp_tls_cert_file", &self.amqp_tls_cert_file)
+            .field("amqp_tls_key_file", &self.amqp_tls_key_file)
             .finish()
     }
 }
@@ -98,10 +137,9 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_debug_output() {
-        let amqp = AmqpArgs {
-            amqp_url: "amqps://app:s3cret@rabbit-1:5671/%2f,amqps://app:s3cret@rabbit-2:5671/%2f"
-                .into(),
-        };
+        let amqp = AmqpArgs::new(
+            "amqps://app:s3cret@rabbit-1:5671/%2f,amqps://app:s3cret@rabbit-2:5671/%2f",
+        );
         let db = DatabaseArgs {
             database_url: "postgres://app:pa%40ss@db:5432/lc?sslmode=verify-full".into(),
             database_pool_size: 8,

@@ -3,11 +3,15 @@
 //! Migrations live in `shared/migrations` and are compiled into every binary; they run under a
 //! session advisory lock so that several replicas starting together apply them once.
 //!
+//! A pooler in transaction or statement mode is refused at start-up
+//! ([`refuse_transaction_pooling`]; its module says why and how it tells).
+//!
 //! Every connection goes through [`tls`] (libpq's `sslmode`/`sslrootcert`, default `prefer`).
 //! `DATABASE_URL` may name several hosts (`postgres://a:5432,b:5432/db?
 //! target_session_attrs=read-write`): tokio-postgres tries them in order and, with
 //! `read-write`, skips a standby, so a promoted standby is found without a DNS change.
 
+mod pooler;
 pub mod tls;
 
 use std::str::FromStr;
@@ -15,6 +19,7 @@ use std::str::FromStr;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub use pooler::refuse_transaction_pooling;
 pub use tls::{SslMode, TlsError, TlsSettings};
 
 mod embedded {
@@ -40,6 +45,14 @@ pub enum DbError {
         settings: String,
         /// What failed, with a hint where one helps.
         cause: String,
+    },
+    /// `DATABASE_URL` leads to a pooler that shares server sessions between statements.
+    #[error(
+        "DATABASE_URL leads to a connection pooler in transaction or statement mode ({evidence}); loginconnect needs a server session per connection (session advisory locks for migrations and the watchdog, LISTEN for the outbox relay, prepared statements): point DATABASE_URL at PostgreSQL itself or at a PgBouncer pool with pool_mode = session"
+    )]
+    TransactionPooler {
+        /// What the check saw.
+        evidence: String,
     },
     /// The pool could not be built.
     #[error("cannot create the PostgreSQL pool: {0}")]

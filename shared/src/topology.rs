@@ -9,7 +9,9 @@ use lapin::{Channel, ExchangeKind};
 
 /// Topic exchange that ingest publishes webhook events to (`<kind>.<page_id>`).
 pub const WEBHOOK_EXCHANGE: &str = "messenger.webhook";
-/// Public topic exchange of `identity.linked` and `first_message.*` CloudEvents.
+/// Topic exchange of the public (`identity.*`, `first_message.*`) and operational (`page.*`,
+/// `subscription.*`) CloudEvents, routing key `<kind>.<page_id>` (see
+/// [`crate::events::routing_key`]).
 pub const EVENTS_EXCHANGE: &str = "loginconnect.events";
 /// Exchange that work queues dead-letter into; routing key = the work queue's name.
 pub const DEAD_LETTER_EXCHANGE: &str = "messenger.dlx";

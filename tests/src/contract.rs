@@ -9,14 +9,26 @@ use std::path::PathBuf;
 use jsonschema::Validator;
 use serde_json::Value;
 
-/// The routing keys of the public events, each the name of its `data` schema file.
-pub const ROUTING_KEYS: [&str; 5] = [
+/// The event kinds (the routing key without its page), each the name of its `data` schema
+/// file: the public events, then the operational ones.
+pub const KINDS: [&str; 9] = [
     "identity.linked",
     "first_message.sent",
     "first_message.failed",
     "first_message.expired",
     "identity.deleted",
+    "page.paused",
+    "page.resumed",
+    "subscription.lost",
+    "subscription.restored",
 ];
+
+/// Splits a routing key `<kind>.<page_id>` (every kind is two words) into kind and page.
+pub fn split_routing_key(routing_key: &str) -> Option<(&str, &str)> {
+    let first = routing_key.find('.')?;
+    let second = first + 1 + routing_key[first + 1..].find('.')?;
+    Some((&routing_key[..second], &routing_key[second + 1..]))
+}
 
 /// The directory of the JSON Schemas (`docs/schemas` of the workspace).
 pub fn schema_dir() -> PathBuf {
@@ -59,21 +71,43 @@ impl Contract {
     pub fn load() -> Self {
         Self {
             envelope: compile("cloudevent.json"),
-            data: ROUTING_KEYS
+            data: KINDS
                 .iter()
                 .map(|key| (*key, compile(&format!("{key}.json"))))
                 .collect(),
         }
     }
 
-    /// Checks one CloudEvent published with `routing_key`: the envelope, that its `type`
-    /// matches the routing key, and its `data`. Returns every violation found.
+    /// Checks one CloudEvent published with `routing_key` (`<kind>.<page_id>`): the
+    /// envelope, that its `type` matches the kind, that the page of the key is its `pageid`
+    /// and its `data.page_id`, and its `data`. Returns every violation found.
     pub fn validate(&self, routing_key: &str, event: &Value) -> Result<(), Vec<String>> {
         let mut problems: Vec<String> = self
             .envelope
             .iter_errors(event)
             .map(|e| format!("envelope {}: {e}", e.instance_path()))
             .collect();
+        let Some((kind, page)) = split_routing_key(routing_key) else {
+            return Err(vec![format!(
+                "routing key {routing_key} is not <kind>.<page_id>"
+            )]);
+        };
+        if page.is_empty() || page.contains('.') {
+            problems.push(format!(
+                "routing key {routing_key}: page {page:?} is not one word"
+            ));
+        }
+        for (what, value) in [
+            ("pageid", event.get("pageid")),
+            ("data.page_id", event.pointer("/data/page_id")),
+        ] {
+            if value.and_then(Value::as_str) != Some(page) {
+                problems.push(format!(
+                    "{what} is {value:?}, expected {page:?} (the routing key's page)"
+                ));
+            }
+        }
+        let routing_key = kind;
         let expected_type = format!("com.loginconnect.{routing_key}");
         if event.get("type").and_then(Value::as_str) != Some(expected_type.as_str()) {
             problems.push(format!(

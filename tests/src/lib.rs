@@ -11,13 +11,15 @@
 //! - [`contract`]: the published JSON Schemas every captured event is checked against.
 //! - [`private`]: a RabbitMQ node and a PostgreSQL cluster of a test's (or the fault suite's)
 //!   own, started from the machine's installations on free ports (TLS listeners included);
-//!   [`tls`]: a test CA and certificates made at test time.
+//!   [`tls`]: a test CA and certificates made at test time; [`pgbouncer`]: a PgBouncer of a
+//!   test's own in front of PostgreSQL.
 
 pub mod admin;
 pub mod contract;
 pub mod fake_graph;
 pub mod harness;
 pub mod login;
+pub mod pgbouncer;
 pub mod pipeline;
 pub mod private;
 pub mod tls;

@@ -35,7 +35,7 @@ fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
 
 /// A port nobody listens on right now (the OS picks it; it is released at once, so a race
 /// with another program is possible but unlikely; the start-up fails clearly if it happens).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
     Ok(listener.local_addr()?.port())
 }
@@ -48,7 +48,7 @@ fn running_as_root() -> bool {
 }
 
 /// `program` run as the system `user` when we are root, as ourselves otherwise.
-fn as_user(user: &str, program: &Path) -> Command {
+pub(crate) fn as_user(user: &str, program: &Path) -> Command {
     if running_as_root() {
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", user, "--"]).arg(program);
@@ -59,7 +59,7 @@ fn as_user(user: &str, program: &Path) -> Command {
 }
 
 /// Runs `cmd`; an error names `what` and carries the command's own error output.
-fn run(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+pub(crate) fn run(mut cmd: Command, what: &str) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run the command to {what}"))?;
@@ -74,7 +74,7 @@ fn run(mut cmd: Command, what: &str) -> anyhow::Result<String> {
 }
 
 /// Creates `dir` (and parents) owned by `user` when we are root.
-fn make_dir_for(dir: &Path, user: &str) -> anyhow::Result<()> {
+pub(crate) fn make_dir_for(dir: &Path, user: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if running_as_root() {
         let mut chown = Command::new("chown");
@@ -90,24 +90,75 @@ pub struct PrivateBroker {
     pub node: String,
     /// Its AMQP port on 127.0.0.1.
     pub port: u16,
+    /// Its AMQP-over-TLS port on 127.0.0.1, when started with [`BrokerTls`].
+    pub tls_port: Option<u16>,
     /// Its Erlang distribution port (inter-node traffic and the CLI tools).
     dist_port: u16,
     dir: PathBuf,
 }
 
+/// A TLS listener for a [`PrivateBroker`] (`listeners.ssl.default`, `ssl_options.*`).
+pub struct BrokerTls {
+    /// The CA the broker checks client certificates against (PEM).
+    pub ca_pem: String,
+    /// The server certificate (PEM).
+    pub cert_pem: String,
+    /// Its private key (PEM).
+    pub key_pem: String,
+    /// Refuse clients without a certificate (`ssl_options.fail_if_no_peer_cert = true`).
+    pub require_client_cert: bool,
+}
+
 impl PrivateBroker {
     /// Starts a node named `name` with its files under `dir` and waits until it answers.
     pub async fn start(dir: &Path, name: &str) -> anyhow::Result<Self> {
+        Self::start_with(dir, name, None).await
+    }
+
+    /// [`PrivateBroker::start`], with a TLS listener as well when `tls` is given (peers are
+    /// verified: `ssl_options.verify = verify_peer`).
+    pub async fn start_with(
+        dir: &Path,
+        name: &str,
+        tls: Option<&BrokerTls>,
+    ) -> anyhow::Result<Self> {
         let (port, dist_port) = (free_port()?, free_port()?);
         let node = format!("{name}@localhost");
         let dir = dir.join("rabbitmq");
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::create_dir_all(dir.join("log"))?;
         // Its own config and env files: the machine's files name the system node and its port.
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"),
-        )?;
+        let mut conf = format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n");
+        let tls_port = match tls {
+            None => None,
+            Some(tls) => {
+                let tls_port = free_port()?;
+                let tls_dir = dir.join("tls");
+                std::fs::create_dir_all(&tls_dir)?;
+                let (ca, cert, key) = (
+                    tls_dir.join("ca.pem"),
+                    tls_dir.join("server.pem"),
+                    tls_dir.join("server.key"),
+                );
+                std::fs::write(&ca, &tls.ca_pem)?;
+                std::fs::write(&cert, &tls.cert_pem)?;
+                std::fs::write(&key, &tls.key_pem)?;
+                conf.push_str(&format!(
+                    "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+                     ssl_options.cacertfile = {}\n\
+                     ssl_options.certfile = {}\n\
+                     ssl_options.keyfile = {}\n\
+                     ssl_options.verify = verify_peer\n\
+                     ssl_options.fail_if_no_peer_cert = {}\n",
+                    ca.display(),
+                    cert.display(),
+                    key.display(),
+                    tls.require_client_cert
+                ));
+                Some(tls_port)
+            }
+        };
+        std::fs::write(dir.join("rabbitmq.conf"), conf)?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
         // No plugins: the management plugin would want the system node's HTTP port.
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
@@ -115,6 +166,7 @@ impl PrivateBroker {
         let broker = Self {
             node,
             port,
+            tls_port,
             dist_port,
             dir,
         };
@@ -244,6 +296,12 @@ impl PrivateBroker {
     /// AMQP URL of the node without a vhost.
     pub fn amqp_base(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}", self.port)
+    }
+
+    /// `amqps://` URL of the node's TLS listener, with the default vhost (`None` without one).
+    pub fn amqps_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|port| format!("amqps://guest:guest@127.0.0.1:{port}/%2f"))
     }
 
     /// `stop_app`, `down_for`, then `start_app`, retried while the listener's port is still

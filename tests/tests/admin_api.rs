@@ -145,6 +145,28 @@ async fn no_token_is_401_a_read_token_cannot_write_403_and_errors_say_what_to_fi
         .write("POST", &format!("/pages/{CLIENT_PAGE}/resume"), None)
         .await;
     assert_eq!(resumed.body["state"], "active");
+    // Announced once each, as events of the page's own app.
+    let sql = env.sql().await;
+    let events = sql
+        .query(
+            "SELECT event_type, cloudevent->>'appid', cloudevent->'data'->>'reason' FROM outbox \
+             WHERE page_id = $1 ORDER BY id",
+            &[&CLIENT_PAGE],
+        )
+        .await
+        .expect("outbox");
+    let seen: Vec<(String, Option<String>, Option<String>)> = events
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let of_app = |kind: &str| {
+        (
+            kind.to_owned(),
+            Some(APP.to_owned()),
+            Some("operator".to_owned()),
+        )
+    };
+    assert_eq!(seen, vec![of_app("page.paused"), of_app("page.resumed")]);
 
     assert_eq!(
         admin

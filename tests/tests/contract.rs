@@ -1,24 +1,141 @@
-//! The public event contract: every event the code can build satisfies the JSON Schemas in
-//! `docs/schemas/`, the schemas are strict enough to catch drift, and the AsyncAPI document
-//! names every routing key and schema.
+//! The event contract: every event the code can build (public and operational) satisfies the
+//! JSON Schemas in `docs/schemas/`, the schemas are strict enough to catch drift, and the
+//! AsyncAPI document names every routing key and schema.
 
 use lc_shared::events::{
     CloudEvent, FirstMessageExpired, FirstMessageFailed, FirstMessageSent, GraphErrorData,
-    IdentityDeleted, IdentityLinked, PublicEvent,
+    IdentityDeleted, IdentityLinked, OperationalEvent, PagePaused, PageResumed, PausedReason,
+    PublicEvent, ResumedBy, SubscriptionLost, SubscriptionRestored,
 };
-use lc_testkit::contract::{Contract, ROUTING_KEYS, schema_dir};
+use lc_testkit::contract::{Contract, KINDS, schema_dir};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
 const SOURCE: &str = "/loginconnect/test";
 
+/// What the outbox adds to a public event's CloudEvent: `appid` and `personseq`.
+fn as_written(event: &PublicEvent) -> Value {
+    let mut json = serde_json::to_value(event.to_cloudevent(SOURCE)).expect("serialise");
+    json["appid"] = json!("default");
+    json["personseq"] = json!(1);
+    json
+}
+
 /// Wraps `event` in a CloudEvent exactly as the outbox does, serialises it and checks it
 /// against the schemas; returns the JSON for further assertions.
 fn validated(contract: &Contract, event: &PublicEvent) -> Value {
-    let json = serde_json::to_value(event.to_cloudevent(SOURCE)).expect("serialise");
-    contract.assert_valid(event.routing_key(), &json);
+    let json = as_written(event);
+    contract.assert_valid(&event.routing_key(), &json);
     json
+}
+
+/// One operational event of every kind and reason, as the outbox writes them (`appid`,
+/// `data.app_id`, `pageseq`).
+fn every_operational_event() -> Vec<(OperationalEvent, Value)> {
+    let page = || "106283175398765".to_owned();
+    let mut events: Vec<OperationalEvent> = [
+        PausedReason::TokenInvalid,
+        PausedReason::Restricted,
+        PausedReason::Throttled,
+        PausedReason::Operator,
+    ]
+    .into_iter()
+    .flat_map(|reason| {
+        [
+            OperationalEvent::PagePaused(PagePaused {
+                page_id: page(),
+                app_id: String::new(),
+                reason,
+                since: at(),
+                detail: Some("Graph error 190".into()),
+            }),
+            OperationalEvent::PageResumed(PageResumed {
+                page_id: page(),
+                app_id: String::new(),
+                reason,
+                resumed_by: ResumedBy::Operator,
+                resumed_at: at(),
+            }),
+        ]
+    })
+    .collect();
+    events.extend([
+        OperationalEvent::PagePaused(PagePaused {
+            page_id: page(),
+            app_id: String::new(),
+            reason: PausedReason::Restricted,
+            since: at(),
+            detail: None,
+        }),
+        OperationalEvent::PageResumed(PageResumed {
+            page_id: page(),
+            app_id: String::new(),
+            reason: PausedReason::TokenInvalid,
+            resumed_by: ResumedBy::NewToken,
+            resumed_at: at(),
+        }),
+        OperationalEvent::PageResumed(PageResumed {
+            page_id: page(),
+            app_id: String::new(),
+            reason: PausedReason::Throttled,
+            resumed_by: ResumedBy::ThrottleEnded,
+            resumed_at: at(),
+        }),
+        OperationalEvent::SubscriptionLost(SubscriptionLost {
+            page_id: page(),
+            app_id: String::new(),
+            missing: vec!["app".into()],
+            since: at(),
+        }),
+        OperationalEvent::SubscriptionRestored(SubscriptionRestored {
+            page_id: page(),
+            app_id: String::new(),
+            lost_since: at(),
+            restored_at: at(),
+        }),
+    ]);
+    events
+        .into_iter()
+        .map(|event| {
+            let mut json = serde_json::to_value(event.to_cloudevent(SOURCE)).expect("serialise");
+            json["appid"] = json!("1029384756");
+            json["data"]["app_id"] = json!("1029384756");
+            json["pageseq"] = json!(3);
+            (event, json)
+        })
+        .collect()
+}
+
+#[test]
+fn every_operational_event_satisfies_its_schema() {
+    let contract = Contract::load();
+    let mut seen = std::collections::BTreeSet::new();
+    for (event, json) in every_operational_event() {
+        contract.assert_valid(&event.routing_key(), &json);
+        assert_eq!(json["type"], event.cloudevent_type());
+        assert_eq!(json["pageid"], event.page_id());
+        seen.insert(event.kind());
+        // An operational event is not a public one: no person, no personseq.
+        let mut with_login = json.clone();
+        with_login["data"]["login_id"] = json!("L");
+        assert!(
+            contract
+                .validate(&event.routing_key(), &with_login)
+                .is_err()
+        );
+        let mut without_app = json.clone();
+        without_app["data"]["app_id"] = json!("");
+        assert!(
+            contract
+                .validate(&event.routing_key(), &without_app)
+                .is_err()
+        );
+    }
+    assert_eq!(seen.len(), lc_shared::events::OPERATIONAL_KINDS.len());
+    let (event, mut json) = every_operational_event().remove(0);
+    json["data"]["reason"] = json!("bad_luck");
+    assert!(contract.validate(&event.routing_key(), &json).is_err());
 }
 
 fn at() -> OffsetDateTime {
@@ -119,15 +236,13 @@ fn every_event_type_satisfies_its_schema() {
         let json = validated(&contract, &event);
         assert_eq!(json["type"], event.cloudevent_type());
         assert_eq!(json["subject"], event.page_id());
+        assert_eq!(json["pageid"], event.page_id());
         // The body round-trips into the model consumers would use.
         let back: CloudEvent = serde_json::from_value(json).expect("CloudEvent");
         assert_eq!(back.data, event.data());
-        seen.insert(event.routing_key());
+        seen.insert(event.kind());
     }
-    assert_eq!(
-        seen.into_iter().collect::<Vec<_>>().len(),
-        ROUTING_KEYS.len()
-    );
+    assert_eq!(seen.len(), lc_shared::events::PUBLIC_KINDS.len());
 }
 
 #[test]
@@ -161,8 +276,9 @@ type Mutation = Box<dyn Fn(&mut Value)>;
 fn schemas_are_strict() {
     let contract = Contract::load();
     let event = every_event().remove(0);
-    let good = serde_json::to_value(event.to_cloudevent(SOURCE)).expect("serialise");
+    let good = as_written(&event);
     let key = event.routing_key();
+    let key = key.as_str();
 
     let mutations: Vec<(&str, Mutation)> = vec![
         (
@@ -203,6 +319,30 @@ fn schemas_are_strict() {
             Box::new(|v| v["type"] = json!("com.loginconnect.first_message.sent")),
         ),
         (
+            "missing pageid",
+            Box::new(|v| {
+                v.as_object_mut().map(|o| o.remove("pageid"));
+            }),
+        ),
+        (
+            "missing appid",
+            Box::new(|v| {
+                v.as_object_mut().map(|o| o.remove("appid"));
+            }),
+        ),
+        (
+            "pageid of another page than the routing key's",
+            Box::new(|v| v["pageid"] = json!("1")),
+        ),
+        (
+            "data.page_id of another page than the routing key's",
+            Box::new(|v| v["data"]["page_id"] = json!("1")),
+        ),
+        (
+            "pageid with a dot",
+            Box::new(|v| v["pageid"] = json!("10628.3175398765")),
+        ),
+        (
             "missing time",
             Box::new(|v| {
                 v.as_object_mut().map(|o| o.remove("time"));
@@ -218,34 +358,44 @@ fn schemas_are_strict() {
         );
     }
 
-    let mut unknown_reason = serde_json::to_value(
-        PublicEvent::FirstMessageFailed(FirstMessageFailed {
-            page_id: "1".into(),
-            login_id: "L".into(),
-            attempts: 1,
-            reason: "graph_permanent".into(),
-            last_error: Some(graph_error(Some(1), None)),
-        })
-        .to_cloudevent(SOURCE),
-    )
-    .expect("serialise");
+    let mut unknown_reason = as_written(&PublicEvent::FirstMessageFailed(FirstMessageFailed {
+        page_id: "1".into(),
+        login_id: "L".into(),
+        attempts: 1,
+        reason: "graph_permanent".into(),
+        last_error: Some(graph_error(Some(1), None)),
+    }));
     contract
-        .validate("first_message.failed", &unknown_reason)
+        .validate("first_message.failed.1", &unknown_reason)
         .expect("valid before the mutation");
     unknown_reason["data"]["reason"] = json!("bad_luck");
     assert!(
         contract
-            .validate("first_message.failed", &unknown_reason)
+            .validate("first_message.failed.1", &unknown_reason)
             .is_err()
     );
     unknown_reason["data"]["reason"] = json!("graph_permanent");
     unknown_reason["data"]["last_error"]["fbtrace_id"] = json!("A1b2");
     assert!(
         contract
-            .validate("first_message.failed", &unknown_reason)
+            .validate("first_message.failed.1", &unknown_reason)
             .is_err(),
         "last_error is strict too"
     );
+    unknown_reason["data"]["last_error"] = json!(null);
+    contract
+        .validate("first_message.failed.1", &unknown_reason)
+        .expect("valid again");
+    for key in [
+        "first_message.failed",
+        "first_message.failed.2",
+        "first_message.failed.1.1",
+    ] {
+        assert!(
+            contract.validate(key, &unknown_reason).is_err(),
+            "accepted under routing key {key}"
+        );
+    }
 }
 
 /// `personseq` (the per-person order, set by the outbox) is a positive 32-bit integer, the
@@ -254,15 +404,15 @@ fn schemas_are_strict() {
 fn personseq_is_a_positive_integer() {
     let contract = Contract::load();
     for event in every_event() {
-        let mut json = serde_json::to_value(event.to_cloudevent(SOURCE)).expect("serialise");
+        let mut json = as_written(&event);
         json["personseq"] = json!(7);
-        contract.assert_valid(event.routing_key(), &json);
+        contract.assert_valid(&event.routing_key(), &json);
         let back: CloudEvent = serde_json::from_value(json.clone()).expect("CloudEvent");
         assert_eq!(back.personseq, Some(7), "the model reads it");
         for bad in [json!(0), json!("7"), json!(1.5), json!(2_147_483_648_i64)] {
             json["personseq"] = bad.clone();
             assert!(
-                contract.validate(event.routing_key(), &json).is_err(),
+                contract.validate(&event.routing_key(), &json).is_err(),
                 "personseq {bad} accepted"
             );
         }
@@ -283,9 +433,13 @@ fn asyncapi_document_covers_every_event() {
     assert!(doc.contains("durable: true"));
     assert!(doc.contains("traceparent:"));
     assert!(doc.contains("$ref: './schemas/cloudevent.json'"));
-    for key in ROUTING_KEYS {
+    assert!(
+        doc.contains("Migrating a binding"),
+        "says how to migrate a binding"
+    );
+    for key in KINDS {
         assert!(
-            doc.contains(&format!("address: {key}\n")),
+            doc.contains(&format!("address: '{key}.{{pageId}}'\n")),
             "channel for {key}"
         );
         assert!(
@@ -321,8 +475,15 @@ fn asyncapi_examples_satisfy_the_schemas() {
     let channels = doc["channels"].as_object().expect("channels");
     let mut checked = 0;
     for channel in channels.values() {
-        let key = channel["address"].as_str().expect("channel address");
-        assert!(ROUTING_KEYS.contains(&key), "unknown routing key {key}");
+        let address = channel["address"].as_str().expect("channel address");
+        let key = address
+            .strip_suffix(".{pageId}")
+            .unwrap_or_else(|| panic!("address {address} ends in the page"));
+        assert!(KINDS.contains(&key), "unknown routing key {key}");
+        assert_eq!(
+            channel["parameters"]["pageId"]["$ref"],
+            "#/components/parameters/pageId"
+        );
         assert_eq!(
             channel["bindings"]["amqp"]["$ref"], "#/components/channelBindings/eventsExchange",
             "{key} is on loginconnect.events"
@@ -344,17 +505,14 @@ fn asyncapi_examples_satisfy_the_schemas() {
             let examples = message["examples"].as_array().expect("examples");
             assert!(!examples.is_empty(), "{key} has an example");
             for example in examples {
-                contract.assert_valid(key, &example["payload"]);
+                let page = example["payload"]["pageid"].as_str().expect("pageid");
+                contract.assert_valid(&format!("{key}.{page}"), &example["payload"]);
                 checked += 1;
             }
         }
     }
-    assert_eq!(
-        channels.len(),
-        ROUTING_KEYS.len(),
-        "one channel per routing key"
-    );
-    assert!(checked >= ROUTING_KEYS.len());
+    assert_eq!(channels.len(), KINDS.len(), "one channel per event kind");
+    assert!(checked >= KINDS.len());
     let exchange = &doc["components"]["channelBindings"]["eventsExchange"]["exchange"];
     assert_eq!(exchange["name"], lc_shared::topology::EVENTS_EXCHANGE);
     assert_eq!(exchange["type"], "topic");

@@ -57,7 +57,12 @@ async fn reply_after_a_pending_optin_links_once_and_marks_it_replied() {
     let got = env.deliveries(&capture, 1, WAIT).await;
     assert_eq!(got.len(), 1, "identity.linked published");
     let event = env.contract().check_delivery(&got[0]);
-    assert_eq!(got[0].routing_key.as_str(), "identity.linked");
+    assert_eq!(
+        got[0].routing_key.as_str(),
+        format!("identity.linked.{PAGE}")
+    );
+    assert_eq!(event["pageid"], PAGE);
+    assert_eq!(event["appid"], "default", "no META_APP_ID given");
     assert_eq!(event["type"], "com.loginconnect.identity.linked");
     assert_eq!(event["source"], "/loginconnect/correlator");
     assert_eq!(event["subject"], PAGE);

@@ -30,7 +30,7 @@ async fn a_worker_killed_between_claim_and_call_leaves_the_optin_to_be_sent() {
     assert_eq!(claimed.len(), 1);
     drop(client);
 
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     // The default policy: a call in flight at the crash would end the opt-in failed.
     let mut config = env.scheduler_config();
     config.unknown_outcome = UnknownOutcome::Fail;

@@ -82,7 +82,7 @@ fn validator(file: &str) -> jsonschema::Validator {
 #[tokio::test]
 async fn a_deletion_request_deletes_announces_and_reports_completion() {
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["identity.deleted"]).await;
+    let events = env.capture_events(&["identity.deleted.#"]).await;
     let (scheduler, _stop) = env.start_scheduler(env.scheduler_config()).await;
     let (ingest, _stop_ingest) = env.start_login_ingest().await;
     let sql = env.sql().await;
@@ -114,8 +114,14 @@ async fn a_deletion_request_deletes_announces_and_reports_completion() {
     );
     let mut by_page = std::collections::BTreeMap::new();
     for d in &got {
-        assert_eq!(d.routing_key.as_str(), "identity.deleted");
         let ev = event_json(d);
+        assert_eq!(
+            d.routing_key.as_str(),
+            format!(
+                "identity.deleted.{}",
+                ev["data"]["page_id"].as_str().expect("page")
+            )
+        );
         let problems: Vec<String> = envelope
             .iter_errors(&ev)
             .chain(data_schema.iter_errors(&ev["data"]))
@@ -422,7 +428,7 @@ async fn login_signed_requests_and_stale_callbacks_are_refused() {
 #[tokio::test]
 async fn the_same_callback_twice_is_one_deletion() {
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["identity.deleted"]).await;
+    let events = env.capture_events(&["identity.deleted.#"]).await;
     let (scheduler, _stop) = env.start_scheduler(env.scheduler_config()).await;
     let (ingest, _stop_ingest) = env.start_login_ingest().await;
     let request = signed_request_for(ASID, APP_SECRET);

@@ -97,7 +97,7 @@ async fn a_returned_dead_letter_is_never_taken_for_stored_while_the_relay_publis
     let pool = env.migrated_pool(8).await;
     // The worker's one link, as in a scheduler or correlator process: a small pool of
     // channels that the relay and the dead letters both use.
-    let link = BrokerLink::start(&env.vhost.url(), "worker-test", 2);
+    let link = BrokerLink::start(env.vhost.url(), "worker-test", 2);
     link.wait_ready(WAIT).await.expect("ready");
     // A quorum capture queue makes the relay's confirms wait for the replicated log, so its
     // rounds overlap the dead letters.

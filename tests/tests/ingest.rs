@@ -32,9 +32,7 @@ fn config(amqp_url: &str) -> IngestConfig {
         http2: false,
         max_connections: 4096,
         publish_channels: 2,
-        amqp: AmqpArgs {
-            amqp_url: amqp_url.to_owned(),
-        },
+        amqp: AmqpArgs::new(amqp_url),
         log: lc_shared::config::LogArgs {
             log_format: LogFormat::Text,
         },
@@ -744,5 +742,39 @@ async fn a_missing_binding_fails_exactly_the_bodies_whose_events_were_returned()
         0,
         "no message event was stored anywhere"
     );
+    h.stop().await;
+}
+
+/// Issue 16: a page id becomes a word of the routing keys (`optin.<page_id>` here,
+/// `first_message.sent.<page_id>` downstream). An entry whose id has a dot (or a wildcard,
+/// whitespace…) would make a key no binding routes — ingest would answer 503 for ever and
+/// Meta redeliver for ever. It is set aside on `messenger.unparsed` with the reason instead;
+/// the rest of the batch goes to its queues and the delivery gets 200.
+#[tokio::test]
+async fn an_entry_whose_page_id_cannot_be_routed_is_set_aside_not_refused_for_ever() {
+    let h = Harness::start().await;
+    let dotted = json!({"id": "111.222", "time": 1_700_000_001_000_i64,
+                        "messaging": [optin("111.222", "L1", 1_700_000_000_000)]});
+    let wildcard = json!({"id": "#", "time": 1_700_000_001_000_i64,
+                          "messaging": [optin("#", "L2", 1_700_000_000_000)]});
+    let good = json!({"id": "111", "time": 1_700_000_001_000_i64,
+                      "messaging": [optin("111", "L3", 1_700_000_000_000)]});
+    let body = serde_json::to_vec(&json!({"object": "page", "entry": [dotted, wildcard, good]}))
+        .expect("json");
+    assert_eq!(h.post_signed(&body).await.status(), 200);
+
+    let conn = h.vhost.connect().await;
+    let optins = take_all(&conn, topology::SCHEDULER_QUEUE).await;
+    assert_eq!(optins.len(), 1);
+    assert_eq!(optins[0].routing_key.as_str(), "optin.111");
+    let kept = take_all(&conn, topology::UNPARSED_QUEUE).await;
+    assert_eq!(kept.len(), 2, "each bad entry alone");
+    for (d, found) in kept.iter().zip(["'.'", "'#'"]) {
+        let reason = header_str(&d.properties, topology::ERROR_HEADER).expect("reason");
+        assert!(
+            reason.contains("field `id`: page id") && reason.contains(found),
+            "{reason}"
+        );
+    }
     h.stop().await;
 }

@@ -152,7 +152,7 @@ async fn a_nul_login_id_and_a_year_9999_timestamp_are_dead_lettered_and_the_next
 #[tokio::test]
 async fn a_supervised_task_that_panics_is_restarted_and_readyz_fails_until_it_is_back() {
     let vhost = TestVhost::create();
-    let link = BrokerLink::start(&vhost.url(), "readyz-test", 2);
+    let link = BrokerLink::start(vhost.url(), "readyz-test", 2);
     link.wait_ready(WAIT).await.expect("broker link");
     let registry = prometheus::Registry::new();
     let shutdown = Shutdown::new();

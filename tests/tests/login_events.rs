@@ -75,7 +75,7 @@ async fn assert_one_message(
 /// returned queue. The services stop with the test's runtime.
 async fn setup() -> (TestEnv, String, Pipeline) {
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     let pipeline = env
         .pipeline()
         .login(login_args(None))

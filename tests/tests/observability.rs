@@ -36,7 +36,7 @@ async fn every_documented_metric_is_exported_after_a_demo_flow() {
     );
 
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["identity.linked"]).await;
+    let events = env.capture_events(&["identity.linked.#"]).await;
     let mut p = env
         .pipeline()
         .scheduler(env.scheduler_config())

@@ -281,7 +281,7 @@ async fn two_relays_on_one_database_publish_every_row_once() {
     let (env, pool) = setup().await;
     let capture = {
         // The exchange must exist before the capture queue binds; a first link declares it.
-        let warmup = BrokerLink::start(&env.vhost.url(), "warmup", 1);
+        let warmup = BrokerLink::start(env.vhost.url(), "warmup", 1);
         warmup.wait_ready(WAIT).await.expect("ready");
         let capture = env.capture_events(&["#"]).await;
         warmup.close().await;

@@ -159,8 +159,8 @@ fn ids_of(events: &[Value]) -> Vec<String> {
 #[tokio::test]
 async fn a_full_downstream_queue_delays_only_its_own_events() {
     let (env, pool) = setup().await;
-    let capture = env.capture_events(&["first_message.*"]).await;
-    let full = full_queue(&env, "identity.linked").await;
+    let capture = env.capture_events(&["first_message.*.#"]).await;
+    let full = full_queue(&env, "identity.linked.#").await;
     let relay = env.start_relay(&pool, args()).await;
 
     let refused = insert(&pool, &[linked("A")]).await;
@@ -219,8 +219,8 @@ async fn a_full_downstream_queue_delays_only_its_own_events() {
 #[tokio::test]
 async fn a_persons_deletion_waits_for_their_refused_link() {
     let (env, pool) = setup().await;
-    let capture = env.capture_events(&["identity.deleted"]).await;
-    let full = full_queue(&env, "identity.linked").await;
+    let capture = env.capture_events(&["identity.deleted.#"]).await;
+    let full = full_queue(&env, "identity.linked.#").await;
     let relay = env.start_relay(&pool, args()).await;
 
     let a = insert(&pool, &[linked("A"), deleted("A")]).await;
@@ -264,7 +264,7 @@ async fn a_persons_deletion_waits_for_their_refused_link() {
 #[tokio::test]
 async fn personseq_follows_commit_order_when_the_lower_id_commits_last() {
     let (env, pool) = setup().await;
-    let capture = env.capture_events(&["identity.*"]).await;
+    let capture = env.capture_events(&["identity.*.#"]).await;
     let relay = env.start_relay(&pool, args()).await;
 
     // The link's transaction writes first (lower row id) but commits last.

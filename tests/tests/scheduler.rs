@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 #[tokio::test]
 async fn an_optin_gets_exactly_one_message_and_one_sent_event() {
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     let mut p = env.start_pipeline(env.scheduler_config()).await;
 
     let now = OffsetDateTime::now_utc();
@@ -145,7 +145,7 @@ async fn two_schedulers_send_a_thousand_optins_once_each() {
 #[tokio::test]
 async fn optins_past_their_deadline_are_expired_without_a_call_and_retries_stop_in_time() {
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     let mut config = env.scheduler_config();
     config.retry_base_ms = 200;
     config.retry_jitter = false;
@@ -256,7 +256,7 @@ async fn earliest_deadline_goes_first_under_a_throttled_graph() {
 #[tokio::test]
 async fn transient_errors_are_retried_with_growing_delays_and_permanent_ones_are_not() {
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     let mut config = env.scheduler_config();
     config.retry_base_ms = 150;
     config.retry_jitter = false;
@@ -441,7 +441,7 @@ async fn an_invalid_token_pauses_the_page_until_the_token_is_fixed() {
 #[tokio::test]
 async fn unknown_pages_fail_once_and_replies_first_mean_no_message() {
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     let mut p = env.start_pipeline(env.scheduler_config()).await;
     let sql = env.sql().await;
     let now = OffsetDateTime::now_utc();

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 async fn crash_inside_the_window(policy: UnknownOutcome) -> (TestEnv, Vec<Value>) {
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     let (ingest, _stop_ingest) = env.start_ingest().await;
     let mut config = env.scheduler_config();
     config.graph_timeout_ms = 500;
@@ -169,7 +169,7 @@ async fn a_login_id_messaged_through_one_page_is_refused_for_another() {
     )
     .await
     .expect("insert");
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     let mut p = env.start_pipeline(env.scheduler_config()).await;
     assert_eq!(
         post_signed(&p.ingest, body(PAGE, vec![optin_item(PAGE, "X1", now)])).await,
@@ -274,7 +274,7 @@ async fn a_reply_committed_alongside_its_optin_still_prevents_the_send() {
 async fn a_send_that_times_out_is_not_retried_because_it_may_have_been_delivered() {
     use lc_testkit::fake_graph::FakeResponse;
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["first_message.*"]).await;
+    let events = env.capture_events(&["first_message.*.#"]).await;
     let mut config = env.scheduler_config();
     config.graph_timeout_ms = 500;
     config.lease_secs = 2;

@@ -20,7 +20,7 @@ async fn one_trace_spans_ingest_scheduler_send_api_and_the_public_event() {
     assert!(telemetry.tracing_enabled());
 
     let env = TestEnv::new().await;
-    let events = env.capture_events(&["first_message.sent"]).await;
+    let events = env.capture_events(&["first_message.sent.#"]).await;
     let mut p = env.start_pipeline(env.scheduler_config()).await;
 
     // The caller (a proxy in front of ingest, say) already started a trace.

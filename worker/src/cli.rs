@@ -342,6 +342,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Migrate => {
             lc_shared::db::ensure_database(&cli.database.database_url).await?;
+            lc_shared::db::refuse_transaction_pooling(&cli.database.database_url).await?;
             let pool = lc_shared::db::pool(&cli.database.database_url, 1)?;
             let applied = lc_shared::db::migrate(&pool).await?;
             writeln!(

@@ -96,7 +96,7 @@ pub async fn start(
 ) -> Result<RunningCorrelator, StartError> {
     let worker_id = config.worker.worker_id("correlator");
     let pool = config.worker.prepare_database().await?;
-    let link = config.worker.broker(&worker_id);
+    let link = config.worker.broker(&worker_id)?;
     let registry = prometheus::Registry::new();
     let metrics = CorrelatorMetrics::new(&registry)?;
     let relay_metrics = RelayMetrics::new(&registry)?;

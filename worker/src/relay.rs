@@ -1,5 +1,11 @@
-//! The outbox relay: publishes the public events that state changes wrote to the `outbox`
-//! table onto exchange `loginconnect.events`, with publisher confirms.
+//! The outbox relay: publishes the events that state changes wrote to the `outbox` table
+//! onto exchange `loginconnect.events`, with publisher confirms.
+//!
+//! A row holds the event kind (`event_type`) and its page (`page_id`); the routing key is
+//! built from both at publish time, `<kind>.<page_id>`. Rows written by a version before
+//! tenant-scoped events (whose key had no page) are therefore published under the new key
+//! too, and get the `pageid` and `appid` attributes they lack added to their body (see
+//! `round.rs`); their event id stays, so a consumer's dedupe still holds.
 //!
 //! Every worker process runs one (the scheduler and the correlator both write events), and any
 //! number of replicas may run against the same database. One round, in one transaction:
@@ -13,7 +19,7 @@
 //! 3. settle each row by its own outcome: confirmed rows are marked `published_at = now()`;
 //!    rows the broker nacked (a downstream queue with `x-overflow=reject-publish` that is
 //!    full) get a backoff of their own (0.5 s doubling, at most 5 min) and are counted in
-//!    `outbox_events_nacked_total{type}` with a log line naming the routing key; rows without
+//!    `outbox_events_nacked_total{type}` with a log line naming the event kind; rows without
 //!    a confirm in time stay as they were; then commit.
 //!
 //! One full downstream queue therefore delays only the events routed to it, not everyone's.
@@ -123,11 +129,12 @@ impl From<Pool> for OutboxDb {
 /// Prometheus metrics of the relay.
 #[derive(Clone)]
 pub struct RelayMetrics {
-    /// Events published (confirmed and marked), by routing key.
+    /// Events published (confirmed and marked), by event kind (the routing key without its
+    /// page, so the label set stays small).
     pub published: IntCounterVec,
     /// Rounds that failed and were rolled back, by stage (`database`, `broker`).
     pub failures: IntCounterVec,
-    /// Events the broker refused (nack) and that wait out a backoff, by routing key.
+    /// Events the broker refused (nack) and that wait out a backoff, by event kind.
     pub nacked: IntCounterVec,
     /// Age in seconds of the oldest unpublished row (0 when none), refreshed every round.
     pub lag_seconds: Gauge,
@@ -142,7 +149,7 @@ impl RelayMetrics {
             published: IntCounterVec::new(
                 Opts::new(
                     "outbox_events_published_total",
-                    "Public events published with a broker confirm and marked, by routing key",
+                    "Events published with a broker confirm and marked, by event kind",
                 ),
                 &["type"],
             )?,
@@ -157,7 +164,7 @@ impl RelayMetrics {
                 Opts::new(
                     "outbox_events_nacked_total",
                     "Public events the broker refused (e.g. a full downstream queue), retried \
-                     with backoff, by routing key",
+                     with backoff, by event kind",
                 ),
                 &["type"],
             )?,
@@ -176,8 +183,8 @@ impl RelayMetrics {
             m.failures.with_label_values(&[stage]);
         }
         registry.register(Box::new(m.failures.clone()))?;
-        for routing_key in lc_shared::events::ROUTING_KEYS {
-            m.nacked.with_label_values(&[routing_key]);
+        for kind in lc_shared::events::EVENT_KINDS {
+            m.nacked.with_label_values(&[kind]);
         }
         registry.register(Box::new(m.nacked.clone()))?;
         registry.register(Box::new(m.lag_seconds.clone()))?;
@@ -287,21 +294,21 @@ pub async fn run(
     tracing::info!("outbox relay stopped");
 }
 
-/// Counts a settled round and names each refused routing key in the log.
+/// Counts a settled round and names each refused event kind in the log.
 fn count(published: &round::Published, metrics: &RelayMetrics) {
-    for (routing_key, n) in &published.by_type {
+    for (kind, n) in &published.by_type {
         metrics
             .published
-            .with_label_values(&[routing_key.as_str()])
+            .with_label_values(&[kind.as_str()])
             .inc_by(*n);
     }
-    for (routing_key, n) in &published.nacked {
+    for (kind, n) in &published.nacked {
         metrics
             .nacked
-            .with_label_values(&[routing_key.as_str()])
+            .with_label_values(&[kind.as_str()])
             .inc_by(*n);
         tracing::warn!(
-            routing_key = routing_key.as_str(),
+            kind = kind.as_str(),
             events = n,
             "broker refused events (is a downstream queue full?); retrying them with backoff"
         );

@@ -92,7 +92,7 @@ pub async fn start(
     let watchdog_graph = graph.clone();
     let worker_id = config.worker.worker_id("scheduler");
     let pool = config.worker.prepare_database().await?;
-    let link = config.worker.broker(&worker_id);
+    let link = config.worker.broker(&worker_id)?;
     let registry = prometheus::Registry::new();
     let metrics = SchedulerMetrics::new(&registry)?;
     let relay_metrics = crate::relay::RelayMetrics::new(&registry)?;
@@ -105,6 +105,16 @@ pub async fn start(
         rate_limit: config.page_rate_limit,
     };
     let pages = source.load(&pool).await.map_err(StartError::Config)?;
+    if let Some((app_id, _)) = config.watchdog.enabled() {
+        // Shared through the database, so the correlator's events carry the same `appid`.
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        store::pages::set_meta_app_id(&client, &app_id)
+            .await
+            .map_err(|e| StartError::Config(format!("cannot record META_APP_ID: {e}")))?;
+    }
 
     for page in &pages.pages {
         metrics

@@ -11,12 +11,19 @@
 //! failures are logged and counted (`scheduler_watchdog_errors_total`); the next round tries
 //! again.
 //!
+//! Each round's findings are recorded per page in `page_state.unsubscribed_since` and
+//! announced on the events exchange ([`announce`]): `subscription.lost` once when a page's
+//! subscription is found incomplete, `subscription.restored` when a later round finds it
+//! complete again (normally the round after the re-subscription).
+//!
 //! One replica at a time: the active watchdog holds a PostgreSQL session advisory lock on a
 //! connection taken from the pool and keeps it (and the lock) between rounds; the other
 //! replicas try `pg_try_advisory_lock` each round and skip it when they do not get it. So
 //! there is one check per interval however many replicas run, and when the active replica
 //! dies its session ends, the lock is released and another replica takes over at its next
 //! round. The cost is one pooled connection held by the active replica.
+
+pub mod announce;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,7 +141,14 @@ pub enum PageCheck {
         /// The fields subscribed now.
         fields: Vec<String>,
     },
-    /// A Graph call failed; the message is Graph's (never contains a token).
+    /// Something was missing and subscribing again failed (it is still missing).
+    Missing {
+        /// What was missing: `app` or field names.
+        missing: Vec<String>,
+        /// Graph's message (never contains a token).
+        error: String,
+    },
+    /// Reading the subscriptions failed; the message is Graph's (never contains a token).
     Failed(String),
 }
 
@@ -246,7 +260,10 @@ async fn check_page_inner(
                 error = %e,
                 "watchdog: the page's webhook subscription is incomplete and subscribing again failed"
             );
-            PageCheck::Failed(e.to_string())
+            PageCheck::Missing {
+                missing,
+                error: e.to_string(),
+            }
         }
     }
 }
@@ -335,6 +352,10 @@ pub async fn run(
             r = check_once(&graph, &pages, &app_id, &metrics) => r,
             () = shutdown.wait() => break,
         };
+        if let Err(e) = announce::record_round(&pool, &report).await {
+            metrics.errors.inc();
+            tracing::warn!(error = %e, "watchdog: cannot record the round's findings; the next round tries again");
+        }
         let repaired = report
             .pages
             .iter()

@@ -141,6 +141,15 @@ fn id_must_be_digits() {
 }
 
 #[test]
+fn id_with_a_dot_or_too_long_for_a_routing_key_is_rejected() {
+    let e = err(&page("12.34", TOKEN_ENV, TEXT), "page \"12.34\"", "`id`");
+    assert!(e.contains("digits"), "{e}");
+    let long = "9".repeat(crate::ids::MAX_PAGE_ID_BYTES + 1);
+    let e = err(&page(&long, TOKEN_ENV, TEXT), "`id`", "`id`");
+    assert!(e.contains("bytes long"), "{e}");
+}
+
+#[test]
 fn duplicate_ids_are_rejected() {
     let text = format!(
         "{}{}",

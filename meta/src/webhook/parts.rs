@@ -11,8 +11,8 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 use super::{
-    EventDetails, EventKind, Fields, ParseError, WebhookEvent, array, content_key, id_text, object,
-    parse_entry, parse_timestamp, preview, string,
+    EventDetails, EventKind, Fields, ParseError, WebhookEvent, array, content_key, entry_page_id,
+    object, parse_entry, parse_timestamp, preview, string,
 };
 
 /// One part of a delivery, in the body's order.
@@ -113,11 +113,7 @@ pub(super) fn other_entry(
     {
         return Ok(None);
     }
-    let page_id = entry.get("id").ok_or(ParseError::missing("id"))?;
-    let page_id = id_text(page_id).ok_or(ParseError::wrong(
-        "id",
-        "a non-empty string or a non-negative integer",
-    ))?;
+    let page_id = entry_page_id(entry)?;
     // Nothing orders or acts on these: any plausible time will do.
     let timestamp = entry
         .get("time")

@@ -1018,3 +1018,43 @@ fn duplicate_keys_last_wins() {
     let ev = parse_one(&body_with_item(item));
     assert_eq!(ev.idempotency_key, "mid:m_b");
 }
+
+#[test]
+fn an_entry_whose_page_id_cannot_be_routed_is_set_aside_with_the_reason() {
+    // A dotted id would make `optin.12.34`, a key no binding routes: ingest would answer 503
+    // for ever. Set aside (kept on messenger.unparsed) instead, the rest of the batch goes on.
+    for (id, found) in [
+        (r#""12.34""#, "'.'"),
+        (r#""12*""#, "'*'"),
+        (r##""#""##, "'#'"),
+        (r#""1 2""#, "U+0020"),
+    ] {
+        let body = format!(
+            r#"{{"object":"page","entry":[{{"id":{id},"time":5,"messaging":[{{"timestamp":1700000000000,"optin":{{"login_id":"A"}}}}]}},{{"id":"106","time":5,"messaging":[{{"timestamp":1700000000000,"optin":{{"login_id":"B"}}}}]}},{{"id":{id},"changes":[{{"field":"feed"}}]}}]}}"#
+        );
+        let parts = parse_delivery_parts(body.as_bytes()).unwrap();
+        assert_eq!(parts.len(), 3, "{id}");
+        for (i, part) in [(0, &parts[0]), (2, &parts[2])] {
+            let DeliveryPart::SetAside(aside) = part else {
+                panic!("entry {i} with id {id} is set aside: {parts:?}");
+            };
+            let text = aside.error.to_string();
+            assert!(
+                text.starts_with(&format!("at entry[{i}]: field `id`: page id")),
+                "{text}"
+            );
+            assert!(text.contains(found), "{text}");
+            assert!(matches!(
+                aside.error.innermost(),
+                ParseError::BadPageId(crate::ids::PageIdError::BadCharacter { .. })
+            ));
+        }
+        assert!(matches!(&parts[1], DeliveryPart::Event(e) if e.page_id == "106"));
+    }
+    let long = "9".repeat(crate::ids::MAX_PAGE_ID_BYTES + 1);
+    let body = format!(
+        r#"{{"object":"page","entry":[{{"id":"{long}","messaging":[{{"timestamp":1700000000000,"optin":{{"login_id":"A"}}}}]}}]}}"#
+    );
+    let err = parse_delivery(body.as_bytes()).expect_err("too long");
+    assert!(err.to_string().contains("bytes long"), "{err}");
+}

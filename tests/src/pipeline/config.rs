@@ -15,9 +15,7 @@ impl TestEnv {
     /// Worker arguments pointing at this environment.
     pub fn worker_args(&self) -> WorkerArgs {
         WorkerArgs {
-            amqp: AmqpArgs {
-                amqp_url: self.vhost.url(),
-            },
+            amqp: AmqpArgs::new(self.vhost.url()),
             database: DatabaseArgs {
                 database_url: self.db.url(),
                 database_pool_size: 8,
@@ -93,7 +91,7 @@ pub fn ingest_config(amqp_url: String) -> IngestConfig {
         http2: false,
         max_connections: 4096,
         publish_channels: 2,
-        amqp: AmqpArgs { amqp_url },
+        amqp: AmqpArgs::new(amqp_url),
         log: LogArgs {
             log_format: LogFormat::Text,
         },

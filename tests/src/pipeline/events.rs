@@ -93,15 +93,17 @@ impl TestEnv {
 
     /// Every event still to come on the capture `queue`: waits until the outbox is fully
     /// published (from then on everything the relays sent is confirmed, so taking the queue
-    /// empty sees it all), asserts each has `routing_key` and satisfies the contract, and
-    /// returns their bodies.
-    pub async fn remaining_events(&self, queue: &str, routing_key: &str) -> Vec<Value> {
+    /// empty sees it all), asserts each is of `kind` (routing key `<kind>.<page_id>`) and
+    /// satisfies the contract, and returns their bodies.
+    pub async fn remaining_events(&self, queue: &str, kind: &str) -> Vec<Value> {
         self.wait_outbox_published().await;
         self.take_all(queue)
             .await
             .iter()
             .map(|d| {
-                assert_eq!(d.routing_key.as_str(), routing_key);
+                let key = d.routing_key.as_str();
+                let split = crate::contract::split_routing_key(key);
+                assert_eq!(split.map(|(k, _)| k), Some(kind), "routing key {key}");
                 self.contract().check_delivery(d)
             })
             .collect()

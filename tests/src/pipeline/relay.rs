@@ -13,7 +13,7 @@ impl TestEnv {
     /// Starts a relay with `args` on `pool` (a pool of this test's database) and its own
     /// broker link, once the link is connected.
     pub async fn start_relay(&self, pool: &Pool, args: RelayArgs) -> RunningRelay {
-        let link = BrokerLink::start(&self.vhost.url(), "relay-test", 2);
+        let link = BrokerLink::start(self.vhost.url(), "relay-test", 2);
         link.wait_ready(WAIT).await.expect("broker ready");
         // Unexported: two relays in one test would clash in one registry.
         let metrics = RelayMetrics::unexported().expect("metrics");

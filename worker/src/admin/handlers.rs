@@ -255,14 +255,14 @@ pub async fn set_token(
 
 /// `POST /pages/{page_id}/pause`.
 pub async fn pause(who: Caller, State(s): State<AdminState>, Path(page): Path<String>) -> Answer {
-    let c = client(&s).await?;
-    ok(StatusCode::OK, ops::pause(&c, &who.name, &page).await?)
+    let mut c = client(&s).await?;
+    ok(StatusCode::OK, ops::pause(&mut c, &who.name, &page).await?)
 }
 
 /// `POST /pages/{page_id}/resume`.
 pub async fn resume(who: Caller, State(s): State<AdminState>, Path(page): Path<String>) -> Answer {
-    let c = client(&s).await?;
-    ok(StatusCode::OK, ops::resume(&c, &who.name, &page).await?)
+    let mut c = client(&s).await?;
+    ok(StatusCode::OK, ops::resume(&mut c, &who.name, &page).await?)
 }
 
 /// `GET /pages/{page_id}/status`.

@@ -47,7 +47,11 @@ pub async fn list(
         }
         None => topology::inspectable_queues(),
     };
-    let conn = amqp::connect(&amqp.amqp_url, "loginconnect-cli").await?;
+    let conn = amqp::connect(
+        amqp.endpoint().map_err(lc_shared::amqp::AmqpError::from)?,
+        "loginconnect-cli",
+    )
+    .await?;
     for q in queues {
         let ch = conn.create_channel().await?;
         let mut shown = 0;
@@ -96,7 +100,11 @@ pub async fn replay(
     limit: usize,
 ) -> Result<(), CliError> {
     known_queue(queue)?;
-    let conn = amqp::connect(&amqp.amqp_url, "loginconnect-cli").await?;
+    let conn = amqp::connect(
+        amqp.endpoint().map_err(lc_shared::amqp::AmqpError::from)?,
+        "loginconnect-cli",
+    )
+    .await?;
     let get_ch = conn.create_channel().await?;
     let pub_ch = amqp::confirm_channel(&conn).await?;
     topology::declare(&pub_ch).await?;

@@ -76,7 +76,12 @@ pub async fn status(
         .get(0);
 
     let mut queues = serde_json::Map::new();
-    match lc_shared::amqp::connect(&amqp.amqp_url, "loginconnect-cli").await {
+    match lc_shared::amqp::connect(
+        amqp.endpoint().map_err(lc_shared::amqp::AmqpError::from)?,
+        "loginconnect-cli",
+    )
+    .await
+    {
         Ok(conn) => {
             let mut names = topology::inspectable_queues();
             names.extend(topology::WORK_QUEUES.iter().map(|(q, _)| (*q).to_owned()));

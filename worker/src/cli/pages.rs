@@ -221,8 +221,8 @@ pub async fn update(
 
 /// `pages pause PAGE`.
 pub async fn pause(out: &mut dyn Write, db: &DatabaseArgs, page: &str) -> Result<(), CliError> {
-    let c = client(db).await?;
-    ops::pause(&c, ACTOR, page).await?;
+    let mut c = client(db).await?;
+    ops::pause(&mut c, ACTOR, page).await?;
     writeln!(
         out,
         "page {page} paused on every replica (`loginconnect pages resume {page}` lifts it)"
@@ -232,8 +232,8 @@ pub async fn pause(out: &mut dyn Write, db: &DatabaseArgs, page: &str) -> Result
 
 /// `pages resume PAGE`.
 pub async fn resume(out: &mut dyn Write, db: &DatabaseArgs, page: &str) -> Result<(), CliError> {
-    let c = client(db).await?;
-    ops::resume(&c, ACTOR, page).await?;
+    let mut c = client(db).await?;
+    ops::resume(&mut c, ACTOR, page).await?;
     writeln!(out, "page {page} resumed on every replica")?;
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! dead-lettered and the others commit.
 
 use deadpool_postgres::{Pool, Transaction};
-use lc_meta::ids::check_id;
+use lc_meta::ids::{check_id, check_page_id};
 use lc_meta::webhook::{EventDetails, QueuedEvent};
 use lc_shared::amqp::header_str;
 use lc_shared::telemetry::{TraceParent, continue_trace, login_id_label};
@@ -107,8 +107,9 @@ fn decode(
     let Some(prior) = reply.prior_message else {
         return Ok(None);
     };
+    // The page id becomes a word of the event's routing key (checked at ingest too).
+    check_page_id(&event.page_id).map_err(|e| format!("reply refused: {e}"))?;
     for (field, value) in [
-        ("page id", Some(&event.page_id)),
         ("prior_message login_id", Some(&prior.login_id)),
         ("sender id", Some(&reply.psid)),
         ("mid", reply.mid.as_ref()),

@@ -203,8 +203,12 @@ pub async fn set_token(
 }
 
 /// Pauses a page on every replica until a resume (an operator pause).
-pub async fn pause(c: &Client, actor: &str, page_id: &str) -> Result<PageStatus, RegistryError> {
-    let p = page(c, page_id).await?;
+pub async fn pause(
+    c: &mut Client,
+    actor: &str,
+    page_id: &str,
+) -> Result<PageStatus, RegistryError> {
+    let p = page(&*c, page_id).await?;
     // The page may have no state row yet (created, no scheduler synced it): a provisional
     // one, which the next sync gives the right rate.
     let rate = i32::try_from(p.rate_limit.unwrap_or(1)).unwrap_or(i32::MAX);
@@ -228,18 +232,22 @@ pub async fn pause(c: &Client, actor: &str, page_id: &str) -> Result<PageStatus,
         paused_now,
         "registry: page paused by an operator"
     );
-    status(c, page_id).await
+    status(&*c, page_id).await
 }
 
 /// Lifts a page's pause and throttle on every replica.
-pub async fn resume(c: &Client, actor: &str, page_id: &str) -> Result<PageStatus, RegistryError> {
-    let known = store::page_by_id(c, page_id).await?.is_some();
+pub async fn resume(
+    c: &mut Client,
+    actor: &str,
+    page_id: &str,
+) -> Result<PageStatus, RegistryError> {
+    let known = store::page_by_id(&*c, page_id).await?.is_some();
     let had_state = page_state::resume(c, page_id).await?;
     if !known && !had_state {
         return Err(unknown_page(page_id));
     }
     tracing::info!(actor, page_id, "registry: page resumed");
-    status(c, page_id).await
+    status(&*c, page_id).await
 }
 
 /// Deletes a page, its stored token and its shared state. A page still in the pages file is

@@ -7,7 +7,7 @@ use deadpool_postgres::Pool;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
 use lc_shared::amqp::{self, BrokerLink, Outcome};
-use lc_shared::events::CLOUDEVENTS_CONTENT_TYPE;
+use lc_shared::events::{self, CLOUDEVENTS_CONTENT_TYPE, app_of_page_sql};
 use lc_shared::topology;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -32,9 +32,9 @@ pub(super) struct Settings {
 pub(super) struct Published {
     /// Rows claimed.
     pub claimed: i64,
-    /// Rows published (confirmed and marked), per routing key.
+    /// Rows published (confirmed and marked), per event kind.
     pub by_type: BTreeMap<String, u64>,
-    /// Rows the broker refused, per routing key; each waits out its own backoff.
+    /// Rows the broker refused, per event kind; each waits out its own backoff.
     pub nacked: BTreeMap<String, u64>,
     /// Rows whose confirm did not come in time; they stay unpublished for the next round.
     pub unconfirmed: u64,
@@ -51,7 +51,10 @@ impl Published {
 struct Row {
     id: i64,
     event_id: Uuid,
+    /// The event kind (`first_message.sent`, `page.paused`, …).
     event_type: String,
+    /// The routing key: the kind and the row's page, `<kind>.<page_id>`.
+    routing_key: String,
     cloudevent: serde_json::Value,
     traceparent: Option<String>,
     created_at: OffsetDateTime,
@@ -60,8 +63,22 @@ struct Row {
 /// The claim: unpublished rows whose backoff has passed and that no earlier unpublished row
 /// of the same person precedes (also not one another relay holds right now, which is still
 /// unpublished in this snapshot), so a person's events go out one at a time in their order.
-const CLAIM: &str = "SELECT id, event_id, event_type, cloudevent, traceparent, created_at \
-     FROM outbox o WHERE published_at IS NULL \
+///
+/// A row written by a version before tenant-scoped events lacks the `pageid` and `appid`
+/// attributes: they are added here from its page and [`app_of_page_sql`], and its routing
+/// key is built like every row's from its kind and page, so it reaches the new bindings.
+fn claim_sql() -> String {
+    format!(
+        "SELECT id, event_id, event_type, \
+             CASE WHEN cloudevent ? 'appid' THEN cloudevent \
+                  ELSE cloudevent || jsonb_build_object('pageid', page_id, \
+                                                        'appid', {app}) END, \
+             traceparent, created_at, page_id {CLAIM_FROM}",
+        app = app_of_page_sql("o.page_id")
+    )
+}
+
+const CLAIM_FROM: &str = "FROM outbox o WHERE published_at IS NULL \
        AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
        AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.published_at IS NULL \
                        AND e.person_key = o.person_key AND e.person_seq < o.person_seq) \
@@ -84,7 +101,7 @@ pub(super) async fn publish_batch(
 ) -> Result<Published, RelayError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let rows = tx.query(CLAIM, &[&settings.batch]).await?;
+    let rows = tx.query(&claim_sql(), &[&settings.batch]).await?;
     if rows.is_empty() {
         return Ok(Published::default());
     }
@@ -97,6 +114,7 @@ pub(super) async fn publish_batch(
             cloudevent: r.get(3),
             traceparent: r.get(4),
             created_at: r.get(5),
+            routing_key: events::routing_key(r.get(2), r.get(6)),
         })
         .collect();
 
@@ -108,7 +126,7 @@ pub(super) async fn publish_batch(
         lease
             .publish(
                 topology::EVENTS_EXCHANGE,
-                &row.event_type,
+                &row.routing_key,
                 // Public events are fire-and-forget for us: an exchange with no queue bound
                 // yet (no downstream service deployed) is not an error.
                 false,
@@ -165,12 +183,12 @@ fn properties(row: &Row) -> BasicProperties {
     let mut props =
         amqp::persistent_properties(&row.event_id.to_string(), CLOUDEVENTS_CONTENT_TYPE)
             .with_app_id(ShortString::from("loginconnect"));
-    // The CloudEvent `type`; the routing key stands in if a row somehow lacks it.
+    // The CloudEvent `type`; the kind's type stands in if a row somehow lacks it.
     let ce_type = row
         .cloudevent
         .get("type")
         .and_then(|t| t.as_str())
-        .map_or_else(|| row.event_type.clone(), str::to_owned);
+        .map_or_else(|| events::cloudevent_type(&row.event_type), str::to_owned);
     props = props.with_type(ShortString::from(ce_type));
     if let Ok(secs) = u64::try_from(row.created_at.unix_timestamp()) {
         props = props.with_timestamp(secs);

@@ -116,6 +116,7 @@ impl WorkerArgs {
     /// Creates the database if needed, builds the pool and applies migrations (if enabled).
     pub async fn prepare_database(&self) -> Result<Pool, StartError> {
         db::ensure_database(&self.database.database_url).await?;
+        db::refuse_transaction_pooling(&self.database.database_url).await?;
         let pool = db::pool(
             &self.database.database_url,
             self.database.database_pool_size,
@@ -129,8 +130,13 @@ impl WorkerArgs {
         Ok(pool)
     }
 
-    /// Starts the supervised broker link.
-    pub fn broker(&self, worker_id: &str) -> BrokerLink {
-        BrokerLink::start(&self.amqp.amqp_url, worker_id, 8)
+    /// Starts the supervised broker link; a TLS setting that cannot be used stops the
+    /// start-up here.
+    pub fn broker(&self, worker_id: &str) -> Result<BrokerLink, StartError> {
+        let endpoint = self
+            .amqp
+            .endpoint()
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        Ok(BrokerLink::start(endpoint, worker_id, 8))
     }
 }

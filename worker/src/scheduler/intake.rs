@@ -15,7 +15,7 @@ use lc_shared::optin::OptinState;
 use std::sync::Arc;
 
 use deadpool_postgres::{Client, Pool};
-use lc_meta::ids::{check_event_time, check_id};
+use lc_meta::ids::{check_event_time, check_id, check_page_id};
 use lc_meta::pages::PagesConfig;
 use lc_meta::webhook::{EventDetails, QueuedEvent};
 use lc_shared::telemetry::login_id_label;
@@ -42,7 +42,9 @@ pub fn decode(msg: &Incoming, now: OffsetDateTime) -> Result<NewOptin, String> {
             event.kind.as_str()
         ));
     };
-    check_id("page id", &event.page_id).map_err(|e| format!("opt-in refused: {e}"))?;
+    // Checked at ingest too; a message queued by an older ingest (or published by hand)
+    // must not write an event whose routing key cannot carry its page.
+    check_page_id(&event.page_id).map_err(|e| format!("opt-in refused: {e}"))?;
     check_id("login_id", &optin.login_id).map_err(|e| {
         format!(
             "opt-in for page {} refused: {e}",

@@ -172,7 +172,18 @@ pub async fn refresh(
             () = shutdown.wait() => return,
         }
         let loaded = match pool.get().await {
-            Ok(client) => pages::load_pauses(&client).await,
+            Ok(mut client) => {
+                // Throttles that ran out are announced (`page.resumed`) by whichever replica
+                // sees it first, within a second of the end.
+                match pages::announce_throttle_ends(&mut client).await {
+                    Ok(ended) if !ended.is_empty() => {
+                        tracing::info!(pages = ?ended, "page throttles ended; sends resumed");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot announce ended throttles"),
+                }
+                pages::load_pauses(&client).await
+            }
             Err(e) => Err(e.into()),
         };
         match loaded {

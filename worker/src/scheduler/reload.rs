@@ -131,8 +131,8 @@ async fn sync(pool: &Pool, view: &RegistryView, rate_limit: u32) -> Result<(), S
             rate_limit: view.rate_limits.get(&p.id).copied().unwrap_or(rate_limit),
         })
         .collect();
-    let client = pool.get().await?;
-    for page_id in pages::sync(&client, &list).await? {
+    let mut client = pool.get().await?;
+    for page_id in pages::sync(&mut client, &list).await? {
         tracing::info!(
             page_id,
             "page token changed; sends resumed on every replica"

@@ -246,7 +246,7 @@ impl Dispatcher {
         }
         let written = match self.pool.get().await {
             Ok(client) if app_wide => pages::throttle_app(&client, pause).await,
-            Ok(client) => pages::throttle(&client, page_id, pause).await,
+            Ok(mut client) => pages::throttle(&mut client, page_id, pause).await,
             Err(e) => Err(e.into()),
         };
         if let Err(e) = written {
@@ -328,7 +328,7 @@ impl Dispatcher {
             .set(1);
         let detail = f.to_string();
         let written = match self.pool.get().await {
-            Ok(client) => pages::pause(&client, &c.page_id, reason, token, &detail).await,
+            Ok(mut client) => pages::pause(&mut client, &c.page_id, reason, token, &detail).await,
             Err(e) => Err(e.into()),
         };
         if let Err(e) = written {

@@ -9,9 +9,50 @@ use std::fmt;
 use std::time::Duration;
 
 use deadpool_postgres::Client;
+use lc_shared::events::{
+    OperationalEvent, PagePaused, PageResumed, PausedReason, ResumedBy, insert_operational,
+};
 use time::OffsetDateTime;
 
-use super::StoreError;
+use super::{EVENT_SOURCE, StoreError};
+
+/// Writes `page.resumed` for `page_id` in the caller's transaction.
+async fn announce_resume(
+    tx: &impl tokio_postgres::GenericClient,
+    page_id: &str,
+    reason: PausedReason,
+    resumed_by: ResumedBy,
+    resumed_at: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let event = OperationalEvent::PageResumed(PageResumed {
+        page_id: page_id.to_owned(),
+        app_id: String::new(),
+        reason,
+        resumed_by,
+        resumed_at,
+    });
+    insert_operational(tx, &event, EVENT_SOURCE).await?;
+    Ok(())
+}
+
+/// Writes `page.paused` for `page_id` in the caller's transaction.
+async fn announce_pause(
+    tx: &impl tokio_postgres::GenericClient,
+    page_id: &str,
+    reason: PausedReason,
+    since: OffsetDateTime,
+    detail: Option<String>,
+) -> Result<(), StoreError> {
+    let event = OperationalEvent::PagePaused(PagePaused {
+        page_id: page_id.to_owned(),
+        app_id: String::new(),
+        reason,
+        since,
+        detail,
+    });
+    insert_operational(tx, &event, EVENT_SOURCE).await?;
+    Ok(())
+}
 
 /// Why a page is paused until someone acts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,6 +81,16 @@ impl PauseReason {
         [Self::TokenInvalid, Self::Restricted, Self::Operator]
             .into_iter()
             .find(|r| r.as_str() == s)
+    }
+}
+
+impl From<PauseReason> for PausedReason {
+    fn from(r: PauseReason) -> Self {
+        match r {
+            PauseReason::TokenInvalid => Self::TokenInvalid,
+            PauseReason::Restricted => Self::Restricted,
+            PauseReason::Operator => Self::Operator,
+        }
     }
 }
 
@@ -75,91 +126,217 @@ pub struct PageSync<'a> {
 }
 
 /// Makes sure every configured page has its state row with its rate limit, and resumes token
-/// pauses of pages whose token is now another one than the one Graph refused. Returns the
-/// pages resumed. (Every replica runs this at start and after each configuration change; for
-/// a page without a limit of its own the last one to start sets the rate, so give every
-/// replica the same `PAGE_RATE_LIMIT`.)
-pub async fn sync(client: &Client, pages: &[PageSync<'_>]) -> Result<Vec<String>, StoreError> {
+/// pauses of pages whose token is now another one than the one Graph refused, announcing
+/// each (`page.resumed`, in the same transaction). Returns the pages resumed. (Every replica
+/// runs this at start and after each configuration change; for a page without a limit of its
+/// own the last one to start sets the rate, so give every replica the same
+/// `PAGE_RATE_LIMIT`.)
+pub async fn sync(client: &mut Client, pages: &[PageSync<'_>]) -> Result<Vec<String>, StoreError> {
     let ids: Vec<&str> = pages.iter().map(|p| p.page_id).collect();
     let prints: Vec<&str> = pages.iter().map(|p| p.token_fingerprint.as_str()).collect();
     let rates: Vec<i32> = pages
         .iter()
         .map(|p| i32::try_from(p.rate_limit).unwrap_or(i32::MAX))
         .collect();
-    client
-        .execute(
-            "INSERT INTO page_state (page_id, rate_limit) \
-             SELECT * FROM unnest($1::text[], $2::integer[]) \
-             ON CONFLICT (page_id) DO UPDATE SET rate_limit = EXCLUDED.rate_limit, \
-                 updated_at = now() \
-             WHERE page_state.rate_limit <> EXCLUDED.rate_limit",
-            &[&ids, &rates],
-        )
-        .await?;
-    let rows = client
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO page_state (page_id, rate_limit) \
+         SELECT * FROM unnest($1::text[], $2::integer[]) \
+         ON CONFLICT (page_id) DO UPDATE SET rate_limit = EXCLUDED.rate_limit, \
+             updated_at = now() \
+         WHERE page_state.rate_limit <> EXCLUDED.rate_limit",
+        &[&ids, &rates],
+    )
+    .await?;
+    let rows = tx
         .query(
             "UPDATE page_state p SET paused_reason = NULL, paused_since = NULL, \
                  paused_detail = NULL, paused_token = NULL, updated_at = now() \
              FROM unnest($1::text[], $2::text[]) AS c(page_id, token) \
              WHERE p.page_id = c.page_id AND p.paused_reason = 'token_invalid' \
                AND p.paused_token IS DISTINCT FROM c.token \
-             RETURNING p.page_id",
+             RETURNING p.page_id, now()",
             &[&ids, &prints],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let mut resumed = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let page_id: String = r.get(0);
+        let at = r.get(1);
+        announce_resume(
+            &*tx,
+            &page_id,
+            PausedReason::TokenInvalid,
+            ResumedBy::NewToken,
+            at,
+        )
+        .await?;
+        resumed.push(page_id);
+    }
+    tx.commit().await?;
+    Ok(resumed)
 }
 
-/// Pauses a page (idempotent: the first pause's time and detail stay). Returns true if this
-/// call paused it (it was not paused before), so the pause is announced once.
+/// Records the app id the scheduler was given (`META_APP_ID`) for the `appid` attribute of
+/// every process's events (see [`lc_shared::events::app_of_page_sql`]).
+pub async fn set_meta_app_id(client: &Client, app_id: &str) -> Result<(), StoreError> {
+    client
+        .execute(
+            "UPDATE app_state SET meta_app_id = $1, updated_at = now() \
+             WHERE app_id = 'default' AND meta_app_id IS DISTINCT FROM $1",
+            &[&app_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Pauses a page (idempotent: the first pause's time and detail stay; a token pause for a
+/// token other than the one stored with `pages set-token` is not one). Returns true if this
+/// call paused it (it was not paused before); only then is `page.paused` written, in the same
+/// transaction, so a pause is announced once however many replicas meet the same error.
 pub async fn pause(
-    client: &Client,
+    client: &mut Client,
     page_id: &str,
     reason: PauseReason,
     token_fingerprint: Option<&str>,
     detail: &str,
 ) -> Result<bool, StoreError> {
-    let n = client
-        .execute(
+    let tx = client.transaction().await?;
+    // A concurrent pause waits for this row lock, then finds `paused_reason` set: no row.
+    // A refusal of a token other than the one stored now (a call still in flight when
+    // `pages set-token` stored a new one) says nothing about the new token: no pause, so
+    // no pause–resume flap announced to consumers.
+    let row = tx
+        .query_opt(
             "UPDATE page_state SET paused_reason = $2, paused_since = now(), paused_detail = $3, \
                  paused_token = $4, updated_at = now() \
-             WHERE page_id = $1 AND paused_reason IS NULL",
+             WHERE page_id = $1 AND paused_reason IS NULL \
+               AND NOT ($2 = 'token_invalid' AND $4::text IS NOT NULL AND EXISTS ( \
+                   SELECT 1 FROM page_tokens t WHERE t.page_id = $1 AND t.fingerprint <> $4)) \
+             RETURNING paused_since",
             &[&page_id, &reason.as_str(), &detail, &token_fingerprint],
         )
         .await?;
-    Ok(n == 1)
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    announce_pause(
+        &*tx,
+        page_id,
+        reason.into(),
+        row.get(0),
+        Some(detail.to_owned()),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
-/// Lifts a page's pause and throttle (an operator's `pages resume`). Returns whether the
+/// Lifts a page's pause and throttle (an operator's `pages resume`), announcing what it
+/// lifted (`page.resumed` for the pause and for an announced throttle). Returns whether the
 /// page exists.
-pub async fn resume(client: &Client, page_id: &str) -> Result<bool, StoreError> {
-    let n = client
-        .execute(
-            "UPDATE page_state SET paused_reason = NULL, paused_since = NULL, \
-                 paused_detail = NULL, paused_token = NULL, throttled_until = NULL, \
-                 updated_at = now() \
-             WHERE page_id = $1",
+pub async fn resume(client: &mut Client, page_id: &str) -> Result<bool, StoreError> {
+    let tx = client.transaction().await?;
+    // Locked, so what it read is what it lifts (a concurrent pause waits for the commit).
+    let Some(before) = tx
+        .query_opt(
+            "SELECT paused_reason, throttle_announced_at IS NOT NULL, now() FROM page_state \
+             WHERE page_id = $1 FOR UPDATE",
             &[&page_id],
         )
-        .await?;
-    Ok(n == 1)
+        .await?
+    else {
+        return Ok(false);
+    };
+    tx.execute(
+        "UPDATE page_state SET paused_reason = NULL, paused_since = NULL, \
+             paused_detail = NULL, paused_token = NULL, throttled_until = NULL, \
+             throttle_announced_at = NULL, updated_at = now() \
+         WHERE page_id = $1",
+        &[&page_id],
+    )
+    .await?;
+    let now: OffsetDateTime = before.get(2);
+    if let Some(reason) = before
+        .get::<_, Option<&str>>(0)
+        .and_then(PauseReason::parse)
+    {
+        announce_resume(&*tx, page_id, reason.into(), ResumedBy::Operator, now).await?;
+    }
+    if before.get::<_, bool>(1) {
+        let throttled = PausedReason::Throttled;
+        announce_resume(&*tx, page_id, throttled, ResumedBy::Operator, now).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
-/// Throttles a page for `for_how_long` (extends, never shortens, a current throttle).
+/// Throttles a page for `for_how_long` (extends, never shortens, a current throttle). A
+/// throttle that starts on a page not throttled before is announced (`page.paused`, reason
+/// `throttled`) once; [`announce_throttle_ends`] announces its end.
 pub async fn throttle(
-    client: &Client,
+    client: &mut Client,
     page_id: &str,
     for_how_long: Duration,
 ) -> Result<(), StoreError> {
-    client
-        .execute(
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
             "UPDATE page_state SET throttled_until = GREATEST(COALESCE(throttled_until, now()), \
                  now() + make_interval(secs => $2)), updated_at = now() \
-             WHERE page_id = $1",
+             WHERE page_id = $1 \
+             RETURNING throttle_announced_at IS NULL, throttled_until",
             &[&page_id, &for_how_long.as_secs_f64()],
         )
         .await?;
+    if let Some(row) = row.filter(|r| r.get::<_, bool>(0)) {
+        // Guarded again under the row lock this transaction now holds: a concurrent throttle
+        // of another replica waits here and then finds the throttle announced.
+        let announced = tx
+            .query_opt(
+                "UPDATE page_state SET throttle_announced_at = now() \
+                 WHERE page_id = $1 AND throttle_announced_at IS NULL RETURNING now()",
+                &[&page_id],
+            )
+            .await?;
+        if let Some(at) = announced {
+            let until: OffsetDateTime = row.get(1);
+            let detail = until
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|t| format!("throttled by Graph until {t}"));
+            announce_pause(&*tx, page_id, PausedReason::Throttled, at.get(0), detail).await?;
+        }
+    }
+    tx.commit().await?;
     Ok(())
+}
+
+/// Announces the end of every announced throttle that is over (`page.resumed`, reason
+/// `throttled`), once: each page's row is cleared and its event written in one transaction,
+/// and a replica running this at the same moment finds nothing left to clear. Every replica
+/// runs it with its pause refresh (once a second); the partial index keeps it cheap. Returns
+/// the pages resumed.
+pub async fn announce_throttle_ends(client: &mut Client) -> Result<Vec<String>, StoreError> {
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "UPDATE page_state SET throttle_announced_at = NULL \
+             WHERE throttle_announced_at IS NOT NULL \
+               AND (throttled_until IS NULL OR throttled_until <= now()) \
+             RETURNING page_id, COALESCE(throttled_until, now())",
+            &[],
+        )
+        .await?;
+    let mut pages = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let page_id: String = r.get(0);
+        let ended = ResumedBy::ThrottleEnded;
+        announce_resume(&*tx, &page_id, PausedReason::Throttled, ended, r.get(1)).await?;
+        pages.push(page_id);
+    }
+    tx.commit().await?;
+    Ok(pages)
 }
 
 /// Throttles every page of the app for `for_how_long` (Graph code 4 is app-wide).
@@ -283,13 +460,18 @@ pub async fn store_token(
     )
     .await?;
     if lift_token_pause {
-        tx.execute(
-            "UPDATE page_state SET paused_reason = NULL, paused_since = NULL, \
-                 paused_detail = NULL, paused_token = NULL, updated_at = now() \
-             WHERE page_id = $1 AND paused_reason = 'token_invalid'",
-            &[&token.page_id],
-        )
-        .await?;
+        let lifted = tx
+            .query_opt(
+                "UPDATE page_state SET paused_reason = NULL, paused_since = NULL, \
+                     paused_detail = NULL, paused_token = NULL, updated_at = now() \
+                 WHERE page_id = $1 AND paused_reason = 'token_invalid' RETURNING now()",
+                &[&token.page_id],
+            )
+            .await?;
+        if let Some(row) = lifted {
+            let (reason, by) = (PausedReason::TokenInvalid, ResumedBy::NewToken);
+            announce_resume(&*tx, &token.page_id, reason, by, row.get(0)).await?;
+        }
     }
     tx.commit().await?;
     Ok(())

@@ -1,0 +1,53 @@
+//! The claim's per-page walk must read each page's own rows through
+//! `optins_pending_by_page`: walking the global deadline index and filtering by page reads
+//! every page's backlog for each page (16 pages: 16× the rows, 110–330 ms per claim against
+//! 3–8 ms in the drain benchmark), which is what PostgreSQL's default planner costs chose.
+
+use std::time::Duration;
+
+use lc_testkit::pipeline::TestEnv;
+use lc_worker::scheduler::store::claim::{ClaimRequest, explain_claim};
+
+#[tokio::test]
+async fn the_claim_walks_each_pages_own_index_not_the_global_deadline_index() {
+    let env = TestEnv::new().await;
+    let pool = env.migrated_pool(2).await;
+    let sql = env.sql().await;
+    // The drain benchmark's shape: 16 unlimited pages, their rows interleaved, all due now
+    // with the same deadline.
+    let pages: Vec<String> = (1..=16).map(|i| format!("plan-page-{i}")).collect();
+    sql.execute(
+        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), 0",
+        &[&pages],
+    )
+    .await
+    .expect("pages");
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         SELECT ($1::text[])[1 + (i % 16)], 'plan-' || i, now(), now() + interval '24 hours', now(), \
+                'pending', now() \
+         FROM generate_series(0, 99999) AS i",
+        &[&pages],
+    )
+    .await
+    .expect("opt-ins");
+    sql.batch_execute("VACUUM ANALYZE optins")
+        .await
+        .expect("analyze");
+
+    let mut client = pool.get().await.expect("client");
+    let request = ClaimRequest {
+        safety_margin: Duration::from_secs(60),
+        ..ClaimRequest::new("plan-worker", Duration::from_secs(30), 64)
+    };
+    let plan = explain_claim(&mut client, &request).await.expect("explain");
+    let text = plan.join("\n");
+    assert!(
+        text.contains("optins_pending_by_page"),
+        "the per-page walk should use optins_pending_by_page:\n{text}"
+    );
+    assert!(
+        !text.contains("optins_pending_by_deadline"),
+        "the claim should not walk the global deadline index:\n{text}"
+    );
+}
