@@ -73,6 +73,12 @@ fn ok<T: serde::Serialize>(status: StatusCode, body: T) -> Answer {
     Ok((status, Json(body)).into_response())
 }
 
+/// The credentials of `Bearer <token>` (the scheme is case-insensitive, RFC 9110).
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 impl FromRequestParts<AdminState> for Caller {
     type Rejection = ApiError;
 
@@ -84,7 +90,7 @@ impl FromRequestParts<AdminState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .map(str::trim)
             .filter(|t| !t.is_empty());
         let Some(presented) = presented else {
