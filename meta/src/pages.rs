@@ -36,7 +36,7 @@ pub const MAX_TITLE_CHARS: usize = 20;
 pub const MAX_PAYLOAD_CHARS: usize = 1000;
 
 /// Every page of the deployment, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PagesConfig {
     /// The pages, in file order; ids are unique.
     pub pages: Vec<PageConfig>,
@@ -58,7 +58,8 @@ pub struct PageConfig {
 /// The initial message of a page: its own text and quick replies, and named variants.
 ///
 /// Serializes to (and deserializes from) the same shape the pages file uses, so it can be
-/// stored as JSON; without variants that is exactly the Send API `message` object
+/// stored as JSON — the page registry stores it and the admin API takes it; without variants
+/// that is exactly the Send API `message` object
 /// (`{"text": .., "quick_replies": [{"content_type": "text", "title": .., "payload": ..}]}`).
 /// What is sent is an [`OutgoingMessage`] ([`FirstMessage::render`]). Every field has a
 /// default so older files and stored JSON stay valid; [`FirstMessage::check`] applies the
@@ -75,6 +76,20 @@ pub struct FirstMessage {
     /// Personalised alternatives chosen by the opt-in's `ref`/`payload` (see [`message`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<MessageVariant>,
+}
+
+impl FirstMessage {
+    /// Checks the message against Meta's Send API limits (as the pages file is checked), for
+    /// messages that come from elsewhere (the admin API, the registry). Every problem is
+    /// listed, labelled with `page`.
+    pub fn validate(&self, page: &str) -> Result<(), Vec<PageProblem>> {
+        let problems = self.check(page);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
 }
 
 /// A text quick reply button.

@@ -54,13 +54,18 @@ pub fn routing_key(kind: &str, page_id: &str) -> String {
     format!("{kind}.{page_id}")
 }
 
-/// SQL expression of the app a page belongs to, for the `appid` attribute (and `app_id` of
-/// operational events). The one place that decides it: pages are not bound to apps yet, so
-/// it is the app id the scheduler was given (`META_APP_ID`, shared through
-/// `app_state.meta_app_id`) or else `default`, the row of `app_state`. When pages are bound
-/// to apps in the database, this becomes a lookup of the page's (`$page`) app.
-pub const APP_OF_PAGE_SQL: &str = "COALESCE((SELECT COALESCE(meta_app_id, app_id) \
-     FROM app_state WHERE app_id = 'default'), 'default')";
+/// SQL expression of the app the page `page` (an SQL expression of its id) belongs to, for
+/// the `appid` attribute (and `app_id` of operational events). The one place that decides
+/// it: the page's app in the page registry (`pages.app_id`, migration V8) when it is bound
+/// to one, else the app id the scheduler was given (`META_APP_ID`, shared through
+/// `app_state.meta_app_id`), else `default`, the row of `app_state`.
+pub fn app_of_page_sql(page: &str) -> String {
+    format!(
+        "COALESCE((SELECT app_id FROM pages WHERE page_id = {page}), \
+                  (SELECT COALESCE(meta_app_id, app_id) FROM app_state \
+                   WHERE app_id = 'default'), 'default')"
+    )
+}
 
 /// Graph's last error for a failed or expired first message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,7 +289,7 @@ pub struct CloudEvent {
     /// Extension attribute: the Page the event belongs to (also the routing key's last word).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pageid: Option<String>,
-    /// Extension attribute: the app the Page belongs to (see [`APP_OF_PAGE_SQL`]); set when
+    /// Extension attribute: the app the Page belongs to (see [`app_of_page_sql`]); set when
     /// the event is written to the outbox.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub appid: Option<String>,
@@ -347,7 +352,7 @@ pub async fn insert_outbox(
 
 /// Writes one operational event to the outbox inside the caller's transaction (the one that
 /// changed the page's state) and returns its id. Its `data.app_id` and `appid` are set from
-/// [`APP_OF_PAGE_SQL`]; it gets the next number of its page's operational sequence
+/// [`app_of_page_sql`]; it gets the next number of its page's operational sequence
 /// (`pageseq`), published in that order like a person's events.
 pub async fn insert_operational(
     client: &impl tokio_postgres::GenericClient,
@@ -390,7 +395,7 @@ async fn insert_row(
         "WITH seq AS ( \
              INSERT INTO outbox_person_seq AS s (person_key, seq) VALUES ($6, 1) \
              ON CONFLICT (person_key) DO UPDATE SET seq = s.seq + 1 RETURNING seq), \
-         app AS (SELECT {APP_OF_PAGE_SQL} AS id) \
+         app AS (SELECT {app} AS id) \
          INSERT INTO outbox (event_id, event_type, page_id, cloudevent, traceparent, \
                              person_key, person_seq) \
          SELECT $1, $2, $3, \
@@ -398,7 +403,8 @@ async fn insert_row(
                      ELSE e.ce END, \
                 $5, $6, seq.seq \
          FROM seq, app, LATERAL (SELECT jsonb_set(jsonb_set($4::jsonb, ARRAY[$7::text], \
-                  to_jsonb(seq.seq)), '{{appid}}', to_jsonb(app.id)) AS ce) e"
+                  to_jsonb(seq.seq)), '{{appid}}', to_jsonb(app.id)) AS ce) e",
+        app = app_of_page_sql("$3::text"),
     );
     client
         .execute(

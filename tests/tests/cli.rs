@@ -294,3 +294,103 @@ async fn probe_succeeds_only_on_2xx() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn the_page_registry_commands_share_the_admin_api_implementation() {
+    let env = TestEnv::new().await;
+    cli(&env, &["migrate"]).await.expect("migrate");
+    let page = "7234567890";
+    let out = cli(
+        &env,
+        &[
+            "apps",
+            "create",
+            "--app-id",
+            "555666777",
+            "--app-secret-env",
+            "CLIENT_D_SECRET",
+        ],
+    )
+    .await
+    .expect("apps create");
+    assert!(out.contains("CLIENT_D_SECRET"), "{out}");
+    let created = cli(
+        &env,
+        &[
+            "pages",
+            "create",
+            page,
+            "--text",
+            "Hello D",
+            "--quick-reply",
+            "Yes=Y",
+            "--app",
+            "555666777",
+            "--rate-limit",
+            "9",
+        ],
+    )
+    .await
+    .expect("pages create");
+    assert!(created.contains("set its token next"), "{created}");
+    let refused = cli(
+        &env,
+        &["pages", "create", page, "--text", &"x".repeat(2000)],
+    )
+    .await
+    .expect_err("too long and existing");
+    assert!(
+        refused.to_string().contains("first_message.text"),
+        "{refused}"
+    );
+
+    // What the CLI wrote, the admin API reads (and the reverse).
+    let admin = env.start_admin().await;
+    let read = admin.read(&format!("/pages/{page}")).await;
+    assert_eq!(
+        read.body["first_message"]["quick_replies"][0]["payload"],
+        "Y"
+    );
+    assert_eq!(read.body["rate_limit"], 9);
+    assert_eq!(read.body["app_id"], "555666777");
+    admin
+        .write("POST", &format!("/pages/{page}/pause"), None)
+        .await;
+    let listed = cli(&env, &["pages", "list"]).await.expect("list");
+    assert!(
+        listed.contains("paused (operator)") && listed.contains("not in the pages file"),
+        "{listed}"
+    );
+    cli(&env, &["pages", "resume", page]).await.expect("resume");
+    assert_eq!(
+        admin.read(&format!("/pages/{page}/status")).await.body["paused"],
+        Value::Null
+    );
+    admin.stop().await;
+
+    cli(
+        &env,
+        &[
+            "pages",
+            "update",
+            page,
+            "--default-rate-limit",
+            "--text",
+            "Hi D",
+        ],
+    )
+    .await
+    .expect("update");
+    let shown: Value =
+        serde_json::from_str(&cli(&env, &["pages", "show", page]).await.expect("show"))
+            .expect("json");
+    assert_eq!(shown["page"]["rate_limit"], Value::Null);
+    assert_eq!(shown["page"]["first_message"]["text"], "Hi D");
+    assert_eq!(shown["status"]["token"], "missing");
+    cli(&env, &["pages", "pause", page]).await.expect("pause");
+    cli(&env, &["pages", "delete", page]).await.expect("delete");
+    let gone = cli(&env, &["pages", "show", page])
+        .await
+        .expect_err("deleted");
+    assert!(gone.to_string().contains("not in the registry"), "{gone}");
+}

@@ -38,6 +38,7 @@ fn every_operational_event() -> Vec<(OperationalEvent, Value)> {
         PausedReason::TokenInvalid,
         PausedReason::Restricted,
         PausedReason::Throttled,
+        PausedReason::Operator,
     ]
     .into_iter()
     .flat_map(|reason| {

@@ -14,6 +14,7 @@
 //! in `Cargo.toml`): with `autotests = false`, a file named nowhere is neither built nor run.
 
 mod abuse;
+mod admin_api;
 mod amqp_nodes;
 mod amqp_tls;
 mod claim_plan;
@@ -33,9 +34,11 @@ mod linking;
 mod login_events;
 mod never_again;
 mod observability;
+mod openapi;
 mod operational_events;
 mod personalised;
 mod pgbouncer;
+mod registry;
 mod relay;
 mod relay_order;
 mod scale_out;

@@ -34,12 +34,17 @@ const OLD_APP_SECRET: &str = "SECRET-oldappsecret-a83c55e017";
 const VERIFY_TOKEN: &str = "SECRET-verifytoken-41d7c2b8f5";
 const PAGE_TOKEN: &str = "SECRET-pagetoken-EAAG9c0ffee77";
 const PROOF_SECRET: &str = "SECRET-proofappsecret-5e2a19d4";
-const SECRETS: [&str; 5] = [
+/// A page token given to the admin API.
+const API_PAGE_TOKEN: &str = "SECRET-apipagetoken-EAAG77d15ea5e";
+const SECRETS: [&str; 8] = [
     APP_SECRET,
     OLD_APP_SECRET,
     VERIFY_TOKEN,
     PAGE_TOKEN,
     PROOF_SECRET,
+    API_PAGE_TOKEN,
+    lc_testkit::admin::READ_TOKEN,
+    lc_testkit::admin::WRITE_TOKEN,
 ];
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -382,6 +387,52 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
         );
         out.add(format!("Graph call body {}", c.path), c.body.to_string());
     }
+
+    // The admin API: a page token replaced through it, near-miss and read-only tokens.
+    let admin = env.start_admin().await;
+    let api_page = "8234567890";
+    let created = admin
+        .write(
+            "POST",
+            "/pages",
+            Some(serde_json::json!({"page_id": api_page, "first_message": {"text": "Hi"}})),
+        )
+        .await;
+    assert_eq!(created.status, 201);
+    let put = admin
+        .write(
+            "PUT",
+            &format!("/pages/{api_page}/token"),
+            Some(serde_json::json!({"access_token": API_PAGE_TOKEN})),
+        )
+        .await;
+    assert_eq!(put.status, 200);
+    out.add("admin API token answer", put.text);
+    let near_miss = format!("{}x", lc_testkit::admin::WRITE_TOKEN);
+    let refused = admin.call("GET", "/pages", Some(&near_miss), None).await;
+    assert_eq!(refused.status, 401);
+    out.add("admin API 401 answer", refused.text);
+    let read_only = admin
+        .call(
+            "PUT",
+            &format!("/pages/{api_page}/token"),
+            Some(lc_testkit::admin::READ_TOKEN),
+            Some(serde_json::json!({"access_token": API_PAGE_TOKEN})),
+        )
+        .await;
+    assert_eq!(read_only.status, 403);
+    out.add("admin API 403 answer", read_only.text);
+    for path in ["/pages".to_owned(), format!("/pages/{api_page}/status")] {
+        out.add(format!("admin API {path}"), admin.read(&path).await.text);
+    }
+    admin.stop().await;
+    let tokens = lc_worker::admin::auth::AdminTokens::parse(&format!(
+        "crm:read:{},ops:write:{}",
+        lc_testkit::admin::READ_TOKEN,
+        lc_testkit::admin::WRITE_TOKEN
+    ))
+    .expect("tokens");
+    out.add("AdminTokens", format!("{tokens:?}"));
 
     // Debug output of every configuration and of the objects built from it.
     out.add("IngestConfig", format!("{ingest_cfg:?}"));

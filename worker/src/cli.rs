@@ -53,10 +53,16 @@ pub enum Command {
     /// Inspect identity links.
     #[command(subcommand)]
     Link(LinkCommand),
-    /// The pages: validate the file and check tokens, list their shared state, resume a
-    /// page, store or rotate tokens.
+    /// The pages: validate the file and check tokens; the page registry (list, show, create,
+    /// update, pause, resume, delete); store or rotate tokens.
     #[command(subcommand)]
     Pages(PagesCommand),
+    /// The apps pages belong to (technology providers with an app per client).
+    #[command(subcommand)]
+    Apps(AppsCommand),
+    /// Serve the admin API (pages, apps, statuses, opt-ins, links over JSON/HTTP on
+    /// `ADMIN_ADDR`) until SIGTERM or Ctrl-C; the database is migrated first.
+    Admin(crate::admin::AdminArgs),
     /// Print the manual Facebook Login dialog URL for Login Connect (and the JS SDK call).
     LoginUrl(login::LoginUrlArgs),
     /// GET a URL and exit 0 on 2xx (container healthchecks without curl).
@@ -146,14 +152,56 @@ pub enum PagesCommand {
         #[arg(long)]
         offline: bool,
     },
-    /// Every page's shared state: send limit, slow-down, pause (why, since when), throttle.
+    /// Every page's status: send limit, slow-down, pause (why, since when), unsubscribed,
+    /// throttle, where its token comes from, whether the pages file has it.
     List {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// One page as the registry holds it, with its status (JSON).
+    Show {
+        /// The page id.
+        page: String,
+    },
+    /// Create a page in the registry (then set its token with `pages set-token`).
+    Create {
+        /// The page id.
+        page: String,
+        #[command(flatten)]
+        #[allow(
+            missing_docs,
+            reason = "clap takes a flattened group's help from the group"
+        )]
+        fields: PageFieldArgs,
+    },
+    /// Change a page's first message, rate limit or name; every replica uses it within a
+    /// second.
+    Update {
+        /// The page id.
+        page: String,
+        #[command(flatten)]
+        #[allow(
+            missing_docs,
+            reason = "clap takes a flattened group's help from the group"
+        )]
+        fields: PageFieldArgs,
+        /// Drop the page's own rate limit (back to `PAGE_RATE_LIMIT`).
+        #[arg(long = "default-rate-limit", conflicts_with = "rate_limit")]
+        default_rate_limit: bool,
+    },
+    /// Pause a page on every replica until `pages resume`.
+    Pause {
+        /// The page id.
+        page: String,
+    },
     /// Lift a page's pause and throttle on every replica (after fixing the cause at Meta).
     Resume {
+        /// The page id.
+        page: String,
+    },
+    /// Delete a page with its stored token and state (refused while it is in the pages file).
+    Delete {
         /// The page id.
         page: String,
     },
@@ -185,6 +233,66 @@ pub enum PagesCommand {
             reason = "clap takes a flattened group's help from the group"
         )]
         keys: TokenKeysArg,
+    },
+}
+
+/// The fields of `pages create` and `pages update`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PageFieldArgs {
+    /// The first message's text (required by `create`; with `update`, replaces the message).
+    #[arg(long)]
+    pub text: Option<String>,
+    /// A quick reply of the first message, `TITLE=PAYLOAD` (repeat for several).
+    #[arg(long = "quick-reply")]
+    pub quick_replies: Vec<String>,
+    /// The app the page belongs to (`apps create` first).
+    #[arg(long = "app")]
+    pub app_id: Option<String>,
+    /// A name for people.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The page's own limit of Send API calls per second (default `PAGE_RATE_LIMIT`).
+    #[arg(long = "rate-limit")]
+    pub rate_limit: Option<u32>,
+}
+
+impl PageFieldArgs {
+    fn fields(self, default_rate_limit: bool) -> pages::PageFields {
+        pages::PageFields {
+            text: self.text,
+            quick_replies: self.quick_replies,
+            app_id: self.app_id,
+            name: self.name,
+            rate_limit: self.rate_limit,
+            default_rate_limit,
+        }
+    }
+}
+
+/// `apps …`
+#[derive(Debug, clap::Subcommand)]
+pub enum AppsCommand {
+    /// Register an app; its secrets are named by environment variable, never given.
+    Create {
+        /// The Meta app id.
+        #[arg(long = "app-id")]
+        app_id: String,
+        /// The environment variable holding the app secret on every replica.
+        #[arg(long = "app-secret-env")]
+        app_secret_env: String,
+        /// A separate Facebook Login app.
+        #[arg(long = "login-app-id")]
+        login_app_id: Option<String>,
+        /// The environment variable holding the Login app's client token.
+        #[arg(long = "client-token-env")]
+        client_token_env: Option<String>,
+    },
+    /// Every app (JSON).
+    List,
+    /// One app (JSON).
+    Show {
+        /// The app id.
+        app: String,
     },
 }
 
@@ -245,6 +353,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             )?;
             Ok(())
         }
+        Command::Admin(args) => serve_admin(&cli.database, &args).await,
         Command::Status { json } => inspect::status(out, &cli.database, &cli.amqp, json).await,
         Command::DeadLetters(DeadLettersCommand::List { queue, limit }) => {
             dead_letters::list(out, &cli.amqp, queue.as_deref(), limit).await
@@ -267,9 +376,40 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             offline,
         }) => inspect::pages_check(out, &pages_file, &graph_api_url, offline).await,
         Command::Pages(PagesCommand::List { json }) => pages::list(out, &cli.database, json).await,
+        Command::Pages(PagesCommand::Show { page }) => pages::show(out, &cli.database, &page).await,
+        Command::Pages(PagesCommand::Create { page, fields }) => {
+            pages::create(out, &cli.database, &page, fields.fields(false)).await
+        }
+        Command::Pages(PagesCommand::Update {
+            page,
+            fields,
+            default_rate_limit,
+        }) => pages::update(out, &cli.database, &page, fields.fields(default_rate_limit)).await,
+        Command::Pages(PagesCommand::Pause { page }) => {
+            pages::pause(out, &cli.database, &page).await
+        }
         Command::Pages(PagesCommand::Resume { page }) => {
             pages::resume(out, &cli.database, &page).await
         }
+        Command::Pages(PagesCommand::Delete { page }) => {
+            pages::delete(out, &cli.database, &page).await
+        }
+        Command::Apps(AppsCommand::Create {
+            app_id,
+            app_secret_env,
+            login_app_id,
+            client_token_env,
+        }) => {
+            let new = crate::registry::model::NewApp {
+                app_id,
+                app_secret_env,
+                login_app_id,
+                client_token_env,
+            };
+            pages::app_create(out, &cli.database, new).await
+        }
+        Command::Apps(AppsCommand::List) => pages::app_list(out, &cli.database).await,
+        Command::Apps(AppsCommand::Show { app }) => pages::app_show(out, &cli.database, &app).await,
         Command::Pages(PagesCommand::SetToken {
             page,
             from_env,
@@ -307,4 +447,27 @@ async fn probe(out: &mut dyn Write, url: &str) -> Result<(), CliError> {
     } else {
         Err(CliError::Other(format!("{url}: {}", resp.status())))
     }
+}
+
+/// `admin`: migrates, then serves the admin API until a signal.
+async fn serve_admin(db: &DatabaseArgs, args: &crate::admin::AdminArgs) -> Result<(), CliError> {
+    let settings = args
+        .settings()
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    lc_shared::db::ensure_database(&db.database_url).await?;
+    let pool = lc_shared::db::pool(&db.database_url, db.database_pool_size)?;
+    lc_shared::db::migrate(&pool).await?;
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|e| {
+            CliError::Other(format!(
+                "cannot listen on {} for the admin API: {e} (set ADMIN_ADDR)",
+                args.admin_addr
+            ))
+        })?;
+    let shutdown = lc_shared::shutdown::Shutdown::on_signals();
+    let running = crate::admin::start(pool, settings, listener, shutdown)
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    let _ = running.task.await;
+    Ok(())
 }

@@ -12,12 +12,16 @@
 //! - [`deletion`]: carries out user data deletion requests (opt-ins and links alike).
 //! - [`correlator`]: joining replies to opt-ins.
 //! - [`relay`]: the outbox relay that publishes public events with confirms.
+//! - [`registry`]: the page registry (apps, pages) every replica reads, its operations.
+//! - [`admin`]: the admin API over the registry (`loginconnect admin`).
 //! - [`cli`]: the `loginconnect` operator CLI.
 
+pub mod admin;
 pub mod cli;
 pub mod correlator;
 pub mod deletion;
 pub mod graph;
+pub mod registry;
 pub mod relay;
 pub mod runtime;
 pub mod scheduler;

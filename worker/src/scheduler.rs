@@ -11,8 +11,8 @@
 //!   [`pacing`] this replica's view of the cluster's page pauses and throttles (the send
 //!   budget itself is taken in the claim, [`store::claim`]); [`metrics`] the metrics.
 //! - [`config`] the binary's settings; [`housekeeping`] state gauges and pruning;
-//!   [`reload`] the pages (file and stored tokens) kept current, and the shared page state
-//!   synced; [`tokens`] page tokens encrypted at rest.
+//!   [`reload`] the pages (the registry, with the pages file imported into it, and stored
+//!   tokens) kept current, and the shared page state synced; [`tokens`] page tokens encrypted at rest.
 //!
 //! Beside the scheduler's own work its process runs the webhook-subscription
 //! [`crate::watchdog`] and the data [`crate::deletion`] consumer.
@@ -62,11 +62,14 @@ pub struct RunningScheduler {
     pub metrics_addr: SocketAddr,
     /// Its database pool.
     pub pool: Pool,
+    /// The pages it sends for now (its view of the registry).
+    pub pages: Arc<RwLock<Arc<PagesConfig>>>,
     /// Completes when it has stopped. Aborting it stops every task at once (like a crash).
     pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the scheduler: returns once the pages file is valid and the database is migrated;
+/// Starts the scheduler: returns once the pages file (if any) is valid and imported, and the
+/// database is migrated;
 /// the consumer, dispatcher, relay and metrics server run in the background until `shutdown`.
 pub async fn start(
     config: SchedulerConfig,
@@ -78,7 +81,9 @@ pub async fn start(
     let keys = tokens::TokenKeys::parse(&config.page_token_keys)
         .map_err(|e| StartError::Config(e.to_string()))?;
     // The file is checked before anything else starts, so a bad one stops the process at once.
-    PagesConfig::load(&config.pages_file).map_err(|e| StartError::Config(e.to_string()))?;
+    if let Some(file) = &config.pages_file {
+        PagesConfig::load(file).map_err(|e| StartError::Config(e.to_string()))?;
+    }
     let graph = GraphClient::new(
         &config.graph_api_url,
         Duration::from_millis(config.graph_timeout_ms),
@@ -213,7 +218,7 @@ pub async fn start(
     tasks.spawn(reload::watch(
         source,
         pool.clone(),
-        pages,
+        pages.clone(),
         metrics,
         shutdown.clone(),
     ));
@@ -223,6 +228,7 @@ pub async fn start(
     Ok(RunningScheduler {
         metrics_addr,
         pool,
+        pages,
         task,
     })
 }

@@ -380,3 +380,27 @@ fn load_reads_a_file_and_names_it() {
     assert!(e.contains("missing.toml"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_first_message_round_trips_through_json_and_validates() {
+    let m = FirstMessage {
+        text: "Hi".into(),
+        quick_replies: vec![QuickReply {
+            title: "Yes".into(),
+            payload: "Y".into(),
+        }],
+        variants: vec![],
+    };
+    let json = serde_json::to_value(&m).expect("json");
+    assert_eq!(json["quick_replies"][0]["content_type"], "text");
+    let back: FirstMessage = serde_json::from_value(json).expect("back");
+    assert_eq!(back, m);
+    assert!(back.validate("page \"1\"").is_ok());
+    let bad = FirstMessage {
+        text: " ".into(),
+        quick_replies: vec![],
+        variants: vec![],
+    };
+    let problems = bad.validate("page \"1\"").expect_err("empty text");
+    assert_eq!(problems[0].field, "first_message.text");
+}

@@ -27,6 +27,9 @@ pub enum PausedReason {
     Restricted,
     /// Graph throttled the page (rate limits, usage headers): resumes by itself at the end.
     Throttled,
+    /// An operator paused the page (admin API, `loginconnect pages pause`): paused until an
+    /// operator's resume.
+    Operator,
 }
 
 /// What lifted a pause.
@@ -46,7 +49,7 @@ pub enum ResumedBy {
 pub struct PagePaused {
     /// The page.
     pub page_id: String,
-    /// The app the page belongs to (see [`super::APP_OF_PAGE_SQL`]); set by the outbox.
+    /// The app the page belongs to (see [`super::app_of_page_sql`]); set by the outbox.
     pub app_id: String,
     /// Why it is paused.
     pub reason: PausedReason,

@@ -41,7 +41,7 @@ impl TestEnv {
         SchedulerConfig {
             worker: self.worker_args(),
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-            pages_file: self.pages_file.clone(),
+            pages_file: Some(self.pages_file.clone()),
             graph_api_url: self.graph.base_url(),
             graph_timeout_ms: 2000,
             send_delay_secs: 0,

@@ -137,7 +137,7 @@ pub async fn status(
     )?;
     writeln!(
         out,
-        "paused pages (invalid token or restricted): {}",
+        "paused pages (invalid token, restricted, or by an operator): {}",
         if paused.is_empty() {
             "-".to_owned()
         } else {

@@ -7,7 +7,7 @@ use deadpool_postgres::Pool;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
 use lc_shared::amqp::{self, BrokerLink, Outcome};
-use lc_shared::events::{self, APP_OF_PAGE_SQL, CLOUDEVENTS_CONTENT_TYPE};
+use lc_shared::events::{self, CLOUDEVENTS_CONTENT_TYPE, app_of_page_sql};
 use lc_shared::topology;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -65,15 +65,16 @@ struct Row {
 /// unpublished in this snapshot), so a person's events go out one at a time in their order.
 ///
 /// A row written by a version before tenant-scoped events lacks the `pageid` and `appid`
-/// attributes: they are added here from its page and [`APP_OF_PAGE_SQL`], and its routing
+/// attributes: they are added here from its page and [`app_of_page_sql`], and its routing
 /// key is built like every row's from its kind and page, so it reaches the new bindings.
 fn claim_sql() -> String {
     format!(
         "SELECT id, event_id, event_type, \
              CASE WHEN cloudevent ? 'appid' THEN cloudevent \
                   ELSE cloudevent || jsonb_build_object('pageid', page_id, \
-                                                        'appid', {APP_OF_PAGE_SQL}) END, \
-             traceparent, created_at, page_id {CLAIM_FROM}"
+                                                        'appid', {app}) END, \
+             traceparent, created_at, page_id {CLAIM_FROM}",
+        app = app_of_page_sql("o.page_id")
     )
 }
 

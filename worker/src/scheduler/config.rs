@@ -30,9 +30,11 @@ pub struct SchedulerConfig {
     )]
     pub metrics_addr: SocketAddr,
 
-    /// TOML file of the pages this deployment messages for (see the README).
+    /// TOML file of the pages this deployment messages for (see the README), imported into
+    /// the page registry at start and whenever it changes. Optional when pages are managed
+    /// through the admin API.
     #[arg(long = "pages-file", env = "PAGES_FILE")]
-    pub pages_file: PathBuf,
+    pub pages_file: Option<PathBuf>,
 
     /// Graph API base URL including the version.
     #[arg(long = "graph-api-url", env = "GRAPH_API_URL", default_value = lc_shared::config::DEFAULT_GRAPH_API_URL)]

@@ -117,7 +117,7 @@ impl SchedulerMetrics {
             paused_pages: IntGaugeVec::new(
                 Opts::new(
                     "scheduler_paused_pages",
-                    "1 for each page paused because its token is invalid",
+                    "1 for each page paused (invalid token, restricted, or by an operator)",
                 ),
                 &["page_id"],
             )?,

@@ -39,6 +39,7 @@ impl Blocked {
         match self {
             Self::Paused(PauseReason::TokenInvalid) => "the page is paused: its token is invalid",
             Self::Paused(PauseReason::Restricted) => "the page is paused: Graph restricted it",
+            Self::Paused(PauseReason::Operator) => "the page is paused by an operator",
             Self::Throttled => "the page (or the app) is throttled",
         }
     }

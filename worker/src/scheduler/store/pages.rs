@@ -61,6 +61,9 @@ pub enum PauseReason {
     TokenInvalid,
     /// Graph says the page is restricted from sending (10/1893063): waits for `pages resume`.
     Restricted,
+    /// An operator paused the page (admin API or `loginconnect pages pause`): waits for a
+    /// resume; a new token does not lift it.
+    Operator,
 }
 
 impl PauseReason {
@@ -69,11 +72,13 @@ impl PauseReason {
         match self {
             Self::TokenInvalid => "token_invalid",
             Self::Restricted => "restricted",
+            Self::Operator => "operator",
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
-        [Self::TokenInvalid, Self::Restricted]
+    /// The reason stored as `s` (`None` for a value this version does not know).
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::TokenInvalid, Self::Restricted, Self::Operator]
             .into_iter()
             .find(|r| r.as_str() == s)
     }
@@ -84,6 +89,7 @@ impl From<PauseReason> for PausedReason {
         match r {
             PauseReason::TokenInvalid => Self::TokenInvalid,
             PauseReason::Restricted => Self::Restricted,
+            PauseReason::Operator => Self::Operator,
         }
     }
 }
@@ -115,28 +121,31 @@ pub struct PageSync<'a> {
     pub page_id: &'a str,
     /// Fingerprint of the token this replica would call with.
     pub token_fingerprint: String,
+    /// Send API calls per second: the registry's limit of the page, else `PAGE_RATE_LIMIT`.
+    pub rate_limit: u32,
 }
 
-/// Makes sure every configured page has its state row with `rate_limit`, and resumes token
+/// Makes sure every configured page has its state row with its rate limit, and resumes token
 /// pauses of pages whose token is now another one than the one Graph refused, announcing
 /// each (`page.resumed`, in the same transaction). Returns the pages resumed. (Every replica
-/// runs this at start and after each configuration change; the last one to start sets the
-/// rate, so give every replica the same `PAGE_RATE_LIMIT`.)
-pub async fn sync(
-    client: &mut Client,
-    pages: &[PageSync<'_>],
-    rate_limit: u32,
-) -> Result<Vec<String>, StoreError> {
+/// runs this at start and after each configuration change; for a page without a limit of its
+/// own the last one to start sets the rate, so give every replica the same
+/// `PAGE_RATE_LIMIT`.)
+pub async fn sync(client: &mut Client, pages: &[PageSync<'_>]) -> Result<Vec<String>, StoreError> {
     let ids: Vec<&str> = pages.iter().map(|p| p.page_id).collect();
     let prints: Vec<&str> = pages.iter().map(|p| p.token_fingerprint.as_str()).collect();
-    let rate = i32::try_from(rate_limit).unwrap_or(i32::MAX);
+    let rates: Vec<i32> = pages
+        .iter()
+        .map(|p| i32::try_from(p.rate_limit).unwrap_or(i32::MAX))
+        .collect();
     let tx = client.transaction().await?;
     tx.execute(
-        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), $2 \
+        "INSERT INTO page_state (page_id, rate_limit) \
+         SELECT * FROM unnest($1::text[], $2::integer[]) \
          ON CONFLICT (page_id) DO UPDATE SET rate_limit = EXCLUDED.rate_limit, \
              updated_at = now() \
          WHERE page_state.rate_limit <> EXCLUDED.rate_limit",
-        &[&ids, &rate],
+        &[&ids, &rates],
     )
     .await?;
     let rows = tx
@@ -169,7 +178,7 @@ pub async fn sync(
 }
 
 /// Records the app id the scheduler was given (`META_APP_ID`) for the `appid` attribute of
-/// every process's events (see [`lc_shared::events::APP_OF_PAGE_SQL`]).
+/// every process's events (see [`lc_shared::events::app_of_page_sql`]).
 pub async fn set_meta_app_id(client: &Client, app_id: &str) -> Result<(), StoreError> {
     client
         .execute(
@@ -405,55 +414,6 @@ pub async fn load_pauses(client: &Client) -> Result<Vec<PageHold>, StoreError> {
             page_id: r.get(0),
             paused: r.get::<_, Option<&str>>(1).and_then(PauseReason::parse),
             throttled_until: r.get(2),
-        })
-        .collect())
-}
-
-/// A page's state for operators (`loginconnect pages list`).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PageStatus {
-    /// The page.
-    pub page_id: String,
-    /// Calls per second allowed.
-    pub rate_limit: i32,
-    /// The usage-header slow-down in force (1 = full speed).
-    pub rate_factor: f32,
-    /// `token_invalid` / `restricted`, or none.
-    pub paused_reason: Option<String>,
-    /// Since when.
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub paused_since: Option<OffsetDateTime>,
-    /// What Graph said.
-    pub paused_detail: Option<String>,
-    /// Throttled until, if in the future.
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub throttled_until: Option<OffsetDateTime>,
-    /// Whether a token set with `pages set-token` overrides the pages file.
-    pub token_override: bool,
-}
-
-/// Every page's state, by page id.
-pub async fn list(client: &Client) -> Result<Vec<PageStatus>, StoreError> {
-    let rows = client
-        .query(
-            "SELECT p.page_id, p.rate_limit, p.rate_factor, p.paused_reason, p.paused_since, \
-                 p.paused_detail, CASE WHEN p.throttled_until > now() THEN p.throttled_until END, \
-                 t.page_id IS NOT NULL \
-             FROM page_state p LEFT JOIN page_tokens t USING (page_id) ORDER BY p.page_id",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| PageStatus {
-            page_id: r.get(0),
-            rate_limit: r.get(1),
-            rate_factor: r.get(2),
-            paused_reason: r.get(3),
-            paused_since: r.get(4),
-            paused_detail: r.get(5),
-            throttled_until: r.get(6),
-            token_override: r.get(7),
         })
         .collect())
 }

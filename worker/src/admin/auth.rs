@@ -1,0 +1,199 @@
+//! Bearer tokens of the admin API: `ADMIN_TOKENS=name:scope:token,...` (or a file of the same
+//! items, one per line), scopes `read` and `write` (`write` includes `read`).
+//!
+//! A presented token is hashed and compared with the hash of every configured token in
+//! constant time (`subtle`), always against all of them, so neither the timing nor the order
+//! tells anything about a token. Only a token's *name* is ever logged or echoed.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Shortest token accepted: a guessable token would make the API an open door.
+pub const MIN_TOKEN_LEN: usize = 24;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Read pages, apps, statuses, opt-ins and links.
+    Read,
+    /// Everything `read` may, and change the registry (create, update, tokens, pause, delete).
+    Write,
+}
+
+impl Scope {
+    /// `read` or `write`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Read, Self::Write]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+
+    /// Whether a token with this scope may do what `needed` asks.
+    pub fn allows(self, needed: Scope) -> bool {
+        self >= needed
+    }
+}
+
+/// Why the token list cannot be used (names the item, never a token).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenListError {
+    /// An item is not `name:scope:token`.
+    #[error(
+        "ADMIN_TOKENS item {0} is not `name:scope:token` (scope `read` or `write`, a name of \
+         letters, digits, `-`, `_`, `.`)"
+    )]
+    Malformed(usize),
+    /// A token is too short.
+    #[error(
+        "ADMIN_TOKENS item {0}: the token is shorter than {MIN_TOKEN_LEN} characters; generate \
+         one with `openssl rand -base64 32`"
+    )]
+    Weak(usize),
+    /// Two items share a name.
+    #[error("ADMIN_TOKENS names {0:?} twice; give every token its own name")]
+    DuplicateName(String),
+    /// No token at all: the API would refuse everything.
+    #[error(
+        "no admin token configured: set ADMIN_TOKENS (`name:scope:token,...`) or \
+         ADMIN_TOKENS_FILE"
+    )]
+    Empty,
+}
+
+struct Entry {
+    name: String,
+    scope: Scope,
+    digest: [u8; 32],
+}
+
+/// The configured tokens.
+pub struct AdminTokens {
+    entries: Vec<Entry>,
+}
+
+impl fmt::Debug for AdminTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<(&str, &str)> = self
+            .entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.scope.as_str()))
+            .collect();
+        f.debug_struct("AdminTokens")
+            .field("tokens", &names)
+            .finish()
+    }
+}
+
+/// Who called: the token's name and scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's name (what logs show).
+    pub name: String,
+    /// Its scope.
+    pub scope: Scope,
+}
+
+impl AdminTokens {
+    /// Parses items separated by commas or newlines; blank items and `#` lines are skipped.
+    pub fn parse(list: &str) -> Result<Self, TokenListError> {
+        let mut entries: Vec<Entry> = Vec::new();
+        let items = list
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|i| !i.is_empty() && !i.starts_with('#'));
+        for (i, item) in items.enumerate() {
+            let position = i + 1;
+            let mut parts = item.splitn(3, ':');
+            let (Some(name), Some(scope), Some(token)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(TokenListError::Malformed(position));
+            };
+            let (name, token) = (name.trim(), token.trim());
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            let scope = Scope::parse(scope.trim()).ok_or(TokenListError::Malformed(position))?;
+            if !name_ok {
+                return Err(TokenListError::Malformed(position));
+            }
+            if token.chars().count() < MIN_TOKEN_LEN {
+                return Err(TokenListError::Weak(position));
+            }
+            if entries.iter().any(|e| e.name == name) {
+                return Err(TokenListError::DuplicateName(name.to_owned()));
+            }
+            entries.push(Entry {
+                name: name.to_owned(),
+                scope,
+                digest: Sha256::digest(token.as_bytes()).into(),
+            });
+        }
+        if entries.is_empty() {
+            return Err(TokenListError::Empty);
+        }
+        Ok(Self { entries })
+    }
+
+    /// The caller a presented token belongs to, if any (constant time over every token).
+    pub fn identify(&self, presented: &str) -> Option<Caller> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found: Option<&Entry> = None;
+        for e in &self.entries {
+            // No early exit: every token is compared, whatever matched before.
+            if bool::from(e.digest.ct_eq(&digest)) {
+                found = Some(e);
+            }
+        }
+        found.map(|e| Caller {
+            name: e.name.clone(),
+            scope: e.scope,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R: &str = "reader-token-0123456789abcdef";
+    const W: &str = "writer-token-0123456789abcdef";
+
+    #[test]
+    fn tokens_identify_their_name_and_scope() {
+        let t = AdminTokens::parse(&format!("crm:read:{R}, ops:write:{W}")).expect("tokens");
+        assert_eq!(t.identify(R).expect("r").name, "crm");
+        assert_eq!(t.identify(W).expect("w").scope, Scope::Write);
+        assert!(t.identify("nope").is_none());
+        assert!(Scope::Write.allows(Scope::Read));
+        assert!(!Scope::Read.allows(Scope::Write));
+        assert!(!format!("{t:?}").contains("reader-token"));
+    }
+
+    #[test]
+    fn bad_lists_are_refused_without_echoing_tokens() {
+        for (list, want) in [
+            ("crm:read", TokenListError::Malformed(1)),
+            (&*format!("crm:admin:{R}"), TokenListError::Malformed(1)),
+            ("crm:read:short", TokenListError::Weak(1)),
+            (
+                &*format!("a:read:{R},a:write:{W}"),
+                TokenListError::DuplicateName("a".into()),
+            ),
+            ("", TokenListError::Empty),
+        ] {
+            let e = AdminTokens::parse(list).expect_err(list);
+            assert_eq!(e, want);
+            assert!(!e.to_string().contains("token-0123"), "{e}");
+        }
+    }
+}
