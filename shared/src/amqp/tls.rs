@@ -232,8 +232,11 @@ pub(super) fn explain(
     error: &(dyn std::error::Error + 'static),
     files: &TlsFiles,
 ) -> Option<(String, String)> {
-    let tls = rustls_error(error)?;
     let using = files.describe();
+    let Some(tls) = rustls_error(error) else {
+        return closed_after_handshake(error, files)
+            .map(|(cause, fix)| (format!("{cause} (using {using})"), fix));
+    };
     let fix = match tls {
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
@@ -264,6 +267,44 @@ pub(super) fn explain(
         _ => "check that AMQP_URL names the broker's TLS port and the AMQP_TLS_* settings".to_owned(),
     };
     Some((format!("{tls} (using {using})"), fix))
+}
+
+/// A connection over our TLS settings that the broker closed without a TLS alert. With TLS
+/// 1.3 the client finishes its side of the handshake before the broker has checked the client
+/// certificate, so a broker that requires one it did not get (or does not accept) may reset
+/// the connection instead of the alert reaching us first — which of the two the client sees
+/// depends on timing. Named as a possible client-certificate problem, hedged, since a broker
+/// that goes away in the middle of a connect looks the same.
+fn closed_after_handshake(
+    error: &(dyn std::error::Error + 'static),
+    files: &TlsFiles,
+) -> Option<(String, String)> {
+    if files.ca_file.is_none() && files.cert_file.is_none() {
+        return None;
+    }
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        {
+            let fix = match &files.cert_file {
+                None => "if the broker requires a client certificate (ssl_options.fail_if_no_peer_cert), set AMQP_TLS_CERT_FILE and AMQP_TLS_KEY_FILE; otherwise check that the broker is running".to_owned(),
+                Some(path) => format!(
+                    "the broker may have refused the client certificate AMQP_TLS_CERT_FILE ({}): it must be signed by a CA the broker trusts (its ssl_options.cacertfile) and not expired; otherwise check that the broker is running",
+                    path.display()
+                ),
+            };
+            return Some((format!("the broker closed the TLS connection ({io})"), fix));
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// The alerts a server sends when it does not accept (or did not get) a client certificate.
@@ -305,6 +346,37 @@ fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// TLS 1.3: a broker that wants a client certificate may reset the connection before its
+    /// alert is read (seen under load in the amqp_tls test); that reset must still name the
+    /// client-certificate settings, not read as "is the broker running?".
+    #[test]
+    fn a_reset_after_the_handshake_names_the_client_certificate_settings() {
+        let reset = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let no_cert = TlsFiles {
+            ca_file: Some("/ca.pem".into()),
+            ..TlsFiles::default()
+        };
+        let (cause, fix) = explain(&reset, &no_cert).expect("explained as TLS");
+        assert!(cause.contains("closed the TLS connection"), "{cause}");
+        assert!(
+            fix.contains("requires a client certificate")
+                && fix.contains("AMQP_TLS_CERT_FILE and AMQP_TLS_KEY_FILE"),
+            "{fix}"
+        );
+        let with_cert = TlsFiles {
+            cert_file: Some("/client.pem".into()),
+            key_file: Some("/client.key".into()),
+            ..no_cert
+        };
+        let (_, fix) = explain(&reset, &with_cert).expect("explained as TLS");
+        assert!(
+            fix.contains("refused the client certificate") && fix.contains("/client.pem"),
+            "{fix}"
+        );
+        // Without TLS files (lapin's own TLS, or none) a reset stays a connection error.
+        assert!(explain(&reset, &TlsFiles::default()).is_none());
+    }
 
     #[test]
     fn unpaired_and_plain_nodes_and_missing_files_are_named() {
