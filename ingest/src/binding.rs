@@ -112,3 +112,36 @@ impl SecretVars {
         (!value.is_empty()).then(|| Secret::new(value))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_page_apps_and_what_to_do() {
+        let other = Refusal::OtherApp {
+            page_app: "2".into(),
+        };
+        let text = other.describe("20", &["1".into(), "META_APP_SECRETS".into()]);
+        assert!(text.starts_with("page_bound_to_other_app: page 20 is bound to app 2"));
+        assert!(text.contains("signed by 1, META_APP_SECRETS"), "{text}");
+        let unset = Refusal::AppSecretNotSet {
+            page_app: "3".into(),
+            var: "C_SECRET".into(),
+        };
+        assert!(unset.describe("30", &[]).contains("C_SECRET is not set"));
+    }
+
+    #[test]
+    fn given_variables_win_and_are_never_shown() {
+        let vars = SecretVars::given([("LC_BINDING_TEST_VAR".to_owned(), Secret::new(" s3cr3t "))]);
+        assert_eq!(
+            vars.get("LC_BINDING_TEST_VAR")
+                .map(|s| s.expose().to_owned()),
+            Some("s3cr3t".to_owned())
+        );
+        assert!(vars.get("LC_BINDING_TEST_UNSET_VAR").is_none());
+        let shown = format!("{vars:?}");
+        assert!(shown.contains("LC_BINDING_TEST_VAR") && !shown.contains("s3cr3t"));
+    }
+}

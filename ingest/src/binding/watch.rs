@@ -5,6 +5,7 @@
 //! succeeds again.
 
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use lc_meta::secret::Secret;
@@ -18,6 +19,10 @@ use crate::error::IngestError;
 
 /// Connections of the bindings' pool: one poll at a time.
 const POOL_SIZE: usize = 2;
+/// Bound on one read of the registry: a database that stops answering (a dropped route, a
+/// failover in progress) must not hold the poll, which would leave the bindings stale
+/// without saying so. Also bounds how long start-up waits for the first read.
+const READ_BOUND: Duration = Duration::from_secs(2);
 
 /// The metrics of app binding.
 #[derive(Clone)]
@@ -165,7 +170,10 @@ impl Poller {
     /// Reads the version and, when it moved from `seen`, the bindings; returns the version
     /// in use afterwards. One log line per outage, not one per poll.
     async fn poll(&self, seen: Option<i64>) -> Option<i64> {
-        match self.read(seen).await {
+        let read = tokio::time::timeout(READ_BOUND, self.read(seen))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {READ_BOUND:?}")));
+        match read {
             Ok(Some((version, bindings))) => {
                 self.metrics
                     .bound_pages
