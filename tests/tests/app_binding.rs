@@ -370,3 +370,59 @@ async fn the_watchdog_checks_a_bound_page_for_its_own_app() {
         ]
     );
 }
+
+#[tokio::test]
+async fn when_the_registry_cannot_be_read_the_last_bindings_stay_in_use() {
+    let env = TestEnv::new().await;
+    env.migrated_pool(1).await;
+    add_page(&env, PA, Some((APP_A, VAR_A))).await;
+    add_page(&env, PB, Some((APP_B, VAR_B))).await;
+    let (ingest, shutdown) = start(&env).await;
+    let sql = env.sql().await;
+    // Every read of the registry fails from now on (as with the database unreachable).
+    sql.batch_execute("ALTER TABLE registry_version RENAME TO registry_version_away")
+        .await
+        .expect("rename");
+    eventually(WAIT, "ingest notices", || async {
+        counter(
+            &metrics_text(ingest.admin_addr).await,
+            "ingest_bindings_stale",
+        ) == 1
+    })
+    .await;
+    let ready = reqwest::get(format!("http://{}/readyz", ingest.admin_addr))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status().as_u16(), 200, "still ready");
+    assert!(ready.text().await.expect("text").contains("stale"));
+    // The binding read before still holds: A's secret is refused for PB, B's accepted.
+    assert_eq!(
+        post(&ingest, delivery(vec![entry(PB, "LX")]), SECRET_A).await,
+        200
+    );
+    assert_eq!(
+        post(&ingest, delivery(vec![entry(PB, "LB")]), SECRET_B).await,
+        200
+    );
+    let (optins, set_aside) = taken(&env).await;
+    assert_eq!(optins, ["LB"]);
+    assert_eq!(set_aside.len(), 1);
+
+    sql.batch_execute("ALTER TABLE registry_version_away RENAME TO registry_version")
+        .await
+        .expect("rename back");
+    eventually(WAIT, "ingest reads the registry again", || async {
+        counter(
+            &metrics_text(ingest.admin_addr).await,
+            "ingest_bindings_stale",
+        ) == 0
+    })
+    .await;
+    assert!(
+        counter(
+            &metrics_text(ingest.admin_addr).await,
+            "ingest_registry_read_failures_total"
+        ) >= 1
+    );
+    shutdown.trigger();
+}
