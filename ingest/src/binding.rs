@@ -27,6 +27,42 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use lc_meta::secret::Secret;
+use lc_shared::outgoing::{self, Outgoing};
+
+use self::keys::{Keys, Verified};
+
+/// A verified body with the entries its signers may not sign taken out.
+#[derive(Debug, Default)]
+pub struct Screened {
+    /// The body without those entries; `None` when none was taken out (use the original).
+    pub kept: Option<Vec<u8>>,
+    /// Each entry taken out, alone, for `messenger.unparsed`, the reason in its header.
+    pub set_aside: Vec<Outgoing>,
+    /// Their reasons ([`Refusal::reason`]), to count once the broker confirmed them.
+    pub reasons: Vec<&'static str>,
+}
+
+/// Takes out of `body` (verified as `verified`) every entry whose page is bound to an app
+/// that did not sign it, each logged with the page and the apps (see the module doc).
+pub fn screen(keys: &Keys, verified: &Verified<'_>, body: &[u8], traceparent: &str) -> Screened {
+    if !keys.any_binding() {
+        return Screened::default();
+    }
+    let split = entries::split(body, |page| verified.check(page));
+    let signed_by = verified.signed_by();
+    let mut out = Screened {
+        kept: split.kept,
+        ..Screened::default()
+    };
+    for entry in split.taken_out {
+        let text = entry.why.describe(&entry.page_id, &signed_by);
+        tracing::warn!(page_id = %entry.page_id, signed_by = ?signed_by, reason = entry.why.reason(), "webhook entry set aside on messenger.unparsed: {text}");
+        out.set_aside
+            .push(outgoing::unparsed_message(&entry.body, &text, traceparent));
+        out.reasons.push(entry.why.reason());
+    }
+    out
+}
 
 /// Why an entry of a signed delivery was not accepted for its page.
 #[derive(Debug, Clone, PartialEq, Eq)]

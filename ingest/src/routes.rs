@@ -30,7 +30,7 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 use crate::binding::watch::{BindingsView, Source};
-use crate::binding::{Refusal, entries};
+use crate::binding::{self, Screened};
 use crate::config::IngestConfig;
 use crate::delivery::{self, DeliveryMessages, Refused};
 use crate::metrics::{IngestMetrics, method_label};
@@ -234,26 +234,13 @@ async fn handle_delivery(
     };
 
     // Entries for pages whose app did not sign are set aside; the rest goes on.
-    let split = if keys.any_binding() {
-        entries::split(body, |page| verified.check(page))
-    } else {
-        entries::Split {
-            kept: None,
-            taken_out: Vec::new(),
-        }
-    };
-    let signed_by = verified.signed_by();
     let traceparent = trace.to_string();
-    let mut refused: Vec<&'static str> = Vec::new();
-    let mut set_aside = Vec::new();
-    for entry in &split.taken_out {
-        let why: &Refusal = &entry.why;
-        let text = why.describe(&entry.page_id, &signed_by);
-        tracing::warn!(page_id = %entry.page_id, signed_by = ?signed_by, reason = why.reason(), "webhook entry set aside on messenger.unparsed: {text}");
-        set_aside.push(outgoing::unparsed_message(&entry.body, &text, &traceparent));
-        refused.push(why.reason());
-    }
-    let body: &[u8] = split.kept.as_deref().unwrap_or(body);
+    let Screened {
+        kept,
+        set_aside,
+        reasons: refused,
+    } = binding::screen(&keys, &verified, body, &traceparent);
+    let body: &[u8] = kept.as_deref().unwrap_or(body);
 
     let DeliveryMessages {
         mut messages,
