@@ -113,6 +113,11 @@ pub struct IngestConfig {
     /// The Login half: `POST /login-events` and data deletion (all off unless configured).
     #[command(flatten)]
     pub login: crate::login::LoginArgs,
+
+    /// Where the secrets of the registry's apps are read (`apps.app_secret_env` names the
+    /// variable): the process environment, unless given here first (tests, embedding).
+    #[arg(skip)]
+    pub secret_vars: crate::binding::SecretVars,
 }
 
 impl IngestConfig {

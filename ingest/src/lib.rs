@@ -10,6 +10,8 @@
 //!   its limits, request counting and timeout; the admin listener's router (`/metrics`).
 //! - [`transport`]: how connections are served: HTTP/1.1 (HTTP/2 on request) with every
 //!   connection bounded from accept, and a cap on open connections.
+//! - [`binding`]: app binding — a page bound to an app in the registry accepts only
+//!   deliveries its app signed; the bindings kept current from the registry.
 //! - [`delivery`]: what a verified webhook body becomes on the broker: one message per
 //!   event, or the raw body on `messenger.unparsed` when it does not parse.
 //! - [`metrics`]: the Prometheus metrics of the webhook side.
@@ -20,6 +22,7 @@
 //! [`start`] runs the service in-process (tests use it on port 0); the binary's `main` only
 //! parses the configuration and calls [`run`].
 
+pub mod binding;
 pub mod config;
 pub mod delivery;
 pub mod error;
@@ -84,7 +87,21 @@ pub async fn start(
         &metrics.registry,
     )?;
     let connections = metrics.connections.clone();
-    let state = routes::AppState::new(&config, broker.clone(), metrics, shutdown.clone());
+    let bindings = match &config.login.database_url {
+        Some(url) => {
+            binding::watch::BindingsView::from_registry(
+                url,
+                config.app_secrets.clone(),
+                config.secret_vars.clone(),
+                config.accept_sha1,
+                metrics.bindings.clone(),
+                shutdown.clone(),
+            )
+            .await?
+        }
+        None => binding::watch::BindingsView::fixed(&config.app_secrets, config.accept_sha1),
+    };
+    let state = routes::AppState::new(&config, bindings, broker.clone(), metrics, shutdown.clone());
     let admin_app = routes::admin_router(state.clone());
     let app = routes::router(
         state,

@@ -59,6 +59,8 @@ pub struct IngestMetrics {
     pub broker_failures: IntCounter,
     /// 1 while connected to the broker with the topology declared.
     pub broker_ready: IntGauge,
+    /// App binding: entries refused, registry reads.
+    pub bindings: crate::binding::watch::BindingMetrics,
 }
 
 impl IngestMetrics {
@@ -158,6 +160,7 @@ impl IngestMetrics {
         registry.register(Box::new(not_json_object.clone()))?;
         registry.register(Box::new(connections.open.clone()))?;
         registry.register(Box::new(connections.shed.clone()))?;
+        let bindings = crate::binding::watch::BindingMetrics::new(&registry)?;
         Ok(Self {
             registry,
             requests,
@@ -172,6 +175,7 @@ impl IngestMetrics {
             connections,
             broker_failures,
             broker_ready,
+            bindings,
         })
     }
 }

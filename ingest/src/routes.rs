@@ -19,8 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lc_meta::secret::Secret;
 use lc_meta::signature::{
-    SIGNATURE_256_HEADER, SIGNATURE_SHA1_HEADER, SignatureError, SignatureVerifier,
-    constant_time_eq,
+    SIGNATURE_256_HEADER, SIGNATURE_SHA1_HEADER, SignatureError, constant_time_eq,
 };
 use lc_shared::amqp::BrokerLink;
 use lc_shared::outgoing;
@@ -30,6 +29,8 @@ use lc_shared::topology;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
+use crate::binding::watch::{BindingsView, Source};
+use crate::binding::{self, Screened};
 use crate::config::IngestConfig;
 use crate::delivery::{self, DeliveryMessages, Refused};
 use crate::metrics::{IngestMetrics, method_label};
@@ -41,7 +42,7 @@ pub struct AppState {
 }
 
 struct StateInner {
-    verifier: SignatureVerifier,
+    bindings: BindingsView,
     verify_token: Secret,
     link: BrokerLink,
     metrics: IngestMetrics,
@@ -50,17 +51,18 @@ struct StateInner {
 }
 
 impl AppState {
-    /// Bundles the handlers' dependencies: the signature check and the handshake token come
-    /// from `config`, so the webhook side reads the same settings the binary was given.
+    /// Bundles the handlers' dependencies: the handshake token comes from `config`, the
+    /// signature check from `bindings` (built from the same `META_APP_SECRETS`).
     pub fn new(
         config: &IngestConfig,
+        bindings: BindingsView,
         link: BrokerLink,
         metrics: IngestMetrics,
         shutdown: Shutdown,
     ) -> Self {
         Self {
             inner: Arc::new(StateInner {
-                verifier: SignatureVerifier::new(&config.app_secrets, config.accept_sha1),
+                bindings,
                 verify_token: config.verify_token.clone(),
                 link,
                 metrics,
@@ -203,21 +205,47 @@ async fn handle_delivery(
 ) -> Response {
     let s = &state.inner;
 
-    if let Err(e) = s.verifier.verify(
+    let (source, keys) = s.bindings.keys();
+    if source == Source::NotYetRead {
+        tracing::warn!(
+            "delivery answered 503: the page registry's app bindings are not read yet (DATABASE_URL); Meta redelivers"
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "app bindings not loaded yet; retry later\n",
+        )
+            .into_response();
+    }
+    let verified = match keys.verify(
         header_str(headers, SIGNATURE_256_HEADER),
         header_str(headers, SIGNATURE_SHA1_HEADER),
         body,
     ) {
-        let reason = signature_reason(&e);
-        s.metrics
-            .signature_failures
-            .with_label_values(&[reason])
-            .inc();
-        tracing::warn!(reason, "webhook delivery refused: {e}");
-        return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
-    }
+        Ok(v) => v,
+        Err(e) => {
+            let reason = signature_reason(&e);
+            s.metrics
+                .signature_failures
+                .with_label_values(&[reason])
+                .inc();
+            tracing::warn!(reason, "webhook delivery refused: {e}");
+            return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
+        }
+    };
 
-    let DeliveryMessages { messages, tally } = match delivery::messages(body, &trace.to_string()) {
+    // Entries for pages whose app did not sign are set aside; the rest goes on.
+    let traceparent = trace.to_string();
+    let Screened {
+        kept,
+        set_aside,
+        reasons: refused,
+    } = binding::screen(&keys, &verified, body, &traceparent);
+    let body: &[u8] = kept.as_deref().unwrap_or(body);
+
+    let DeliveryMessages {
+        mut messages,
+        tally,
+    } = match delivery::messages(body, &traceparent) {
         Ok(m) => m,
         Err(e @ Refused::NotAJsonObject(_)) => {
             s.metrics.not_json_object.inc();
@@ -225,6 +253,7 @@ async fn handle_delivery(
             return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
         }
     };
+    messages.extend(set_aside);
     if messages.is_empty() {
         return (StatusCode::OK, "EVENT_RECEIVED\n").into_response();
     }
@@ -235,6 +264,13 @@ async fn handle_delivery(
         Ok(latency) => {
             s.metrics.confirm_latency.observe(latency.as_secs_f64());
             count_stored(&s.metrics, &counted, &tally);
+            for reason in &refused {
+                s.metrics
+                    .bindings
+                    .refused
+                    .with_label_values(&[reason])
+                    .inc();
+            }
             tracing::debug!(
                 latency_ms = latency.as_millis(),
                 unparsed = tally.unparsed_body,
@@ -290,19 +326,35 @@ fn count_stored(
         .inc_by(u64::try_from(tally.unparsed_parts).unwrap_or(u64::MAX));
 }
 
-/// `GET /readyz`: ready while the broker link is up and the process is not draining.
+/// `GET /readyz`: ready while the broker link is up, the app bindings were read (when
+/// `DATABASE_URL` is set) and the process is not draining. Bindings that could not be read
+/// again since keep the instance ready (the last ones are in use) and are named in the text.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let ready = state.inner.link.is_ready() && !state.inner.shutdown.is_triggered();
-    state.inner.metrics.broker_ready.set(i64::from(ready));
-    if ready {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    let broker = state.inner.link.is_ready() && !state.inner.shutdown.is_triggered();
+    state.inner.metrics.broker_ready.set(i64::from(broker));
+    let (source, _) = state.inner.bindings.keys();
+    if !broker {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: broker not connected or shutting down\n",
         )
-            .into_response()
+            .into_response();
     }
+    if source == Source::NotYetRead {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the page registry's app bindings are not read yet (is DATABASE_URL reachable?)\n",
+        )
+            .into_response();
+    }
+    if state.inner.metrics.bindings.stale.get() == 1 {
+        return (
+            StatusCode::OK,
+            "ready (app bindings may be stale: the page registry cannot be read; the last ones are in use)\n",
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -86,6 +86,18 @@ impl SignatureVerifier {
         sha1_header: Option<&str>,
         body: &[u8],
     ) -> Result<(), SignatureError> {
+        self.matching(sha256_header, sha1_header, body).map(|_| ())
+    }
+
+    /// Like [`Self::verify`], but says which secrets produce the signature: their positions
+    /// in the list given to [`Self::new`] (never empty on success; several when the same
+    /// secret was given twice). Ingest needs this to tell which app signed a delivery.
+    pub fn matching(
+        &self,
+        sha256_header: Option<&str>,
+        sha1_header: Option<&str>,
+        body: &[u8],
+    ) -> Result<Vec<usize>, SignatureError> {
         match (sha256_header, sha1_header) {
             (Some(h), _) => verify_with(&self.sha256, h, "sha256=", 64, body),
             (None, Some(h)) if self.accept_sha1 => verify_with(&self.sha1, h, "sha1=", 40, body),
@@ -100,7 +112,7 @@ fn verify_with<M: Mac + Clone>(
     prefix: &'static str,
     hex_len: usize,
     body: &[u8],
-) -> Result<(), SignatureError> {
+) -> Result<Vec<usize>, SignatureError> {
     let header = header.trim();
     let hex_part = header
         .strip_prefix(prefix)
@@ -115,16 +127,18 @@ fn verify_with<M: Mac + Clone>(
     })?;
     // Every key is tried even after a match would be found, so timing does not reveal which
     // secret (or whether any) matched early.
-    let mut matched = false;
-    for key in keys {
+    let mut matched = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
         let mut mac = key.clone();
         mac.update(body);
-        matched |= mac.verify_slice(&expected).is_ok();
+        if mac.verify_slice(&expected).is_ok() {
+            matched.push(i);
+        }
     }
-    if matched {
-        Ok(())
-    } else {
+    if matched.is_empty() {
         Err(SignatureError::Mismatch)
+    } else {
+        Ok(matched)
     }
 }
 
@@ -194,6 +208,24 @@ mod tests {
         );
         assert_eq!(
             v.verify(Some(&sign_sha256("other", body)), None, body),
+            Err(SignatureError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn matching_names_the_secrets_that_sign() {
+        let v = verifier(&["a", "b", "a"], false);
+        let body = br#"{"object":"page"}"#;
+        assert_eq!(
+            v.matching(Some(&sign_sha256("a", body)), None, body),
+            Ok(vec![0, 2])
+        );
+        assert_eq!(
+            v.matching(Some(&sign_sha256("b", body)), None, body),
+            Ok(vec![1])
+        );
+        assert_eq!(
+            v.matching(Some(&sign_sha256("c", body)), None, body),
             Err(SignatureError::Mismatch)
         );
     }

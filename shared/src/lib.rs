@@ -11,6 +11,7 @@
 //! - [`db`]: the PostgreSQL pool and the embedded migrations.
 //! - [`events`]: the public CloudEvents model and the transactional outbox insert.
 //! - [`optin`]: an opt-in's states and failure reasons, as stored and announced.
+//! - [`registry`]: what every process reads of the page registry (its version, app bindings).
 //! - [`telemetry`]: logs, traces and the Prometheus registry.
 //! - [`shutdown`]: one signal future for graceful shutdown.
 //! - [`config`]: command-line/environment arguments every binary shares.
@@ -21,6 +22,7 @@ pub mod db;
 pub mod events;
 pub mod optin;
 pub mod outgoing;
+pub mod registry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

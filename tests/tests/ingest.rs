@@ -37,6 +37,7 @@ fn config(amqp_url: &str) -> IngestConfig {
             log_format: LogFormat::Text,
         },
         login: lc_ingest::login::LoginArgs::default(),
+        secret_vars: Default::default(),
     }
 }
 

@@ -17,6 +17,7 @@ mod abuse;
 mod admin_api;
 mod amqp_nodes;
 mod amqp_tls;
+mod app_binding;
 mod claim_plan;
 mod cli;
 mod contract;

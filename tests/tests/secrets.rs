@@ -3,7 +3,8 @@
 //! output is searched for them: log lines, `/metrics` of each service, ingest's error
 //! answers, dead-letter and unparsed messages (headers and bodies), public events, what the
 //! fake Graph received (path, query and body: the token belongs only in `Authorization`),
-//! and the `Debug` text of every configuration struct.
+//! and the `Debug` text of every configuration struct. A client app's secret (app binding)
+//! is among them: a delivery it may not sign is set aside with a reason naming apps only.
 //!
 //! One test function on purpose: the log capture is the process-wide subscriber, which a
 //! second test in the same binary would share.
@@ -36,7 +37,10 @@ const PAGE_TOKEN: &str = "SECRET-pagetoken-EAAG9c0ffee77";
 const PROOF_SECRET: &str = "SECRET-proofappsecret-5e2a19d4";
 /// A page token given to the admin API.
 const API_PAGE_TOKEN: &str = "SECRET-apipagetoken-EAAG77d15ea5e";
-const SECRETS: [&str; 8] = [
+/// A client app's secret, given to ingest through the variable the registry names.
+const CLIENT_APP_SECRET: &str = "SECRET-clientappsecret-0d9b7e21";
+const SECRETS: [&str; 9] = [
+    CLIENT_APP_SECRET,
     APP_SECRET,
     OLD_APP_SECRET,
     VERIFY_TOKEN,
@@ -101,6 +105,43 @@ impl Outputs {
         }
         found
     }
+}
+
+/// A page of a client app.
+const CLIENT_PAGE: &str = "7234567890";
+
+/// Ingest with `DATABASE_URL`, after binding [`CLIENT_PAGE`] to a client app whose secret is
+/// in `CLIENT_APP_SECRET_VAR` (given explicitly, not through the process environment).
+async fn bound_ingest_config(env: &TestEnv) -> IngestConfig {
+    let pool = env.migrated_pool(1).await;
+    let c = pool.get().await.expect("client");
+    let app = lc_worker::registry::model::NewApp {
+        app_id: "730000000000001".into(),
+        app_secret_env: "CLIENT_APP_SECRET_VAR".into(),
+        login_app_id: None,
+        client_token_env: None,
+    };
+    lc_worker::registry::store::insert_app(&c, &app)
+        .await
+        .expect("app");
+    let first = serde_json::json!({"text": "Hi"});
+    let page = lc_worker::registry::store::PageRow {
+        page_id: CLIENT_PAGE,
+        app_id: Some("730000000000001"),
+        name: None,
+        first_message: &first,
+        rate_limit: None,
+    };
+    lc_worker::registry::store::insert_page(&c, &page)
+        .await
+        .expect("page");
+    let mut config = ingest_config(&env.vhost.url());
+    config.login.database_url = Some(Secret::new(env.db.url()));
+    config.secret_vars = lc_ingest::binding::SecretVars::given([(
+        "CLIENT_APP_SECRET_VAR".to_owned(),
+        Secret::new(CLIENT_APP_SECRET),
+    )]);
+    config
 }
 
 fn write_pages_file(path: &std::path::Path) {
@@ -169,6 +210,43 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
     let (scheduler, scheduler_stop) = env.start_scheduler(scheduler_cfg.clone()).await;
     let correlator_cfg = env.correlator_config();
     let (correlator, correlator_stop) = env.start_correlator().await;
+
+    // App binding: a second ingest reads the registry, where a client page is bound to a
+    // client app; a delivery for that page signed with the deployment's secret is set aside
+    // (its reason names the apps, never a secret) and one signed with the client's accepted.
+    let bound_cfg = bound_ingest_config(&env).await;
+    let (bound_ingest, bound_stop) = start_ingest_with(bound_cfg.clone()).await;
+    for secret in [APP_SECRET, CLIENT_APP_SECRET] {
+        let delivery = body(
+            CLIENT_PAGE,
+            vec![optin_item(
+                CLIENT_PAGE,
+                "login-client",
+                OffsetDateTime::now_utc(),
+            )],
+        );
+        let answer = http
+            .post(format!("http://{}/webhook", bound_ingest.addr))
+            .header("x-hub-signature-256", sign_sha256(secret, &delivery))
+            .body(delivery)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(answer.status(), 200);
+    }
+    out.add("bound IngestConfig", format!("{bound_cfg:?}"));
+    out.add(
+        "bound ingest /metrics",
+        http.get(format!("http://{}/metrics", bound_ingest.admin_addr))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default(),
+    );
+    bound_stop.trigger();
+    let _ = tokio::time::timeout(WAIT, bound_ingest.task).await;
 
     // The handshake, right and wrong.
     let base = format!("http://{}", ingest.addr);
@@ -463,6 +541,10 @@ async fn no_secret_reaches_logs_metrics_errors_queues_urls_or_debug_output() {
     assert!(
         log_text.contains("Graph call failed"),
         "the Graph error path (which handles the echoed token) did not run"
+    );
+    assert!(
+        log_text.contains("page_bound_to_other_app"),
+        "the app binding's refusal path did not run"
     );
     out.add("logs", log_text);
     // The search itself works: a planted secret is found.

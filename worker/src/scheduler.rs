@@ -105,7 +105,7 @@ pub async fn start(
         rate_limit: config.page_rate_limit,
     };
     let pages = source.load(&pool).await.map_err(StartError::Config)?;
-    if let Some((app_id, _)) = config.watchdog.enabled() {
+    if let Some((Some(app_id), _)) = config.watchdog.enabled() {
         // Shared through the database, so the correlator's events carry the same `appid`.
         let client = pool
             .get()

@@ -4,12 +4,17 @@
 //! (Meta's Webhooks documentation) and only says so by e-mail; every opt-in after that is lost
 //! silently.
 //! Every `WATCHDOG_INTERVAL_SECS` the watchdog reads `GET /{page_id}/subscribed_apps` for
-//! each configured page and, when our app (`META_APP_ID`) or one of the fields loginconnect
-//! needs ([`REQUIRED_FIELDS`]) is missing, subscribes again with
+//! each configured page and, when the page's app or one of the fields loginconnect needs
+//! ([`REQUIRED_FIELDS`]) is missing, subscribes again with
 //! `POST /{page_id}/subscribed_apps` — keeping the fields that were still subscribed — logs
 //! an error and counts it (`scheduler_webhook_resubscriptions_total{page_id}`). Graph
 //! failures are logged and counted (`scheduler_watchdog_errors_total`); the next round tries
 //! again.
+//!
+//! The page's app ([`AppIds`]) is the one the page registry binds it to (a technology
+//! provider's client app), else the deployment's own `META_APP_ID`. A page with neither is
+//! skipped with a log line ([`PageCheck::NoApp`]); without any bound page and without
+//! `META_APP_ID` there is nothing to check and rounds are skipped quietly.
 //!
 //! Each round's findings are recorded per page in `page_state.unsubscribed_since` and
 //! announced on the events exchange ([`announce`]): `subscription.lost` once when a page's
@@ -25,6 +30,7 @@
 
 pub mod announce;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,13 +60,14 @@ pub struct WatchdogArgs {
     )]
     pub watchdog_interval_secs: u64,
 
-    /// Our Meta app id (the app that receives the webhooks); the watchdog runs only when set.
+    /// Our Meta app id (the app that receives the webhooks): the app checked on pages the
+    /// page registry binds to no app. Pages bound to an app are checked for theirs.
     #[arg(long = "meta-app-id", env = "META_APP_ID")]
     pub meta_app_id: Option<String>,
 }
 
 impl Default for WatchdogArgs {
-    /// The defaults of the flags: every 300 s, but off until `META_APP_ID` is set.
+    /// The defaults of the flags: every 300 s, no `META_APP_ID` (only bound pages checked).
     fn default() -> Self {
         Self {
             watchdog_interval_secs: 300,
@@ -70,16 +77,54 @@ impl Default for WatchdogArgs {
 }
 
 impl WatchdogArgs {
-    /// The app id and interval when the watchdog should run.
-    pub fn enabled(&self) -> Option<(String, Duration)> {
-        let app_id = self.meta_app_id.as_deref().map(str::trim)?;
-        if app_id.is_empty() || self.watchdog_interval_secs == 0 {
+    /// `META_APP_ID` (if set) and the interval, when the watchdog should run (interval > 0).
+    pub fn enabled(&self) -> Option<(Option<String>, Duration)> {
+        if self.watchdog_interval_secs == 0 {
             return None;
         }
-        Some((
-            app_id.to_owned(),
-            Duration::from_secs(self.watchdog_interval_secs),
-        ))
+        let app_id = self
+            .meta_app_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned);
+        Some((app_id, Duration::from_secs(self.watchdog_interval_secs)))
+    }
+}
+
+/// Which app each page's subscription is checked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppIds {
+    /// `META_APP_ID`: the app of pages bound to none.
+    pub default: Option<String>,
+    /// Page → the app the registry binds it to.
+    pub by_page: HashMap<String, String>,
+}
+
+impl AppIds {
+    /// The app of `page_id`: its binding, else [`Self::default`].
+    pub fn of(&self, page_id: &str) -> Option<&str> {
+        self.by_page
+            .get(page_id)
+            .or(self.default.as_ref())
+            .map(String::as_str)
+    }
+
+    /// Whether any page can have an app (else a round has nothing to check).
+    pub fn any(&self) -> bool {
+        self.default.is_some() || !self.by_page.is_empty()
+    }
+
+    /// The bindings of the registry, with `default`.
+    pub async fn load(pool: &Pool, default: Option<String>) -> Result<Self, String> {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let bindings = lc_shared::registry::bindings(&client)
+            .await
+            .map_err(|e| lc_shared::db::describe(&e))?;
+        Ok(Self {
+            default,
+            by_page: bindings.page_app,
+        })
     }
 }
 
@@ -150,6 +195,8 @@ pub enum PageCheck {
     },
     /// Reading the subscriptions failed; the message is Graph's (never contains a token).
     Failed(String),
+    /// Not checked: the page is bound to no app and `META_APP_ID` is not set.
+    NoApp,
 }
 
 /// The result of [`check_once`], one entry per page in file order.
@@ -159,12 +206,26 @@ pub struct RoundReport {
     pub pages: Vec<(String, PageCheck)>,
 }
 
-/// One round: checks every page of `pages` (a few at a time) and repairs what is missing.
-/// Takes no lock; [`run`] calls it only on the active replica.
+/// One round for one app (`META_APP_ID`, no bindings): see [`check_round`].
 pub async fn check_once(
     graph: &GraphClient,
     pages: &PagesConfig,
     app_id: &str,
+    metrics: &WatchdogMetrics,
+) -> RoundReport {
+    let apps = AppIds {
+        default: Some(app_id.to_owned()),
+        by_page: HashMap::new(),
+    };
+    check_round(graph, pages, &apps, metrics).await
+}
+
+/// One round: checks every page of `pages` (a few at a time) for its app in `apps` and
+/// repairs what is missing. Takes no lock; [`run`] calls it only on the active replica.
+pub async fn check_round(
+    graph: &GraphClient,
+    pages: &PagesConfig,
+    apps: &AppIds,
     metrics: &WatchdogMetrics,
 ) -> RoundReport {
     metrics.rounds.inc();
@@ -179,7 +240,7 @@ pub async fn check_once(
     let checks: Vec<_> = pages
         .pages
         .iter()
-        .map(|page| check_page(graph, page, app_id, metrics))
+        .map(|page| check_page(graph, page, apps.of(&page.id), metrics))
         .collect();
     let checks = futures_util::stream::iter(checks)
         .buffered(CONCURRENT_CHECKS)
@@ -191,9 +252,13 @@ pub async fn check_once(
 async fn check_page(
     graph: &GraphClient,
     page: &PageConfig,
-    app_id: &str,
+    app_id: Option<&str>,
     metrics: &WatchdogMetrics,
 ) -> (String, PageCheck) {
+    let Some(app_id) = app_id else {
+        tracing::warn!(page_id = %page.id, "watchdog: page skipped: it is bound to no app in the page registry and META_APP_ID is not set, so there is no app whose subscription to check (bind the page to its app, or set META_APP_ID)");
+        return (page.id.clone(), PageCheck::NoApp);
+    };
     (
         page.id.clone(),
         check_page_inner(graph, page, app_id, metrics).await,
@@ -315,15 +380,13 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let Some((app_id, interval)) = args.enabled() else {
-        tracing::info!(
-            "webhook subscription watchdog off (set META_APP_ID and WATCHDOG_INTERVAL_SECS > 0)"
-        );
+        tracing::info!("webhook subscription watchdog off (WATCHDOG_INTERVAL_SECS is 0)");
         return;
     };
     tracing::info!(
-        app_id,
+        app_id = app_id.as_deref().unwrap_or("(none: bound pages only)"),
         interval_secs = interval.as_secs(),
-        "webhook subscription watchdog on"
+        "webhook subscription watchdog on (each page checked for its registry app, else META_APP_ID)"
     );
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -332,6 +395,20 @@ pub async fn run(
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.wait() => break,
+        }
+        let apps = match AppIds::load(&pool, app_id.clone()).await {
+            Ok(apps) => apps,
+            Err(e) => {
+                metrics.errors.inc();
+                tracing::warn!(error = %e, "watchdog: cannot read the pages' apps from the registry; skipping this round");
+                continue;
+            }
+        };
+        if !apps.any() {
+            tracing::debug!(
+                "watchdog: no page bound to an app and no META_APP_ID; nothing to check"
+            );
+            continue;
         }
         leader = match leader.take() {
             Some(held) if held.still_held().await => Some(held),
@@ -349,7 +426,7 @@ pub async fn run(
         }
         let pages = pages.read().await.clone();
         let report = tokio::select! {
-            r = check_once(&graph, &pages, &app_id, &metrics) => r,
+            r = check_round(&graph, &pages, &apps, &metrics) => r,
             () = shutdown.wait() => break,
         };
         if let Err(e) = announce::record_round(&pool, &report).await {
@@ -390,12 +467,16 @@ mod tests {
 
     #[test]
     fn enabled_only_with_an_app_id_and_an_interval() {
-        assert_eq!(WatchdogArgs::default().enabled(), None);
+        let five_minutes = Duration::from_secs(300);
+        assert_eq!(
+            WatchdogArgs::default().enabled(),
+            Some((None, five_minutes))
+        );
         let on = WatchdogArgs {
             watchdog_interval_secs: 300,
             meta_app_id: Some(" 123 ".into()),
         };
-        assert_eq!(on.enabled(), Some(("123".into(), Duration::from_secs(300))));
+        assert_eq!(on.enabled(), Some((Some("123".into()), five_minutes)));
         let zero = WatchdogArgs {
             watchdog_interval_secs: 0,
             ..on.clone()
@@ -405,6 +486,6 @@ mod tests {
             meta_app_id: Some(String::new()),
             ..on
         };
-        assert_eq!(blank.enabled(), None);
+        assert_eq!(blank.enabled(), Some((None, five_minutes)));
     }
 }

@@ -58,8 +58,9 @@ pub struct LoginArgs {
     )]
     pub data_deletion_max_age_secs: u64,
 
-    /// PostgreSQL URL, read (never written) by `GET /data-deletion/{code}`; required with
-    /// data deletion, unused otherwise.
+    /// PostgreSQL URL, read (never written): by `GET /data-deletion/{code}` (required with
+    /// data deletion), and for the page registry's app bindings — with it, a page bound to
+    /// an app accepts only deliveries signed by that app's secret.
     #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
 }

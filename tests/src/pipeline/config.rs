@@ -96,6 +96,7 @@ pub fn ingest_config(amqp_url: String) -> IngestConfig {
             log_format: LogFormat::Text,
         },
         login: lc_ingest::login::LoginArgs::default(),
+        secret_vars: Default::default(),
     }
 }
 

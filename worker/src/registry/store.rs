@@ -38,12 +38,7 @@ fn page(r: &Row) -> Page {
     }
 }
 
-/// The registry's version: any change of apps, pages or stored tokens increases it.
-pub async fn version(c: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
-    Ok(c.query_one("SELECT version FROM registry_version", &[])
-        .await?
-        .get(0))
-}
+pub use lc_shared::registry::version;
 
 /// Inserts an app; `false` when the id exists.
 pub async fn insert_app(c: &impl GenericClient, a: &NewApp) -> Result<bool, tokio_postgres::Error> {

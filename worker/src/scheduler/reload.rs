@@ -21,10 +21,9 @@ use super::tokens::{TokenKeys, fingerprint};
 use crate::registry::view::{self, RegistryView};
 use crate::registry::{import, store as registry_store};
 
-/// How often the file and the registry's version are looked at: half a second, so that a
-/// change is in use on every replica within a second even with a slow read (one row of one
-/// table per poll: cheap).
-pub const POLL_EVERY: Duration = Duration::from_millis(500);
+/// How often the file and the registry's version are looked at (shared with ingest's
+/// bindings).
+pub use lc_shared::registry::POLL_EVERY;
 /// How often the page state is synced even without a change (a pause written by a replica
 /// that still had an old token is lifted by the next sync of one that has the new one).
 const SYNC_EVERY: Duration = Duration::from_secs(10);

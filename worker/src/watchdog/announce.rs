@@ -47,7 +47,7 @@ pub async fn record_round(pool: &Pool, report: &RoundReport) -> Result<Announced
             PageCheck::Resubscribed { missing, .. } | PageCheck::Missing { missing, .. } => {
                 Some(missing)
             }
-            PageCheck::Failed(_) => continue,
+            PageCheck::Failed(_) | PageCheck::NoApp => continue,
         };
         let tx = client.transaction().await?;
         // Each statement changes (and locks) the row only when the state really changes,
