@@ -56,6 +56,7 @@ async fn add_page(pool: &Pool, page: &str, app: Option<(&str, &str)>) {
     let first = serde_json::to_value(FirstMessage {
         text: "Hi".into(),
         quick_replies: vec![],
+        variants: vec![],
     })
     .expect("json");
     assert!(
