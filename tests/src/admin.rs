@@ -3,6 +3,7 @@
 
 use lc_shared::shutdown::Shutdown;
 use lc_worker::admin::auth::AdminTokens;
+use lc_worker::admin::console::ConsoleSettings;
 use lc_worker::admin::{AdminSettings, RunningAdmin};
 use lc_worker::scheduler::tokens::TokenKeys;
 use serde_json::Value;
@@ -39,11 +40,17 @@ pub struct Answer {
 impl TestEnv {
     /// Starts the admin API on a free port with [`READ_TOKEN`], [`WRITE_TOKEN`] and [`KEYS`].
     pub async fn start_admin(&self) -> Admin {
+        self.start_admin_with(ConsoleSettings::default()).await
+    }
+
+    /// [`Self::start_admin`] with the console's settings (e.g. read-only).
+    pub async fn start_admin_with(&self, console: ConsoleSettings) -> Admin {
         let pool = self.migrated_pool(4).await;
         let settings = AdminSettings {
             tokens: AdminTokens::parse(&format!("crm:read:{READ_TOKEN},ops:write:{WRITE_TOKEN}"))
                 .expect("tokens"),
             keys: TokenKeys::parse(KEYS).expect("keys"),
+            console,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

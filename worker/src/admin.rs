@@ -3,13 +3,15 @@
 //!
 //! - [`auth`]: bearer tokens with scopes `read` and `write`, compared in constant time;
 //! - [`routes`]: the one list of routes the router, the scopes and the OpenAPI test use;
-//! - [`handlers`]: thin handlers over [`crate::registry::ops`] (the CLI calls the same).
+//! - [`handlers`]: thin handlers over [`crate::registry::ops`] (the CLI calls the same);
+//! - [`console`]: the web console under `/console`, same listener, same tokens.
 //!
 //! It runs as `loginconnect admin` (the operator CLI's binary: it already ships in the image
 //! with the database settings, and the API is the CLI's page operations over HTTP); tests
 //! call [`start`] on port 0.
 
 pub mod auth;
+pub mod console;
 pub mod handlers;
 pub mod routes;
 
@@ -23,6 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::scheduler::tokens::{TokenKeyError, TokenKeys};
 use auth::{AdminTokens, TokenListError};
+use console::ConsoleSettings;
 
 /// Settings of `loginconnect admin`.
 #[derive(Debug, Clone, clap::Args)]
@@ -55,6 +58,22 @@ pub struct AdminArgs {
         hide_default_value = true
     )]
     pub page_token_keys: String,
+    /// The web console shows and accepts no write, whatever the token.
+    #[arg(
+        long = "admin-console-read-only",
+        env = "ADMIN_CONSOLE_READ_ONLY",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub console_read_only: bool,
+    /// The console is reached over HTTPS (a TLS-terminating proxy): its cookie is `Secure`.
+    #[arg(
+        long = "admin-console-https",
+        env = "ADMIN_CONSOLE_HTTPS",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub console_https: bool,
 }
 
 /// Why the admin API cannot start; each names the setting to fix.
@@ -86,6 +105,7 @@ pub struct AdminState {
     pool: Pool,
     tokens: Arc<AdminTokens>,
     keys: TokenKeys,
+    console: ConsoleSettings,
 }
 
 /// The tokens and keys the API runs with.
@@ -94,6 +114,8 @@ pub struct AdminSettings {
     pub tokens: AdminTokens,
     /// Page token keys (empty: `PUT /pages/{id}/token` answers what to configure).
     pub keys: TokenKeys,
+    /// The web console's settings.
+    pub console: ConsoleSettings,
 }
 
 impl AdminArgs {
@@ -111,6 +133,10 @@ impl AdminArgs {
         Ok(AdminSettings {
             tokens: AdminTokens::parse(&list)?,
             keys: TokenKeys::parse(&self.page_token_keys)?,
+            console: ConsoleSettings {
+                read_only: self.console_read_only,
+                https: self.console_https,
+            },
         })
     }
 }
@@ -135,6 +161,7 @@ pub fn start(
         pool,
         tokens: Arc::new(settings.tokens),
         keys: settings.keys,
+        console: settings.console,
     });
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)

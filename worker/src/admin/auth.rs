@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -73,6 +74,30 @@ struct Entry {
     name: String,
     scope: Scope,
     digest: [u8; 32],
+    /// Signs this token's console sessions (see [`AdminTokens::session_key`]).
+    session_key: [u8; 32],
+}
+
+/// Context of the console session key: a key for nothing else, derived from the token.
+const SESSION_KEY_CONTEXT: &[u8] = b"loginconnect admin console session v1";
+
+/// HMAC-SHA256 of `msg` under a 32-byte `key`.
+pub(crate) fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
+    // A key shorter than SHA-256's 64-byte block is zero-padded by HMAC itself (RFC 2104),
+    // so padding it here gives the same MAC through the constructor that cannot fail.
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(key);
+    let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new(&block.into());
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
+}
+
+/// The token's console session key: a key for nothing else, derived from the token.
+fn session_key_of(token: &str) -> [u8; 32] {
+    hmac_sha256(
+        &Sha256::digest(token.as_bytes()).into(),
+        SESSION_KEY_CONTEXT,
+    )
 }
 
 /// The configured tokens.
@@ -136,6 +161,7 @@ impl AdminTokens {
                 name: name.to_owned(),
                 scope,
                 digest: Sha256::digest(token.as_bytes()).into(),
+                session_key: session_key_of(token),
             });
         }
         if entries.is_empty() {
@@ -157,6 +183,25 @@ impl AdminTokens {
         found.map(|e| Caller {
             name: e.name.clone(),
             scope: e.scope,
+        })
+    }
+}
+
+impl AdminTokens {
+    /// The caller named `name` and the key that signs its console sessions.
+    ///
+    /// The key is derived from the token itself, so every admin replica configured with the
+    /// same `ADMIN_TOKENS` derives the same key (no shared session store, no extra secret),
+    /// and removing or rotating a token ends every session made with it.
+    pub(crate) fn session_key(&self, name: &str) -> Option<(Caller, [u8; 32])> {
+        self.entries.iter().find(|e| e.name == name).map(|e| {
+            (
+                Caller {
+                    name: e.name.clone(),
+                    scope: e.scope,
+                },
+                e.session_key,
+            )
         })
     }
 }

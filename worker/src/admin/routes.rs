@@ -214,7 +214,8 @@ pub fn router(state: AdminState) -> Router {
     for (path, m) in by_path {
         app = app.route(path, m);
     }
-    app.fallback(h::not_found)
+    app.nest("/console", super::console::router())
+        .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .with_state(state)
 }
