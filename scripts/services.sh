@@ -39,19 +39,27 @@ install_missing() {
   apt-get install -y -qq "${pkgs[@]}" >/dev/null
 }
 
-# PgBouncer is not a service of loginconnect: tests/tests/pgbouncer.rs starts its own in front
-# of PostgreSQL to prove the pooler rule. Installed here when root and apt-get can; otherwise
-# a warning only (running loginconnect does not need it; that test then fails, naming it).
+# Tools only some tests need, none of them a service of loginconnect: PgBouncer
+# (tests/tests/pgbouncer.rs starts its own in front of PostgreSQL to prove the pooler rule),
+# and Debian's chromium with its chromedriver (package chromium-driver) for the web console's
+# browser tests (tests/tests/console.rs). Installed when missing if root and apt-get can;
+# otherwise a warning only (running loginconnect does not need them; those tests then fail,
+# naming them).
 install_test_tools() {
-  command -v pgbouncer >/dev/null 2>&1 && return 0
+  local missing=""
+  command -v pgbouncer >/dev/null 2>&1 || missing="$missing pgbouncer"
+  [ -x /usr/bin/chromium ] || missing="$missing chromium"
+  [ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
+  [ -z "$missing" ] && return 0
   $check_only && return 0
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    log "pgbouncer is not installed (only tests/tests/pgbouncer.rs needs it): apt-get install pgbouncer"
+    log "not installed:$missing (the pooler and console tests need them): apt-get install$missing"
     return 0
   fi
-  log "installing pgbouncer (for the pooler test)"
+  log "installing$missing (for the pooler and browser tests)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq pgbouncer >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
+  # shellcheck disable=SC2086 # the list is meant to split into package names
+  apt-get install -y -qq $missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $missing >/dev/null; }
 }
 
 start_rabbit() {

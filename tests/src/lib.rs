@@ -7,7 +7,8 @@
 //!   database, a fake Graph and a pages file), starting ingest and the workers in-process
 //!   against it, posting signed deliveries and watching public events.
 //! - [`login`]: the Login half (login events, data deletion) on top of a `TestEnv`.
-//! - [`admin`]: the admin API on a `TestEnv`, with a read and a write token.
+//! - [`admin`]: the admin API on a `TestEnv`, with a read and a write token;
+//!   [`browser`]: headless Chromium through chromedriver, for the web console's tests.
 //! - [`contract`]: the published JSON Schemas every captured event is checked against.
 //! - [`private`]: a RabbitMQ node and a PostgreSQL cluster of a test's (or the fault suite's)
 //!   own, started from the machine's installations on free ports (TLS listeners included);
@@ -15,6 +16,7 @@
 //!   test's own in front of PostgreSQL.
 
 pub mod admin;
+pub mod browser;
 pub mod contract;
 pub mod fake_graph;
 pub mod harness;

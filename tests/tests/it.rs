@@ -20,6 +20,7 @@ mod amqp_tls;
 mod app_binding;
 mod claim_plan;
 mod cli;
+mod console;
 mod contract;
 mod correlator;
 mod crash_window;

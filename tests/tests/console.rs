@@ -1,0 +1,213 @@
+//! The web console (issue 17) in a real browser: headless Chromium driven through
+//! chromedriver (`lc_testkit::browser`) against the admin listener started in-process.
+//!
+//! Log-in with a read token shows no write action (and a forged one is refused), a wrong
+//! token gets the form again with 401, a paused page shows its reason, a write token pauses
+//! and resumes, read-only mode hides and refuses every write. With `UPDATE_SCREENSHOTS=1`
+//! the tests write the README's pictures (docs/console/*.png).
+
+use lc_testkit::admin::{Admin, READ_TOKEN, WRITE_TOKEN};
+use lc_testkit::browser::Browser;
+use lc_testkit::pipeline::TestEnv;
+use lc_worker::admin::console::ConsoleSettings;
+use serde_json::json;
+
+const CLIENT_PAGE: &str = "5234567890";
+
+/// Creates a named page through the admin API.
+async fn create_page(admin: &Admin, page_id: &str, name: &str) {
+    let created = admin
+        .write(
+            "POST",
+            "/pages",
+            Some(json!({"page_id": page_id, "name": name,
+                        "first_message": {"text": "Hello"}})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+}
+
+/// Logs in through the form with `token` and waits for the pages view.
+async fn log_in(browser: &Browser, admin: &Admin, token: &str) {
+    browser.goto(&format!("{}/console/pages", admin.base)).await;
+    // Without a session the console sends the browser to the log-in form.
+    browser.wait_css("form input#token").await;
+    browser.fill("#token", token).await;
+    browser.click("#login-submit").await;
+    browser.wait_css("#who-name").await;
+}
+
+#[tokio::test]
+async fn a_read_token_sees_paused_pages_but_no_write_action_and_cannot_forge_one() {
+    let env = TestEnv::new().await;
+    let admin = env.start_admin().await;
+    create_page(&admin, CLIENT_PAGE, "Client A").await;
+    let paused = admin
+        .write("POST", &format!("/pages/{CLIENT_PAGE}/pause"), None)
+        .await;
+    assert_eq!(paused.status, 200, "{:?}", paused.body);
+
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, READ_TOKEN).await;
+    browser.wait_text("#who-scope", "read").await;
+    let row = format!("#page-{CLIENT_PAGE}");
+    let state = browser.wait_text(&format!("{row} .state"), "paused").await;
+    assert!(state.contains("operator"), "the reason is written: {state}");
+    let details = browser.wait_text(&row, "paused by ops").await;
+    assert!(details.contains("Client A"), "{details}");
+    // No write control of any kind for a read token.
+    assert!(!browser.has("form[action$='/pause']").await);
+    assert!(!browser.has("form[action$='/resume']").await);
+    assert!(!browser.has("a[href$='/token']").await);
+    assert!(!browser.has("button.write").await);
+    let html = browser.source().await;
+    assert!(!html.contains(READ_TOKEN), "the token is never rendered");
+
+    // The session cookie is HttpOnly: the page's scripts cannot read it.
+    let cookie = browser
+        .client
+        .execute("return document.cookie", vec![])
+        .await
+        .expect("script");
+    assert_eq!(cookie, json!(""), "HttpOnly cookie visible to scripts");
+
+    // A forged write (the form a read user never sees) is refused, and nothing changed.
+    browser
+        .client
+        .execute(
+            "const f = document.createElement('form'); f.method = 'post'; \
+             f.action = arguments[0]; document.body.appendChild(f); f.submit();",
+            vec![json!(format!("/console/pages/{CLIENT_PAGE}/resume"))],
+        )
+        .await
+        .expect("script");
+    browser.wait_text("#error-message", "scope `read`").await;
+    let status = admin.read(&format!("/pages/{CLIENT_PAGE}/status")).await;
+    assert_eq!(status.body["state"], "paused", "{:?}", status.body);
+
+    // Bearer authentication works for reading too (e.g. curl), and a wrong one is 401.
+    let http = reqwest::Client::new();
+    let page = http
+        .get(format!("{}/console/pages", admin.base))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("body").contains(CLIENT_PAGE));
+    let wrong = http
+        .get(format!("{}/console/pages", admin.base))
+        .bearer_auth("not-a-configured-token-at-all")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(wrong.status(), 401);
+
+    browser.close().await;
+    admin.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_token_gets_the_form_again_with_401_and_is_not_echoed() {
+    let env = TestEnv::new().await;
+    let admin = env.start_admin().await;
+    let browser = Browser::start().await;
+    let wrong = "wrong-token-that-nobody-configured-0123";
+    browser.goto(&format!("{}/console/login", admin.base)).await;
+    browser.fill("#token", wrong).await;
+    browser.click("#login-submit").await;
+    browser
+        .wait_text("#login-error", "not one of ADMIN_TOKENS")
+        .await;
+    assert!(browser.has("input#token[aria-invalid='true']").await);
+    assert!(!browser.source().await.contains(wrong), "never echoed");
+    assert!(!browser.has("#who-name").await, "not logged in");
+    // The status is 401 (the browser does not tell; ask over HTTP with the same form).
+    let answer = reqwest::Client::new()
+        .post(format!("{}/console/login", admin.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={wrong}"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(answer.status(), 401);
+    assert!(answer.headers().get("set-cookie").is_none());
+    browser.close().await;
+    admin.stop().await;
+}
+
+#[tokio::test]
+async fn a_write_token_pauses_and_resumes_a_page_and_replaces_its_token() {
+    let env = TestEnv::new().await;
+    let admin = env.start_admin().await;
+    create_page(&admin, CLIENT_PAGE, "Client A").await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, WRITE_TOKEN).await;
+    let row = format!("#page-{CLIENT_PAGE}");
+
+    browser
+        .click(&format!("{row} form[action$='/pause'] button"))
+        .await;
+    browser.wait_text("#notice", "is paused").await;
+    browser
+        .wait_text(&format!("{row} .state"), "paused: operator")
+        .await;
+    browser.screenshot("pages").await;
+    let status = admin.read(&format!("/pages/{CLIENT_PAGE}/status")).await;
+    assert_eq!(status.body["state"], "paused");
+
+    browser
+        .click(&format!("{row} form[action$='/resume'] button"))
+        .await;
+    browser.wait_text("#notice", "is resumed").await;
+    let status = admin.read(&format!("/pages/{CLIENT_PAGE}/status")).await;
+    assert_ne!(status.body["state"], "paused", "{:?}", status.body);
+
+    let page_token = "EAAG-page-token-typed-into-the-console-0123456789";
+    browser.click(&format!("{row} a[href$='/token']")).await;
+    browser.fill("#access_token", page_token).await;
+    browser.click("form[action$='/token'] button").await;
+    browser.wait_text("#notice", "token of page").await;
+    browser
+        .wait_text(&format!("{row} td:nth-of-type(4)"), "stored")
+        .await;
+    assert!(!browser.source().await.contains(page_token));
+    browser.close().await;
+    admin.stop().await;
+}
+
+#[tokio::test]
+async fn read_only_mode_hides_and_refuses_every_write_even_for_a_write_token() {
+    let env = TestEnv::new().await;
+    let admin = env
+        .start_admin_with(ConsoleSettings {
+            read_only: true,
+            https: false,
+        })
+        .await;
+    create_page(&admin, CLIENT_PAGE, "Client A").await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, WRITE_TOKEN).await;
+    browser.wait_text("#read-only", "read-only").await;
+    browser.wait_css(&format!("#page-{CLIENT_PAGE}")).await;
+    assert!(!browser.has("button.write").await);
+    assert!(!browser.has("a[href$='/token']").await);
+    // Submitting the pause form anyway (with a valid CSRF token: the logout form's) fails.
+    browser
+        .client
+        .execute(
+            "const csrf = document.querySelector('input[name=csrf]').value; \
+             const f = document.createElement('form'); f.method = 'post'; \
+             f.action = arguments[0]; const i = document.createElement('input'); \
+             i.name = 'csrf'; i.value = csrf; f.appendChild(i); \
+             document.body.appendChild(f); f.submit();",
+            vec![json!(format!("/console/pages/{CLIENT_PAGE}/pause"))],
+        )
+        .await
+        .expect("script");
+    browser.wait_text("#error-message", "read-only").await;
+    let status = admin.read(&format!("/pages/{CLIENT_PAGE}/status")).await;
+    assert_ne!(status.body["state"], "paused", "{:?}", status.body);
+    browser.close().await;
+    admin.stop().await;
+}
