@@ -14,6 +14,8 @@
 //! - [`relay`]: the outbox relay that publishes public events with confirms.
 //! - [`registry`]: the page registry (apps, pages) every replica reads, its operations.
 //! - [`admin`]: the admin API over the registry (`loginconnect admin`).
+//! - [`operate`]: what operators read and do (opt-ins at risk, failures, timelines, retries,
+//!   dead letters), shared by the admin API, the console and the CLI.
 //! - [`cli`]: the `loginconnect` operator CLI.
 
 pub mod admin;
@@ -21,6 +23,7 @@ pub mod cli;
 pub mod correlator;
 pub mod deletion;
 pub mod graph;
+pub mod operate;
 pub mod registry;
 pub mod relay;
 pub mod runtime;
