@@ -8,9 +8,13 @@
 
 use lc_testkit::admin::{Admin, READ_TOKEN, WRITE_TOKEN};
 use lc_testkit::browser::Browser;
-use lc_testkit::pipeline::TestEnv;
+use lc_testkit::fake_graph::FakeResponse;
+use lc_testkit::pipeline::{
+    PAGE, Pipeline, TestEnv, WAIT, body, eventually, optin_item, optin_state, post_signed,
+};
 use lc_worker::admin::console::ConsoleSettings;
 use serde_json::json;
+use time::OffsetDateTime;
 
 const CLIENT_PAGE: &str = "5234567890";
 
@@ -210,4 +214,117 @@ async fn read_only_mode_hides_and_refuses_every_write_even_for_a_write_token() {
     assert_ne!(status.body["state"], "paused", "{:?}", status.body);
     browser.close().await;
     admin.stop().await;
+}
+
+/// Opt-ins made by the real pipeline: `P551` fails for good (Graph 551/1545041), `SENT1` is
+/// sent, then with the page paused `WAIT1` stays pending. Returns the pipeline and the admin.
+async fn failed_sent_and_waiting(env: &TestEnv) -> (Pipeline, Admin) {
+    let events = env.capture_events(&["first_message.*.#"]).await;
+    let p = env.start_pipeline(env.scheduler_config()).await;
+    let admin = env.start_admin().await;
+    env.graph.script(
+        "P551",
+        vec![FakeResponse::Error {
+            http_status: 400,
+            code: 551,
+            subcode: Some(1545041),
+            message: "This person isn't available right now.".into(),
+        }],
+    );
+    let now = OffsetDateTime::now_utc();
+    let items = vec![
+        optin_item(PAGE, "P551", now),
+        optin_item(PAGE, "SENT1", now),
+    ];
+    assert_eq!(post_signed(&p.ingest, body(PAGE, items)).await, 200);
+    let got = env.events(&events, 2).await;
+    assert_eq!(got.len(), 2, "a failed and a sent event: {got:?}");
+
+    let paused = admin
+        .write("POST", &format!("/pages/{PAGE}/pause"), None)
+        .await;
+    assert_eq!(paused.status, 200, "{:?}", paused.body);
+    let items = vec![optin_item(PAGE, "WAIT1", OffsetDateTime::now_utc())];
+    assert_eq!(post_signed(&p.ingest, body(PAGE, items)).await, 200);
+    let sql = env.sql().await;
+    eventually(WAIT, "WAIT1 recorded as pending", || async {
+        optin_state(&sql, "WAIT1").await.as_deref() == Some("pending")
+    })
+    .await;
+    (p, admin)
+}
+
+#[tokio::test]
+async fn at_risk_failures_and_a_timeline_with_its_trace_id_and_events() {
+    let env = TestEnv::new().await;
+    let (mut p, admin) = failed_sent_and_waiting(&env).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, READ_TOKEN).await;
+
+    browser
+        .goto(&format!("{}/console/at-risk", admin.base))
+        .await;
+    let row = browser.wait_text("#at-risk tbody tr", "WAIT1").await;
+    assert!(row.contains("paused: operator"), "{row}");
+    assert!(row.contains("pending"), "{row}");
+    assert!(
+        !browser.source().await.contains("P551"),
+        "a failed opt-in is not at risk"
+    );
+    browser.screenshot("at-risk").await;
+
+    browser
+        .goto(&format!("{}/console/failures", admin.base))
+        .await;
+    let row = browser.wait_text("#failures tbody tr", "P551").await;
+    assert!(row.contains("graph_permanent"), "{row}");
+    assert!(row.contains("code 551/1545041"), "{row}");
+    assert!(row.contains("isn't available right now"), "{row}");
+    assert!(
+        !browser.has("form[action$='/retry']").await,
+        "read scope: no retry"
+    );
+    browser.screenshot("failures").await;
+
+    // The failure's login id leads to its timeline; SENT1's has every step and its event.
+    browser
+        .goto(&format!(
+            "{}/console/optin?page_id={PAGE}&login_id=SENT1",
+            admin.base
+        ))
+        .await;
+    let steps = browser.wait_text("#steps", "answered").await;
+    for step in ["received", "claimed", "called", "answered"] {
+        assert!(steps.contains(step), "{step} in {steps}");
+    }
+    let events = browser.wait_text("#events", "first_message.sent").await;
+    assert!(events.contains("first_message.sent"), "{events}");
+    browser.wait_text("#events", "published").await;
+    let sql = env.sql().await;
+    let traceparent: String = sql
+        .query_one(
+            "SELECT traceparent FROM optins WHERE login_id = 'SENT1'",
+            &[],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    let trace_id = traceparent.split('-').nth(1).expect("a trace id");
+    browser.wait_text("#trace-id", trace_id).await;
+    browser.screenshot("timeline").await;
+
+    // An unknown opt-in is said so, with 404 for a client that asks.
+    browser
+        .goto(&format!(
+            "{}/console/optin?page_id={PAGE}&login_id=NOBODY",
+            admin.base
+        ))
+        .await;
+    browser
+        .wait_text("#missing", "No opt-in of that login_id")
+        .await;
+
+    browser.close().await;
+    admin.stop().await;
+    p.stop().await;
 }

@@ -3,13 +3,14 @@
 //!
 //! - [`session`]: log-in (a signed session cookie, or `Authorization: Bearer`), CSRF tokens;
 //! - [`render`]: the embedded templates (autoescaped) and static files;
-//! - [`views`]: the read-only pages, [`actions`]: the write forms (write scope, never in
-//!   read-only mode).
+//! - [`views`]: the pages view, [`optins`]: at risk, failures and one opt-in's timeline;
+//!   [`actions`]: the write forms (write scope, never in read-only mode).
 //!
 //! Every page reads without JavaScript; `console.js` only adds confirmations and refresh.
 //! The handlers call the same library functions as the admin API and the CLI.
 
 pub mod actions;
+pub mod optins;
 pub mod render;
 pub mod session;
 pub mod views;
@@ -198,6 +199,9 @@ pub fn router() -> Router<AdminState> {
         )
         .route("/pages/{page_id}/pause", post(actions::pause))
         .route("/pages/{page_id}/resume", post(actions::resume))
+        .route("/at-risk", get(optins::at_risk))
+        .route("/failures", get(optins::failures))
+        .route("/optin", get(optins::timeline))
         .route(
             "/static/console.css",
             get(|| async { render::asset("text/css; charset=utf-8", render::CSS) }),

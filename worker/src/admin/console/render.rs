@@ -21,6 +21,9 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("error.html", include_str!("templates/error.html")),
     ("pages.html", include_str!("templates/pages.html")),
     ("token.html", include_str!("templates/token.html")),
+    ("at_risk.html", include_str!("templates/at_risk.html")),
+    ("failures.html", include_str!("templates/failures.html")),
+    ("timeline.html", include_str!("templates/timeline.html")),
 ];
 
 /// The stylesheet.

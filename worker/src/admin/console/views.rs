@@ -58,7 +58,7 @@ pub struct Notice {
 }
 
 impl Notice {
-    fn text(&self) -> Option<String> {
+    pub(super) fn text(&self) -> Option<String> {
         self.done.map(|d| d.sentence(&self.subject))
     }
 }
