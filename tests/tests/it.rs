@@ -37,6 +37,7 @@ mod login_events;
 mod never_again;
 mod observability;
 mod openapi;
+mod operate;
 mod operational_events;
 mod personalised;
 mod pgbouncer;

@@ -332,6 +332,9 @@ pub enum CliError {
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    /// Listing or replaying dead letters failed.
+    #[error(transparent)]
+    DeadLetters(#[from] crate::operate::dead_letters::DeadLetterError),
     /// Anything else, already phrased for the operator.
     #[error("{0}")]
     Other(String),

@@ -13,11 +13,14 @@
 //! the id itself.
 
 pub mod at_risk;
+pub mod dead_letters;
 pub mod failures;
+pub mod retry;
 pub mod timeline;
 
 pub use at_risk::{AtRisk, at_risk};
 pub use failures::{Failure, GraphError, failures};
+pub use retry::{RetryOutcome, RetryRefusal, retry};
 pub use timeline::{EventKind, Step, StepKind, Timeline, TimelineEvent, timeline};
 
 /// The most rows a list returns, whatever the caller asks for: the lists are for people.
