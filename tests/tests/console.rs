@@ -328,3 +328,85 @@ async fn at_risk_failures_and_a_timeline_with_its_trace_id_and_events() {
     admin.stop().await;
     p.stop().await;
 }
+
+#[tokio::test]
+async fn a_write_token_retries_a_failed_optin_and_the_fake_graph_receives_the_call() {
+    let env = TestEnv::new().await;
+    let (mut p, admin) = failed_sent_and_waiting(&env).await;
+    let resumed = admin
+        .write("POST", &format!("/pages/{PAGE}/resume"), None)
+        .await;
+    assert_eq!(resumed.status, 200, "{:?}", resumed.body);
+    let calls_before = |login: &str| {
+        env.graph
+            .send_calls()
+            .iter()
+            .filter(|c| c.login_id.as_deref() == Some(login))
+            .count()
+    };
+    assert_eq!(calls_before("P551"), 1, "one failed call so far");
+
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, WRITE_TOKEN).await;
+    browser
+        .goto(&format!("{}/console/failures", admin.base))
+        .await;
+    browser.wait_text("#failures tbody tr", "P551").await;
+    browser.screenshot("failures").await;
+    browser
+        .click("#failures form[action='/console/optin/retry'] button")
+        .await;
+    // Back on the opt-in's timeline with the notice; the scheduler sends it again.
+    browser.wait_text("#notice", "pending again").await;
+    eventually(WAIT, "the fake Graph receives the retried call", || async {
+        calls_before("P551") == 2
+    })
+    .await;
+    let sql = env.sql().await;
+    eventually(WAIT, "P551 sent", || async {
+        optin_state(&sql, "P551").await.as_deref() == Some("sent")
+    })
+    .await;
+    browser
+        .goto(&format!(
+            "{}/console/optin?page_id={PAGE}&login_id=P551",
+            admin.base
+        ))
+        .await;
+    browser.wait_text("#optin-state", "sent").await;
+    assert!(
+        !browser.has("#retry").await,
+        "a sent opt-in offers no retry"
+    );
+
+    // The same retry again is refused with the reason (the form is stale now).
+    browser
+        .goto(&format!("{}/console/failures", admin.base))
+        .await;
+    browser.wait_css("h1").await;
+    browser
+        .client
+        .execute(
+            "const csrf = document.querySelector('input[name=csrf]').value; \
+             const f = document.createElement('form'); f.method = 'post'; \
+             f.action = '/console/optin/retry'; \
+             for (const [k, v] of [['csrf', csrf], ['page_id', arguments[0]], \
+                                   ['login_id', 'P551']]) { \
+               const i = document.createElement('input'); i.name = k; i.value = v; \
+               f.appendChild(i); } \
+             document.body.appendChild(f); f.submit();",
+            vec![json!(PAGE)],
+        )
+        .await
+        .expect("script");
+    browser.wait_text("#error-message", "not failed").await;
+    assert_eq!(
+        calls_before("P551"),
+        2,
+        "never sent twice by a refused retry"
+    );
+
+    browser.close().await;
+    admin.stop().await;
+    p.stop().await;
+}

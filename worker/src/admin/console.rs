@@ -202,6 +202,7 @@ pub fn router() -> Router<AdminState> {
         .route("/at-risk", get(optins::at_risk))
         .route("/failures", get(optins::failures))
         .route("/optin", get(optins::timeline))
+        .route("/optin/retry", post(actions::retry))
         .route(
             "/static/console.css",
             get(|| async { render::asset("text/css; charset=utf-8", render::CSS) }),

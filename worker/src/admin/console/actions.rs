@@ -20,6 +20,7 @@ use super::render::{Section, render};
 use super::session::{self, ConsoleUser};
 use super::views::{Done, client};
 use crate::admin::AdminState;
+use crate::operate::{self, RetryOutcome};
 use crate::registry::ops;
 
 /// `?expired=1` on the log-in form.
@@ -105,15 +106,16 @@ pub fn done(to: &str, done: Done, subject: &str) -> Response {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
+    let join = if to.contains('?') { '&' } else { '?' };
     Redirect::to(&format!(
-        "{to}?done={kind}&subject={}",
+        "{to}{join}done={kind}&subject={}",
         query_escape(subject)
     ))
     .into_response()
 }
 
 /// `s` percent-encoded for a query value (unreserved characters kept).
-fn query_escape(s: &str) -> String {
+pub fn query_escape(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -174,6 +176,54 @@ pub async fn set_token(
     let mut c = client(&s).await?;
     ops::set_token(&mut c, &s.keys, &user.caller.name, &page_id, &token).await?;
     Ok(done("/console/pages", Done::TokenReplaced, &page_id))
+}
+
+/// The retry form's fields.
+#[derive(Deserialize)]
+pub struct RetryInput {
+    #[serde(default)]
+    csrf: String,
+    page_id: String,
+    login_id: String,
+}
+
+/// `POST /console/optin/retry`: a failed opt-in back to pending while its window is open,
+/// when [`operate::retry`] finds it safe (never after an unknown outcome); its refusal says
+/// why otherwise.
+pub async fn retry(
+    user: ConsoleUser,
+    State(s): State<AdminState>,
+    Form(f): Form<RetryInput>,
+) -> Result<Response, ConsoleError> {
+    user.check_write(&f.csrf)?;
+    let c = client(&s).await?;
+    let outcome = operate::retry(
+        &c,
+        &user.caller.name,
+        &f.page_id,
+        &f.login_id,
+        operate::retry::DEFAULT_RETRY_MARGIN,
+    )
+    .await?;
+    match outcome {
+        RetryOutcome::Retried => Ok(done(
+            &format!(
+                "/console/optin?page_id={}&login_id={}",
+                query_escape(&f.page_id),
+                query_escape(&f.login_id)
+            ),
+            Done::Retried,
+            &f.login_id,
+        )),
+        RetryOutcome::NotFound => Err(ConsoleError::NotFound(format!(
+            "no opt-in of that login_id on page {}: it may have been pruned or deleted",
+            f.page_id
+        ))),
+        RetryOutcome::Refused(why) => Err(ConsoleError::Refused(format!(
+            "not retried: {}",
+            why.explain()
+        ))),
+    }
 }
 
 #[cfg(test)]
