@@ -3,12 +3,18 @@
 //!
 //! Log-in with a read token shows no write action (and a forged one is refused), a wrong
 //! token gets the form again with 401, a paused page shows its reason, a write token pauses
-//! and resumes, read-only mode hides and refuses every write. With `UPDATE_SCREENSHOTS=1`
+//! and resumes, read-only mode hides and refuses every write; at-risk, failures and a
+//! timeline show rows the real pipeline made; a failed opt-in is retried (the fake Graph
+//! receives the call) and dead letters are replayed. With `UPDATE_SCREENSHOTS=1`
 //! the tests write the README's pictures (docs/console/*.png).
 
+use std::time::Duration;
+
+use lc_shared::{amqp, topology};
 use lc_testkit::admin::{Admin, READ_TOKEN, WRITE_TOKEN};
 use lc_testkit::browser::Browser;
 use lc_testkit::fake_graph::FakeResponse;
+use lc_testkit::harness::queue_depth;
 use lc_testkit::pipeline::{
     PAGE, Pipeline, TestEnv, WAIT, body, eventually, optin_item, optin_state, post_signed,
 };
@@ -184,7 +190,7 @@ async fn a_write_token_pauses_and_resumes_a_page_and_replaces_its_token() {
 async fn read_only_mode_hides_and_refuses_every_write_even_for_a_write_token() {
     let env = TestEnv::new().await;
     let admin = env
-        .start_admin_with(ConsoleSettings {
+        .start_admin_console(ConsoleSettings {
             read_only: true,
             https: false,
         })
@@ -409,4 +415,69 @@ async fn a_write_token_retries_a_failed_optin_and_the_fake_graph_receives_the_ca
     browser.close().await;
     admin.stop().await;
     p.stop().await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_one_by_id_then_the_whole_queue() {
+    let env = TestEnv::new().await;
+    let conn = env.vhost.connect().await;
+    let ch = amqp::confirm_channel(&conn).await.expect("channel");
+    topology::declare(&ch).await.expect("topology");
+    let dlq = topology::dead_letter_queue(topology::SCHEDULER_QUEUE);
+    for id in ["d-1", "d-2", "d-3"] {
+        let props = amqp::persistent_properties(id, "application/json").with_headers(
+            amqp::string_headers(&[
+                (topology::ERROR_HEADER, "poison for the console test"),
+                (topology::ORIGIN_QUEUE_HEADER, topology::SCHEDULER_QUEUE),
+            ]),
+        );
+        let body = format!(r#"{{"login_id": "{id}"}}"#);
+        let confirm = amqp::publish(&ch, "", &dlq, true, body.as_bytes(), props)
+            .await
+            .expect("publish");
+        amqp::await_confirm(confirm, Duration::from_secs(5))
+            .await
+            .expect("confirm");
+    }
+    let admin = env.start_admin().await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, WRITE_TOKEN).await;
+    browser
+        .goto(&format!("{}/console/dead-letters", admin.base))
+        .await;
+    let table = format!("#dlq-{}", dlq.replace('.', "-"));
+    let listed = browser.wait_text(&table, "d-3").await;
+    assert!(listed.contains("poison for the console test"), "{listed}");
+    browser
+        .wait_text("body", "scheduler.optins.dlq: 3 messages")
+        .await;
+    browser.screenshot("dead-letters").await;
+
+    // Replay d-2 by its id: it goes back to the scheduler's queue, the others stay.
+    browser
+        .click(&format!("{table} form:has(input[value='d-2']) button"))
+        .await;
+    browser.wait_text("#notice", "message d-2").await;
+    let back = env.take_all(topology::SCHEDULER_QUEUE).await;
+    assert_eq!(back.len(), 1, "exactly the one replayed");
+    assert_eq!(back[0].data.as_slice(), br#"{"login_id": "d-2"}"#);
+    let rows = browser.wait_text(&table, "d-1").await;
+    assert!(rows.contains("d-3") && !rows.contains("d-2"), "{rows}");
+
+    // Then the rest of the queue.
+    browser
+        .click(&format!(
+            "form:has(input[value='{dlq}']):not(:has(input[name=message_id])) button"
+        ))
+        .await;
+    browser.wait_text("#notice", "2 message(s)").await;
+    let depth_ch = conn.create_channel().await.expect("channel");
+    eventually(WAIT, "the dead-letter queue empty", || async {
+        queue_depth(&depth_ch, &dlq).await == 0
+    })
+    .await;
+    assert_eq!(env.take_all(topology::SCHEDULER_QUEUE).await.len(), 2);
+
+    browser.close().await;
+    admin.stop().await;
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use lc_shared::config::AmqpArgs;
 use lc_shared::optin::{FailureReason, OptinState};
 use lc_shared::{amqp, topology};
+use lc_testkit::admin::READ_TOKEN;
 use lc_testkit::fake_graph::FakeResponse;
 use lc_testkit::harness::queue_depth;
 use lc_testkit::pipeline::{
@@ -382,4 +383,93 @@ async fn one_dead_letter_is_replayed_by_its_id_and_the_others_stay_in_order() {
         dead_letters::list(&endpoint, "test", Some("nope"), 1).await,
         Err(dead_letters::DeadLetterError::UnknownQueue { .. })
     ));
+}
+
+#[tokio::test]
+async fn the_operator_routes_answer_over_the_admin_api_with_scopes_and_refusals() {
+    let env = TestEnv::new().await;
+    let sql = env.sql().await;
+    let admin = env.start_admin().await;
+    let hour = Duration::from_secs(3600);
+    failed_row(&sql, "API-FAILED", hour, "graph_permanent").await;
+    failed_row(&sql, "API-UNKNOWN", hour, "outcome_unknown").await;
+
+    let listed = admin.read(&format!("/failures?page_id={PAGE}")).await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    assert_eq!(listed.body["failures"].as_array().map(Vec::len), Some(2));
+    let retry_path = |login: &str| format!("/pages/{PAGE}/optins/{login}/retry");
+    let forbidden = admin
+        .call("POST", &retry_path("API-FAILED"), Some(READ_TOKEN), None)
+        .await;
+    assert_eq!(forbidden.status, 403, "a read token cannot retry");
+    let done = admin.write("POST", &retry_path("API-FAILED"), None).await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    assert_eq!(done.body["result"], "retried");
+    let again = admin.write("POST", &retry_path("API-FAILED"), None).await;
+    assert_eq!(again.status, 409, "{}", again.text);
+    assert_eq!(again.body["error"]["refusal"]["reason"], "not_failed");
+    assert_eq!(again.body["error"]["refusal"]["state"], "pending");
+    let never = admin.write("POST", &retry_path("API-UNKNOWN"), None).await;
+    assert_eq!(never.status, 409);
+    assert_eq!(never.body["error"]["code"], "retry_refused");
+    assert_eq!(never.body["error"]["refusal"]["reason"], "outcome_unknown");
+    assert!(
+        never.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("never sent twice")),
+        "{}",
+        never.text
+    );
+    let timeline = admin
+        .read(&format!("/pages/{PAGE}/optins/API-FAILED/timeline"))
+        .await;
+    assert_eq!(timeline.status, 200);
+    assert_eq!(timeline.body["state"], "pending");
+    let at_risk = admin.read("/optins/at-risk").await;
+    assert_eq!(at_risk.body["optins"][0]["login_id"], "API-FAILED");
+
+    // Dead letters through the API: one replayed by its id.
+    let conn = env.vhost.connect().await;
+    let ch = amqp::confirm_channel(&conn).await.expect("channel");
+    topology::declare(&ch).await.expect("topology");
+    let dlq = topology::dead_letter_queue(topology::CORRELATOR_QUEUE);
+    for id in ["a-1", "a-2"] {
+        let props = amqp::persistent_properties(id, "application/json");
+        let confirm = amqp::publish(&ch, "", &dlq, true, id.as_bytes(), props)
+            .await
+            .expect("publish");
+        amqp::await_confirm(confirm, Duration::from_secs(5))
+            .await
+            .expect("confirm");
+    }
+    let listed = admin.read(&format!("/dead-letters?queue={dlq}")).await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    assert_eq!(listed.body["queues"][0]["depth"], 2);
+    assert_eq!(listed.body["queues"][0]["messages"][1]["message_id"], "a-2");
+    let depth_ch = conn.create_channel().await.expect("channel");
+    eventually(WAIT, "listed messages back", || async {
+        queue_depth(&depth_ch, &dlq).await == 2
+    })
+    .await;
+    let replayed = admin
+        .write(
+            "POST",
+            &format!("/dead-letters/{dlq}/replay"),
+            Some(serde_json::json!({"message_id": "a-2"})),
+        )
+        .await;
+    assert_eq!(replayed.status, 200, "{}", replayed.text);
+    assert_eq!(replayed.body["replayed"], 1);
+    let back = env.take_all(topology::CORRELATOR_QUEUE).await;
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].data.as_slice(), b"a-2");
+    admin.stop().await;
+
+    // Without a broker the dead-letter routes say what to configure.
+    let bare = env.start_admin_with(None).await;
+    let missing = bare.read("/dead-letters").await;
+    assert_eq!(missing.status, 503);
+    assert_eq!(missing.body["error"]["code"], "broker_not_configured");
+    assert!(missing.text.contains("AMQP_URL"), "{}", missing.text);
+    bare.stop().await;
 }

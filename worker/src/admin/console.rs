@@ -4,12 +4,14 @@
 //! - [`session`]: log-in (a signed session cookie, or `Authorization: Bearer`), CSRF tokens;
 //! - [`render`]: the embedded templates (autoescaped) and static files;
 //! - [`views`]: the pages view, [`optins`]: at risk, failures and one opt-in's timeline;
-//!   [`actions`]: the write forms (write scope, never in read-only mode).
+//!   [`dead_letters`]: the dead-letter queues and their replay; [`actions`]: the other write
+//!   forms (write scope, never in read-only mode).
 //!
 //! Every page reads without JavaScript; `console.js` only adds confirmations and refresh.
 //! The handlers call the same library functions as the admin API and the CLI.
 
 pub mod actions;
+pub mod dead_letters;
 pub mod optins;
 pub mod render;
 pub mod session;
@@ -203,6 +205,8 @@ pub fn router() -> Router<AdminState> {
         .route("/failures", get(optins::failures))
         .route("/optin", get(optins::timeline))
         .route("/optin/retry", post(actions::retry))
+        .route("/dead-letters", get(dead_letters::list))
+        .route("/dead-letters/replay", post(dead_letters::replay))
         .route(
             "/static/console.css",
             get(|| async { render::asset("text/css; charset=utf-8", render::CSS) }),

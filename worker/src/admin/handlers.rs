@@ -28,7 +28,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error answer with this status, code and message.
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -67,9 +68,11 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-type Answer = Result<Response, ApiError>;
+/// A handler's answer.
+pub(super) type Answer = Result<Response, ApiError>;
 
-fn ok<T: serde::Serialize>(status: StatusCode, body: T) -> Answer {
+/// A JSON answer with `status`.
+pub(super) fn ok<T: serde::Serialize>(status: StatusCode, body: T) -> Answer {
     Ok((status, Json(body)).into_response())
 }
 
@@ -154,7 +157,8 @@ impl<T: DeserializeOwned> FromRequest<AdminState> for Body<T> {
     }
 }
 
-async fn client(state: &AdminState) -> Result<deadpool_postgres::Object, ApiError> {
+/// A connection from the admin's pool (503 naming the cause when none comes).
+pub(super) async fn client(state: &AdminState) -> Result<deadpool_postgres::Object, ApiError> {
     state
         .pool
         .get()

@@ -202,7 +202,7 @@ pub async fn retry(
         &user.caller.name,
         &f.page_id,
         &f.login_id,
-        operate::retry::DEFAULT_RETRY_MARGIN,
+        s.retry_margin,
     )
     .await?;
     match outcome {

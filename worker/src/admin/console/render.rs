@@ -24,6 +24,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("at_risk.html", include_str!("templates/at_risk.html")),
     ("failures.html", include_str!("templates/failures.html")),
     ("timeline.html", include_str!("templates/timeline.html")),
+    (
+        "dead_letters.html",
+        include_str!("templates/dead_letters.html"),
+    ),
 ];
 
 /// The stylesheet.

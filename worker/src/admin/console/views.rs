@@ -44,7 +44,7 @@ impl Done {
             Self::Retried => {
                 format!("Opt-in {subject} is pending again; a scheduler sends it within seconds.")
             }
-            Self::Replayed => format!("{subject} replayed to its origin queue."),
+            Self::Replayed => format!("Replayed to the origin queue: {subject}."),
         }
     }
 }
