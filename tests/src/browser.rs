@@ -1,6 +1,6 @@
 //! A real browser for the console tests: Debian's headless Chromium driven through its
 //! chromedriver (started here on a free port, in a process group of its own that is killed
-//! on drop) by the `fantoccini` WebDriver client.
+//! on drop) by the `thirtyfour` WebDriver client.
 //!
 //! Waits are on DOM conditions with a deadline ([`Browser::wait_css`], [`Browser::wait_text`]),
 //! never sleeps. `.ci/run` (scripts/services.sh's `install_test_tools`) installs
@@ -10,9 +10,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use fantoccini::elements::Element;
-use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
+use thirtyfour::prelude::{By, ElementQueryable, WebDriver, WebElement};
 
 /// Debian's Chromium.
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -24,7 +23,7 @@ pub const DEADLINE: Duration = Duration::from_secs(15);
 /// A headless Chromium session; its chromedriver (and the browser) end with it.
 pub struct Browser {
     /// The WebDriver session.
-    pub client: Client,
+    pub client: WebDriver,
     /// Kills chromedriver's process group when the browser is dropped (a panicking test too).
     _driver: DriverGuard,
 }
@@ -81,10 +80,7 @@ impl Browser {
             serde_json::Value::Object(m) => m,
             _ => unreachable!("an object"),
         };
-        let client = ClientBuilder::rustls()
-            .expect("rustls connector")
-            .capabilities(caps)
-            .connect(&url)
+        let client = WebDriver::new(url, caps)
             .await
             .expect("a chromedriver session");
         Self {
@@ -99,11 +95,11 @@ impl Browser {
     }
 
     /// The element matching `css`, waiting for it up to [`DEADLINE`].
-    pub async fn wait_css(&self, css: &str) -> Element {
+    pub async fn wait_css(&self, css: &str) -> WebElement {
         self.client
-            .wait()
-            .at_most(DEADLINE)
-            .for_element(Locator::Css(css))
+            .query(By::Css(css))
+            .wait(DEADLINE, Duration::from_millis(50))
+            .first()
             .await
             .unwrap_or_else(|e| panic!("no element {css} within {DEADLINE:?}: {e}"))
     }
@@ -112,7 +108,7 @@ impl Browser {
     pub async fn wait_text(&self, css: &str, text: &str) -> String {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            if let Ok(e) = self.client.find(Locator::Css(css)).await
+            if let Ok(e) = self.client.find(By::Css(css)).await
                 && let Ok(t) = e.text().await
                 && t.contains(text)
             {
@@ -131,7 +127,7 @@ impl Browser {
     pub async fn has(&self, css: &str) -> bool {
         !self
             .client
-            .find_all(Locator::Css(css))
+            .find_all(By::Css(css))
             .await
             .expect("find")
             .is_empty()
@@ -160,7 +156,7 @@ impl Browser {
         if std::env::var("UPDATE_SCREENSHOTS").as_deref() != Ok("1") {
             return;
         }
-        let png = self.client.screenshot().await.expect("screenshot");
+        let png = self.client.screenshot_as_png().await.expect("screenshot");
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console");
         std::fs::create_dir_all(&dir).expect("docs/console");
         std::fs::write(dir.join(format!("{name}.png")), png).expect("write the screenshot");
@@ -168,7 +164,7 @@ impl Browser {
 
     /// Ends the session (the browser quits) and chromedriver.
     pub async fn close(self) {
-        let _ = self.client.clone().close().await;
+        let _ = self.client.clone().quit().await;
     }
 }
 

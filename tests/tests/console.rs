@@ -79,7 +79,11 @@ async fn a_read_token_sees_paused_pages_but_no_write_action_and_cannot_forge_one
         .execute("return document.cookie", vec![])
         .await
         .expect("script");
-    assert_eq!(cookie, json!(""), "HttpOnly cookie visible to scripts");
+    assert_eq!(
+        cookie.json(),
+        &json!(""),
+        "HttpOnly cookie visible to scripts"
+    );
 
     // A forged write (the form a read user never sees) is refused, and nothing changed.
     browser
