@@ -207,11 +207,7 @@ pub async fn retry(
     .await?;
     match outcome {
         RetryOutcome::Retried => Ok(done(
-            &format!(
-                "/console/optin?page_id={}&login_id={}",
-                query_escape(&f.page_id),
-                query_escape(&f.login_id)
-            ),
+            &super::optins::timeline_href(&f.page_id, &f.login_id),
             Done::Retried,
             &f.login_id,
         )),

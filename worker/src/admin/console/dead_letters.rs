@@ -63,6 +63,8 @@ struct Row {
 /// One queue as the page shows it.
 #[derive(Serialize)]
 struct QueueView {
+    /// The table's id: the queue's name with `-` for `.`.
+    table_id: String,
     queue: String,
     depth: u32,
     rows: Vec<Row>,
@@ -89,6 +91,7 @@ pub async fn list(
                     preview: m.preview,
                 })
                 .collect(),
+            table_id: format!("dlq-{}", l.queue.replace('.', "-")),
             queue: l.queue,
             depth: l.depth,
         })

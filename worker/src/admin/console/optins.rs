@@ -10,6 +10,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use super::ConsoleError;
+use super::actions::query_escape;
 use super::render::{Section, render, when};
 use super::session::ConsoleUser;
 use super::views::{Notice, client, relative};
@@ -60,9 +61,19 @@ pub struct ListQuery {
     page_id: Option<String>,
 }
 
+/// The console address of an opt-in's timeline.
+pub fn timeline_href(page_id: &str, login_id: &str) -> String {
+    format!(
+        "/console/optin?page_id={}&login_id={}",
+        query_escape(page_id),
+        query_escape(login_id)
+    )
+}
+
 /// A row of the at-risk table.
 #[derive(Serialize)]
 struct AtRiskRow {
+    href: String,
     page_id: String,
     login_id: String,
     state: OptinState,
@@ -87,6 +98,7 @@ pub async fn at_risk(
         .await?
         .into_iter()
         .map(|o| AtRiskRow {
+            href: timeline_href(&o.page_id, &o.login_id),
             deadline: when(Some(o.deadline)),
             slack: relative(o.slack_secs),
             // Under an hour left: shown in words ("late") as well as in colour.
@@ -112,6 +124,7 @@ pub async fn at_risk(
 /// A row of the failures table.
 #[derive(Serialize)]
 struct FailureRow {
+    href: String,
     page_id: String,
     login_id: String,
     state: OptinState,
@@ -138,6 +151,7 @@ pub async fn failures(
             .await?
             .into_iter()
             .map(|f| FailureRow {
+                href: timeline_href(&f.page_id, &f.login_id),
                 reason: f
                     .failure_reason
                     .map_or_else(|| "window closed".to_owned(), |r| r.as_str().to_owned()),
