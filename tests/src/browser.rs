@@ -1,6 +1,12 @@
 //! A real browser for the console tests: Debian's headless Chromium driven through its
 //! chromedriver (started here on a free port, in a process group of its own that is killed
-//! on drop) by the `thirtyfour` WebDriver client.
+//! on drop) through the W3C WebDriver protocol, spoken here over the test crate's reqwest.
+//!
+//! Why not a WebDriver crate: fantoccini depends on Mozilla's `webdriver` crate (MPL-2.0,
+//! refused by deny.toml's permissive allow-list), and thirtyfour turns on serde_json's
+//! `preserve_order` for every crate of the test build (it changes the services' JSON maps
+//! under test, and the fake Graph's types). The dozen commands the console tests use are a
+//! JSON request each.
 //!
 //! Waits are on DOM conditions with a deadline ([`Browser::wait_css`], [`Browser::wait_text`]),
 //! never sleeps. `.ci/run` (scripts/services.sh's `install_test_tools`) installs
@@ -10,8 +16,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::json;
-use thirtyfour::prelude::{By, ElementQueryable, WebDriver, WebElement};
+use base64::Engine;
+use serde_json::{Value, json};
 
 /// Debian's Chromium.
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -22,8 +28,9 @@ pub const DEADLINE: Duration = Duration::from_secs(15);
 
 /// A headless Chromium session; its chromedriver (and the browser) end with it.
 pub struct Browser {
-    /// The WebDriver session.
-    pub client: WebDriver,
+    http: reqwest::Client,
+    /// `http://127.0.0.1:PORT/session/ID`.
+    session: String,
     /// Kills chromedriver's process group when the browser is dropped (a panicking test too).
     _driver: DriverGuard,
 }
@@ -76,40 +83,95 @@ impl Browser {
                          "--no-first-run", "--disable-extensions"],
             },
         });
-        let caps = match caps {
-            serde_json::Value::Object(m) => m,
-            _ => unreachable!("an object"),
-        };
-        let client = WebDriver::new(url, caps)
-            .await
-            .expect("a chromedriver session");
+        let http = reqwest::Client::new();
+        let created = command(
+            &http,
+            reqwest::Method::POST,
+            &format!("{url}/session"),
+            Some(json!({"capabilities": {"alwaysMatch": caps}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a chromedriver session: {e}"));
+        let id = created["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_owned();
         Self {
-            client,
+            http,
+            session: format!("{url}/session/{id}"),
             _driver: driver,
         }
     }
 
-    /// Opens `url`.
-    pub async fn goto(&self, url: &str) {
-        self.client.goto(url).await.expect("navigates");
+    /// Runs one WebDriver command of this session (`path` after `/session/ID`).
+    async fn cmd(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
+        command(&self.http, method, &format!("{}{path}", self.session), body).await
     }
 
-    /// The element matching `css`, waiting for it up to [`DEADLINE`].
-    pub async fn wait_css(&self, css: &str) -> WebElement {
-        self.client
-            .query(By::Css(css))
-            .wait(DEADLINE, Duration::from_millis(50))
-            .first()
+    /// Opens `url`.
+    pub async fn goto(&self, url: &str) {
+        self.cmd(reqwest::Method::POST, "/url", Some(json!({"url": url})))
             .await
-            .unwrap_or_else(|e| panic!("no element {css} within {DEADLINE:?}: {e}"))
+            .unwrap_or_else(|e| panic!("navigate to {url}: {e}"));
+    }
+
+    /// The ids of the elements matching `css` now.
+    async fn find_all(&self, css: &str) -> Result<Vec<String>, String> {
+        let found = self
+            .cmd(
+                reqwest::Method::POST,
+                "/elements",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await?;
+        Ok(found
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e[ELEMENT_KEY].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The first element matching `css`, waiting for it up to [`DEADLINE`].
+    pub async fn wait_css(&self, css: &str) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Ok(found) = self.find_all(css).await
+                && let Some(first) = found.into_iter().next()
+            {
+                return first;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no element {css} within {DEADLINE:?}; page: {}",
+                self.source().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The text of the first element matching `css`, if any.
+    async fn text_of(&self, css: &str) -> Option<String> {
+        let id = self.find_all(css).await.ok()?.into_iter().next()?;
+        let text = self
+            .cmd(reqwest::Method::GET, &format!("/element/{id}/text"), None)
+            .await
+            .ok()?;
+        text.as_str().map(str::to_owned)
     }
 
     /// Waits until the element matching `css` contains `text`; returns its text.
     pub async fn wait_text(&self, css: &str, text: &str) -> String {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            if let Ok(e) = self.client.find(By::Css(css)).await
-                && let Ok(t) = e.text().await
+            if let Some(t) = self.text_of(css).await
                 && t.contains(text)
             {
                 return t;
@@ -117,7 +179,7 @@ impl Browser {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{css} did not show {text:?} within {DEADLINE:?}; page: {}",
-                self.client.source().await.unwrap_or_default()
+                self.source().await
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -125,29 +187,58 @@ impl Browser {
 
     /// Whether an element matches `css` now (for absences, after the page has loaded).
     pub async fn has(&self, css: &str) -> bool {
-        !self
-            .client
-            .find_all(By::Css(css))
-            .await
-            .expect("find")
-            .is_empty()
+        !self.find_all(css).await.expect("find").is_empty()
     }
 
     /// Types `text` into the field matching `css`.
     pub async fn fill(&self, css: &str, text: &str) {
-        let field = self.wait_css(css).await;
-        field.clear().await.expect("clear");
-        field.send_keys(text).await.expect("type");
+        let id = self.wait_css(css).await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{id}/clear"),
+            Some(json!({})),
+        )
+        .await
+        .expect("clear");
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{id}/value"),
+            Some(json!({"text": text})),
+        )
+        .await
+        .expect("type");
     }
 
     /// Clicks the element matching `css`.
     pub async fn click(&self, css: &str) {
-        self.wait_css(css).await.click().await.expect("click");
+        let id = self.wait_css(css).await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{id}/click"),
+            Some(json!({})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    /// Runs `script` in the page with `args`; returns its value.
+    pub async fn execute(&self, script: &str, args: Vec<Value>) -> Value {
+        self.cmd(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({"script": script, "args": args})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("script failed: {e}"))
     }
 
     /// The page's HTML.
     pub async fn source(&self) -> String {
-        self.client.source().await.expect("source")
+        self.cmd(reqwest::Method::GET, "/source", None)
+            .await
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
     }
 
     /// Writes a PNG of the window to `docs/console/NAME.png` when `UPDATE_SCREENSHOTS=1`
@@ -156,7 +247,13 @@ impl Browser {
         if std::env::var("UPDATE_SCREENSHOTS").as_deref() != Ok("1") {
             return;
         }
-        let png = self.client.screenshot_as_png().await.expect("screenshot");
+        let encoded = self
+            .cmd(reqwest::Method::GET, "/screenshot", None)
+            .await
+            .expect("screenshot");
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_str().expect("base64 text"))
+            .expect("a base64 PNG");
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console");
         std::fs::create_dir_all(&dir).expect("docs/console");
         std::fs::write(dir.join(format!("{name}.png")), png).expect("write the screenshot");
@@ -164,7 +261,32 @@ impl Browser {
 
     /// Ends the session (the browser quits) and chromedriver.
     pub async fn close(self) {
-        let _ = self.client.clone().quit().await;
+        let _ = self.cmd(reqwest::Method::DELETE, "", None).await;
+    }
+}
+
+/// The key of an element reference in W3C WebDriver answers.
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// One WebDriver command: its answer's `value`, or the driver's error and message.
+async fn command(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let mut req = http.request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let ok = resp.status().is_success();
+    let answer: Value = resp.json().await.map_err(|e| e.to_string())?;
+    let value = answer.get("value").cloned().unwrap_or(Value::Null);
+    if ok {
+        Ok(value)
+    } else {
+        Err(format!("{}: {}", value["error"], value["message"]))
     }
 }
 

@@ -74,27 +74,17 @@ async fn a_read_token_sees_paused_pages_but_no_write_action_and_cannot_forge_one
     assert!(!html.contains(READ_TOKEN), "the token is never rendered");
 
     // The session cookie is HttpOnly: the page's scripts cannot read it.
-    let cookie = browser
-        .client
-        .execute("return document.cookie", vec![])
-        .await
-        .expect("script");
-    assert_eq!(
-        cookie.json(),
-        &json!(""),
-        "HttpOnly cookie visible to scripts"
-    );
+    let cookie = browser.execute("return document.cookie", vec![]).await;
+    assert_eq!(cookie, json!(""), "HttpOnly cookie visible to scripts");
 
     // A forged write (the form a read user never sees) is refused, and nothing changed.
     browser
-        .client
         .execute(
             "const f = document.createElement('form'); f.method = 'post'; \
              f.action = arguments[0]; document.body.appendChild(f); f.submit();",
             vec![json!(format!("/console/pages/{CLIENT_PAGE}/resume"))],
         )
-        .await
-        .expect("script");
+        .await;
     browser.wait_text("#error-message", "scope `read`").await;
     let status = admin.read(&format!("/pages/{CLIENT_PAGE}/status")).await;
     assert_eq!(status.body["state"], "paused", "{:?}", status.body);
@@ -208,7 +198,6 @@ async fn read_only_mode_hides_and_refuses_every_write_even_for_a_write_token() {
     assert!(!browser.has("a[href$='/token']").await);
     // Submitting the pause form anyway (with a valid CSRF token: the logout form's) fails.
     browser
-        .client
         .execute(
             "const csrf = document.querySelector('input[name=csrf]').value; \
              const f = document.createElement('form'); f.method = 'post'; \
@@ -217,8 +206,7 @@ async fn read_only_mode_hides_and_refuses_every_write_even_for_a_write_token() {
              document.body.appendChild(f); f.submit();",
             vec![json!(format!("/console/pages/{CLIENT_PAGE}/pause"))],
         )
-        .await
-        .expect("script");
+        .await;
     browser.wait_text("#error-message", "read-only").await;
     let status = admin.read(&format!("/pages/{CLIENT_PAGE}/status")).await;
     assert_ne!(status.body["state"], "paused", "{:?}", status.body);
@@ -395,7 +383,6 @@ async fn a_write_token_retries_a_failed_optin_and_the_fake_graph_receives_the_ca
         .await;
     browser.wait_css("h1").await;
     browser
-        .client
         .execute(
             "const csrf = document.querySelector('input[name=csrf]').value; \
              const f = document.createElement('form'); f.method = 'post'; \
@@ -407,8 +394,7 @@ async fn a_write_token_retries_a_failed_optin_and_the_fake_graph_receives_the_ca
              document.body.appendChild(f); f.submit();",
             vec![json!(PAGE)],
         )
-        .await
-        .expect("script");
+        .await;
     browser.wait_text("#error-message", "not failed").await;
     assert_eq!(
         calls_before("P551"),

@@ -352,7 +352,7 @@ async fn oversized_signature_headers_are_refused_before_any_mac() {
     );
     assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 0);
 
-    let four: String = (1..4).map(bogus).fold(valid, |h, b| h + b.as_str());
+    let four: String = (1..4).map(bogus).fold(valid, |h, b| h + &b);
     let (status, json) = post_login_event(&ingest, &body, Some(&four)).await;
     assert_eq!(status, 200, "four v1 entries, one valid: {json}");
     assert_eq!(env.depth(topology::SCHEDULER_QUEUE).await, 1);
