@@ -121,6 +121,10 @@ pub async fn start(
             .paused_pages
             .with_label_values(&[page.id.as_str()])
             .set(0);
+        // Zero series per page too, so the "subscription lost" alert sees the change to 1.
+        metrics
+            .unsubscribed_pages
+            .with_label_values(&[page.id.as_str()]);
     }
     let pages = Arc::new(RwLock::new(Arc::new(pages)));
     let holds = Arc::new(PageHolds::default());
