@@ -33,6 +33,7 @@ mod ingest;
 mod intake_isolation;
 mod linking;
 mod login_events;
+mod monitoring;
 mod never_again;
 mod observability;
 mod openapi;
