@@ -81,22 +81,28 @@ impl AtRiskWindow {
 
 /// Opt-ins not yet sent (`pending` or `sending`) whose deadline is within each window of
 /// [`AtRiskWindow::ALL`] from now (already past included: the expirer has not caught them
-/// yet), in that order. Each window is one range scan of the pending-by-deadline index plus
-/// the few claimed rows.
+/// yet), in that order. The rows within the widest window are read once, each state through
+/// its partial index (`state IN (…)` in one scan made PostgreSQL read the whole table: 0.4 s
+/// against 0.04 s at 500,000 rows), then counted per window.
 pub async fn at_risk(client: &impl GenericClient) -> Result<Vec<(AtRiskWindow, i64)>, StoreError> {
     let secs: Vec<i64> = AtRiskWindow::ALL.iter().map(|w| w.secs()).collect();
+    let widest = secs.iter().copied().max().unwrap_or(0) as f64;
     let rows = client
         .query(
             concat!(
-                "SELECT w.secs, count(o.deadline) FROM unnest($1::bigint[]) AS w(secs) \
-                 LEFT JOIN optins o ON o.state IN (",
+                "WITH near AS MATERIALIZED ( \
+                 SELECT deadline FROM optins WHERE state = ",
                 lc_shared::state_sql!(pending),
-                ", ",
+                " AND deadline < now() + make_interval(secs => $2) \
+                 UNION ALL \
+                 SELECT deadline FROM optins WHERE state = ",
                 lc_shared::state_sql!(sending),
-                ") AND o.deadline < now() + make_interval(secs => w.secs::float8) \
+                " AND deadline < now() + make_interval(secs => $2)) \
+                 SELECT w.secs, count(n.deadline) FROM unnest($1::bigint[]) AS w(secs) \
+                 LEFT JOIN near n ON n.deadline < now() + make_interval(secs => w.secs::float8) \
                  GROUP BY w.secs"
             ),
-            &[&secs],
+            &[&secs, &widest],
         )
         .await?;
     let counts: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
