@@ -42,6 +42,11 @@ pub enum FunnelError {
     /// The database refused or failed the query.
     #[error("database error while reading the funnel: {0}")]
     Db(#[from] tokio_postgres::Error),
+    /// The query ran into its time limit (seconds): the range is too wide for the table.
+    #[error(
+        "the funnel query took longer than {0} s and was cancelled; ask for fewer days or one page"
+    )]
+    TooSlow(u64),
     /// No database connection could be had.
     #[error("no database connection for the funnel: {0} (check DATABASE_URL)")]
     Pool(#[from] deadpool_postgres::PoolError),

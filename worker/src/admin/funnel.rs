@@ -29,7 +29,7 @@ impl From<FunnelError> for ApiError {
                 "invalid",
                 format!("{e}; see docs/openapi.yaml for GET /funnel"),
             ),
-            FunnelError::Db(_) | FunnelError::Pool(_) => {
+            FunnelError::TooSlow(_) | FunnelError::Db(_) | FunnelError::Pool(_) => {
                 tracing::warn!(error = %e, "admin API: funnel query failed");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database", e.to_string())
             }
@@ -56,6 +56,6 @@ pub async fn funnel(
     let today = OffsetDateTime::now_utc().date();
     let range = DayRange::parse(q.from.as_deref(), q.to.as_deref(), today)?;
     let page = page_filter(q.page_id.as_deref())?;
-    let c = client(&s).await?;
-    ok(StatusCode::OK, query::report(&c, range, page).await?)
+    let mut c = client(&s).await?;
+    ok(StatusCode::OK, query::report(&mut c, range, page).await?)
 }

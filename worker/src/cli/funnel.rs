@@ -39,8 +39,8 @@ pub async fn funnel(
     let range = DayRange::parse(from, to, OffsetDateTime::now_utc().date())?;
     let page = page_filter(page)?;
     let pool = lc_shared::db::pool(&db.database_url, 1)?;
-    let client = pool.get().await?;
-    let report = query::report(&client, range, page).await?;
+    let mut client = pool.get().await?;
+    let report = query::report(&mut client, range, page).await?;
     if as_json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| CliError::Other(format!("cannot encode the funnel: {e}")))?;

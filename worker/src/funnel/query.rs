@@ -8,6 +8,10 @@ use serde::Serialize;
 use serde::ser::SerializeMap;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
+use tokio_postgres::error::SqlState;
+
+/// Longest a report's query may run (seconds) before the database cancels it.
+pub const REPORT_TIMEOUT_SECS: u64 = 60;
 
 use super::{COVERAGE, DayRange, FunnelError, format_day};
 
@@ -198,18 +202,33 @@ pub struct Report {
     pub rows: Vec<FunnelRow>,
 }
 
-/// The per-day report of `range` for `page` (or every page).
+/// The per-day report of `range` for `page` (or every page), in a read-only transaction
+/// bounded by [`REPORT_TIMEOUT_SECS`] (a wide range of a big table must not run for ever on an
+/// operator's request).
 pub async fn report(
-    client: &impl GenericClient,
+    client: &mut deadpool_postgres::Client,
     range: DayRange,
     page: Option<&str>,
 ) -> Result<Report, FunnelError> {
     let (from, to) = range.instants();
-    let rows = funnel(client, from, to, page, Grouping::ByDay).await?;
-    let oldest: Option<OffsetDateTime> = client
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = '{REPORT_TIMEOUT_SECS}s'"
+    ))
+    .await?;
+    let rows = funnel(&tx, from, to, page, Grouping::ByDay)
+        .await
+        .map_err(|e| match e {
+            FunnelError::Db(db) if db.code() == Some(&SqlState::QUERY_CANCELED) => {
+                FunnelError::TooSlow(REPORT_TIMEOUT_SECS)
+            }
+            other => other,
+        })?;
+    let oldest: Option<OffsetDateTime> = tx
         .query_one("SELECT min(opted_in_at) FROM optins", &[])
         .await?
         .get(0);
+    tx.commit().await?;
     Ok(Report {
         from: format_day(range.from),
         to: format_day(range.to),
