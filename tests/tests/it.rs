@@ -28,6 +28,7 @@ mod db_failover;
 mod db_tls;
 mod dead_letters;
 mod deployment;
+mod funnel;
 mod graph_client;
 mod ingest;
 mod intake_isolation;

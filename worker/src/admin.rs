@@ -3,13 +3,15 @@
 //!
 //! - [`auth`]: bearer tokens with scopes `read` and `write`, compared in constant time;
 //! - [`routes`]: the one list of routes the router, the scopes and the OpenAPI test use;
-//! - [`handlers`]: thin handlers over [`crate::registry::ops`] (the CLI calls the same).
+//! - [`handlers`]: thin handlers over [`crate::registry::ops`] (the CLI calls the same);
+//! - [`funnel`]: `GET /funnel` over [`crate::funnel::query`] (so does `loginconnect funnel`).
 //!
 //! It runs as `loginconnect admin` (the operator CLI's binary: it already ships in the image
 //! with the database settings, and the API is the CLI's page operations over HTTP); tests
 //! call [`start`] on port 0.
 
 pub mod auth;
+pub mod funnel;
 pub mod handlers;
 pub mod routes;
 

@@ -28,7 +28,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -67,9 +67,10 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-type Answer = Result<Response, ApiError>;
+/// A handler's answer: a JSON body or a JSON error.
+pub(super) type Answer = Result<Response, ApiError>;
 
-fn ok<T: serde::Serialize>(status: StatusCode, body: T) -> Answer {
+pub(super) fn ok<T: serde::Serialize>(status: StatusCode, body: T) -> Answer {
     Ok((status, Json(body)).into_response())
 }
 
@@ -154,7 +155,7 @@ impl<T: DeserializeOwned> FromRequest<AdminState> for Body<T> {
     }
 }
 
-async fn client(state: &AdminState) -> Result<deadpool_postgres::Object, ApiError> {
+pub(super) async fn client(state: &AdminState) -> Result<deadpool_postgres::Object, ApiError> {
     state
         .pool
         .get()

@@ -92,6 +92,8 @@ pub enum Op {
     FindOptins,
     /// Links of a page by login_id or PSID.
     FindLinks,
+    /// The opt-in funnel per page and day.
+    Funnel,
 }
 
 /// One route: method, path (OpenAPI/axum syntax), the scope it needs, what it does.
@@ -173,6 +175,7 @@ pub const ROUTES: &[Route] = &[
         Op::FindLinks,
     ),
     r(Method::Get, "/optins", Scope::Read, Op::FindOptins),
+    r(Method::Get, "/funnel", Scope::Read, Op::Funnel),
 ];
 
 /// The route serving `method` on the matched `path`.
@@ -200,6 +203,7 @@ fn add(m: MethodRouter<AdminState>, route: &Route) -> MethodRouter<AdminState> {
         Op::GetOptin => m.on(f, h::get_optin),
         Op::FindOptins => m.on(f, h::find_optins),
         Op::FindLinks => m.on(f, h::find_links),
+        Op::Funnel => m.on(f, crate::admin::funnel::funnel),
     }
 }
 
