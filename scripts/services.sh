@@ -40,18 +40,27 @@ install_missing() {
 }
 
 # PgBouncer is not a service of loginconnect: tests/tests/pgbouncer.rs starts its own in front
-# of PostgreSQL to prove the pooler rule. Installed here when root and apt-get can; otherwise
-# a warning only (running loginconnect does not need it; that test then fails, naming it).
+# of PostgreSQL to prove the pooler rule. promtool (Debian's `prometheus` package) runs the
+# alert rules' unit tests (.ci/run, tests/tests/monitoring.rs). Installed here when root and
+# apt-get can; otherwise a warning only (running loginconnect needs neither; the test that
+# does then fails, naming it).
 install_test_tools() {
-  command -v pgbouncer >/dev/null 2>&1 && return 0
+  local pkgs=()
+  command -v pgbouncer >/dev/null 2>&1 || pkgs+=(pgbouncer)
+  command -v promtool >/dev/null 2>&1 || pkgs+=(prometheus)
+  [ ${#pkgs[@]} -eq 0 ] && return 0
   $check_only && return 0
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    log "pgbouncer is not installed (only tests/tests/pgbouncer.rs needs it): apt-get install pgbouncer"
+    log "not installed: ${pkgs[*]} (only tests need them: pgbouncer for tests/tests/pgbouncer.rs, prometheus for promtool): apt-get install ${pkgs[*]}"
     return 0
   fi
-  log "installing pgbouncer (for the pooler test)"
+  log "installing ${pkgs[*]} (test tools: the pooler test, promtool)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq pgbouncer >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
+  apt-get install -y -qq "${pkgs[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${pkgs[@]}" >/dev/null; }
+  # Debian's package starts a Prometheus server of its own; only promtool is wanted here.
+  if [[ " ${pkgs[*]} " == *" prometheus "* ]]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+  fi
 }
 
 start_rabbit() {

@@ -6,12 +6,14 @@
 //! - [`handlers`]: thin handlers over [`crate::registry::ops`] (the CLI calls the same);
 //! - [`operations`]: the operator routes over [`crate::operate`] (opt-ins at risk, failures,
 //!   timelines, retries, dead letters), which the console calls too.
+//! - [`funnel`]: `GET /funnel` over [`crate::funnel::query`] (so does `loginconnect funnel`).
 //!
 //! It runs as `loginconnect admin` (the operator CLI's binary: it already ships in the image
 //! with the database settings, and the API is the CLI's page operations over HTTP); tests
 //! call [`start`] on port 0.
 
 pub mod auth;
+pub mod funnel;
 pub mod handlers;
 pub mod operations;
 pub mod routes;

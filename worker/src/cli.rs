@@ -1,9 +1,11 @@
-//! The operator CLI (`loginconnect`): migrations, status, dead letters, opt-ins, links, pages.
+//! The operator CLI (`loginconnect`): migrations, status, dead letters, opt-ins, links, pages,
+//! the funnel.
 //!
 //! Each subcommand is a small function over the same database pool and broker connection the
 //! services use; output is human-readable, `--json` where a script may read it.
 
 mod dead_letters;
+mod funnel;
 mod inspect;
 mod login;
 mod pages;
@@ -41,6 +43,22 @@ pub enum Command {
     /// Opt-ins by state, nearest pending deadline, paused pages, dead-letter depths, outbox lag.
     Status {
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The opt-in funnel per page and UTC day: opted in, sent, replied, linked, expired,
+    /// failed (by reason), time to first message and to reply (what is still retained).
+    Funnel {
+        /// Only this page.
+        #[arg(long)]
+        page: Option<String>,
+        /// First UTC day, YYYY-MM-DD (default: six days before today).
+        #[arg(long)]
+        from: Option<String>,
+        /// Day after the last, YYYY-MM-DD, exclusive (default: tomorrow).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the admin API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -359,6 +377,22 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Admin(args) => serve_admin(&cli.database, &cli.amqp, &args).await,
         Command::Status { json } => inspect::status(out, &cli.database, &cli.amqp, json).await,
+        Command::Funnel {
+            page,
+            from,
+            to,
+            json,
+        } => {
+            funnel::funnel(
+                out,
+                &cli.database,
+                page.as_deref(),
+                from.as_deref(),
+                to.as_deref(),
+                json,
+            )
+            .await
+        }
         Command::DeadLetters(DeadLettersCommand::List { queue, limit }) => {
             dead_letters::list(out, &cli.amqp, queue.as_deref(), limit).await
         }

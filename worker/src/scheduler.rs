@@ -15,7 +15,8 @@
 //!   tokens) kept current, and the shared page state synced; [`tokens`] page tokens encrypted at rest.
 //!
 //! Beside the scheduler's own work its process runs the webhook-subscription
-//! [`crate::watchdog`] and the data [`crate::deletion`] consumer.
+//! [`crate::watchdog`], the data [`crate::deletion`] consumer and the refresh of the
+//! [`crate::funnel`] gauges.
 //!
 //! Rules: the deadline is the opt-in's own timestamp + 24 h; no call starts at or after the
 //! deadline minus a safety margin; opt-ins for the same (page, login_id) inside an existing
@@ -98,6 +99,7 @@ pub async fn start(
     let relay_metrics = crate::relay::RelayMetrics::new(&registry)?;
     let watchdog_metrics = watchdog::WatchdogMetrics::new(&registry)?;
     let deletion_metrics = deletion::DeletionMetrics::new(&registry)?;
+    let funnel_metrics = crate::funnel::metrics::FunnelMetrics::new(&registry)?;
     let metrics_addr = metrics_listener.local_addr()?;
     let source = PageSource {
         path: config.pages_file.clone(),
@@ -121,6 +123,10 @@ pub async fn start(
             .paused_pages
             .with_label_values(&[page.id.as_str()])
             .set(0);
+        // Zero series per page too, so the "subscription lost" alert sees the change to 1.
+        metrics
+            .unsubscribed_pages
+            .with_label_values(&[page.id.as_str()]);
     }
     let pages = Arc::new(RwLock::new(Arc::new(pages)));
     let holds = Arc::new(PageHolds::default());
@@ -207,6 +213,11 @@ pub async fn start(
         link.clone(),
         metrics.clone(),
         config.retention(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::funnel::metrics::run(
+        pool.clone(),
+        funnel_metrics,
         shutdown.clone(),
     ));
     tasks.spawn(pacing::refresh(
