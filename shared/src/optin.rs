@@ -187,6 +187,20 @@ macro_rules! text_sql {
     };
 }
 
+/// Both serialise as their `as_str()` text, as events and the admin API show them.
+macro_rules! text_serde {
+    ($ty:ty) => {
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_serde!(OptinState);
+text_serde!(FailureReason);
+
 text_sql!(OptinState, str::parse);
 text_sql!(FailureReason, |s| {
     FailureReason::ALL

@@ -1,6 +1,7 @@
 //! The admin API started in-process against a [`TestEnv`], with a read and a write token,
 //! and a small client that returns each answer's status and JSON body.
 
+use lc_shared::config::AmqpArgs;
 use lc_shared::shutdown::Shutdown;
 use lc_worker::admin::auth::AdminTokens;
 use lc_worker::admin::{AdminSettings, RunningAdmin};
@@ -37,13 +38,21 @@ pub struct Answer {
 }
 
 impl TestEnv {
-    /// Starts the admin API on a free port with [`READ_TOKEN`], [`WRITE_TOKEN`] and [`KEYS`].
+    /// Starts the admin API on a free port with [`READ_TOKEN`], [`WRITE_TOKEN`], [`KEYS`],
+    /// this test's vhost for the dead letters and the default retry margin.
     pub async fn start_admin(&self) -> Admin {
+        self.start_admin_with(Some(self.vhost.url())).await
+    }
+
+    /// [`TestEnv::start_admin`] with the broker at `amqp_url` (`None`: without one).
+    pub async fn start_admin_with(&self, amqp_url: Option<String>) -> Admin {
         let pool = self.migrated_pool(4).await;
         let settings = AdminSettings {
             tokens: AdminTokens::parse(&format!("crm:read:{READ_TOKEN},ops:write:{WRITE_TOKEN}"))
                 .expect("tokens"),
             keys: TokenKeys::parse(KEYS).expect("keys"),
+            amqp: amqp_url.map(|u| AmqpArgs::new(u).endpoint().expect("endpoint")),
+            retry_margin: lc_worker::operate::retry::DEFAULT_RETRY_MARGIN,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

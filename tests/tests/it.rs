@@ -38,6 +38,7 @@ mod monitoring;
 mod never_again;
 mod observability;
 mod openapi;
+mod operate;
 mod operational_events;
 mod personalised;
 mod pgbouncer;

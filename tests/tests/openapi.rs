@@ -134,6 +134,20 @@ async fn real_answers_of_every_route_match_the_documented_schemas() {
     )
     .await
     .expect("link");
+    insert_optin(&sql, PAGE, "FAILED-1", now, "failed").await;
+    sql.execute(
+        "UPDATE optins SET failure_reason = 'graph_permanent', attempts = 1, finished_at = now(), \
+             last_error_code = 10, last_error_message = 'outside of allowed window' \
+         WHERE login_id = 'FAILED-1'",
+        &[],
+    )
+    .await
+    .expect("failed opt-in");
+    // The dead-letter queues exist once any service declared the topology.
+    let conn = env.vhost.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
+    lc_shared::topology::declare(&ch).await.expect("topology");
+    let _ = conn.close(200, "declared".into()).await;
     let doc = document();
     let mut covered = BTreeSet::new();
     let (app, page) = ("111222333", "6234567890");
@@ -325,6 +339,97 @@ async fn real_answers_of_every_route_match_the_documented_schemas() {
             None,
         ),
         (
+            "get",
+            "/optins/at-risk",
+            "/optins/at-risk?limit=5".into(),
+            Some(READ_TOKEN),
+            None,
+        ),
+        (
+            "get",
+            "/failures",
+            format!("/failures?page_id={PAGE}"),
+            Some(READ_TOKEN),
+            None,
+        ),
+        (
+            "get",
+            "/pages/{page_id}/optins/{login_id}/timeline",
+            format!("/pages/{PAGE}/optins/LOGIN-1/timeline"),
+            Some(READ_TOKEN),
+            None,
+        ),
+        (
+            "get",
+            "/pages/{page_id}/optins/{login_id}/timeline",
+            format!("/pages/{PAGE}/optins/NOBODY/timeline"),
+            Some(READ_TOKEN),
+            None,
+        ),
+        (
+            "post",
+            "/pages/{page_id}/optins/{login_id}/retry",
+            format!("/pages/{PAGE}/optins/FAILED-1/retry"),
+            Some(READ_TOKEN),
+            None,
+        ),
+        (
+            "post",
+            "/pages/{page_id}/optins/{login_id}/retry",
+            format!("/pages/{PAGE}/optins/FAILED-1/retry"),
+            Some(WRITE_TOKEN),
+            None,
+        ),
+        (
+            "post",
+            "/pages/{page_id}/optins/{login_id}/retry",
+            format!("/pages/{PAGE}/optins/LOGIN-1/retry"),
+            Some(WRITE_TOKEN),
+            None,
+        ),
+        (
+            "post",
+            "/pages/{page_id}/optins/{login_id}/retry",
+            format!("/pages/{PAGE}/optins/NOBODY/retry"),
+            Some(WRITE_TOKEN),
+            None,
+        ),
+        (
+            "get",
+            "/dead-letters",
+            "/dead-letters".into(),
+            Some(READ_TOKEN),
+            None,
+        ),
+        (
+            "get",
+            "/dead-letters",
+            "/dead-letters?queue=nope".into(),
+            Some(READ_TOKEN),
+            None,
+        ),
+        (
+            "post",
+            "/dead-letters/{queue}/replay",
+            "/dead-letters/scheduler.optins.dlq/replay".into(),
+            Some(WRITE_TOKEN),
+            None,
+        ),
+        (
+            "post",
+            "/dead-letters/{queue}/replay",
+            "/dead-letters/scheduler.optins.dlq/replay".into(),
+            Some(WRITE_TOKEN),
+            Some(json!({"message_id": "absent", "limit": 10})),
+        ),
+        (
+            "post",
+            "/dead-letters/{queue}/replay",
+            "/dead-letters/scheduler.optins.dlq/replay".into(),
+            Some(WRITE_TOKEN),
+            Some(json!({"id": "wrong field"})),
+        ),
+        (
             "delete",
             page_path,
             format!("/pages/{page}"),
@@ -353,7 +458,8 @@ async fn real_answers_of_every_route_match_the_documented_schemas() {
             assert_eq!(answer.body["optins"].as_array().map(Vec::len), Some(1));
         }
         if path == "/funnel" {
-            assert_eq!(answer.body["rows"][0]["opted_in"], 1, "{:#}", answer.body);
+            // LOGIN-1 and FAILED-1 (the retry route's opt-in), both of today.
+            assert_eq!(answer.body["rows"][0]["opted_in"], 2, "{:#}", answer.body);
         }
         if path == "/funnel?from=yesterday" {
             assert!(

@@ -4,6 +4,8 @@
 //! - [`auth`]: bearer tokens with scopes `read` and `write`, compared in constant time;
 //! - [`routes`]: the one list of routes the router, the scopes and the OpenAPI test use;
 //! - [`handlers`]: thin handlers over [`crate::registry::ops`] (the CLI calls the same);
+//! - [`operations`]: the operator routes over [`crate::operate`] (opt-ins at risk, failures,
+//!   timelines, retries, dead letters), which the console calls too.
 //! - [`funnel`]: `GET /funnel` over [`crate::funnel::query`] (so does `loginconnect funnel`).
 //!
 //! It runs as `loginconnect admin` (the operator CLI's binary: it already ships in the image
@@ -13,13 +15,16 @@
 pub mod auth;
 pub mod funnel;
 pub mod handlers;
+pub mod operations;
 pub mod routes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use lc_shared::amqp::AmqpEndpoint;
 use lc_shared::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
@@ -57,6 +62,14 @@ pub struct AdminArgs {
         hide_default_value = true
     )]
     pub page_token_keys: String,
+    /// A failed opt-in is retried only while its deadline is more than this many seconds
+    /// away (keep it above the schedulers' `SAFETY_MARGIN_SECS`).
+    #[arg(
+        long = "retry-margin-secs",
+        env = "RETRY_MARGIN_SECS",
+        default_value_t = crate::operate::retry::DEFAULT_RETRY_MARGIN.as_secs()
+    )]
+    pub retry_margin_secs: u64,
 }
 
 /// Why the admin API cannot start; each names the setting to fix.
@@ -88,6 +101,9 @@ pub struct AdminState {
     pool: Pool,
     tokens: Arc<AdminTokens>,
     keys: TokenKeys,
+    /// The broker for the dead-letter routes (`None`: they answer 503 saying what to set).
+    amqp: Option<AmqpEndpoint>,
+    retry_margin: Duration,
 }
 
 /// The tokens and keys the API runs with.
@@ -96,10 +112,15 @@ pub struct AdminSettings {
     pub tokens: AdminTokens,
     /// Page token keys (empty: `PUT /pages/{id}/token` answers what to configure).
     pub keys: TokenKeys,
+    /// The broker, for the dead-letter routes (`None`: they answer 503 naming `AMQP_URL`).
+    pub amqp: Option<AmqpEndpoint>,
+    /// How far from its deadline a failed opt-in may still be retried.
+    pub retry_margin: Duration,
 }
 
 impl AdminArgs {
-    /// Reads the token list (and file) and the keys.
+    /// Reads the token list (and file), the keys and the retry margin; the broker is added by
+    /// the caller (`loginconnect admin` gives the CLI's `AMQP_URL`).
     pub fn settings(&self) -> Result<AdminSettings, AdminError> {
         let mut list = self.admin_tokens.clone();
         if let Some(path) = &self.admin_tokens_file {
@@ -113,6 +134,8 @@ impl AdminArgs {
         Ok(AdminSettings {
             tokens: AdminTokens::parse(&list)?,
             keys: TokenKeys::parse(&self.page_token_keys)?,
+            amqp: None,
+            retry_margin: Duration::from_secs(self.retry_margin_secs),
         })
     }
 }
@@ -137,6 +160,8 @@ pub fn start(
         pool,
         tokens: Arc::new(settings.tokens),
         keys: settings.keys,
+        amqp: settings.amqp,
+        retry_margin: settings.retry_margin,
     });
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)

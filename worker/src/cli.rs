@@ -78,8 +78,9 @@ pub enum Command {
     /// The apps pages belong to (technology providers with an app per client).
     #[command(subcommand)]
     Apps(AppsCommand),
-    /// Serve the admin API (pages, apps, statuses, opt-ins, links over JSON/HTTP on
-    /// `ADMIN_ADDR`) until SIGTERM or Ctrl-C; the database is migrated first.
+    /// Serve the admin API (pages, apps, statuses, opt-ins, links, failures, retries, dead
+    /// letters over JSON/HTTP on `ADMIN_ADDR`) until SIGTERM or Ctrl-C; the database is
+    /// migrated first; dead letters use `AMQP_URL`.
     Admin(crate::admin::AdminArgs),
     /// Print the manual Facebook Login dialog URL for Login Connect (and the JS SDK call).
     LoginUrl(login::LoginUrlArgs),
@@ -350,6 +351,9 @@ pub enum CliError {
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    /// Listing or replaying dead letters failed.
+    #[error(transparent)]
+    DeadLetters(#[from] crate::operate::dead_letters::DeadLetterError),
     /// Anything else, already phrased for the operator.
     #[error("{0}")]
     Other(String),
@@ -371,7 +375,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             )?;
             Ok(())
         }
-        Command::Admin(args) => serve_admin(&cli.database, &args).await,
+        Command::Admin(args) => serve_admin(&cli.database, &cli.amqp, &args).await,
         Command::Status { json } => inspect::status(out, &cli.database, &cli.amqp, json).await,
         Command::Funnel {
             page,
@@ -484,10 +488,17 @@ async fn probe(out: &mut dyn Write, url: &str) -> Result<(), CliError> {
 }
 
 /// `admin`: migrates, then serves the admin API until a signal.
-async fn serve_admin(db: &DatabaseArgs, args: &crate::admin::AdminArgs) -> Result<(), CliError> {
-    let settings = args
+async fn serve_admin(
+    db: &DatabaseArgs,
+    amqp: &AmqpArgs,
+    args: &crate::admin::AdminArgs,
+) -> Result<(), CliError> {
+    let mut settings = args
         .settings()
         .map_err(|e| CliError::Other(e.to_string()))?;
+    // Checked now, so a wrong AMQP_TLS_* file stops the start with its name; the broker is
+    // connected to only when a dead-letter route is called.
+    settings.amqp = Some(amqp.endpoint().map_err(lc_shared::amqp::AmqpError::from)?);
     lc_shared::db::ensure_database(&db.database_url).await?;
     let pool = lc_shared::db::pool(&db.database_url, db.database_pool_size)?;
     lc_shared::db::migrate(&pool).await?;

@@ -16,6 +16,8 @@
 //! - [`relay`]: the outbox relay that publishes public events with confirms.
 //! - [`registry`]: the page registry (apps, pages) every replica reads, its operations.
 //! - [`admin`]: the admin API over the registry (`loginconnect admin`).
+//! - [`operate`]: what operators read and do (opt-ins at risk, failures, timelines, retries,
+//!   dead letters), shared by the admin API, the console and the CLI.
 //! - [`cli`]: the `loginconnect` operator CLI.
 
 pub mod admin;
@@ -24,6 +26,7 @@ pub mod correlator;
 pub mod deletion;
 pub mod funnel;
 pub mod graph;
+pub mod operate;
 pub mod registry;
 pub mod relay;
 pub mod runtime;

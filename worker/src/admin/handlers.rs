@@ -28,6 +28,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error answer with this status, code and message.
     pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -70,6 +71,7 @@ impl From<RegistryError> for ApiError {
 /// A handler's answer: a JSON body or a JSON error.
 pub(super) type Answer = Result<Response, ApiError>;
 
+/// A JSON answer with `status`.
 pub(super) fn ok<T: serde::Serialize>(status: StatusCode, body: T) -> Answer {
     Ok((status, Json(body)).into_response())
 }
@@ -155,6 +157,7 @@ impl<T: DeserializeOwned> FromRequest<AdminState> for Body<T> {
     }
 }
 
+/// A connection from the admin's pool (503 naming the cause when none comes).
 pub(super) async fn client(state: &AdminState) -> Result<deadpool_postgres::Object, ApiError> {
     state
         .pool

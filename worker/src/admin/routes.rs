@@ -9,6 +9,7 @@ use axum::routing::{MethodFilter, MethodRouter};
 use super::AdminState;
 use super::auth::Scope;
 use super::handlers as h;
+use super::operations as o;
 
 /// An HTTP method the API uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +93,18 @@ pub enum Op {
     FindOptins,
     /// Links of a page by login_id or PSID.
     FindLinks,
+    /// Pending and sending opt-ins, nearest deadline first.
+    AtRisk,
+    /// Recent failed and expired opt-ins.
+    Failures,
+    /// One opt-in's timeline.
+    Timeline,
+    /// Retry a failed opt-in.
+    Retry,
+    /// List the dead letters.
+    ListDeadLetters,
+    /// Replay dead letters (a queue, or one message).
+    ReplayDeadLetters,
     /// The opt-in funnel per page and day.
     Funnel,
 }
@@ -175,6 +188,32 @@ pub const ROUTES: &[Route] = &[
         Op::FindLinks,
     ),
     r(Method::Get, "/optins", Scope::Read, Op::FindOptins),
+    r(Method::Get, "/optins/at-risk", Scope::Read, Op::AtRisk),
+    r(Method::Get, "/failures", Scope::Read, Op::Failures),
+    r(
+        Method::Get,
+        "/pages/{page_id}/optins/{login_id}/timeline",
+        Scope::Read,
+        Op::Timeline,
+    ),
+    r(
+        Method::Post,
+        "/pages/{page_id}/optins/{login_id}/retry",
+        Scope::Write,
+        Op::Retry,
+    ),
+    r(
+        Method::Get,
+        "/dead-letters",
+        Scope::Read,
+        Op::ListDeadLetters,
+    ),
+    r(
+        Method::Post,
+        "/dead-letters/{queue}/replay",
+        Scope::Write,
+        Op::ReplayDeadLetters,
+    ),
     r(Method::Get, "/funnel", Scope::Read, Op::Funnel),
 ];
 
@@ -203,6 +242,12 @@ fn add(m: MethodRouter<AdminState>, route: &Route) -> MethodRouter<AdminState> {
         Op::GetOptin => m.on(f, h::get_optin),
         Op::FindOptins => m.on(f, h::find_optins),
         Op::FindLinks => m.on(f, h::find_links),
+        Op::AtRisk => m.on(f, o::at_risk),
+        Op::Failures => m.on(f, o::failures),
+        Op::Timeline => m.on(f, o::timeline),
+        Op::Retry => m.on(f, o::retry),
+        Op::ListDeadLetters => m.on(f, o::list_dead_letters),
+        Op::ReplayDeadLetters => m.on(f, o::replay_dead_letters),
         Op::Funnel => m.on(f, crate::admin::funnel::funnel),
     }
 }

@@ -206,7 +206,7 @@ const LEASE_SQL: &str = concat!(
     lc_shared::state_sql!(sending),
     ", lease_owner = $1, \
          lease_expires_at = now() + make_interval(secs => $2), fence = o.fence + 1, \
-         call_started_at = NULL, updated_at = now() \
+         call_started_at = NULL, claimed_at = now(), updated_at = now() \
      FROM unnest($3::text[], $4::text[]) AS c(page_id, login_id) \
      WHERE o.page_id = c.page_id AND o.login_id = c.login_id \
      RETURNING o.page_id, o.login_id, o.fence, o.attempts, o.opted_in_at, o.deadline, \
