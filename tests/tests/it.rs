@@ -41,6 +41,7 @@ mod openapi;
 mod operational_events;
 mod personalised;
 mod pgbouncer;
+mod readiness;
 mod registry;
 mod relay;
 mod relay_order;

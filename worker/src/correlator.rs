@@ -35,7 +35,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::relay::RelayMetrics;
 use crate::runtime::config::{StartError, WorkerArgs};
 use crate::runtime::consumer::{self, ConsumerSettings};
-use crate::runtime::process;
+use crate::runtime::db_probe::DbProbe;
+use crate::runtime::process::{self, ExtraChecks};
 use metrics::CorrelatorMetrics;
 
 /// Settings of the `correlator` binary.
@@ -134,7 +135,24 @@ pub async fn start(
         relay_metrics,
         &shutdown,
     )?;
-    process::spawn_http(&mut tasks, metrics_listener, registry, &link, &shutdown);
+    let database = DbProbe::spawn(
+        &mut tasks,
+        pool.clone(),
+        &config.worker.database.database_url,
+        &shutdown,
+    );
+    let checks = ExtraChecks {
+        database: Some(database),
+        graph: None,
+    };
+    process::spawn_http_with(
+        &mut tasks,
+        metrics_listener,
+        registry,
+        &link,
+        &shutdown,
+        checks,
+    );
     tracing::info!(worker_id, %metrics_addr, "correlator started");
     let task = process::supervise(tasks, link.clone(), "correlator");
     Ok(RunningCorrelator {
