@@ -22,6 +22,7 @@ mod claim_plan;
 mod cli;
 mod contract;
 mod correlator;
+mod correlator_loops;
 mod crash_window;
 mod data_deletion;
 mod db_failover;
