@@ -469,6 +469,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     }
 }
 
+/// Most characters of a failing answer's body that `probe` prints.
+const PROBE_BODY_CHARS: usize = 2000;
+
 async fn probe(out: &mut dyn Write, url: &str) -> Result<(), CliError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -479,11 +482,16 @@ async fn probe(out: &mut dyn Write, url: &str) -> Result<(), CliError> {
         .send()
         .await
         .map_err(|e| CliError::Other(format!("{url}: {e}")))?;
-    if resp.status().is_success() {
-        writeln!(out, "{url}: {}", resp.status())?;
+    let status = resp.status();
+    if status.is_success() {
+        writeln!(out, "{url}: {status}")?;
         Ok(())
     } else {
-        Err(CliError::Other(format!("{url}: {}", resp.status())))
+        // `/readyz` says why in its body (reasons carry no secrets); a short excerpt is
+        // enough for a health-check log.
+        let body = resp.text().await.unwrap_or_default();
+        let excerpt: String = body.trim().chars().take(PROBE_BODY_CHARS).collect();
+        Err(CliError::Other(format!("{url}: {status} {excerpt}")))
     }
 }
 

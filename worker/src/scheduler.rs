@@ -49,6 +49,8 @@ use tokio::task::JoinSet;
 
 use crate::runtime::config::StartError;
 use crate::runtime::consumer::{self, ConsumerSettings};
+use crate::runtime::db_probe::DbProbe;
+use crate::runtime::process::{self, ExtraChecks};
 use crate::{deletion, watchdog};
 pub use config::SchedulerConfig;
 use dispatch::{AfterSendHook, DispatchSettings, Dispatcher};
@@ -91,6 +93,7 @@ pub async fn start(
     )
     .map_err(|e| StartError::Config(e.to_string()))?;
     let watchdog_graph = graph.clone();
+    let graph_reach = graph.reach();
     let worker_id = config.worker.worker_id("scheduler");
     let pool = config.worker.prepare_database().await?;
     let link = config.worker.broker(&worker_id)?;
@@ -200,7 +203,7 @@ pub async fn start(
         &worker_id,
         &shutdown,
     )?;
-    crate::runtime::process::spawn_relay(
+    process::spawn_relay(
         &mut tasks,
         &pool,
         &config.worker,
@@ -233,9 +236,31 @@ pub async fn start(
         metrics,
         shutdown.clone(),
     ));
-    crate::runtime::process::spawn_http(&mut tasks, metrics_listener, registry, &link, &shutdown);
+    let database = DbProbe::spawn(
+        &mut tasks,
+        pool.clone(),
+        &config.worker.database.database_url,
+        &shutdown,
+    );
+    // Graph is an advisory check: when Graph is down every replica sees it alike, and taking
+    // the scheduler out of service (or restarting it) would not bring Graph back — it would
+    // only stop the work that needs no Graph: intake, expiring what can no longer be sent,
+    // data deletions, the relay. So `/readyz` stays 200, says `degraded` and
+    // why, and sends are retried with backoff until their deadline meanwhile.
+    let checks = ExtraChecks {
+        database: Some(database),
+        graph: Some(graph_reach),
+    };
+    process::spawn_http_with(
+        &mut tasks,
+        metrics_listener,
+        registry,
+        &link,
+        &shutdown,
+        checks,
+    );
     tracing::info!(worker_id, %metrics_addr, "scheduler started");
-    let task = crate::runtime::process::supervise(tasks, link, "scheduler");
+    let task = process::supervise(tasks, link, "scheduler");
     Ok(RunningScheduler {
         metrics_addr,
         pool,
