@@ -39,27 +39,32 @@ install_missing() {
   apt-get install -y -qq "${pkgs[@]}" >/dev/null
 }
 
-# Tools only some tests need, none of them a service of loginconnect: PgBouncer
+# Tools only tests need, none of them a service of loginconnect: PgBouncer
 # (tests/tests/pgbouncer.rs starts its own in front of PostgreSQL to prove the pooler rule),
-# and Debian's chromium with its chromedriver (package chromium-driver) for the web console's
-# browser tests (tests/tests/console.rs). Installed when missing if root and apt-get can;
-# otherwise a warning only (running loginconnect does not need them; those tests then fail,
-# naming them).
+# promtool (Debian's `prometheus` package) for the alert rules' unit tests (.ci/run,
+# tests/tests/monitoring.rs), and Debian's chromium with its chromedriver (package
+# chromium-driver) for the web console's browser tests (tests/tests/console.rs). Installed
+# here when root and apt-get can; otherwise a warning only (running loginconnect needs none of
+# them; the test that does then fails, naming it).
 install_test_tools() {
-  local missing=""
-  command -v pgbouncer >/dev/null 2>&1 || missing="$missing pgbouncer"
-  [ -x /usr/bin/chromium ] || missing="$missing chromium"
-  [ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
-  [ -z "$missing" ] && return 0
+  local pkgs=()
+  command -v pgbouncer >/dev/null 2>&1 || pkgs+=(pgbouncer)
+  command -v promtool >/dev/null 2>&1 || pkgs+=(prometheus)
+  [ -x /usr/bin/chromium ] || pkgs+=(chromium)
+  [ -x /usr/bin/chromedriver ] || pkgs+=(chromium-driver)
+  [ ${#pkgs[@]} -eq 0 ] && return 0
   $check_only && return 0
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    log "not installed:$missing (the pooler and console tests need them): apt-get install$missing"
+    log "not installed: ${pkgs[*]} (only tests need them: pgbouncer for tests/tests/pgbouncer.rs, prometheus for promtool, chromium and chromium-driver for tests/tests/console.rs): apt-get install ${pkgs[*]}"
     return 0
   fi
-  log "installing$missing (for the pooler and browser tests)"
+  log "installing ${pkgs[*]} (test tools: the pooler test, promtool, the browser tests)"
   export DEBIAN_FRONTEND=noninteractive
-  # shellcheck disable=SC2086 # the list is meant to split into package names
-  apt-get install -y -qq $missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $missing >/dev/null; }
+  apt-get install -y -qq "${pkgs[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${pkgs[@]}" >/dev/null; }
+  # Debian's package starts a Prometheus server of its own; only promtool is wanted here.
+  if [[ " ${pkgs[*]} " == *" prometheus "* ]]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+  fi
 }
 
 start_rabbit() {

@@ -69,8 +69,10 @@ pub async fn run(params: &CorrelatorParams, quick: bool) -> anyhow::Result<Repor
     insert_sent_optins(&sql, &env.pages, "login-bench-", runs * n).await?;
     let conn = env.broker().await?;
     report.note(format!(
-        "correlator with production defaults (prefetch 200, batch 100, pool 8); {n} replies with \
-         prior_message pre-loaded on correlator.replies, each naming a `sent` opt-in"
+        "correlator with production defaults (prefetch 200 and batch 100 per loop, {} consumer \
+         loops, pool 8); {n} replies with \
+         prior_message pre-loaded on correlator.replies, each naming a `sent` opt-in",
+        lc_worker::correlator::DEFAULT_CONSUMER_CONCURRENCY
     ));
 
     let link_rate = correlator_run(&env, &sql, &conn, n, 0, None, &mut report).await?;

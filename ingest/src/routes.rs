@@ -23,6 +23,7 @@ use lc_meta::signature::{
 };
 use lc_shared::amqp::BrokerLink;
 use lc_shared::outgoing;
+use lc_shared::readiness::{self, Check, CheckName, Readiness};
 use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::{TraceParent, continue_trace, render_metrics};
 use lc_shared::topology;
@@ -326,35 +327,41 @@ fn count_stored(
         .inc_by(u64::try_from(tally.unparsed_parts).unwrap_or(u64::MAX));
 }
 
-/// `GET /readyz`: ready while the broker link is up, the app bindings were read (when
-/// `DATABASE_URL` is set) and the process is not draining. Bindings that could not be read
-/// again since keep the instance ready (the last ones are in use) and are named in the text.
+/// `GET /readyz`: the checks as JSON (see [`lc_shared::readiness`]) — `broker` (the link is
+/// up), `app_bindings` (with `DATABASE_URL`: read at least once) and `shutdown` (not
+/// draining) — answered `200` or `503`. Bindings that could not be read again since keep the
+/// instance ready (the last ones are in use): the check passes with a note.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let broker = state.inner.link.is_ready() && !state.inner.shutdown.is_triggered();
-    state.inner.metrics.broker_ready.set(i64::from(broker));
-    let (source, _) = state.inner.bindings.keys();
-    if !broker {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: broker not connected or shutting down\n",
-        )
-            .into_response();
+    let s = &state.inner;
+    let broker = readiness::broker(&s.link);
+    s.metrics.broker_ready.set(i64::from(broker.ok));
+    let mut report = Readiness::default();
+    report
+        .add(CheckName::Broker, broker)
+        .add(CheckName::Shutdown, readiness::shutdown(&s.shutdown));
+    let (source, _) = s.bindings.keys();
+    let bindings = match source {
+        Source::Fixed => None,
+        Source::NotYetRead => Some(Check::fail(
+            "the page registry's app bindings are not read yet (is DATABASE_URL reachable?); \
+             deliveries are answered 503 meanwhile",
+        )),
+        Source::Registry if s.metrics.bindings.stale.get() == 1 => Some(Check::pass().noting(
+            "app bindings may be stale: the page registry cannot be read; the last ones are in use",
+        )),
+        Source::Registry => Some(Check::pass()),
+    };
+    if let Some(check) = bindings {
+        report.add(CheckName::AppBindings, check);
     }
-    if source == Source::NotYetRead {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the page registry's app bindings are not read yet (is DATABASE_URL reachable?)\n",
-        )
-            .into_response();
-    }
-    if state.inner.metrics.bindings.stale.get() == 1 {
-        return (
-            StatusCode::OK,
-            "ready (app bindings may be stale: the page registry cannot be read; the last ones are in use)\n",
-        )
-            .into_response();
-    }
-    (StatusCode::OK, "ready\n").into_response()
+    let status =
+        StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        report.to_json(),
+    )
+        .into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

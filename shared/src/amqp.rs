@@ -258,6 +258,9 @@ struct LinkInner {
     channels: usize,
     state: watch::Sender<Option<Arc<LinkState>>>,
     closed: Arc<Notify>,
+    /// Why the link is down, for `/readyz`: the last connection failure or loss, without
+    /// passwords. `None` before the first attempt has ended.
+    down_because: std::sync::Mutex<Option<String>>,
 }
 
 type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
@@ -287,6 +290,7 @@ impl BrokerLink {
                 channels: channels.max(1),
                 state,
                 closed: Arc::new(Notify::new()),
+                down_because: std::sync::Mutex::new(None),
             }),
         };
         tokio::spawn(link.clone().supervise());
@@ -300,6 +304,35 @@ impl BrokerLink {
             .borrow()
             .as_ref()
             .is_some_and(|s| s.connection.status().connected())
+    }
+
+    /// Why the link is not ready (`None` while it is): the last connection failure or loss,
+    /// with the URL's password removed, for `/readyz`.
+    pub fn down_reason(&self) -> Option<String> {
+        if self.is_ready() {
+            return None;
+        }
+        let last = self
+            .inner
+            .down_because
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let reason =
+            last.unwrap_or_else(|| "not connected yet (first connection under way)".into());
+        Some(crate::readiness::scrub_url_secrets(
+            &reason,
+            &self.inner.endpoint.url,
+        ))
+    }
+
+    /// Records why the link is down (see [`BrokerLink::down_reason`]); `None` once connected.
+    fn set_down_reason(&self, reason: Option<String>) {
+        *self
+            .inner
+            .down_because
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
     }
 
     /// The node connected to (its URL without the password), while connected.
@@ -355,6 +388,7 @@ impl BrokerLink {
     /// Closes the connection cleanly (after in-flight confirms were awaited by callers).
     pub async fn close(&self) {
         let state = self.inner.state.send_replace(None);
+        self.set_down_reason(Some("connection closed: the process is stopping".into()));
         if let Some(state) = state {
             state.pool.retire();
             state.pool.close_idle().await;
@@ -371,12 +405,14 @@ impl BrokerLink {
             match self.open().await {
                 Ok((state, mut events)) => {
                     delays = reconnect_backoff();
+                    self.set_down_reason(None);
                     tracing::info!(connection = %self.inner.name, node = %state.node, "connected to RabbitMQ; topology declared");
                     self.inner.state.send_replace(Some(Arc::new(state)));
                     loop {
                         tokio::select! {
                             ev = events.next() => match ev {
                                 Some(Event::Error(e)) => {
+                                    self.set_down_reason(Some(format!("connection to {} lost: {e}; reconnecting", state_node(&self))));
                                     tracing::error!(error = %e, "RabbitMQ connection lost; reconnecting");
                                     break;
                                 }
@@ -385,11 +421,13 @@ impl BrokerLink {
                                 }
                                 Some(_) => {}
                                 None => {
+                                    self.set_down_reason(Some(format!("connection to {} ended; reconnecting", state_node(&self))));
                                     tracing::error!("RabbitMQ connection event stream ended; reconnecting");
                                     break;
                                 }
                             },
                             () = self.inner.closed.notified() => {
+                                self.set_down_reason(Some("a channel closed; reopening the connection".into()));
                                 tracing::warn!("a RabbitMQ channel closed; reopening the connection");
                                 break;
                             }
@@ -401,6 +439,7 @@ impl BrokerLink {
                     }
                 }
                 Err(e) => {
+                    self.set_down_reason(Some(format!("{e}; retrying with backoff")));
                     tracing::warn!(error = %e, "RabbitMQ not available; retrying");
                 }
             }
@@ -439,6 +478,12 @@ impl BrokerLink {
             events,
         ))
     }
+}
+
+/// The node `link` is connected to (password removed), or `RabbitMQ` when unknown.
+fn state_node(link: &BrokerLink) -> String {
+    link.connected_node()
+        .unwrap_or_else(|| "RabbitMQ".to_owned())
 }
 
 /// AMQP properties of a persistent message.

@@ -14,6 +14,7 @@
 //! - [`registry`]: what every process reads of the page registry (its version, app bindings).
 //! - [`telemetry`]: logs, traces and the Prometheus registry.
 //! - [`shutdown`]: one signal future for graceful shutdown.
+//! - [`readiness`]: the per-dependency answer of every process's `/readyz`.
 //! - [`config`]: command-line/environment arguments every binary shares.
 
 pub mod amqp;
@@ -22,6 +23,7 @@ pub mod db;
 pub mod events;
 pub mod optin;
 pub mod outgoing;
+pub mod readiness;
 pub mod registry;
 pub mod shutdown;
 pub mod telemetry;

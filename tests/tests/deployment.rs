@@ -434,3 +434,136 @@ fn ingest_env<'a>(services: &'a serde_json::Map<String, Value>, var: &str) -> &'
         .as_str()
         .unwrap_or_else(|| panic!("ingest sets {var}"))
 }
+
+/// The port of an `ADDR`-style setting (`0.0.0.0:9101` → `9101`).
+fn port_of(addr: &str) -> u64 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{addr} ends with a port"))
+}
+
+/// `docker compose --profile monitoring up`: Prometheus and Grafana with their configuration
+/// from `deploy/` (every bind mount exists in the repository), Prometheus scraping each of
+/// our services on the port its `INGEST_ADMIN_ADDR`/`METRICS_ADDR` listens on (by DNS, so
+/// every replica of `--scale` is found) with the rules file loaded, and Grafana provisioned
+/// with a Prometheus data source on the `prometheus` service and the dashboard mounted where
+/// its provider looks. `tests/tests/monitoring.rs` checks the dashboard and rules themselves.
+#[test]
+fn compose_monitoring_profile_scrapes_every_process() {
+    let doc = compose();
+    let services = doc["services"].as_object().expect("services");
+    let monitoring = profile_services(services, "monitoring");
+    let names: BTreeSet<&str> = monitoring.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["grafana", "prometheus"]));
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // (service, container path) → repository path, for every bind mount of the profile.
+    let mut mounts = Vec::new();
+    for (name, def) in &monitoring {
+        for mount in def["volumes"].as_array().expect("volumes") {
+            let mount = mount.as_str().expect("short syntax");
+            let mut parts = mount.split(':');
+            let (source, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if let Some(local) = source.strip_prefix("./") {
+                assert!(
+                    repo.join(local).exists(),
+                    "{name} mounts {local}, which is not in the repository"
+                );
+                mounts.push((name.as_str(), target.to_owned(), local.to_owned()));
+            } else {
+                assert!(
+                    doc["volumes"].get(source).is_some(),
+                    "{name}: volume {source} declared"
+                );
+            }
+        }
+    }
+    let in_container = |service: &str, path: &str| -> String {
+        let (target, local) = mounts
+            .iter()
+            .filter(|(s, _, _)| *s == service)
+            .find_map(|(_, t, l)| path.strip_prefix(t.as_str()).map(|rest| (rest, l)))
+            .unwrap_or_else(|| panic!("{service}: nothing of the repository at {path}"));
+        format!("{local}{target}")
+    };
+    let published = |service: &str, port: &str| {
+        services[service]["ports"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == &format!("{port}:{port}")))
+    };
+    assert!(published("prometheus", "9090"), "Prometheus UI on 9090");
+    assert!(published("grafana", "3000"), "Grafana on 3000");
+
+    // Prometheus reads the repository's config; its rule files exist beside it.
+    let flag = services["prometheus"]["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|a| a.strip_prefix("--config.file="))
+        .expect("--config.file");
+    let config_path = in_container("prometheus", flag);
+    let config: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&root(&config_path)).expect("prometheus.yml is YAML");
+    let config = serde_json::to_value(config).expect("as JSON");
+    let config_dir = std::path::Path::new(&config_path)
+        .parent()
+        .expect("dir")
+        .to_owned();
+    let rule_files = config["rule_files"].as_array().expect("rule_files");
+    assert!(!rule_files.is_empty(), "the rules are loaded");
+    for file in rule_files {
+        let file = file.as_str().expect("path");
+        assert!(
+            repo.join(&config_dir).join(file).exists(),
+            "rule file {file} beside prometheus.yml"
+        );
+    }
+    // One job per process, on the port the process listens on.
+    for (service, var) in [
+        ("ingest", "INGEST_ADMIN_ADDR"),
+        ("scheduler", "METRICS_ADDR"),
+        ("correlator", "METRICS_ADDR"),
+    ] {
+        let addr = services[service]["environment"][var]
+            .as_str()
+            .unwrap_or_else(|| panic!("{service} sets {var}"));
+        assert!(
+            addr.starts_with("0.0.0.0:"),
+            "{service}: {var}={addr} is reachable from prometheus"
+        );
+        let job = config["scrape_configs"]
+            .as_array()
+            .expect("scrape_configs")
+            .iter()
+            .find(|j| j["job_name"] == service)
+            .unwrap_or_else(|| panic!("prometheus.yml scrapes {service}"));
+        let sd = &job["dns_sd_configs"][0];
+        assert_eq!(sd["names"], serde_json::json!([service]), "{service}");
+        assert_eq!(
+            sd["port"].as_u64(),
+            Some(port_of(addr)),
+            "{service}: {var}={addr}"
+        );
+    }
+
+    // Grafana: the data source points at the prometheus service; the dashboard is mounted
+    // where the provider reads.
+    let provisioning = in_container("grafana", "/etc/grafana/provisioning");
+    let read_yaml = |path: String| -> Value {
+        serde_json::to_value(
+            serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&root(&path))
+                .unwrap_or_else(|e| panic!("{path}: {e}")),
+        )
+        .expect("as JSON")
+    };
+    let sources = read_yaml(format!("{provisioning}/datasources/prometheus.yml"));
+    assert_eq!(sources["datasources"][0]["url"], "http://prometheus:9090");
+    let providers = read_yaml(format!("{provisioning}/dashboards/loginconnect.yml"));
+    let dir = providers["providers"][0]["options"]["path"]
+        .as_str()
+        .expect("provider path");
+    let dashboard = in_container("grafana", &format!("{dir}/loginconnect.json"));
+    let json: Value = serde_json::from_str(&root(&dashboard)).expect("dashboard JSON");
+    assert_eq!(json["uid"], "loginconnect");
+}

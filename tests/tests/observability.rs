@@ -1,11 +1,13 @@
-//! Every metric the README documents is exported after a small end-to-end flow.
+//! Every metric the README documents is exported after a small end-to-end flow, and the
+//! gauges the alert rules of `deploy/prometheus/rules.yml` stand on show what they claim.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lc_testkit::fake_graph::FakeResponse;
 use lc_testkit::pipeline::{
-    PAGE, TestEnv, body, metrics_text, optin_item, post_signed, reply_item,
+    PAGE, TestEnv, body, eventually, insert_sent_optin, metrics_text, optin_item, post_signed,
+    reply_item,
 };
 use time::OffsetDateTime;
 
@@ -82,4 +84,96 @@ async fn every_documented_metric_is_exported_after_a_demo_flow() {
     assert!(exported.contains("scheduler_graph_errors_total{code=\"2\",subcode=\"none\"} 1"));
     assert!(exported.contains("correlator_replies_total{result=\"linked\"} 1"));
     p.stop_scheduler().await;
+}
+
+/// A housekeeping round is every 15 s: two rounds and some.
+const ROUNDS: Duration = Duration::from_secs(40);
+
+/// The inputs of the alerts "opt-ins at risk", "subscription lost" and "a consumer missing",
+/// as a scheduler reads them from the database and the broker: unsent opt-ins by time left
+/// (a sent one close to its deadline does not count), a page whose subscription the
+/// watchdog recorded as lost (and back to 0 when restored), and consumers per work queue
+/// (0 once the only correlator stops).
+#[tokio::test]
+async fn alert_gauges_follow_the_database_and_the_broker() {
+    let env = TestEnv::new().await;
+    let (correlator, stop_correlator) = env.start_correlator().await;
+    let (scheduler, stop_scheduler) = env.start_scheduler(env.scheduler_config()).await;
+    let sql = env.sql().await;
+    let day = Duration::from_secs(86_400);
+    let now = OffsetDateTime::now_utc();
+    // Deadlines 5 min, 30 min, 2 h and 20 h away; none due for a send during the test (next
+    // attempt in an hour), so they stay pending.
+    for (login_id, left) in [
+        ("R5M", 300),
+        ("R30M", 1_800),
+        ("R2H", 7_200),
+        ("R20H", 72_000),
+    ] {
+        let at = now - day + Duration::from_secs(left);
+        sql.execute(
+            "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, \
+             next_attempt_at) VALUES ($1, $2, $3, $3::timestamptz + interval '24 hours', $3, \
+             'pending', now() + interval '1 hour')",
+            &[&PAGE, &login_id, &at],
+        )
+        .await
+        .expect("insert opt-in");
+    }
+    insert_sent_optin(&sql, PAGE, "SENT5M", now - day + Duration::from_secs(300)).await;
+    sql.execute(
+        "INSERT INTO page_state (page_id, rate_limit, unsubscribed_since) VALUES ($1, 0, now()) \
+         ON CONFLICT (page_id) DO UPDATE SET unsubscribed_since = now()",
+        &[&PAGE],
+    )
+    .await
+    .expect("subscription lost");
+
+    let addr = scheduler.metrics_addr;
+    let shows = |text: &str, lines: &[String]| lines.iter().all(|l| text.contains(l.as_str()));
+    let first: Vec<String> = [
+        "scheduler_optins_at_risk{within=\"10m\"} 1".to_owned(),
+        "scheduler_optins_at_risk{within=\"1h\"} 2".to_owned(),
+        "scheduler_optins_at_risk{within=\"3h\"} 3".to_owned(),
+        format!("scheduler_unsubscribed_pages{{page_id=\"{PAGE}\"}} 1"),
+        "scheduler_queue_consumers{queue=\"scheduler.optins\"} 1".to_owned(),
+        "scheduler_queue_consumers{queue=\"correlator.replies\"} 1".to_owned(),
+        "scheduler_queue_messages_ready{queue=\"correlator.replies.dlq\"} 0".to_owned(),
+    ]
+    .into();
+    eventually(
+        ROUNDS,
+        "the at-risk, subscription and consumer gauges",
+        || async { shows(&metrics_text(addr).await, &first) },
+    )
+    .await;
+    let text = metrics_text(addr).await;
+    assert!(
+        !text.contains("scheduler_queue_consumers{queue=\"scheduler.optins.dlq\"}"),
+        "dead-letter queues have no consumer gauge (nobody consumes them)"
+    );
+
+    // The correlator goes; the watchdog finds the page subscribed again.
+    stop_correlator.trigger();
+    correlator.task.await.expect("correlator stopped");
+    sql.execute(
+        "UPDATE page_state SET unsubscribed_since = NULL WHERE page_id = $1",
+        &[&PAGE],
+    )
+    .await
+    .expect("subscription restored");
+    let then: Vec<String> = [
+        "scheduler_queue_consumers{queue=\"correlator.replies\"} 0".to_owned(),
+        "scheduler_queue_consumers{queue=\"scheduler.optins\"} 1".to_owned(),
+        format!("scheduler_unsubscribed_pages{{page_id=\"{PAGE}\"}} 0"),
+    ]
+    .into();
+    eventually(
+        ROUNDS,
+        "no correlator consumer, page subscribed",
+        || async { shows(&metrics_text(addr).await, &then) },
+    )
+    .await;
+    stop_scheduler.trigger();
+    scheduler.task.await.expect("scheduler stopped");
 }

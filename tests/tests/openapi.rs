@@ -302,6 +302,21 @@ async fn real_answers_of_every_route_match_the_documented_schemas() {
             None,
         ),
         ("get", "/optins", "/optins".into(), Some(READ_TOKEN), None),
+        ("get", "/funnel", "/funnel".into(), Some(READ_TOKEN), None),
+        (
+            "get",
+            "/funnel",
+            format!("/funnel?page_id={PAGE}&from=2026-01-01&to=2026-01-02"),
+            Some(READ_TOKEN),
+            None,
+        ),
+        (
+            "get",
+            "/funnel",
+            "/funnel?from=yesterday".into(),
+            Some(READ_TOKEN),
+            None,
+        ),
         (
             "get",
             "/pages/{page_id}/links",
@@ -441,6 +456,17 @@ async fn real_answers_of_every_route_match_the_documented_schemas() {
         covered.insert(check(&doc, method, template, &answer));
         if path.starts_with("/optins?") {
             assert_eq!(answer.body["optins"].as_array().map(Vec::len), Some(1));
+        }
+        if path == "/funnel" {
+            // LOGIN-1 and FAILED-1 (the retry route's opt-in), both of today.
+            assert_eq!(answer.body["rows"][0]["opted_in"], 2, "{:#}", answer.body);
+        }
+        if path == "/funnel?from=yesterday" {
+            assert!(
+                answer.text.contains("from"),
+                "names the parameter: {}",
+                answer.text
+            );
         }
         if path.contains("links?") {
             assert_eq!(answer.body["links"][0]["psid"], "PSID-1", "{path}");

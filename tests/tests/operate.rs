@@ -150,8 +150,9 @@ async fn a_retry_is_refused_where_a_second_message_could_be_wrong() {
     let hour = Duration::from_secs(3600);
     failed_row(&sql, "UNKNOWN", hour, "outcome_unknown").await;
     failed_row(&sql, "OTHER", hour, "other_page").await;
-    // Deadline in 5 minutes: inside the 10-minute margin.
+    // Deadline in 5 minutes: inside the 10-minute margin; and an hour past.
     failed_row(&sql, "LATE", Duration::from_secs(86_100), "graph_permanent").await;
+    failed_row(&sql, "PAST", Duration::from_secs(90_000), "graph_permanent").await;
     failed_row(&sql, "LINKED", hour, "graph_permanent").await;
     sql.execute(
         "INSERT INTO links (page_id, login_id, psid, linked_at) VALUES ($1, 'LINKED', 'S1', now())",
@@ -190,6 +191,7 @@ async fn a_retry_is_refused_where_a_second_message_could_be_wrong() {
         ("UNKNOWN", RetryRefusal::OutcomeUnknown),
         ("OTHER", RetryRefusal::OtherPage),
         ("LATE", RetryRefusal::WindowClosing),
+        ("PAST", RetryRefusal::WindowClosing),
         ("LINKED", RetryRefusal::Linked),
         ("DELETED", RetryRefusal::Deleted),
         ("CONTACTED", RetryRefusal::Contacted),
@@ -229,7 +231,13 @@ async fn a_retry_is_refused_where_a_second_message_could_be_wrong() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!(unchanged, 7);
+    assert_eq!(unchanged, 8);
+    // The linked person's timeline ends with the link.
+    let t = timeline(&c, PAGE, "LINKED")
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!(t.steps.last().map(|s| s.kind), Some(StepKind::Linked));
     // The same row with a wide-open window and no obstacle is retried (the refusals above
     // were for their reasons, not for the seeding).
     failed_row(&sql, "FINE", hour, "retries_exhausted").await;

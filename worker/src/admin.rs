@@ -6,6 +6,7 @@
 //! - [`handlers`]: thin handlers over [`crate::registry::ops`] (the CLI calls the same);
 //! - [`operations`]: the operator routes over [`crate::operate`] (opt-ins at risk, failures,
 //!   timelines, retries, dead letters), which the console calls too.
+//! - [`funnel`]: `GET /funnel` over [`crate::funnel::query`] (so does `loginconnect funnel`);
 //! - [`console`]: the web console under `/console`, same listener, same tokens.
 //!
 //! It runs as `loginconnect admin` (the operator CLI's binary: it already ships in the image
@@ -14,6 +15,7 @@
 
 pub mod auth;
 pub mod console;
+pub mod funnel;
 pub mod handlers;
 pub mod operations;
 pub mod routes;

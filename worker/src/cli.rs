@@ -1,9 +1,11 @@
-//! The operator CLI (`loginconnect`): migrations, status, dead letters, opt-ins, links, pages.
+//! The operator CLI (`loginconnect`): migrations, status, dead letters, opt-ins, links, pages,
+//! the funnel.
 //!
 //! Each subcommand is a small function over the same database pool and broker connection the
 //! services use; output is human-readable, `--json` where a script may read it.
 
 mod dead_letters;
+mod funnel;
 mod inspect;
 mod login;
 mod pages;
@@ -41,6 +43,22 @@ pub enum Command {
     /// Opt-ins by state, nearest pending deadline, paused pages, dead-letter depths, outbox lag.
     Status {
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The opt-in funnel per page and UTC day: opted in, sent, replied, linked, expired,
+    /// failed (by reason), time to first message and to reply (what is still retained).
+    Funnel {
+        /// Only this page.
+        #[arg(long)]
+        page: Option<String>,
+        /// First UTC day, YYYY-MM-DD (default: six days before today).
+        #[arg(long)]
+        from: Option<String>,
+        /// Day after the last, YYYY-MM-DD, exclusive (default: tomorrow).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the admin API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -359,6 +377,22 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Admin(args) => serve_admin(&cli.database, &cli.amqp, &args).await,
         Command::Status { json } => inspect::status(out, &cli.database, &cli.amqp, json).await,
+        Command::Funnel {
+            page,
+            from,
+            to,
+            json,
+        } => {
+            funnel::funnel(
+                out,
+                &cli.database,
+                page.as_deref(),
+                from.as_deref(),
+                to.as_deref(),
+                json,
+            )
+            .await
+        }
         Command::DeadLetters(DeadLettersCommand::List { queue, limit }) => {
             dead_letters::list(out, &cli.amqp, queue.as_deref(), limit).await
         }
@@ -435,6 +469,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     }
 }
 
+/// Most characters of a failing answer's body that `probe` prints.
+const PROBE_BODY_CHARS: usize = 2000;
+
 async fn probe(out: &mut dyn Write, url: &str) -> Result<(), CliError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -445,11 +482,16 @@ async fn probe(out: &mut dyn Write, url: &str) -> Result<(), CliError> {
         .send()
         .await
         .map_err(|e| CliError::Other(format!("{url}: {e}")))?;
-    if resp.status().is_success() {
-        writeln!(out, "{url}: {}", resp.status())?;
+    let status = resp.status();
+    if status.is_success() {
+        writeln!(out, "{url}: {status}")?;
         Ok(())
     } else {
-        Err(CliError::Other(format!("{url}: {}", resp.status())))
+        // `/readyz` says why in its body (reasons carry no secrets); a short excerpt is
+        // enough for a health-check log.
+        let body = resp.text().await.unwrap_or_default();
+        let excerpt: String = body.trim().chars().take(PROBE_BODY_CHARS).collect();
+        Err(CliError::Other(format!("{url}: {status} {excerpt}")))
     }
 }
 

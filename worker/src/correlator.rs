@@ -8,7 +8,10 @@
 //! `identity.linked` event to the outbox, all in the batch's transaction; the delivery is
 //! acked only after the commit. Redeliveries and repeated `prior_message`s find the link and do
 //! nothing (invariant 9). A second PSID for a linked login_id keeps the first link and is
-//! recorded in `link_conflicts`. A `prior_message` of any other source (a checkbox plugin's
+//! recorded in `link_conflicts`. A process runs `CONSUMER_CONCURRENCY` consumer loops, each on
+//! its own channel, whose batches commit concurrently as those of several replicas do: the
+//! `links` primary key still admits one link per login_id; within a batch the earliest reply
+//! of a login_id links, across batches the one committed first. A `prior_message` of any other source (a checkbox plugin's
 //! `user_ref` is chosen client-side, so it can name anyone's login_id) never links: it is
 //! counted (`correlator_replies_total{result="foreign_source"}`), logged and kept in
 //! `foreign_prior_messages`. A reply of a person deleted by a data deletion request that
@@ -35,7 +38,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::relay::RelayMetrics;
 use crate::runtime::config::{StartError, WorkerArgs};
 use crate::runtime::consumer::{self, ConsumerSettings};
-use crate::runtime::process;
+use crate::runtime::db_probe::DbProbe;
+use crate::runtime::process::{self, ExtraChecks};
 use metrics::CorrelatorMetrics;
 
 /// Settings of the `correlator` binary.
@@ -69,6 +73,40 @@ pub struct CorrelatorConfig {
         value_parser = link::parse_link_source,
     )]
     pub link_sources: Vec<String>,
+
+    /// Consumer loops of `correlator.replies` in this process (1 to 64), each on its own AMQP
+    /// channel with its own prefetch (`CONSUMER_PREFETCH` each), committing its batches on a
+    /// pooled database connection of its own: batches commit concurrently, as they do across
+    /// replicas. Must stay below `DATABASE_POOL_SIZE` (the relay and `/readyz` need one too).
+    #[arg(
+        long = "consumer-concurrency",
+        env = "CONSUMER_CONCURRENCY",
+        default_value_t = DEFAULT_CONSUMER_CONCURRENCY,
+        value_parser = clap::value_parser!(u16).range(1..=64),
+    )]
+    pub consumer_concurrency: u16,
+}
+
+/// Consumer loops per correlator process unless `CONSUMER_CONCURRENCY` says otherwise: one
+/// loop spends most of its time waiting for its commit, so a few keep the database busy.
+pub const DEFAULT_CONSUMER_CONCURRENCY: u16 = 4;
+
+impl CorrelatorConfig {
+    /// Refuses a concurrency the database pool cannot serve: each loop holds a connection
+    /// while it commits, and the relay and the database probe need one too, so loops beyond
+    /// that would only wait for connections (and starve the relay).
+    pub fn validate(&self) -> Result<(), StartError> {
+        let loops = usize::from(self.consumer_concurrency);
+        let pool = self.worker.database.database_pool_size;
+        if loops >= pool {
+            return Err(StartError::Config(format!(
+                "CONSUMER_CONCURRENCY ({loops}) must be below DATABASE_POOL_SIZE ({pool}): each \
+                 consumer loop holds a database connection while it commits and the outbox \
+                 relay needs one too; raise DATABASE_POOL_SIZE or lower CONSUMER_CONCURRENCY"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A running correlator.
@@ -85,7 +123,7 @@ pub struct RunningCorrelator {
     pub metrics: CorrelatorMetrics,
 }
 
-/// Starts the correlator: returns once the database is ready and migrated; the consumer,
+/// Starts the correlator: returns once the database is ready and migrated; the consumer loops,
 /// the outbox relay and the metrics server run in the background until `shutdown`, when the
 /// consumer stops taking deliveries, the batch in hand and the relay's round finish, and the
 /// broker connection closes.
@@ -94,6 +132,7 @@ pub async fn start(
     metrics_listener: TcpListener,
     shutdown: Shutdown,
 ) -> Result<RunningCorrelator, StartError> {
+    config.validate()?;
     let worker_id = config.worker.worker_id("correlator");
     let pool = config.worker.prepare_database().await?;
     let link = config.worker.broker(&worker_id)?;
@@ -102,7 +141,7 @@ pub async fn start(
     let relay_metrics = RelayMetrics::new(&registry)?;
     let metrics_addr = metrics_listener.local_addr()?;
     let sources = link::LinkSources::new(&config.link_sources);
-    tracing::info!(link_sources = ?config.link_sources, "prior_message sources that may link");
+    tracing::info!(link_sources = ?config.link_sources, consumer_loops = config.consumer_concurrency, "prior_message sources that may link");
 
     let mut tasks = JoinSet::new();
     {
@@ -114,11 +153,12 @@ pub async fn start(
         };
         let (pool, metrics) = (pool.clone(), metrics.clone());
         let sources = sources.clone();
-        consumer::spawn_supervised(
+        consumer::spawn_supervised_loops(
             &mut tasks,
             &registry,
             &link,
             settings,
+            usize::from(config.consumer_concurrency),
             &shutdown,
             move |batch| {
                 let (pool, metrics, sources) = (pool.clone(), metrics.clone(), sources.clone());
@@ -134,7 +174,24 @@ pub async fn start(
         relay_metrics,
         &shutdown,
     )?;
-    process::spawn_http(&mut tasks, metrics_listener, registry, &link, &shutdown);
+    let database = DbProbe::spawn(
+        &mut tasks,
+        pool.clone(),
+        &config.worker.database.database_url,
+        &shutdown,
+    );
+    let checks = ExtraChecks {
+        database: Some(database),
+        graph: None,
+    };
+    process::spawn_http_with(
+        &mut tasks,
+        metrics_listener,
+        registry,
+        &link,
+        &shutdown,
+        checks,
+    );
     tracing::info!(worker_id, %metrics_addr, "correlator started");
     let task = process::supervise(tasks, link.clone(), "correlator");
     Ok(RunningCorrelator {

@@ -1,6 +1,7 @@
 //! The Graph API client: the Send API call for the initial message, the page subscription
 //! endpoints and a token check. Its rooms: [`mod@classify`], what a failure asks of the caller
-//! ([`FailureClass`]); [`usage`], Graph's hints about its limits.
+//! ([`FailureClass`]); [`usage`], Graph's hints about its limits; [`reach`], whether the
+//! calls reach Graph (for `/readyz`).
 //!
 //! Every answer's usage headers (`X-App-Usage`, `X-Page-Usage`, `X-Business-Use-Case-Usage`)
 //! are parsed into a [`usage::Usage`], on successes too: Graph throttles at 100 % of any
@@ -13,6 +14,7 @@
 //! Graph can echo a token back in its error message, so messages are scrubbed.
 
 pub mod classify;
+pub mod reach;
 pub mod usage;
 
 use std::fmt;
@@ -41,6 +43,7 @@ const USAGE_HEADERS: [&str; 3] = ["x-app-usage", "x-page-usage", "x-business-use
 pub struct GraphClient {
     http: reqwest::Client,
     base: Url,
+    reach: reach::GraphReach,
 }
 
 impl fmt::Debug for GraphClient {
@@ -147,7 +150,16 @@ impl GraphClient {
             .user_agent(concat!("loginconnect/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(GraphError::Client)?;
-        Ok(Self { http, base })
+        Ok(Self {
+            http,
+            base,
+            reach: reach::GraphReach::default(),
+        })
+    }
+
+    /// Whether this client's calls (and its clones') reach Graph, for `/readyz`.
+    pub fn reach(&self) -> reach::GraphReach {
+        self.reach.clone()
     }
 
     /// The base URL in use (with the version, without a trailing slash).
@@ -303,8 +315,22 @@ impl GraphClient {
     }
 
     /// One Graph call: 2xx with a JSON body that is not an error → `Ok`; anything else → a
-    /// classified failure.
+    /// classified failure. Whether it reached Graph is recorded ([`reach`]).
     async fn call(
+        &self,
+        page: &PageConfig,
+        method: Method,
+        url: Url,
+        body: Option<&Value>,
+        traceparent: Option<&str>,
+    ) -> Result<Answer, GraphFailure> {
+        let result = self.call_once(page, method, url, body, traceparent).await;
+        self.reach.record(result.as_ref().err());
+        result
+    }
+
+    /// [`GraphClient::call`] without the recording.
+    async fn call_once(
         &self,
         page: &PageConfig,
         method: Method,

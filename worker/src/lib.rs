@@ -11,6 +11,8 @@
 //! - [`watchdog`]: re-subscribes pages whose webhook subscription Meta dropped.
 //! - [`deletion`]: carries out user data deletion requests (opt-ins and links alike).
 //! - [`correlator`]: joining replies to opt-ins.
+//! - [`funnel`]: the opt-in funnel (opted in → sent → replied → linked) for the admin API, the
+//!   CLI and the scheduler's gauges.
 //! - [`relay`]: the outbox relay that publishes public events with confirms.
 //! - [`registry`]: the page registry (apps, pages) every replica reads, its operations.
 //! - [`admin`]: the admin API over the registry (`loginconnect admin`).
@@ -22,6 +24,7 @@ pub mod admin;
 pub mod cli;
 pub mod correlator;
 pub mod deletion;
+pub mod funnel;
 pub mod graph;
 pub mod operate;
 pub mod registry;

@@ -4,11 +4,13 @@
 //!
 //! - [`config`]: arguments and start-up steps shared by the workers.
 //! - [`consumer`]: the batched AMQP consumer that acks after commit and dead-letters.
+//! - [`db_probe`]: the periodic database check behind `/readyz`.
 //! - [`http`]: the `/metrics`, `/healthz`, `/readyz` server of each worker.
 //! - [`process`]: what both workers run beside their own work (that server, the relay, the
 //!   supervisor task).
 
 pub mod config;
 pub mod consumer;
+pub mod db_probe;
 pub mod http;
 pub mod process;

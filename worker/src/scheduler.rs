@@ -15,7 +15,8 @@
 //!   tokens) kept current, and the shared page state synced; [`tokens`] page tokens encrypted at rest.
 //!
 //! Beside the scheduler's own work its process runs the webhook-subscription
-//! [`crate::watchdog`] and the data [`crate::deletion`] consumer.
+//! [`crate::watchdog`], the data [`crate::deletion`] consumer and the refresh of the
+//! [`crate::funnel`] gauges.
 //!
 //! Rules: the deadline is the opt-in's own timestamp + 24 h; no call starts at or after the
 //! deadline minus a safety margin; opt-ins for the same (page, login_id) inside an existing
@@ -48,6 +49,8 @@ use tokio::task::JoinSet;
 
 use crate::runtime::config::StartError;
 use crate::runtime::consumer::{self, ConsumerSettings};
+use crate::runtime::db_probe::DbProbe;
+use crate::runtime::process::{self, ExtraChecks};
 use crate::{deletion, watchdog};
 pub use config::SchedulerConfig;
 use dispatch::{AfterSendHook, DispatchSettings, Dispatcher};
@@ -90,6 +93,7 @@ pub async fn start(
     )
     .map_err(|e| StartError::Config(e.to_string()))?;
     let watchdog_graph = graph.clone();
+    let graph_reach = graph.reach();
     let worker_id = config.worker.worker_id("scheduler");
     let pool = config.worker.prepare_database().await?;
     let link = config.worker.broker(&worker_id)?;
@@ -98,6 +102,7 @@ pub async fn start(
     let relay_metrics = crate::relay::RelayMetrics::new(&registry)?;
     let watchdog_metrics = watchdog::WatchdogMetrics::new(&registry)?;
     let deletion_metrics = deletion::DeletionMetrics::new(&registry)?;
+    let funnel_metrics = crate::funnel::metrics::FunnelMetrics::new(&registry)?;
     let metrics_addr = metrics_listener.local_addr()?;
     let source = PageSource {
         path: config.pages_file.clone(),
@@ -121,6 +126,10 @@ pub async fn start(
             .paused_pages
             .with_label_values(&[page.id.as_str()])
             .set(0);
+        // Zero series per page too, so the "subscription lost" alert sees the change to 1.
+        metrics
+            .unsubscribed_pages
+            .with_label_values(&[page.id.as_str()]);
     }
     let pages = Arc::new(RwLock::new(Arc::new(pages)));
     let holds = Arc::new(PageHolds::default());
@@ -194,7 +203,7 @@ pub async fn start(
         &worker_id,
         &shutdown,
     )?;
-    crate::runtime::process::spawn_relay(
+    process::spawn_relay(
         &mut tasks,
         &pool,
         &config.worker,
@@ -207,6 +216,11 @@ pub async fn start(
         link.clone(),
         metrics.clone(),
         config.retention(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::funnel::metrics::run(
+        pool.clone(),
+        funnel_metrics,
         shutdown.clone(),
     ));
     tasks.spawn(pacing::refresh(
@@ -222,9 +236,31 @@ pub async fn start(
         metrics,
         shutdown.clone(),
     ));
-    crate::runtime::process::spawn_http(&mut tasks, metrics_listener, registry, &link, &shutdown);
+    let database = DbProbe::spawn(
+        &mut tasks,
+        pool.clone(),
+        &config.worker.database.database_url,
+        &shutdown,
+    );
+    // Graph is an advisory check: when Graph is down every replica sees it alike, and taking
+    // the scheduler out of service (or restarting it) would not bring Graph back — it would
+    // only stop the work that needs no Graph: intake, expiring what can no longer be sent,
+    // data deletions, the relay. So `/readyz` stays 200, says `degraded` and
+    // why, and sends are retried with backoff until their deadline meanwhile.
+    let checks = ExtraChecks {
+        database: Some(database),
+        graph: Some(graph_reach),
+    };
+    process::spawn_http_with(
+        &mut tasks,
+        metrics_listener,
+        registry,
+        &link,
+        &shutdown,
+        checks,
+    );
     tracing::info!(worker_id, %metrics_addr, "scheduler started");
-    let task = crate::runtime::process::supervise(tasks, link, "scheduler");
+    let task = process::supervise(tasks, link, "scheduler");
     Ok(RunningScheduler {
         metrics_addr,
         pool,

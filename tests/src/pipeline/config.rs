@@ -72,6 +72,9 @@ impl TestEnv {
             worker: self.worker_args(),
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
             link_sources: vec![lc_worker::correlator::link::DEFAULT_LINK_SOURCE.to_owned()],
+            // One loop, so a test that posts replies in order sees them handled in that
+            // order; tests of concurrent loops set more (tests/tests/correlator_loops.rs).
+            consumer_concurrency: 1,
         }
     }
 }

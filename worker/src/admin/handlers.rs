@@ -68,7 +68,7 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-/// A handler's answer.
+/// A handler's answer: a JSON body or a JSON error.
 pub(super) type Answer = Result<Response, ApiError>;
 
 /// A JSON answer with `status`.

@@ -105,6 +105,8 @@ pub enum Op {
     ListDeadLetters,
     /// Replay dead letters (a queue, or one message).
     ReplayDeadLetters,
+    /// The opt-in funnel per page and day.
+    Funnel,
 }
 
 /// One route: method, path (OpenAPI/axum syntax), the scope it needs, what it does.
@@ -212,6 +214,7 @@ pub const ROUTES: &[Route] = &[
         Scope::Write,
         Op::ReplayDeadLetters,
     ),
+    r(Method::Get, "/funnel", Scope::Read, Op::Funnel),
 ];
 
 /// The route serving `method` on the matched `path`.
@@ -245,6 +248,7 @@ fn add(m: MethodRouter<AdminState>, route: &Route) -> MethodRouter<AdminState> {
         Op::Retry => m.on(f, o::retry),
         Op::ListDeadLetters => m.on(f, o::list_dead_letters),
         Op::ReplayDeadLetters => m.on(f, o::replay_dead_letters),
+        Op::Funnel => m.on(f, crate::admin::funnel::funnel),
     }
 }
 

@@ -186,3 +186,26 @@ pub async fn retry(
     tracing::info!(actor, page_id, login_id = %login, refused = ?refusal, "operate: retry refused");
     Ok(RetryOutcome::Refused(refusal))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn outcomes_serialise_with_their_result_and_reason() {
+        let refused = RetryOutcome::Refused(RetryRefusal::NotFailed {
+            state: OptinState::Sent,
+        });
+        assert_eq!(
+            serde_json::to_value(&refused).expect("serialises"),
+            json!({"result": "refused", "reason": "not_failed", "state": "sent"})
+        );
+        assert_eq!(
+            serde_json::to_value(RetryOutcome::Retried).expect("serialises"),
+            json!({"result": "retried"})
+        );
+        let never = RetryRefusal::OutcomeUnknown;
+        assert!(never.explain().contains("never sent twice"));
+    }
+}

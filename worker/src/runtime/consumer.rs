@@ -105,17 +105,57 @@ where
     F: Future<Output = Result<Vec<Verdict>, E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
 {
-    let name = format!("{} consumer", settings.queue);
-    let (link, stop) = (link.clone(), shutdown.clone());
-    process::spawn_supervised(tasks, registry, &name, shutdown, move |up| {
-        run_reporting(
-            link.clone(),
-            settings.clone(),
-            stop.clone(),
-            handler.clone(),
-            Some(up),
-        )
-    })
+    spawn_supervised_loops(tasks, registry, link, settings, 1, shutdown, handler)
+}
+
+/// [`spawn_supervised`] `loops` times: that many consumers of `settings.queue`, each on its
+/// own channel (with its own prefetch) and handling its own batches, so one loop's commit
+/// does not wait for another's. With one loop the task is `{queue} consumer`, with more
+/// `{queue} consumer 1` … `{queue} consumer N` (each reported by `/readyz` on its own).
+///
+/// The broker hands each delivery to one of them, so batches of the same queue commit
+/// concurrently, as they do across replicas: the handler must be safe for that (idempotent
+/// writes, a fixed lock order).
+pub fn spawn_supervised_loops<H, F, E>(
+    tasks: &mut JoinSet<()>,
+    registry: &prometheus::Registry,
+    link: &BrokerLink,
+    settings: ConsumerSettings,
+    loops: usize,
+    shutdown: &Shutdown,
+    handler: H,
+) -> Result<(), prometheus::Error>
+where
+    H: Fn(Vec<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Vec<Verdict>, E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let loops = loops.max(1);
+    for i in 1..=loops {
+        let (name, tag) = if loops == 1 {
+            (format!("{} consumer", settings.queue), settings.tag.clone())
+        } else {
+            (
+                format!("{} consumer {i}", settings.queue),
+                format!("{}-{i}", settings.tag),
+            )
+        };
+        let settings = ConsumerSettings {
+            tag,
+            ..settings.clone()
+        };
+        let (link, stop, handler) = (link.clone(), shutdown.clone(), handler.clone());
+        process::spawn_supervised(tasks, registry, &name, shutdown, move |up| {
+            run_reporting(
+                link.clone(),
+                settings.clone(),
+                stop.clone(),
+                handler.clone(),
+                Some(up),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// [`run`], reporting through `up` (if any) whether it is subscribed.

@@ -8,11 +8,12 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use lc_shared::readiness::Readiness;
 use lc_shared::shutdown::Shutdown;
 use lc_shared::telemetry::render_metrics;
 
-/// Tells `/readyz` whether the worker can do its job.
-pub type ReadinessCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+/// Tells `/readyz` whether the worker can do its job, dependency by dependency.
+pub type ReadinessCheck = Arc<dyn Fn() -> Readiness + Send + Sync>;
 
 #[derive(Clone)]
 struct HttpState {
@@ -56,10 +57,19 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         .into_response()
 }
 
+/// `GET /readyz`: the checks as JSON, `200` (ready or degraded) or `503` (not ready).
 async fn readyz(State(s): State<HttpState>) -> Response {
-    if (s.ready)() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
-    }
+    readiness_response(&(s.ready)())
+}
+
+/// The HTTP answer of a readiness report (ingest answers the same way).
+pub fn readiness_response(readiness: &Readiness) -> Response {
+    let status =
+        StatusCode::from_u16(readiness.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        readiness.to_json(),
+    )
+        .into_response()
 }

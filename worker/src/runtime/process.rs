@@ -12,13 +12,16 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures_util::FutureExt;
 use lc_shared::amqp::{self, BrokerLink};
+use lc_shared::readiness::{self, Check, CheckName, Readiness};
 use lc_shared::shutdown::Shutdown;
 use prometheus::{IntCounter, IntGauge, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::graph::reach::GraphReach;
 use crate::relay::{self, OutboxDb, RelayMetrics};
 use crate::runtime::config::{StartError, WorkerArgs};
+use crate::runtime::db_probe::DbProbe;
 
 /// Gauge of each task started with [`spawn_supervised`] (label `task`): 1 while it reports
 /// that it does its job, 0 before that and from a panic until its restart reports back.
@@ -32,9 +35,17 @@ pub const TASK_RESTARTS_METRIC: &str = "worker_task_restarts_total";
 /// task after the shortest delay again, not after the grown one.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
-/// Spawns the `/metrics`, `/healthz`, `/readyz` server into `tasks`; ready while the broker
-/// link is connected, every supervised task in `registry` is up ([`supervised_tasks_up`])
-/// and no shutdown has begun (so a load balancer stops sending first).
+/// What a worker's `/readyz` checks beyond the broker link, its supervised tasks and
+/// shutdown (see [`spawn_http_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ExtraChecks {
+    /// The `database` check (required).
+    pub database: Option<DbProbe>,
+    /// The `graph` check (advisory: see the scheduler's wiring).
+    pub graph: Option<GraphReach>,
+}
+
+/// [`spawn_http_with`] with no database or Graph check.
 pub fn spawn_http(
     tasks: &mut JoinSet<()>,
     listener: TcpListener,
@@ -42,9 +53,41 @@ pub fn spawn_http(
     link: &BrokerLink,
     shutdown: &Shutdown,
 ) {
+    spawn_http_with(
+        tasks,
+        listener,
+        registry,
+        link,
+        shutdown,
+        ExtraChecks::default(),
+    );
+}
+
+/// Spawns the `/metrics`, `/healthz`, `/readyz` server into `tasks`. `/readyz` reports, as
+/// JSON, the broker link, every supervised task in `registry` ([`tasks_check`]), the `extra`
+/// checks and whether a shutdown has begun (so a load balancer stops sending first).
+pub fn spawn_http_with(
+    tasks: &mut JoinSet<()>,
+    listener: TcpListener,
+    registry: prometheus::Registry,
+    link: &BrokerLink,
+    shutdown: &Shutdown,
+    extra: ExtraChecks,
+) {
     let (link, stop, tasks_registry) = (link.clone(), shutdown.clone(), registry.clone());
     let ready: crate::runtime::http::ReadinessCheck = Arc::new(move || {
-        link.is_ready() && !stop.is_triggered() && supervised_tasks_up(&tasks_registry)
+        let mut report = Readiness::default();
+        report
+            .add(CheckName::Broker, readiness::broker(&link))
+            .add(CheckName::Tasks, tasks_check(&tasks_registry))
+            .add(CheckName::Shutdown, readiness::shutdown(&stop));
+        if let Some(database) = &extra.database {
+            report.add(CheckName::Database, database.check());
+        }
+        if let Some(graph) = &extra.graph {
+            report.add(CheckName::Graph, graph.check());
+        }
+        report
     });
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
@@ -52,6 +95,36 @@ pub fn spawn_http(
             tracing::error!(error = %e, "metrics server failed");
         }
     });
+}
+
+/// The `tasks` check: fails naming every supervised task that is down (with its restarts).
+pub fn tasks_check(registry: &Registry) -> Check {
+    let families = registry.gather();
+    let restarts = |task: &str| {
+        families
+            .iter()
+            .filter(|f| f.name() == TASK_RESTARTS_METRIC)
+            .flat_map(|f| f.get_metric())
+            .find(|m| m.get_label().iter().any(|l| l.value() == task))
+            .map_or(0.0, |m| m.get_counter().get_value())
+    };
+    let down: Vec<String> = families
+        .iter()
+        .filter(|f| f.name() == TASK_UP_METRIC)
+        .flat_map(|f| f.get_metric())
+        .filter(|m| m.get_gauge().get_value() < 1.0)
+        .filter_map(|m| m.get_label().iter().find(|l| l.name() == "task"))
+        .map(|l| format!("{} (restarted {} times)", l.value(), restarts(l.value())))
+        .collect();
+    if down.is_empty() {
+        Check::pass()
+    } else {
+        Check::fail(format!(
+            "not running: {}; a consumer resubscribes and a panicked task restarts by itself \
+             with backoff (see the log)",
+            down.join(", ")
+        ))
+    }
 }
 
 /// Spawns the outbox relay into `tasks`, with a LISTEN connection of its own (pooled

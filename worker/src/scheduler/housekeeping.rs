@@ -1,5 +1,6 @@
-//! Housekeeping of the scheduler process: the state gauges, queue depths and pruning of old
-//! finished rows, on a timer.
+//! Housekeeping of the scheduler process: the state gauges (opt-ins by state, at risk,
+//! pages unsubscribed), queue depths and consumers, and pruning of old finished rows, on a
+//! timer.
 
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub async fn run(
         () = shutdown.wait() => return,
     }
     let mut tick = tokio::time::interval(Duration::from_secs(15));
+    // Pages this replica last showed as unsubscribed, so a restored page goes back to 0.
+    let mut unsubscribed = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -37,7 +40,7 @@ pub async fn run(
         let Ok(mut client) = pool.get().await else {
             continue;
         };
-        if let Err(e) = lead_round(&mut client, &metrics, retention).await {
+        if let Err(e) = lead_round(&mut client, &metrics, retention, &mut unsubscribed).await {
             tracing::warn!(error = %e, "housekeeping round failed; next round in 15 s");
         }
     }
@@ -56,6 +59,7 @@ async fn lead_round(
     client: &mut deadpool_postgres::Client,
     metrics: &SchedulerMetrics,
     retention: Duration,
+    unsubscribed: &mut Vec<String>,
 ) -> Result<(), store::StoreError> {
     let tx = client.transaction().await?;
     if !store::gauges::lead_housekeeping(&tx).await? {
@@ -77,6 +81,23 @@ async fn lead_round(
     metrics
         .nearest_deadline
         .set(store::gauges::nearest_deadline_secs(&tx).await?);
+    for (window, n) in store::gauges::at_risk(&tx).await? {
+        metrics
+            .optins_at_risk
+            .with_label_values(&[window.as_str()])
+            .set(n);
+    }
+    let now_unsubscribed = store::gauges::unsubscribed_pages(&tx).await?;
+    for page in unsubscribed
+        .iter()
+        .filter(|p| !now_unsubscribed.contains(p))
+    {
+        metrics.unsubscribed_pages.with_label_values(&[page]).set(0);
+    }
+    for page in &now_unsubscribed {
+        metrics.unsubscribed_pages.with_label_values(&[page]).set(1);
+    }
+    *unsubscribed = now_unsubscribed;
     if !retention.is_zero() {
         let mut deleted = 0;
         for _ in 0..PRUNE_BATCHES_PER_ROUND {
@@ -94,16 +115,28 @@ async fn lead_round(
     Ok(())
 }
 
-/// Reads queue depths with passive declares (cheap; no consumer needed).
+/// Reads queue depths and consumer counts with passive declares (cheap; no consumer
+/// needed): every work queue (depth and consumers), its dead-letter queue and
+/// `messenger.unparsed` (depth only: nobody consumes those, so a consumer gauge of 0 there
+/// would be noise for the "consumer missing" alert).
 async fn queue_depths(link: &BrokerLink, metrics: &SchedulerMetrics) {
-    let Ok(channel) = link.open_channel().await else {
-        return;
-    };
-    let dlq = topology::dead_letter_queue(topology::SCHEDULER_QUEUE);
-    for queue in [topology::SCHEDULER_QUEUE, dlq.as_str()] {
-        let declared = channel
+    let mut queues: Vec<(String, bool)> = Vec::new();
+    for (work, _) in topology::WORK_QUEUES {
+        queues.push((work.to_owned(), true));
+        queues.push((topology::dead_letter_queue(work), false));
+    }
+    queues.push((topology::UNPARSED_QUEUE.to_owned(), false));
+    let mut channel = None;
+    for (queue, consumed) in &queues {
+        if channel.is_none() {
+            channel = link.open_channel().await.ok();
+        }
+        let Some(ch) = channel.as_ref() else {
+            return;
+        };
+        let declared = ch
             .queue_declare(
-                queue.into(),
+                queue.as_str().into(),
                 lapin::options::QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -112,13 +145,24 @@ async fn queue_depths(link: &BrokerLink, metrics: &SchedulerMetrics) {
             )
             .await;
         match declared {
-            Ok(q) => metrics
-                .queue_ready
-                .with_label_values(&[queue])
-                .set(i64::from(q.message_count())),
-            // A failed passive declare closes the channel; the next round opens another.
-            Err(_) => return,
+            Ok(q) => {
+                metrics
+                    .queue_ready
+                    .with_label_values(&[queue])
+                    .set(i64::from(q.message_count()));
+                if *consumed {
+                    metrics
+                        .queue_consumers
+                        .with_label_values(&[queue])
+                        .set(i64::from(q.consumer_count()));
+                }
+            }
+            // The queue is not declared yet (its process never started): a failed passive
+            // declare closes the channel, so the next queue gets a new one.
+            Err(_) => channel = None,
         }
     }
-    let _ = channel.close(200, "done".into()).await;
+    if let Some(ch) = channel {
+        let _ = ch.close(200, "done".into()).await;
+    }
 }

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the scheduler.
 
+use super::store::gauges::AtRiskWindow;
 use crate::graph::FailureClass;
 use lc_meta::pages::Fallback;
 use lc_shared::optin::OptinState;
@@ -40,8 +41,17 @@ pub struct SchedulerMetrics {
     pub nearest_deadline: IntGauge,
     /// Messages moved to the dead-letter queue by the opt-in consumer.
     pub dead_lettered: IntCounter,
-    /// Messages waiting in the scheduler's queues (refreshed periodically).
+    /// Messages waiting in the work queues, their dead-letter queues and the unparsed queue
+    /// (refreshed periodically).
     pub queue_ready: IntGaugeVec,
+    /// Consumers attached to each work queue (refreshed periodically): 0 means nobody takes
+    /// that queue's messages.
+    pub queue_consumers: IntGaugeVec,
+    /// Unsent opt-ins whose deadline is within each window (kept by the housekeeping leader).
+    pub optins_at_risk: IntGaugeVec,
+    /// 1 per page whose webhook subscription is found incomplete by the watchdog and not yet
+    /// found complete again (kept by the housekeeping leader).
+    pub unsubscribed_pages: IntGaugeVec,
     /// Personalised messages sent as their variant's default text, by [`Fallback`] reason.
     pub message_fallbacks: IntCounterVec,
 }
@@ -148,9 +158,31 @@ impl SchedulerMetrics {
             queue_ready: IntGaugeVec::new(
                 Opts::new(
                     "scheduler_queue_messages_ready",
-                    "Messages ready in the opt-in queue and its dead-letter queue",
+                    "Messages ready in the work queues, their dead-letter queues and \
+                     messenger.unparsed",
                 ),
                 &["queue"],
+            )?,
+            queue_consumers: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_queue_consumers",
+                    "Consumers attached to each work queue",
+                ),
+                &["queue"],
+            )?,
+            optins_at_risk: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_optins_at_risk",
+                    "Pending or sending opt-ins whose deadline is within the window",
+                ),
+                &["within"],
+            )?,
+            unsubscribed_pages: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_unsubscribed_pages",
+                    "1 for each page whose webhook subscription the watchdog found incomplete",
+                ),
+                &["page_id"],
             )?,
             message_fallbacks: IntCounterVec::new(
                 Opts::new(
@@ -182,7 +214,13 @@ impl SchedulerMetrics {
         for f in Fallback::ALL {
             m.message_fallbacks.with_label_values(&[f.as_str()]);
         }
+        for w in AtRiskWindow::ALL {
+            m.optins_at_risk.with_label_values(&[w.as_str()]);
+        }
         registry.register(Box::new(m.queue_ready.clone()))?;
+        registry.register(Box::new(m.queue_consumers.clone()))?;
+        registry.register(Box::new(m.optins_at_risk.clone()))?;
+        registry.register(Box::new(m.unsubscribed_pages.clone()))?;
         registry.register(Box::new(m.optins_recorded.clone()))?;
         registry.register(Box::new(m.sends.clone()))?;
         registry.register(Box::new(m.graph_errors.clone()))?;

@@ -205,6 +205,9 @@ pub async fn watch(
                 if moved || file_changed {
                     for page in &view.config.pages {
                         metrics.paused_pages.with_label_values(&[page.id.as_str()]);
+                        metrics
+                            .unsubscribed_pages
+                            .with_label_values(&[page.id.as_str()]);
                     }
                     report_left_out(&view);
                     let changed = **current.read().await != view.config;
