@@ -107,7 +107,7 @@ async fn run(loops: u16) -> Outcome {
     post_all(&ingest, items).await;
 
     let mut config = env.correlator_config();
-    config.consumer_concurrency = loops;
+    config.consumer_concurrency = Some(loops);
     // Small batches and prefetch, so every loop gets a share of the backlog.
     config.worker.prefetch = 10;
     config.worker.consumer_batch = 5;

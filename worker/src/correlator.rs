@@ -78,13 +78,14 @@ pub struct CorrelatorConfig {
     /// channel with its own prefetch (`CONSUMER_PREFETCH` each), committing its batches on a
     /// pooled database connection of its own: batches commit concurrently, as they do across
     /// replicas. Must stay below `DATABASE_POOL_SIZE` (the relay and `/readyz` need one too).
+    /// Unset: [`DEFAULT_CONSUMER_CONCURRENCY`], lowered to fit the pool (see
+    /// [`CorrelatorConfig::consumer_loops`]).
     #[arg(
         long = "consumer-concurrency",
         env = "CONSUMER_CONCURRENCY",
-        default_value_t = DEFAULT_CONSUMER_CONCURRENCY,
         value_parser = clap::value_parser!(u16).range(1..=64),
     )]
-    pub consumer_concurrency: u16,
+    pub consumer_concurrency: Option<u16>,
 }
 
 /// Consumer loops per correlator process unless `CONSUMER_CONCURRENCY` says otherwise: one
@@ -92,13 +93,25 @@ pub struct CorrelatorConfig {
 pub const DEFAULT_CONSUMER_CONCURRENCY: u16 = 4;
 
 impl CorrelatorConfig {
-    /// Refuses a concurrency the database pool cannot serve: each loop holds a connection
-    /// while it commits, and the relay and the database probe need one too, so loops beyond
-    /// that would only wait for connections (and starve the relay).
-    pub fn validate(&self) -> Result<(), StartError> {
-        let loops = usize::from(self.consumer_concurrency);
+    /// The consumer loops this process runs: `CONSUMER_CONCURRENCY` when set; otherwise
+    /// [`DEFAULT_CONSUMER_CONCURRENCY`] lowered to leave one pooled connection to the relay
+    /// (at least one loop), so a deployment that set a small `DATABASE_POOL_SIZE` before
+    /// the setting existed still starts.
+    pub fn consumer_loops(&self) -> usize {
         let pool = self.worker.database.database_pool_size;
-        if loops >= pool {
+        match self.consumer_concurrency {
+            Some(n) => usize::from(n),
+            None => usize::from(DEFAULT_CONSUMER_CONCURRENCY).min(pool.saturating_sub(1).max(1)),
+        }
+    }
+
+    /// Refuses a concurrency set explicitly that the database pool cannot serve: each loop
+    /// holds a connection while it commits, and the relay and the database probe need one
+    /// too, so loops beyond that would only wait for connections (and starve the relay).
+    pub fn validate(&self) -> Result<(), StartError> {
+        let loops = self.consumer_loops();
+        let pool = self.worker.database.database_pool_size;
+        if self.consumer_concurrency.is_some() && loops >= pool {
             return Err(StartError::Config(format!(
                 "CONSUMER_CONCURRENCY ({loops}) must be below DATABASE_POOL_SIZE ({pool}): each \
                  consumer loop holds a database connection while it commits and the outbox \
@@ -141,7 +154,7 @@ pub async fn start(
     let relay_metrics = RelayMetrics::new(&registry)?;
     let metrics_addr = metrics_listener.local_addr()?;
     let sources = link::LinkSources::new(&config.link_sources);
-    tracing::info!(link_sources = ?config.link_sources, consumer_loops = config.consumer_concurrency, "prior_message sources that may link");
+    tracing::info!(link_sources = ?config.link_sources, consumer_loops = config.consumer_loops(), "prior_message sources that may link");
 
     let mut tasks = JoinSet::new();
     {
@@ -158,7 +171,7 @@ pub async fn start(
             &registry,
             &link,
             settings,
-            usize::from(config.consumer_concurrency),
+            config.consumer_loops(),
             &shutdown,
             move |batch| {
                 let (pool, metrics, sources) = (pool.clone(), metrics.clone(), sources.clone());
@@ -209,4 +222,36 @@ pub async fn run(config: CorrelatorConfig, shutdown: Shutdown) -> Result<(), Sta
     let running = start(config, listener, shutdown).await?;
     let _ = running.task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> CorrelatorConfig {
+        let mut argv = vec!["correlator", "--database-url", "postgres://x@127.0.0.1/x"];
+        argv.extend_from_slice(args);
+        CorrelatorConfig::try_parse_from(argv).expect("parses")
+    }
+
+    /// A deployment that set a small pool before `CONSUMER_CONCURRENCY` existed still
+    /// starts (the default fits the pool); only an explicit value is refused.
+    #[test]
+    fn the_default_loops_fit_the_pool_and_only_an_explicit_value_is_refused() {
+        let small = config(&["--database-pool-size", "4"]);
+        assert_eq!(small.consumer_loops(), 3);
+        assert!(small.validate().is_ok());
+        let tiny = config(&["--database-pool-size", "1"]);
+        assert_eq!(tiny.consumer_loops(), 1);
+        assert!(tiny.validate().is_ok());
+        let default = config(&[]);
+        assert_eq!(
+            default.consumer_loops(),
+            usize::from(DEFAULT_CONSUMER_CONCURRENCY)
+        );
+        let explicit = config(&["--database-pool-size", "4", "--consumer-concurrency", "4"]);
+        let err = explicit.validate().expect_err("refused").to_string();
+        assert!(err.contains("CONSUMER_CONCURRENCY (4)"), "{err}");
+    }
 }

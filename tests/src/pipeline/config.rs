@@ -74,7 +74,7 @@ impl TestEnv {
             link_sources: vec![lc_worker::correlator::link::DEFAULT_LINK_SOURCE.to_owned()],
             // One loop, so a test that posts replies in order sees them handled in that
             // order; tests of concurrent loops set more (tests/tests/correlator_loops.rs).
-            consumer_concurrency: 1,
+            consumer_concurrency: Some(1),
         }
     }
 }
