@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::ConsoleError;
 use super::actions::query_escape;
-use super::render::{Section, render, when};
+use super::render::{Section, render, when, when_precise};
 use super::session::ConsoleUser;
 use super::views::{Notice, client, relative};
 use crate::operate::{self, GraphError, OperateError};
@@ -223,7 +223,7 @@ pub async fn timeline(
                             .ok()
                             .and_then(|v| v.as_str().map(|k| k.replace('_', " ")))
                             .unwrap_or_default(),
-                        at: when(Some(st.at)),
+                        at: when_precise(st.at),
                         detail: st.detail.clone().unwrap_or_default(),
                     })
                     .collect();
@@ -235,9 +235,9 @@ pub async fn timeline(
                             .ok()
                             .and_then(|v| v.as_str().map(str::to_owned))
                             .unwrap_or_default(),
-                        at: when(Some(e.created_at)),
+                        at: when_precise(e.created_at),
                         detail: match e.published_at {
-                            Some(p) => format!("published {}", when(Some(p))),
+                            Some(p) => format!("published {}", when_precise(p)),
                             None => "waiting in the outbox".into(),
                         },
                     })

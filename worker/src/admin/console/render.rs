@@ -129,6 +129,18 @@ pub fn when(t: Option<OffsetDateTime>) -> String {
         .unwrap_or_default()
 }
 
+/// A step of a timeline, to the millisecond (`2026-12-01 03:04:05.123 UTC`): received,
+/// claimed, called and answered usually fall in the same second, and their order and gaps
+/// are what an operator reads the timeline for.
+pub fn when_precise(t: OffsetDateTime) -> String {
+    let format = format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3] UTC"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&format)
+        .unwrap_or_default()
+}
+
 /// A duration in seconds as people read it: `-5 min`, `3 h 20 min`, `42 s`.
 pub fn span(seconds: i64) -> String {
     let sign = if seconds < 0 { "-" } else { "" };
@@ -167,5 +179,12 @@ mod tests {
         assert_eq!(span(42), "42 s");
         assert_eq!(span(-300), "-5 min");
         assert_eq!(span(12_000), "3 h 20 min");
+    }
+
+    #[test]
+    fn timeline_steps_show_milliseconds() {
+        let t = time::macros::datetime!(2026-12-01 03:04:05.1234 UTC);
+        assert_eq!(when_precise(t), "2026-12-01 03:04:05.123 UTC");
+        assert_eq!(when(Some(t)), "2026-12-01 03:04:05 UTC");
     }
 }
