@@ -6,6 +6,7 @@
 //! from `cargo build --release --bins` of the service crates, run first so they are never
 //! older than the source the bench was built from. Every child is killed when its handle is
 //! dropped (`kill_on_drop`), also when the bench panics, so no run leaves services behind.
+//! Children inherit the bench's scheduling priority: a `nice`d bench measures `nice`d services.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -97,6 +98,8 @@ pub struct Binaries {
     ingest: PathBuf,
     scheduler: PathBuf,
     correlator: PathBuf,
+    /// Where they came from, for the report.
+    origin: String,
 }
 
 impl Binaries {
@@ -109,6 +112,7 @@ impl Binaries {
                     ingest: dir.join("ingest"),
                     scheduler: dir.join("scheduler"),
                     correlator: dir.join("correlator"),
+                    origin: format!("{BIN_DIR_VAR}={}", dir.display()),
                 }
             }
             None => build().await?,
@@ -119,6 +123,11 @@ impl Binaries {
             }
         }
         Ok(bins)
+    }
+
+    /// Where the binaries came from (`cargo build --release` or `LC_BENCH_BIN_DIR=…`).
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// The binary of `service`.
@@ -156,10 +165,20 @@ async fn build() -> Result<Binaries, ChildError> {
         executable_of(&stdout, name)
             .ok_or_else(|| ChildError::Build(format!("cargo reported no executable named {name}")))
     };
+    let ingest = find("ingest")?;
+    let origin = format!(
+        "cargo build --release ({})",
+        ingest
+            .parent()
+            .map(Path::display)
+            .map(|d| d.to_string())
+            .unwrap_or_default()
+    );
     Ok(Binaries {
-        ingest: find("ingest")?,
         scheduler: find("scheduler")?,
         correlator: find("correlator")?,
+        ingest,
+        origin,
     })
 }
 

@@ -75,13 +75,18 @@ impl ProcsParams {
 pub async fn run(params: &ProcsParams, quick: bool) -> anyhow::Result<Report> {
     let mut report = Report::new("procs", quick).await;
     report.out_of_process(format!(
-        "process mode: ingest, scheduler and correlator are the release binaries, each its own \
+        "process mode: ingest, scheduler and correlator are the service binaries, each its own \
          process configured through its environment (production defaults); this bench process \
          runs only the load generator and the Graph stand-in, on a {}-core machine shared with \
          other work",
         crate::machine::cores()
     ));
     let bins = Binaries::locate().await?;
+    report.note(format!(
+        "{}: service binaries from {}",
+        report.suite,
+        bins.origin()
+    ));
     let env = BenchEnv::new(params.pages).await?;
     // Migrated here, so the two workers do not both migrate an empty database at start.
     let _pool = env.migrated_pool(1).await?;

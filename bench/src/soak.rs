@@ -94,6 +94,9 @@ enum Expect {
     Accumulates(&'static str),
 }
 
+/// Reads a series' value from a sample and the one before it.
+type Reader = Box<dyn Fn(&Sample, &Sample) -> f64>;
+
 /// One series: its name, unit, expectation, near-zero floor and how to read it from a sample
 /// (with the one before it, for rates).
 struct SeriesDef {
@@ -101,7 +104,7 @@ struct SeriesDef {
     unit: &'static str,
     expect: Expect,
     floor: f64,
-    value: Box<dyn Fn(&Sample, &Sample) -> f64>,
+    value: Reader,
 }
 
 fn def(
@@ -205,7 +208,7 @@ fn p99(l: &Latency) -> f64 {
 pub async fn run(params: &SoakParams, quick: bool) -> anyhow::Result<Report> {
     let mut report = Report::new("soak", quick).await;
     report.out_of_process(format!(
-        "soak: ingest, scheduler and correlator are the release binaries, each its own process \
+        "soak: ingest, scheduler and correlator are the service binaries, each its own process \
          (production defaults, OPTIN_RETENTION_SECS={}); this process runs the load generator, \
          the Graph stand-in ({} ms) and the sampler, on a {}-core machine shared with other work",
         params.retention_secs,
@@ -213,6 +216,11 @@ pub async fn run(params: &SoakParams, quick: bool) -> anyhow::Result<Report> {
         crate::machine::cores()
     ));
     let bins = Binaries::locate().await?;
+    report.note(format!(
+        "{}: service binaries from {}",
+        report.suite,
+        bins.origin()
+    ));
     let env = BenchEnv::new(params.pages).await?;
     let _pool = env.migrated_pool(1).await?;
     let graph = Arc::new(TimedGraph::start(params.graph_latency).await?);

@@ -179,7 +179,7 @@ mod tests {
 
     #[test]
     fn noise_around_a_level_is_flat() {
-        let wobble = |i: usize| if i % 2 == 0 { 3.0 } else { -3.0 };
+        let wobble = |i: usize| if i.is_multiple_of(2) { 3.0 } else { -3.0 };
         let t = fit(&line(30, 500.0, 0.0, wobble), 0.05, 1.0);
         assert_eq!(t.verdict, Verdict::Flat, "{t}");
         assert!(t.slope.abs() <= t.ci95, "{t}");
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn a_leak_through_noise_is_growing_and_a_drain_is_falling() {
-        let wobble = |i: usize| if i % 2 == 0 { 50.0 } else { -50.0 };
+        let wobble = |i: usize| if i.is_multiple_of(2) { 50.0 } else { -50.0 };
         let leak = fit(&line(30, 30_000.0, 100.0, wobble), 0.05, 1.0);
         assert_eq!(leak.verdict, Verdict::Growing, "{leak}");
         assert!((leak.slope - 100.0).abs() < 10.0, "{leak}");
