@@ -291,18 +291,22 @@ pub async fn run(params: &SoakParams, quick: bool) -> anyhow::Result<Report> {
     let intervals = (duration.as_secs_f64() / interval.as_secs_f64())
         .round()
         .max(1.0) as u32;
-    for k in 1..=intervals {
-        tokio::time::sleep_until(started + interval * k).await;
-        let s = sampler
-            .take(
-                started.elapsed().as_secs_f64() / 60.0,
-                &services,
-                &graph,
-                &load,
-            )
-            .await?;
-        eprintln!("{}", s.line());
-        samples.push(s);
+    let sampled = async {
+        for k in 1..=intervals {
+            tokio::time::sleep_until(started + interval * k).await;
+            let t_min = started.elapsed().as_secs_f64() / 60.0;
+            let s = sampler.take(t_min, &services, &graph, &load).await?;
+            eprintln!("{}", s.line());
+            samples.push(s);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = sampled {
+        // A failed sample (a service died, the database went away) ends the run; the load
+        // must not go on posting in the background.
+        driver.abort();
+        return Err(e);
     }
     driver.await?;
     let peaks = services.stats()?;
