@@ -148,9 +148,19 @@ async fn build() -> Result<Binaries, ChildError> {
     eprintln!("building the release binaries (cargo build --release --bins)…");
     let out = Command::new(cargo)
         .args(["build", "--release", "--bins", "--manifest-path", manifest])
-        .args(["-p", "loginconnect-ingest", "-p", "loginconnect-worker"])
+        // With the bench itself in the set, features unify as in `cargo run --release -p
+        // bench`, so this build reuses its dependencies instead of rebuilding them.
+        .args([
+            "-p",
+            "bench",
+            "-p",
+            "loginconnect-ingest",
+            "-p",
+            "loginconnect-worker",
+        ])
         .args(["--message-format", "json-render-diagnostics"])
         .stderr(Stdio::inherit())
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|e| ChildError::Build(format!("cannot run cargo: {e}")))?;
