@@ -4,7 +4,8 @@
 //!
 //! `cargo run --release -p bench -- <ingest|scheduler|correlator|scale|all> [--quick]` starts
 //! what it measures **in-process** (ingest, scheduler, correlator, the fake Graph and the load
-//! generator share one process) against the local RabbitMQ and PostgreSQL, in a scratch vhost
+//! generator share one process; `procs` and `soak` start each service as its own process)
+//! against the local RabbitMQ and PostgreSQL, in a scratch vhost
 //! and database per suite, and prints a table, `name=value` lines, and `bench/results/<suite>.json`.
 //!
 //! Layout:
@@ -19,10 +20,18 @@
 //!   arrival rate) load drivers; [`bodies`]: realistic signed webhook bodies;
 //! - [`hist`]: HDR latency histograms; [`edf`]: the offline optimum for deadline misses;
 //!   [`null_graph`]: a non-recording Graph for memory measurements;
+//! - [`procs`]: process mode, each service its own OS process ([`child`]: finding the release
+//!   binaries, starting them with their environment, killing them on drop; [`proc_stats`]:
+//!   `VmHWM`, `VmRSS` and CPU seconds of any process); [`soak`]: a sustained mixed load on
+//!   those processes sampled each minute ([`soak_sample`]) with a flat/growing verdict per
+//!   series ([`trend`]: least squares and its 95 % interval); [`mixed`]: the streaming open
+//!   loop of opt-ins, replies and redeliveries they share; [`timed_graph`]: a Graph stand-in
+//!   timing each opt-in end to end with bounded memory;
 //! - [`report`]: figures, targets, rendering and JSON; [`machine`]: cores, RAM, load average,
 //!   service versions and this process's RSS.
 
 pub mod bodies;
+pub mod child;
 pub mod correlator;
 pub mod edf;
 pub mod env;
@@ -31,10 +40,17 @@ pub mod hist;
 pub mod ingest;
 pub mod load;
 pub mod machine;
+pub mod mixed;
 pub mod null_graph;
+pub mod proc_stats;
+pub mod procs;
 pub mod prune_drain;
 pub mod report;
 pub mod scale;
 pub mod scheduler;
 pub mod skew;
+pub mod soak;
+pub mod soak_sample;
 pub mod suites;
+pub mod timed_graph;
+pub mod trend;

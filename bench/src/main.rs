@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use clap::Parser;
 use lc_bench::report::Report;
-use lc_bench::suites::{Suite, run_one};
+use lc_bench::suites::{RunOptions, Suite, run_one};
 
 /// Command line of the harness.
 #[derive(Debug, Parser)]
 #[command(
     name = "bench",
-    about = "Measures loginconnect's stages against the ceiling of this machine (in-process)."
+    about = "Measures loginconnect's stages against the ceiling of this machine (in-process; procs and soak run each service as its own process)."
 )]
 struct Args {
     /// Which suite to run.
@@ -21,6 +21,16 @@ struct Args {
     /// Small sizes and short windows: every suite finishes in under two minutes.
     #[arg(long)]
     quick: bool,
+    /// Soak length in minutes (`soak`, and the soak of `all`): default 30, 3 with --quick.
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Opt-ins per second of `procs` (default 500, the design load) and `soak` (default: half
+    /// the capacity a short probe measures).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Latency of the Graph stand-in of `procs` and `soak`, in milliseconds (default 100).
+    #[arg(long = "graph-latency-ms")]
+    graph_latency_ms: Option<u64>,
     /// Where `<suite>.json` is written.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
@@ -44,6 +54,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
+    let options = RunOptions {
+        quick: args.quick,
+        minutes: args.minutes,
+        rate: args.rate,
+        graph_latency_ms: args.graph_latency_ms,
+    };
     let mut combined: Option<Report> = None;
     for suite in args.suite.expand() {
         let t = Instant::now();
@@ -52,7 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             suite.name(),
             if args.quick { "quick" } else { "full" }
         );
-        let report = run_one(suite, args.quick).await?;
+        let report = run_one(suite, &options).await?;
         print!("{}", report.render());
         println!(
             "{}_elapsed_s={:.1}",

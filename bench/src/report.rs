@@ -42,6 +42,8 @@ pub struct Report {
     pub suite: String,
     /// Whether this was a `--quick` run.
     pub quick: bool,
+    /// True when the services ran inside the bench process; false in process mode.
+    pub in_process: bool,
     /// The machine and its load at the start and end of the suite.
     pub machine: Machine,
     /// The figures, in the order they were measured.
@@ -60,6 +62,7 @@ impl Report {
         Self {
             suite: suite.to_owned(),
             quick,
+            in_process: true,
             machine: Machine::probe().await,
             figures: Vec::new(),
             targets: Vec::new(),
@@ -86,6 +89,15 @@ impl Report {
             unit,
             what: what.into(),
         });
+    }
+
+    /// Marks the report as measuring services that ran as their own processes, replacing
+    /// the in-process remark with `how`.
+    pub fn out_of_process(&mut self, how: impl Into<String>) {
+        self.in_process = false;
+        if let Some(first) = self.notes.first_mut() {
+            *first = how.into();
+        }
     }
 
     /// Adds a remark.
@@ -136,11 +148,16 @@ impl Report {
     pub fn finish(&mut self) {
         self.machine.load_end = crate::machine::loadavg();
         let peak = crate::machine::peak_rss_kb();
+        let what = if self.in_process {
+            "peak RSS of the whole process during the suite (VmHWM; services + load generator + fake Graph)"
+        } else {
+            "peak RSS of the bench process (VmHWM; load generator + Graph stand-in, not the services)"
+        };
         self.add(
             format!("{}_peak_rss_mb", self.suite),
             peak as f64 / 1024.0,
             "MB",
-            "peak RSS of the whole process during the suite (VmHWM; services + load generator + fake Graph)",
+            what,
         );
     }
 
@@ -150,9 +167,14 @@ impl Report {
         let m = &self.machine;
         let _ = writeln!(
             out,
-            "== {} ({}, in-process) ==",
+            "== {} ({}, {}) ==",
             self.suite,
-            if self.quick { "quick" } else { "full" }
+            if self.quick { "quick" } else { "full" },
+            if self.in_process {
+                "in-process"
+            } else {
+                "each service its own process"
+            }
         );
         let _ = writeln!(
             out,
@@ -227,7 +249,7 @@ impl Report {
         json!({
             "suite": self.suite,
             "quick": self.quick,
-            "in_process": true,
+            "in_process": self.in_process,
             "machine": self.machine.to_json(),
             "figures": figures,
             "figure_details": details,

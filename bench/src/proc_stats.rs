@@ -1,0 +1,125 @@
+//! Resident memory and CPU time of any process, read from `/proc/<pid>/status` and
+//! `/proc/<pid>/stat` (Linux). Process mode and the soak read the service processes they
+//! started; [`crate::machine`] reads the bench process itself.
+
+use std::sync::OnceLock;
+
+/// One reading of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ProcStats {
+    /// Current resident set (`VmRSS`), kB.
+    pub rss_kb: u64,
+    /// Peak resident set since the process started (`VmHWM`), kB.
+    pub hwm_kb: u64,
+    /// User plus system CPU time so far (`utime + stime`), seconds.
+    pub cpu_s: f64,
+}
+
+/// What went wrong reading a process's figures.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcStatsError {
+    /// The `/proc` file could not be read: the process has exited, or this is not Linux.
+    #[error("cannot read {path}: {source} (has the process exited?)")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file did not have the expected shape.
+    #[error("{path} has no readable {field}")]
+    Field {
+        /// The file.
+        path: String,
+        /// The field that was missing or not a number.
+        field: &'static str,
+    },
+}
+
+/// Reads `pid`'s resident memory and CPU time now.
+pub fn read(pid: u32) -> Result<ProcStats, ProcStatsError> {
+    let status_path = format!("/proc/{pid}/status");
+    let status = read_file(&status_path)?;
+    let stat_path = format!("/proc/{pid}/stat");
+    let stat = read_file(&stat_path)?;
+    let field = |path: &str, field: &'static str| ProcStatsError::Field {
+        path: path.to_owned(),
+        field,
+    };
+    Ok(ProcStats {
+        rss_kb: status_kb(&status, "VmRSS:").ok_or_else(|| field(&status_path, "VmRSS"))?,
+        hwm_kb: status_kb(&status, "VmHWM:").ok_or_else(|| field(&status_path, "VmHWM"))?,
+        cpu_s: cpu_ticks(&stat).ok_or_else(|| field(&stat_path, "utime/stime"))? as f64
+            / clock_ticks_per_s(),
+    })
+}
+
+fn read_file(path: &str) -> Result<String, ProcStatsError> {
+    std::fs::read_to_string(path).map_err(|source| ProcStatsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The kB value of `key` in a `/proc/<pid>/status` text.
+pub fn status_kb(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `utime + stime` in clock ticks from a `/proc/<pid>/stat` line. The command name (field 2)
+/// is in parentheses and may itself contain spaces and parentheses, so fields are counted
+/// from the last `)`: `utime` and `stime` are fields 14 and 15 of the whole line, the 12th
+/// and 13th after the name.
+pub fn cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `sysconf(_SC_CLK_TCK)` through `getconf CLK_TCK` (no libc calls: the crate forbids
+/// `unsafe`); 100, the value on every common Linux build, if that fails.
+fn clock_ticks_per_s() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_a_name_containing_spaces_and_parens() {
+        // Fields 14 and 15 (utime, stime) are 700 and 35.
+        let line = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 900 0 0 0 700 35 0 0 20 0 3 0";
+        assert_eq!(cpu_ticks(line), Some(735));
+        assert_eq!(cpu_ticks("4242 (x) S 1"), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        assert_eq!(
+            status_kb("VmHWM:\t  1234 kB\nVmRSS: 10 kB", "VmRSS:"),
+            Some(10)
+        );
+        let me = read(std::process::id()).expect("own /proc entry");
+        assert!(me.rss_kb > 0 && me.hwm_kb >= me.rss_kb, "{me:?}");
+        assert!(me.cpu_s >= 0.0);
+        assert!(matches!(read(u32::MAX), Err(ProcStatsError::Read { .. })));
+    }
+}
