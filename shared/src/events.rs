@@ -11,6 +11,9 @@
 //! CloudEvent carries the page and its app as the extension attributes `pageid` and `appid`.
 
 pub mod operational;
+mod outbox_client;
+
+pub use outbox_client::OutboxClient;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -334,7 +337,7 @@ impl CloudEvent {
 /// commits, so a concurrent transaction writing about the same person waits, and numbers
 /// follow commit order. The relay publishes a person's events in that order.
 pub async fn insert_outbox(
-    client: &impl tokio_postgres::GenericClient,
+    client: &impl OutboxClient,
     event: &PublicEvent,
     source: &str,
     traceparent: Option<&str>,
@@ -355,7 +358,7 @@ pub async fn insert_outbox(
 /// [`app_of_page_sql`]; it gets the next number of its page's operational sequence
 /// (`pageseq`), published in that order like a person's events.
 pub async fn insert_operational(
-    client: &impl tokio_postgres::GenericClient,
+    client: &impl OutboxClient,
     event: &OperationalEvent,
     source: &str,
 ) -> Result<Uuid, tokio_postgres::Error> {
@@ -383,15 +386,9 @@ struct OutboxRow<'a> {
     data_app_id: bool,
 }
 
-async fn insert_row(
-    client: &impl tokio_postgres::GenericClient,
-    row: OutboxRow<'_>,
-    traceparent: Option<&str>,
-) -> Result<Uuid, tokio_postgres::Error> {
-    let json = serde_json::to_value(&row.cloudevent).unwrap_or(serde_json::Value::Null);
-    // `event_type` holds the kind (metrics label, filters); the relay builds the routing key
-    // from it and `page_id`.
-    let sql = format!(
+/// The outbox insert: the next number of the event's sequence and the row, in one statement.
+static OUTBOX_INSERT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "WITH seq AS ( \
              INSERT INTO outbox_person_seq AS s (person_key, seq) VALUES ($6, 1) \
              ON CONFLICT (person_key) DO UPDATE SET seq = s.seq + 1 RETURNING seq), \
@@ -405,10 +402,21 @@ async fn insert_row(
          FROM seq, app, LATERAL (SELECT jsonb_set(jsonb_set($4::jsonb, ARRAY[$7::text], \
                   to_jsonb(seq.seq)), '{{appid}}', to_jsonb(app.id)) AS ce) e",
         app = app_of_page_sql("$3::text"),
-    );
+    )
+});
+
+async fn insert_row(
+    client: &impl OutboxClient,
+    row: OutboxRow<'_>,
+    traceparent: Option<&str>,
+) -> Result<Uuid, tokio_postgres::Error> {
+    let json = serde_json::to_value(&row.cloudevent).unwrap_or(serde_json::Value::Null);
+    // `event_type` holds the kind (metrics label, filters); the relay builds the routing key
+    // from it and `page_id`.
+    let sql = &*OUTBOX_INSERT_SQL;
     client
-        .execute(
-            &sql,
+        .execute_outbox(
+            sql,
             &[
                 &row.cloudevent.id,
                 &row.kind,

@@ -265,7 +265,7 @@ async fn link_new(
         first_reply_mid: r.mid.clone(),
     });
     let traceparent = trace.to_string();
-    let event_id = insert_outbox(&**tx, &event, EVENT_SOURCE, Some(&traceparent)).await?;
+    let event_id = insert_outbox(tx, &event, EVENT_SOURCE, Some(&traceparent)).await?;
     Ok(Outcome::Linked {
         event_id,
         optin_state,

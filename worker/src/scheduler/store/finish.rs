@@ -269,7 +269,7 @@ pub async fn finish_group(
     futures_util::future::try_join_all(
         events
             .iter()
-            .map(|(ev, traceparent)| insert_outbox(&*tx, ev, EVENT_SOURCE, *traceparent)),
+            .map(|(ev, traceparent)| insert_outbox(&tx, ev, EVENT_SOURCE, *traceparent)),
     )
     .await?;
     tx.commit().await?;

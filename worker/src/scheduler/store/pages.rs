@@ -18,7 +18,7 @@ use super::{EVENT_SOURCE, StoreError};
 
 /// Writes `page.resumed` for `page_id` in the caller's transaction.
 async fn announce_resume(
-    tx: &impl tokio_postgres::GenericClient,
+    tx: &impl lc_shared::events::OutboxClient,
     page_id: &str,
     reason: PausedReason,
     resumed_by: ResumedBy,
@@ -37,7 +37,7 @@ async fn announce_resume(
 
 /// Writes `page.paused` for `page_id` in the caller's transaction.
 async fn announce_pause(
-    tx: &impl tokio_postgres::GenericClient,
+    tx: &impl lc_shared::events::OutboxClient,
     page_id: &str,
     reason: PausedReason,
     since: OffsetDateTime,

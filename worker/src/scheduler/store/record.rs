@@ -343,7 +343,7 @@ pub async fn record_optin(
                     deadline: existing_deadline,
                     last_error: None,
                 });
-                insert_outbox(&**tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
+                insert_outbox(tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
             }
             _ => {}
         }
@@ -378,7 +378,7 @@ pub async fn record_optin(
         _ => None,
     };
     if let Some(ev) = event {
-        insert_outbox(&**tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
+        insert_outbox(tx, &ev, EVENT_SOURCE, optin.traceparent.as_deref()).await?;
     }
     Ok(outcome)
 }
