@@ -51,3 +51,53 @@ async fn the_claim_walks_each_pages_own_index_not_the_global_deadline_index() {
         "the claim should not walk the global deadline index:\n{text}"
     );
 }
+
+/// A page with a backlog holds in-flight places for at most the look-ahead's worth of its
+/// slots: with a look-ahead of 1 s, one page at 250/s took 231 of a replica's 256 places,
+/// each waiting up to a second for its slot, and other pages' sends waited behind it.
+#[tokio::test]
+async fn one_pages_backlog_takes_only_the_lookaheads_worth_of_places() {
+    let env = TestEnv::new().await;
+    let pool = env.migrated_pool(2).await;
+    let sql = env.sql().await;
+    sql.execute(
+        "INSERT INTO page_state (page_id, rate_limit) VALUES ('busy-page', 250)",
+        &[],
+    )
+    .await
+    .expect("page");
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         SELECT 'busy-page', 'busy-' || i, now(), now() + interval '24 hours', now(), 'pending', now() \
+         FROM generate_series(0, 999) AS i",
+        &[],
+    )
+    .await
+    .expect("opt-ins");
+    let mut client = pool.get().await.expect("client");
+    // What the scheduler asks for by default (`CLAIM_LOOKAHEAD_MS` unset), with all 256
+    // places free.
+    let config = <lc_worker::scheduler::SchedulerConfig as clap::Parser>::try_parse_from([
+        "scheduler",
+        "--pages-file",
+        "pages.toml",
+        "--amqp-url",
+        "amqp://127.0.0.1",
+        "--database-url",
+        "postgres://127.0.0.1/x",
+    ])
+    .expect("default config");
+    let request = ClaimRequest {
+        lookahead: config.lookahead(),
+        ..ClaimRequest::new("busy-worker", Duration::from_secs(30), 256)
+    };
+    let claimed = lc_worker::scheduler::store::claim::claim_due(&mut client, &request)
+        .await
+        .expect("claim");
+    // 250 ms of slots 1.08 / 250 s apart, plus the first: 58.
+    assert!(
+        (1..=64).contains(&claimed.len()),
+        "one page's backlog took {} of 256 places",
+        claimed.len()
+    );
+}

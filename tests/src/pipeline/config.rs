@@ -49,7 +49,7 @@ impl TestEnv {
             window_secs: 86_400,
             max_in_flight: 64,
             page_rate_limit: 250,
-            claim_lookahead_ms: 1000,
+            claim_lookahead_ms: 250,
             page_token_keys: String::new(),
             lease_secs: 5,
             claim_batch: 100,

@@ -78,11 +78,13 @@ pub struct SchedulerConfig {
     pub max_in_flight: usize,
 
     /// How far ahead (milliseconds) a replica claims a page's send slots; at most half the
-    /// lease is used. Longer evens out claim round trips, shorter lets other pages in sooner.
+    /// lease is used. A row waiting for its slot holds an in-flight place: shorter lets other
+    /// pages in sooner and keeps places for calls; the dispatcher claims again every half
+    /// look-ahead while busy, so a page's slots do not run out between claims.
     #[arg(
         long = "claim-lookahead-ms",
         env = "CLAIM_LOOKAHEAD_MS",
-        default_value_t = 1000
+        default_value_t = 250
     )]
     pub claim_lookahead_ms: u64,
 

@@ -112,6 +112,12 @@ pub struct Dispatcher {
 /// together, small enough to keep each transaction short.
 const GROUP_MAX: usize = 128;
 
+/// Groups of one kind committed at once, each on its own connection. One at a time left the
+/// database's other core idle while a group's statements ran and its commit waited for the
+/// WAL flush, and capped a kind of write at one group per commit latency (≈ 1,000 ending
+/// records/s on a loaded 2-core machine; BENCHMARKS.md).
+const GROUP_PARALLEL: usize = 2;
+
 impl Dispatcher {
     /// Builds a dispatcher.
     pub fn new(
@@ -126,6 +132,7 @@ impl Dispatcher {
         let marks = GroupCommit::start(
             "call-start marks",
             GROUP_MAX,
+            GROUP_PARALLEL,
             with_client(&pool, |mut client, claims: Vec<Claimed>| async move {
                 store::call_start::begin_calls(&mut client, &claims).await
             }),
@@ -133,6 +140,7 @@ impl Dispatcher {
         let finishes = GroupCommit::start(
             "terminal transitions",
             GROUP_MAX,
+            GROUP_PARALLEL,
             with_client(&pool, |mut client, finishes: Vec<Finish>| async move {
                 store::finish::finish_group(&mut client, &finishes).await
             }),
@@ -140,6 +148,7 @@ impl Dispatcher {
         let requeues = GroupCommit::start(
             "requeues",
             GROUP_MAX,
+            GROUP_PARALLEL,
             with_client(&pool, |mut client, records: Vec<Requeue>| async move {
                 store::requeue_group(&mut client, &records).await
             }),
@@ -183,10 +192,17 @@ impl Dispatcher {
             }
             // A finished send frees one slot: claim again only once a quarter of the slots
             // are free (one claim per batch, not one per send); a wake-up (new opt-ins) or
-            // the timer claims for any free slot.
+            // the timer claims for any free slot. While sends are in flight the timer runs every
+            // half look-ahead: a page with a backlog then has its next slots claimed before the
+            // ones it holds run out, whatever the Graph latency (completions come a call late).
+            let tick = if in_flight.is_empty() {
+                self.settings.poll_interval
+            } else {
+                self.settings.poll_interval.min(self.settings.lookahead / 2)
+            };
             min_free = tokio::select! {
                 () = wake.notified() => 1,
-                () = tokio::time::sleep(self.settings.poll_interval) => 1,
+                () = tokio::time::sleep(tick) => 1,
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => refill_at,
                 () = shutdown.wait() => 1,
             };

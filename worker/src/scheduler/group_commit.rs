@@ -2,9 +2,13 @@
 //! the "sent" records) go to the database in one transaction per group instead of one each.
 //!
 //! Each commit waits for a WAL flush, and with one transaction per send the flushes, not the
-//! statements, bounded the scheduler (BENCHMARKS.md). A [`GroupCommit`] runs one batch at a
-//! time: while a batch commits, the next requests queue up and go together in the next one,
-//! so under load a group grows by itself and at low load a request commits alone, at once.
+//! statements, bounded the scheduler (BENCHMARKS.md). A [`GroupCommit`] runs up to
+//! `parallel` batches at a time, each on its own connection: while they commit, the next
+//! requests queue up and go together in the next one, so under load a group grows by itself
+//! and at low load a request commits alone, at once. More than one batch at a time lets the
+//! database run one group's statements while another waits for its flush; requests of one
+//! batch never depend on another's (each send task waits for its own write before the next),
+//! and lock order inside a batch is the batch function's to keep (see `call_start`).
 //!
 //! A failed batch is applied again one request at a time, so that a request that always
 //! fails cannot take the others of its group down with it.
@@ -13,6 +17,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 use super::store::StoreError;
 
@@ -34,11 +39,17 @@ where
     Req: Clone + Send + 'static,
     Resp: Send + 'static,
 {
-    /// Starts the task that applies groups of at most `max_batch` requests with `apply`. It
-    /// ends when this handle is dropped and the queue is empty.
-    pub fn start(name: &'static str, max_batch: usize, apply: ApplyBatch<Req, Resp>) -> Self {
+    /// Starts the task that applies groups of at most `max_batch` requests with `apply`, at
+    /// most `parallel` groups at once (each on its own connection). It ends when this handle
+    /// is dropped and the queue is empty.
+    pub fn start(
+        name: &'static str,
+        max_batch: usize,
+        parallel: usize,
+        apply: ApplyBatch<Req, Resp>,
+    ) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(name, max_batch.max(1), apply, rx));
+        tokio::spawn(run(name, max_batch.max(1), parallel.max(1), apply, rx));
         Self { queue, name }
     }
 
@@ -59,53 +70,77 @@ where
     }
 }
 
-async fn run<Req: Clone, Resp>(
+async fn run<Req, Resp>(
     name: &'static str,
     max_batch: usize,
+    parallel: usize,
     apply: ApplyBatch<Req, Resp>,
     mut rx: mpsc::UnboundedReceiver<(Req, Reply<Resp>)>,
+) where
+    Req: Clone + Send + 'static,
+    Resp: Send + 'static,
+{
+    let mut running = JoinSet::new();
+    loop {
+        tokio::select! {
+            // Finished groups first: a free place is what lets the next group start.
+            biased;
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            first = rx.recv(), if running.len() < parallel => {
+                let Some(first) = first else { break };
+                let mut group = vec![first];
+                while group.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(next) => group.push(next),
+                        Err(_) => break,
+                    }
+                }
+                running.spawn(apply_group(name, apply.clone(), group));
+            }
+            else => break,
+        }
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// Applies one group and answers each of its requests (see the module doc for a failure).
+async fn apply_group<Req: Clone, Resp>(
+    name: &'static str,
+    apply: ApplyBatch<Req, Resp>,
+    group: Vec<(Req, Reply<Resp>)>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut group = vec![first];
-        while group.len() < max_batch {
-            match rx.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
+    let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = group.into_iter().unzip();
+    let n = reqs.len();
+    match apply(reqs.clone()).await {
+        Ok(resps) if resps.len() == n => {
+            for (reply, resp) in replies.into_iter().zip(resps) {
+                let _ = reply.send(Ok(resp));
             }
         }
-        let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = group.into_iter().unzip();
-        let n = reqs.len();
-        match apply(reqs.clone()).await {
-            Ok(resps) if resps.len() == n => {
-                for (reply, resp) in replies.into_iter().zip(resps) {
-                    let _ = reply.send(Ok(resp));
-                }
+        Ok(resps) => {
+            let message = format!(
+                "{name}: {} results for {n} requests (a bug in the batch function)",
+                resps.len()
+            );
+            tracing::error!("{message}");
+            for reply in replies {
+                let _ = reply.send(Err(message.clone()));
             }
-            Ok(resps) => {
-                let message = format!(
-                    "{name}: {} results for {n} requests (a bug in the batch function)",
-                    resps.len()
-                );
-                tracing::error!("{message}");
-                for reply in replies {
-                    let _ = reply.send(Err(message.clone()));
-                }
+        }
+        Err(e) if n == 1 => {
+            for reply in replies {
+                let _ = reply.send(Err(e.to_string()));
             }
-            Err(e) if n == 1 => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.to_string()));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, size = n, "{name}: a group failed; applying its requests one by one");
-                for (req, reply) in reqs.into_iter().zip(replies) {
-                    let result = match apply(vec![req]).await {
-                        Ok(mut one) if one.len() == 1 => one.pop().ok_or_else(String::new),
-                        Ok(_) => Err(format!("{name}: wrong number of results")),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let _ = reply.send(result);
-                }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, size = n, "{name}: a group failed; applying its requests one by one");
+            for (req, reply) in reqs.into_iter().zip(replies) {
+                let result = match apply(vec![req]).await {
+                    Ok(mut one) if one.len() == 1 => one.pop().ok_or_else(String::new),
+                    Ok(_) => Err(format!("{name}: wrong number of results")),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(result);
             }
         }
     }
@@ -160,7 +195,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_share_groups_and_each_gets_its_own_answer() {
         let (apply, seen) = recording(u32::MAX);
-        let group = Arc::new(GroupCommit::start("test", 16, apply));
+        let group = Arc::new(GroupCommit::start("test", 16, 1, apply));
         for (k, answer) in submit_all(&group, 40).await {
             assert_eq!(answer.expect("answer"), k * 10);
         }
@@ -171,9 +206,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn groups_run_in_parallel_up_to_the_bound() {
+        // Each group waits until two groups are inside the apply function at once: with one
+        // group at a time this never happens and the requests would never be answered.
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let apply: ApplyBatch<u32, u32> = Arc::new(move |reqs: Vec<u32>| {
+            let barrier = barrier.clone();
+            Box::pin(async move {
+                barrier.wait().await;
+                Ok(reqs)
+            })
+        });
+        let group = Arc::new(GroupCommit::start("test", 1, 2, apply));
+        let both = submit_all(&group, 2);
+        let answers = tokio::time::timeout(std::time::Duration::from_secs(30), both)
+            .await
+            .expect("two groups were applied at the same time");
+        assert!(answers.iter().all(|(k, a)| a.as_ref().ok() == Some(k)));
+    }
+
+    #[tokio::test]
     async fn a_request_that_fails_does_not_fail_the_others_of_its_group() {
         let (apply, seen) = recording(7);
-        let group = Arc::new(GroupCommit::start("test", 64, apply));
+        let group = Arc::new(GroupCommit::start("test", 64, 1, apply));
         for (k, answer) in submit_all(&group, 20).await {
             if k == 7 {
                 let e = answer.expect_err("poison fails");

@@ -102,8 +102,12 @@ impl<'a> ClaimRequest<'a> {
     }
 }
 
-/// How far ahead a replica claims a page's rows by default.
-pub const DEFAULT_LOOKAHEAD: Duration = Duration::from_secs(1);
+/// How far ahead a replica claims a page's rows by default. A claimed row holds one of the
+/// replica's in-flight places while it waits for its slot, so a page with a backlog holds up
+/// to this long times its rate of them: at 1 s and 250/s one page held 231 of 256 places and
+/// a drain over 16 pages waited 0.5 s per send for slots (BENCHMARKS.md). The dispatcher claims
+/// again every half look-ahead while sends are in flight, so a page's slots never run dry.
+pub const DEFAULT_LOOKAHEAD: Duration = Duration::from_millis(250);
 /// How late after its slot a call may still start (later, the slot is given up).
 pub const SLOT_LATENESS: Duration = Duration::from_millis(30);
 /// How much the way to Graph may shift one call against another (scheduling, network).
