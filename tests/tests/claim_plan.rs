@@ -119,7 +119,11 @@ async fn a_paused_pages_due_backlog_does_not_make_the_claim_walk_other_pages() {
     let claimed = lc_worker::scheduler::store::claim::claim_due(&mut client, &request)
         .await
         .expect("claim");
-    assert_eq!(claimed.len(), 100, "the 100 earliest of the 150 new due rows");
+    assert_eq!(
+        claimed.len(),
+        100,
+        "the 100 earliest of the 150 new due rows"
+    );
     assert!(
         claimed.iter().all(|c| c.login_id.starts_with("new-")),
         "only the other pages' due rows are claimed"
