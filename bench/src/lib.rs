@@ -12,7 +12,7 @@
 //! - [`suites`]: the suite names and the dispatcher the binary calls;
 //! - [`ingest`], [`scheduler`] (with [`skew`]: many pages, one with a backlog, and
 //!   [`prune_drain`]: a large drain with pruning on), [`correlator`], [`scale`] (with
-//!   [`expiry`]): one module per suite, each with its parameters (`quick()`, `full()`) and its
+//!   [`paused_claim`] and [`expiry`]): one module per suite, each with its parameters (`quick()`, `full()`) and its
 //!   ceiling;
 //! - [`env`]: the scratch environment (vhost, database, fake Graph, pages file) and starting
 //!   the services with their production defaults;
@@ -42,6 +42,7 @@ pub mod load;
 pub mod machine;
 pub mod mixed;
 pub mod null_graph;
+pub mod paused_claim;
 pub mod proc_stats;
 pub mod procs;
 pub mod prune_drain;

@@ -3,7 +3,8 @@
 //! due now → latency of `store::claim_due`, its plan, table and index sizes, without and with
 //! the next-attempt index (migration V3; measured both ways whatever ships), and again with the
 //! whole backlog due; the real scheduler draining that backlog (schema as shipped) with its
-//! resident memory sampled; then the deadline run ([`crate::expiry`]).
+//! resident memory sampled; the same claim with 30 % of a fresh backlog due on one paused page
+//! ([`crate::paused_claim`]); then the deadline run ([`crate::expiry`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,9 @@ impl ScaleParams {
 
 /// The scheduler's own claim statement, for `EXPLAIN`.
 pub const CLAIM_SQL: &str = lc_worker::scheduler::store::claim::CLAIM_DUE_SQL;
+
+/// The planner setting the scheduler runs the claim under.
+pub const CLAIM_PLANNER_SQL: &str = lc_worker::scheduler::store::claim::CLAIM_PLANNER_SQL;
 
 /// The index on the next attempt of pending rows (migration V3). The suite measures claims
 /// without it and with it, whatever the migrations ship, and checks the targets against the
@@ -153,6 +157,7 @@ pub async fn run(params: &ScaleParams, quick: bool) -> anyhow::Result<Report> {
     drop(sql);
     drop(pool);
     drop(env);
+    crate::paused_claim::run(params, &mut report).await?;
     crate::expiry::run(&params.expiry, &mut report).await?;
     report.finish();
     let (pending, all_due) = if shipped {
@@ -173,6 +178,12 @@ pub async fn run(params: &ScaleParams, quick: bool) -> anyhow::Result<Report> {
         true,
     );
     report.target(
+        "claim p99 < 5 ms with 30 % of the backlog due on a paused page (shipped schema)",
+        "scale_claim_paused_p99_ms",
+        5.0,
+        true,
+    );
+    report.target(
         "flat RSS while draining (< 4 MB growth over the second half)",
         "scale_drain_rss_growth_second_half_mb",
         4.0,
@@ -183,7 +194,7 @@ pub async fn run(params: &ScaleParams, quick: bool) -> anyhow::Result<Report> {
 
 /// Inserts `n` pending opt-ins: opted in at a random time in the last 24 hours (so deadlines
 /// are spread over the next 24), next attempt 10 minutes to 24 hours from now.
-async fn bulk_insert(
+pub(crate) async fn bulk_insert(
     sql: &tokio_postgres::Client,
     pages: &[String],
     n: usize,
@@ -251,8 +262,9 @@ fn mb(bytes: i64) -> f64 {
     round3(bytes as f64 / 1_048_576.0)
 }
 
-/// Measures claims for one window while a due stream is inserted; attaches the claim's plan.
-async fn claim_phase(
+/// Measures claims for one window while a due stream is inserted on `pages`; attaches the
+/// claim's plan.
+pub(crate) async fn claim_phase(
     pool: &Pool,
     pages: &[String],
     params: &ScaleParams,
@@ -291,11 +303,7 @@ async fn claim_phase(
     let end = Instant::now() + params.claim_window;
     while Instant::now() < end {
         let t = Instant::now();
-        let rows = store::claim::claim_due(
-            &mut client,
-            &ClaimRequest::new("bench-claim", Duration::from_secs(60), 100),
-        )
-        .await?;
+        let rows = store::claim::claim_due(&mut client, &claim_request()).await?;
         lat.record(t.elapsed());
         claims += 1;
         claimed += rows.len();
@@ -320,7 +328,7 @@ async fn claim_phase(
         "rows",
         "rows returned per claim",
     );
-    let plan = explain(&client).await?;
+    let plan = explain(&mut client).await?;
     if let Some(ms) = plan
         .lines()
         .find_map(|l| l.trim().strip_prefix("Execution Time: "))
@@ -337,39 +345,32 @@ async fn claim_phase(
     Ok(())
 }
 
-/// `EXPLAIN (ANALYZE, BUFFERS)` of the claim, in a transaction that is rolled back.
-async fn explain(client: &deadpool_postgres::Client) -> anyhow::Result<String> {
-    let excluded: Vec<String> = Vec::new();
-    client.batch_execute("BEGIN").await?;
-    let rows = client
+/// `EXPLAIN (ANALYZE, BUFFERS)` of the claim as `claim_due` runs it — the same planner
+/// setting ([`CLAIM_PLANNER_SQL`]: without it PostgreSQL may pick another plan) and the
+/// parameters of the measured `ClaimRequest` — in a transaction that is rolled back.
+async fn explain(client: &mut deadpool_postgres::Client) -> anyhow::Result<String> {
+    let request = claim_request();
+    let lookahead = request.lookahead.as_secs_f64();
+    let margin = request.safety_margin.as_secs_f64();
+    let tx = client.transaction().await?;
+    tx.batch_execute(CLAIM_PLANNER_SQL).await?;
+    let rows = tx
         .query(
             &format!("EXPLAIN (ANALYZE, BUFFERS) {CLAIM_SQL}"),
-            &[&"bench-explain", &60f64, &100i64, &excluded, &0f64],
+            &[&request.slot_stretch, &lookahead, &request.limit, &margin],
         )
-        .await;
-    client.batch_execute("ROLLBACK").await?;
-    let rows = match rows {
-        Ok(rows) => rows,
-        Err(_) => {
-            // A server that does not take parameters in EXPLAIN: the same values inline.
-            let inline = CLAIM_SQL
-                .replace("$1", "1.05")
-                .replace("$2", "1.0")
-                .replace("$3", "100")
-                .replace("$4", "0.0");
-            client.batch_execute("BEGIN").await?;
-            let rows = client
-                .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {inline}"), &[])
-                .await;
-            client.batch_execute("ROLLBACK").await?;
-            rows?
-        }
-    };
+        .await?;
+    tx.rollback().await?;
     Ok(rows
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect::<Vec<_>>()
         .join("\n"))
+}
+
+/// The claim every measurement times (and explains): the shape the scheduler asks for.
+fn claim_request() -> ClaimRequest<'static> {
+    ClaimRequest::new("bench-claim", Duration::from_secs(60), 100)
 }
 
 /// The real scheduler draining the (now due) backlog against a non-recording Graph, with its
