@@ -26,8 +26,13 @@ impl NullGraph {
         let calls = Arc::new(AtomicU64::new(0));
         let app = Router::new()
             .route("/{version}/{page}/messages", post(send))
-            // An HTTP floor for the ingest suite: accepts a webhook and does nothing else.
-            .route("/webhook", post(|| async { "EVENT_RECEIVED\n" }))
+            // An HTTP floor for the ingest suite: reads the webhook's body (as ingest must;
+            // answering before reading made hyper drop connections mid-body, and 50-event
+            // bodies failed) and does nothing else.
+            .route(
+                "/webhook",
+                post(|_body: axum::body::Bytes| async { "EVENT_RECEIVED\n" }),
+            )
             .with_state(calls.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
