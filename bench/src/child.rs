@@ -22,6 +22,12 @@ use crate::proc_stats::{ProcStats, ProcStatsError};
 /// Environment variable naming a directory with the three release binaries (skips the build).
 pub const BIN_DIR_VAR: &str = "LC_BENCH_BIN_DIR";
 
+/// Environment variable with whitespace-separated `NAME=value` pairs added to the scheduler's
+/// environment (e.g. `MALLOC_ARENA_MAX=2`, or heaptrack's `LD_PRELOAD` and
+/// `DUMP_HEAPTRACK_OUTPUT`), for A/B runs of one binary under different settings. Not set on
+/// the bench itself, so a preload there would not also profile the bench.
+pub const SCHEDULER_ENV_VAR: &str = "LC_BENCH_SCHEDULER_ENV";
+
 /// One of the services process mode starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
@@ -243,6 +249,11 @@ impl ServiceProc {
                 cmd.env(inherited, v);
             }
         }
+        if service == Service::Scheduler
+            && let Ok(extra) = std::env::var(SCHEDULER_ENV_VAR)
+        {
+            cmd.envs(env_pairs(&extra));
+        }
         let child = cmd.spawn().map_err(|source| ChildError::Spawn {
             service: service.name(),
             path: bin.to_owned(),
@@ -307,6 +318,14 @@ impl Drop for ServiceProc {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// The `NAME=value` pairs of a whitespace-separated list (words without `=` are skipped).
+fn env_pairs(list: &str) -> Vec<(&str, &str)> {
+    list.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
 }
 
 /// The last `max` bytes of a file (lossy), for error messages.
@@ -411,5 +430,13 @@ mod tests {
             Some(PathBuf::from("/t/release/ingest"))
         );
         assert_eq!(executable_of(messages, "scheduler"), None);
+    }
+
+    #[test]
+    fn scheduler_env_pairs() {
+        assert_eq!(
+            env_pairs(" MALLOC_ARENA_MAX=2  LD_PRELOAD=/a/b.so=x junk =1 "),
+            [("MALLOC_ARENA_MAX", "2"), ("LD_PRELOAD", "/a/b.so=x")]
+        );
     }
 }

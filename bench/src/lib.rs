@@ -26,7 +26,8 @@
 //!   those processes sampled each minute ([`soak_sample`]) with a flat/growing verdict per
 //!   series ([`trend`]: least squares and its 95 % interval); [`mixed`]: the streaming open
 //!   loop of opt-ins, replies and redeliveries they share; [`timed_graph`]: a Graph stand-in
-//!   timing each opt-in end to end with bounded memory;
+//!   timing each opt-in end to end with bounded memory; [`rss_drain`]: the scheduler binary
+//!   alone draining a backlog, its RSS against sends (leak or plateau, allocator A/B);
 //! - [`report`]: figures, targets, rendering and JSON; [`machine`]: cores, RAM, load average,
 //!   service versions and this process's RSS.
 
@@ -47,6 +48,7 @@ pub mod proc_stats;
 pub mod procs;
 pub mod prune_drain;
 pub mod report;
+pub mod rss_drain;
 pub mod scale;
 pub mod scheduler;
 pub mod skew;

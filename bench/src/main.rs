@@ -31,6 +31,9 @@ struct Args {
     /// Latency of the Graph stand-in of `procs` and `soak`, in milliseconds (default 100).
     #[arg(long = "graph-latency-ms")]
     graph_latency_ms: Option<u64>,
+    /// Due opt-ins of `rss-drain` (default 100,000; 20,000 with --quick).
+    #[arg(long)]
+    rows: Option<usize>,
     /// Where `<suite>.json` is written.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
@@ -59,6 +62,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         minutes: args.minutes,
         rate: args.rate,
         graph_latency_ms: args.graph_latency_ms,
+        rows: args.rows,
     };
     let mut combined: Option<Report> = None;
     for suite in args.suite.expand() {

@@ -24,6 +24,9 @@ pub enum Suite {
     /// The scheduler draining a million due opt-ins (100,000 quick) with pruning on: sends/s
     /// vs the batched DB ceiling, table size, RSS per 1,000 sends. Not part of `all`.
     Drain,
+    /// The scheduler binary alone draining 100,000 due opt-ins (20,000 quick) against a null
+    /// Graph: its RSS against sends (leak or plateau), peak, slope, sends/s. Not part of `all`.
+    RssDrain,
     /// Each service as its own process (release binaries): peak RSS and CPU seconds per
     /// 1,000 events of each, webhook → Graph p99 at the design load.
     Procs,
@@ -46,6 +49,8 @@ pub struct RunOptions {
     pub rate: Option<f64>,
     /// Latency of the Graph stand-in of `procs` and `soak` (default 100 ms).
     pub graph_latency_ms: Option<u64>,
+    /// Due opt-ins of `rss-drain` (default 100,000; 20,000 quick).
+    pub rows: Option<usize>,
 }
 
 impl Suite {
@@ -72,6 +77,7 @@ impl Suite {
             Self::Correlator => "correlator",
             Self::Scale => "scale",
             Self::Drain => "drain",
+            Self::RssDrain => "rss-drain",
             Self::Procs => "procs",
             Self::Soak => "soak",
             Self::All => "all",
@@ -118,6 +124,11 @@ pub async fn run_one(suite: Suite, options: &RunOptions) -> anyhow::Result<Repor
         Suite::Drain => {
             let rows = if quick { 100_000 } else { 1_000_000 };
             crate::prune_drain::suite(rows, quick).await
+        }
+        Suite::RssDrain => {
+            let rows = options.rows.unwrap_or(if quick { 20_000 } else { 100_000 });
+            anyhow::ensure!(rows >= 100, "--rows must be at least 100, not {rows}");
+            crate::rss_drain::run(rows, quick).await
         }
         Suite::Procs => {
             let mut p = if quick {
@@ -166,6 +177,7 @@ mod tests {
         assert_eq!(all.len(), 6);
         assert_eq!(&all[4..], [Suite::Procs, Suite::Soak]);
         assert!(!all.contains(&Suite::Drain));
+        assert!(!all.contains(&Suite::RssDrain));
         assert_eq!(Suite::Soak.expand(), [Suite::Soak]);
         assert!((SoakParams::quick().minutes - 3.0).abs() < 1e-9);
     }
