@@ -1,6 +1,7 @@
 //! Resident memory and CPU time of any process, read from `/proc/<pid>/status` and
 //! `/proc/<pid>/stat` (Linux). Process mode and the soak read the service processes they
-//! started; [`crate::machine`] reads the bench process itself.
+//! started; [`crate::machine`] reads the bench process itself; the ingest suite reads the
+//! bench process and the RabbitMQ node over its bare publishers' windows ([`cpu_over_window`]).
 
 use std::sync::OnceLock;
 
@@ -99,31 +100,6 @@ fn clock_ticks_per_s() -> f64 {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_stat_with_a_name_containing_spaces_and_parens() {
-        // Fields 14 and 15 (utime, stime) are 700 and 35.
-        let line = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 900 0 0 0 700 35 0 0 20 0 3 0";
-        assert_eq!(cpu_ticks(line), Some(735));
-        assert_eq!(cpu_ticks("4242 (x) S 1"), None);
-    }
-
-    #[test]
-    fn reads_this_process() {
-        assert_eq!(
-            status_kb("VmHWM:\t  1234 kB\nVmRSS: 10 kB", "VmRSS:"),
-            Some(10)
-        );
-        let me = read(std::process::id()).expect("own /proc entry");
-        assert!(me.rss_kb > 0 && me.hwm_kb >= me.rss_kb, "{me:?}");
-        assert!(me.cpu_s >= 0.0);
-        assert!(matches!(read(u32::MAX), Err(ProcStatsError::Read { .. })));
-    }
-}
-
 /// The local RabbitMQ node's process (`beam.smp`), when exactly one runs on the machine: with
 /// several (e.g. a fault suite's own nodes) the one serving the bench cannot be told apart
 /// here, and no figure beats a wrong one.
@@ -165,4 +141,29 @@ pub fn cpu_over_window(
         let other_s = oa.zip(ob).map(|(x, y)| y.cpu_s - x.cpu_s);
         Some((b.cpu_s - a.cpu_s, other_s))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_a_name_containing_spaces_and_parens() {
+        // Fields 14 and 15 (utime, stime) are 700 and 35.
+        let line = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 900 0 0 0 700 35 0 0 20 0 3 0";
+        assert_eq!(cpu_ticks(line), Some(735));
+        assert_eq!(cpu_ticks("4242 (x) S 1"), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        assert_eq!(
+            status_kb("VmHWM:\t  1234 kB\nVmRSS: 10 kB", "VmRSS:"),
+            Some(10)
+        );
+        let me = read(std::process::id()).expect("own /proc entry");
+        assert!(me.rss_kb > 0 && me.hwm_kb >= me.rss_kb, "{me:?}");
+        assert!(me.cpu_s >= 0.0);
+        assert!(matches!(read(u32::MAX), Err(ProcStatsError::Read { .. })));
+    }
 }
