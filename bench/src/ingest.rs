@@ -1,7 +1,8 @@
 //! The `ingest` suite: signed webhook bodies posted over HTTP at increasing concurrency, and
 //! its ceiling, a bare lapin publisher sending the same messages to the same exchange with the
 //! same confirm discipline (publish a body's messages, await their confirms, many bodies in
-//! flight on the same number of confirm channels).
+//! flight on the same number of confirm channels), and a second such ceiling on another AMQP
+//! client (amqprs, [`crate::amqprs_publisher`]) to tell lapin's costs from the broker's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,12 @@ use lapin::{Channel, Confirmation};
 use lc_shared::outgoing::{Outgoing, event_message};
 use lc_shared::telemetry::TraceParent;
 
+use crate::amqprs_publisher::{self, AmqprsPublisher};
 use crate::bodies::{SignedBody, reply_bodies};
 use crate::env::BenchEnv;
 use crate::hist::round3;
 use crate::load::{LoadResult, OpResult, closed_loop, open_loop};
+use crate::proc_stats::{broker_pid, cpu_over_window};
 use crate::report::Report;
 
 /// Sizes and durations of the ingest suite.
@@ -76,7 +79,8 @@ pub async fn run(params: &IngestParams, quick: bool) -> anyhow::Result<Report> {
     report.note(format!(
         "ingest with production defaults ({channels} confirm channels, 2 s confirm bound); bodies are pre-signed \
          reply events of ~1 KB; queues are purged between levels; ceiling = bare lapin publisher, \
-         {channels} confirm channels, same messages and properties, mandatory, one body's confirms awaited together"
+         {channels} confirm channels, same messages and properties, mandatory, one body's confirms awaited together; \
+         second ceiling = the same through a bare amqprs publisher (tokio-native client)"
     ));
 
     let mut peak_single = 0.0;
@@ -105,6 +109,7 @@ pub async fn run(params: &IngestParams, quick: bool) -> anyhow::Result<Report> {
         let chans = confirm_channels(&broker, channels).await?;
         let mut best_broker: f64 = 0.0;
         for &c in &params.levels {
+            let cpu = cpu_over_window(params.warmup, params.measure, broker_pid());
             let r = closed_loop(
                 c,
                 params.warmup,
@@ -119,11 +124,22 @@ pub async fn run(params: &IngestParams, quick: bool) -> anyhow::Result<Report> {
                 &r,
                 "bare publish + confirms",
             );
+            add_cpu(&mut report, &format!("broker_{shape}ev_c{c}"), &r, cpu).await;
             env.purge_work_queues(&broker).await?;
         }
         for ch in chans.iter() {
             let _ = ch.close(200, "done".into()).await;
         }
+        let best_amqprs = amqprs_ceiling(
+            &mut report,
+            params,
+            &env,
+            &broker,
+            &messages,
+            shape,
+            channels,
+        )
+        .await?;
         // The same client and bodies against an endpoint that only answers 200: what HTTP
         // alone costs on this machine (the load generator shares the cores).
         let http_floor = {
@@ -160,6 +176,22 @@ pub async fn run(params: &IngestParams, quick: bool) -> anyhow::Result<Report> {
             best_broker.round(),
             "events/s",
             "bare publisher, best level",
+        );
+        report.add(
+            format!("ingest_{shape}ev_amqprs_ceiling_events_per_s"),
+            best_amqprs.round(),
+            "events/s",
+            "bare amqprs publisher, best level",
+        );
+        report.add(
+            format!("ingest_lapin_vs_amqprs_bare_{shape}ev"),
+            round3(if best_amqprs > 0.0 {
+                best_broker / best_amqprs
+            } else {
+                0.0
+            }),
+            "ratio",
+            "lapin bare / amqprs bare (best levels)",
         );
         report.add(
             format!("ingest_{shape}ev_vs_broker"),
@@ -251,6 +283,83 @@ pub async fn run(params: &IngestParams, quick: bool) -> anyhow::Result<Report> {
         true,
     );
     Ok(report)
+}
+
+/// The second ceiling (#18: is lapin the wall?): the same messages, levels and confirm
+/// discipline through a bare amqprs publisher on the same vhost; returns its best rate.
+async fn amqprs_ceiling(
+    report: &mut Report,
+    params: &IngestParams,
+    env: &BenchEnv,
+    broker: &lapin::Connection,
+    messages: &[Arc<Vec<Outgoing>>],
+    shape: usize,
+    channels: usize,
+) -> anyhow::Result<f64> {
+    let converted = messages
+        .iter()
+        .map(|m| amqprs_publisher::convert(m).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let converted = Arc::new(converted);
+    let publisher = AmqprsPublisher::connect(&env.vhost.url(), channels).await?;
+    let mut best: f64 = 0.0;
+    for &c in &params.levels {
+        let cpu = cpu_over_window(params.warmup, params.measure, broker_pid());
+        let r = closed_loop(
+            c,
+            params.warmup,
+            params.measure,
+            publisher.publish_op(&converted),
+        )
+        .await;
+        best = best.max(r.events_per_s());
+        let prefix = format!("broker_amqprs_{shape}ev_c{c}");
+        add_run(report, &prefix, &r, "bare amqprs publish + confirms");
+        add_cpu(report, &prefix, &r, cpu).await;
+        env.purge_work_queues(broker).await?;
+    }
+    let returned = publisher.returned();
+    if returned > 0 {
+        report.add(
+            format!("broker_amqprs_{shape}ev_returned"),
+            returned as f64,
+            "count",
+            "mandatory messages returned unroutable (0 is right)",
+        );
+    }
+    publisher.close().await;
+    Ok(best)
+}
+
+/// CPU time per event of a bare publisher's window: the bench process (the publisher and its
+/// load loop; ingest idles meanwhile) and the RabbitMQ node, when it can be found.
+async fn add_cpu(
+    report: &mut Report,
+    prefix: &str,
+    r: &LoadResult,
+    cpu: tokio::task::JoinHandle<Option<(f64, Option<f64>)>>,
+) {
+    let Ok(Some((client_s, broker_s))) = cpu.await else {
+        return;
+    };
+    if r.events == 0 {
+        return;
+    }
+    let per_event = |s: f64| round3(s * 1e6 / r.events as f64);
+    report.add(
+        format!("{prefix}_client_cpu_us_per_event"),
+        per_event(client_s),
+        "µs",
+        "bench process CPU (utime+stime) over the window / events",
+    );
+    if let Some(b) = broker_s {
+        report.add(
+            format!("{prefix}_broker_cpu_us_per_event"),
+            per_event(b),
+            "µs",
+            "RabbitMQ node CPU over the window / events",
+        );
+    }
 }
 
 /// Adds a run's rate, failures and latency figures under `prefix`.

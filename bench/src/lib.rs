@@ -10,7 +10,8 @@
 //!
 //! Layout:
 //! - [`suites`]: the suite names and the dispatcher the binary calls;
-//! - [`ingest`], [`scheduler`] (with [`skew`]: many pages, one with a backlog, and
+//! - [`ingest`] (with [`amqprs_publisher`]: a second bare-publisher ceiling on another AMQP
+//!   client), [`scheduler`] (with [`skew`]: many pages, one with a backlog, and
 //!   [`prune_drain`]: a large drain with pruning on), [`correlator`], [`scale`] (with
 //!   [`paused_claim`] and [`expiry`]): one module per suite, each with its parameters (`quick()`, `full()`) and its
 //!   ceiling;
@@ -31,6 +32,7 @@
 //! - [`report`]: figures, targets, rendering and JSON; [`machine`]: cores, RAM, load average,
 //!   service versions and this process's RSS.
 
+pub mod amqprs_publisher;
 pub mod bodies;
 pub mod child;
 pub mod correlator;

@@ -1,6 +1,7 @@
 //! Resident memory and CPU time of any process, read from `/proc/<pid>/status` and
 //! `/proc/<pid>/stat` (Linux). Process mode and the soak read the service processes they
-//! started; [`crate::machine`] reads the bench process itself.
+//! started; [`crate::machine`] reads the bench process itself; the ingest suite reads the
+//! bench process and the RabbitMQ node over its bare publishers' windows ([`cpu_over_window`]).
 
 use std::sync::OnceLock;
 
@@ -96,6 +97,49 @@ fn clock_ticks_per_s() -> f64 {
             .and_then(|s| s.trim().parse::<f64>().ok())
             .filter(|t| *t > 0.0)
             .unwrap_or(100.0)
+    })
+}
+
+/// The local RabbitMQ node's process (`beam.smp`), when exactly one runs on the machine: with
+/// several (e.g. a fault suite's own nodes) the one serving the bench cannot be told apart
+/// here, and no figure beats a wrong one.
+pub fn broker_pid() -> Option<u32> {
+    let mut found = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "beam.smp" {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(pid);
+        }
+    }
+    found
+}
+
+/// CPU seconds used by this process and by `other` (if given) over a window that opens after
+/// `warmup` and lasts `measure` — the measurement window of a closed loop started now, so the
+/// CPU time can be divided by the events counted in that window.
+pub fn cpu_over_window(
+    warmup: std::time::Duration,
+    measure: std::time::Duration,
+    other: Option<u32>,
+) -> tokio::task::JoinHandle<Option<(f64, Option<f64>)>> {
+    tokio::spawn(async move {
+        let me = std::process::id();
+        tokio::time::sleep(warmup).await;
+        let (a, oa) = (read(me).ok()?, other.and_then(|p| read(p).ok()));
+        tokio::time::sleep(measure).await;
+        let (b, ob) = (read(me).ok()?, other.and_then(|p| read(p).ok()));
+        let other_s = oa.zip(ob).map(|(x, y)| y.cpu_s - x.cpu_s);
+        Some((b.cpu_s - a.cpu_s, other_s))
     })
 }
 
