@@ -69,7 +69,8 @@ pub struct SchedulerConfig {
     )]
     pub window_secs: u64,
 
-    /// Most Send API calls in flight in this replica.
+    /// Most Send API calls in flight in this replica (twice as many rows may be claimed: a row
+    /// waiting for its page's send slot holds no call's place).
     #[arg(
         long = "max-in-flight",
         env = "MAX_IN_FLIGHT_SENDS",

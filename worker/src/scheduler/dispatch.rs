@@ -1,6 +1,7 @@
 //! The dispatcher: claims due opt-ins earliest deadline first and makes their Send API calls.
 //!
-//! It claims only as many rows as it can start calls for at once (free concurrency slots), and
+//! It claims only as many rows as it has places for ([`CLAIMED_PER_CALL`] per call it may
+//! have in flight: a claimed row waits for its slot without holding a call's place), and
 //! each claimed row comes with its page's send slot (see `store::claim`): the call starts at
 //! that slot, or not at all if it is more than [`SLOT_LATENESS`] late (the row goes back to
 //! `pending`), so a page's limit holds across replicas in every one-second window.
@@ -98,7 +99,10 @@ pub struct Dispatcher {
     claim_latency_us: std::sync::atomic::AtomicU64,
     metrics: SchedulerMetrics,
     settings: DispatchSettings,
-    slots: Arc<Semaphore>,
+    /// Places for claimed rows, from the claim until the outcome is recorded.
+    places: Arc<Semaphore>,
+    /// Places for Send API calls in flight (`max_in_flight`), held only during the call.
+    calls: Arc<Semaphore>,
     /// "Call started" marks, committed in groups.
     marks: GroupCommit<Claimed, CallCheck>,
     /// Terminal transitions (sent, failed, expired, replied) with their events, committed
@@ -118,6 +122,13 @@ const GROUP_MAX: usize = 128;
 /// records/s on a loaded 2-core machine; BENCHMARKS.md).
 const GROUP_PARALLEL: usize = 2;
 
+/// Claimed rows per Send API call allowed in flight. A claimed row first waits for its page's
+/// send slot (up to the look-ahead) and for its call-start mark; if it held a call's place
+/// meanwhile, at 100 ms of Graph latency a row spent more time waiting than calling and the
+/// calls in flight stayed well under `MAX_IN_FLIGHT_SENDS` (BENCHMARKS.md). So claimed rows
+/// have their own, larger bound, and a call's place is taken only for the call itself.
+const CLAIMED_PER_CALL: usize = 2;
+
 impl Dispatcher {
     /// Builds a dispatcher.
     pub fn new(
@@ -128,7 +139,10 @@ impl Dispatcher {
         metrics: SchedulerMetrics,
         settings: DispatchSettings,
     ) -> Arc<Self> {
-        let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+        let places = Arc::new(Semaphore::new(
+            settings.max_in_flight.max(1) * CLAIMED_PER_CALL,
+        ));
+        let calls = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
         let marks = GroupCommit::start(
             "call-start marks",
             GROUP_MAX,
@@ -163,7 +177,8 @@ impl Dispatcher {
             claim_latency_us: std::sync::atomic::AtomicU64::new(5_000),
             metrics,
             settings,
-            slots,
+            places,
+            calls,
             marks,
             finishes,
             requeues,
@@ -173,7 +188,7 @@ impl Dispatcher {
     /// Runs until `shutdown`, then waits for in-flight calls to be recorded.
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: Shutdown) {
         let mut in_flight: JoinSet<()> = JoinSet::new();
-        let refill_at = (self.settings.max_in_flight / 4).max(1);
+        let refill_at = (self.settings.max_in_flight * CLAIMED_PER_CALL / 4).max(1);
         let mut min_free = 1;
         let mut last_rescue = Instant::now()
             .checked_sub(self.settings.poll_interval)
@@ -221,7 +236,7 @@ impl Dispatcher {
     ) -> Result<(), StoreError> {
         let mut min_free = min_free;
         loop {
-            let free = self.slots.available_permits();
+            let free = self.places.available_permits();
             if free == 0 || free < min_free || shutdown.is_triggered() {
                 return Ok(());
             }
@@ -245,7 +260,7 @@ impl Dispatcher {
             }
             let full = i64::try_from(claimed.len()).unwrap_or(0) == limit;
             for c in claimed {
-                let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                let Ok(permit) = self.places.clone().try_acquire_owned() else {
                     // Cannot happen (we claimed at most `free`); give the row back if it does.
                     self.release_quietly(&c).await;
                     continue;
@@ -405,6 +420,10 @@ impl Dispatcher {
             ..c.clone()
         };
         tokio::time::sleep_until(c.slot.into()).await;
+        // The call's place; waiting for one counts against the slot's lateness like any wait.
+        let Ok(call_place) = self.calls.acquire().await else {
+            return self.give_back(c, "the dispatcher is closing").await;
+        };
         let now = Instant::now();
         if now > c.slot + SLOT_LATENESS {
             // Calling now could crowd the page's next slots: give the row back instead.
@@ -448,6 +467,7 @@ impl Dispatcher {
             .send_message(&page, &message, &c.login_id, Some(&call_trace))
             .instrument(call_span)
             .await;
+        drop(call_place);
         self.metrics
             .send_latency
             .observe(started.elapsed().as_secs_f64());
