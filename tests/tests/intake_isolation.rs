@@ -288,6 +288,96 @@ async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_b
     scheduler.task.await.expect("stopped");
 }
 
+/// Publishes queued opt-ins to the webhook exchange, each confirmed.
+async fn publish_queued(env: &TestEnv, bodies: &[(&str, Vec<u8>)]) {
+    let conn = env.vhost.connect().await;
+    let ch = amqp::confirm_channel(&conn).await.expect("channel");
+    for (login_id, data) in bodies {
+        let c = amqp::publish(
+            &ch,
+            topology::WEBHOOK_EXCHANGE,
+            &format!("optin.{PAGE}"),
+            true,
+            data,
+            amqp::persistent_properties(login_id, "application/json"),
+        )
+        .await
+        .expect("publish");
+        amqp::await_confirm(c, WAIT).await.expect("confirm");
+    }
+}
+
+/// The intake pipelines the opt-ins of a batch on one connection; deliveries of one person
+/// in one batch must still be recorded one after another in queue order. Here an old window
+/// of G (two days ago: recorded expired) is followed by its new window (recorded pending over
+/// it, `cycle` 2, after an expiry event for the old one); recorded the other way round, the
+/// old one would be a mere duplicate and no expiry would be announced. E's redelivery with an
+/// earlier time moves its deadline, and a later one moves nothing.
+#[tokio::test]
+async fn deliveries_of_one_person_in_one_batch_are_recorded_in_queue_order() {
+    let env = TestEnv::new().await;
+    let (_ingest, _stop_ingest) = env.start_ingest().await;
+    let t = to_ms(OffsetDateTime::now_utc());
+    let early = t - Duration::from_secs(200);
+    let bodies = [
+        ("G", queued_optin("G", t - 2 * DAY, "webhook")),
+        ("E", queued_optin("E", t, "webhook")),
+        ("F", queued_optin("F", t, "webhook")),
+        ("G", queued_optin("G", t, "webhook")),
+        ("E", queued_optin("E", early, "webhook")),
+        (
+            "E",
+            queued_optin("E", t + Duration::from_secs(100), "webhook"),
+        ),
+    ];
+    publish_queued(&env, &bodies).await;
+    let mut config = env.scheduler_config();
+    config.send_delay_secs = 3600;
+    let delay = Duration::from_secs(3600);
+    let (scheduler, stop) = env.start_scheduler(config).await;
+    let sql = env.sql().await;
+    eventually(WAIT, "all six deliveries recorded", || async {
+        let text = metrics_text(scheduler.metrics_addr).await;
+        text.contains("scheduler_optins_recorded_total{result=\"pending\"} 3")
+            && text.contains("scheduler_optins_recorded_total{result=\"duplicate\"} 2")
+            && text.contains("scheduler_optins_recorded_total{result=\"expired\"} 1")
+    })
+    .await;
+    assert_eq!(
+        stored_times(&sql, "E").await,
+        [early, early + DAY, early + delay, early + delay]
+    );
+    assert_eq!(
+        stored_times(&sql, "G").await,
+        [t, t + DAY, t + delay, t + delay]
+    );
+    let g = sql
+        .query_one(
+            "SELECT state, cycle FROM optins WHERE page_id = $1 AND login_id = 'G'",
+            &[&PAGE],
+        )
+        .await
+        .expect("G");
+    assert_eq!(
+        (g.get::<_, String>(0), g.get::<_, i32>(1)),
+        ("pending".into(), 2)
+    );
+    let events: Vec<String> = sql
+        .query(
+            "SELECT event_type FROM outbox WHERE cloudevent->'data'->>'login_id' = 'G' ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events, ["first_message.expired"], "the old window's expiry");
+    assert!(env.graph.send_calls().is_empty(), "nothing was due");
+    stop.trigger();
+    scheduler.task.await.expect("stopped");
+}
+
 #[tokio::test]
 async fn an_earlier_duplicate_moves_a_pending_deadline_earlier_and_never_later() {
     let env = TestEnv::new().await;

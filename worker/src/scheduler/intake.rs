@@ -12,6 +12,7 @@
 //! (connection lost, serialization, a send in flight) keep the whole batch for a retry.
 
 use lc_shared::optin::OptinState;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use deadpool_postgres::{Client, Pool};
@@ -212,6 +213,18 @@ pub async fn record_batch(
 }
 
 /// The normal path: every opt-in of the batch in one transaction.
+///
+/// Opt-ins of different people touch different rows, so their statements are issued at once
+/// and pipelined on the one connection: a round trip per step for the whole batch, not per
+/// statement (the server still runs them one at a time, in the order they arrive). Opt-ins of
+/// one person (a redelivery beside its original) are recorded one after another in batch
+/// order, since each decides from the row the one before wrote. People are issued in key
+/// order, so two intake transactions that share people take their row locks in the same
+/// order and do not deadlock.
+///
+/// Every person's chain is awaited, not just until the first error: after one statement
+/// fails, those queued behind it fail with 25P02, and only the full set says whether some
+/// opt-in's data was refused (see [`most_telling`]).
 async fn record_together(
     client: &mut Client,
     pages: &PagesConfig,
@@ -220,13 +233,67 @@ async fn record_together(
     decoded: &[Decoded],
 ) -> Result<Vec<Recorded>, RecordError> {
     let tx = client.transaction().await.map_err(StoreError::from)?;
-    let mut recorded = Vec::with_capacity(decoded.len());
-    for d in decoded {
-        let known = pages.get(&d.optin.page_id).is_some();
-        recorded.push(record::record_optin(&tx, &d.optin, known, timing, now).await?);
+    let mut people: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+    for (position, d) in decoded.iter().enumerate() {
+        let key = (d.optin.page_id.as_str(), d.optin.login_id.as_str());
+        people.entry(key).or_default().push(position);
+    }
+    let tx_ref = &tx;
+    let chains = futures_util::future::join_all(people.into_values().map(|positions| async move {
+        let mut done = Vec::with_capacity(positions.len());
+        for position in positions {
+            let optin = &decoded[position].optin;
+            let known = pages.get(&optin.page_id).is_some();
+            match record::record_optin(tx_ref, optin, known, timing, now).await {
+                Ok(recorded) => done.push((position, recorded)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }))
+    .await;
+    let mut recorded = vec![None; decoded.len()];
+    let mut failure: Option<RecordError> = None;
+    for chain in chains {
+        match chain {
+            Ok(done) => {
+                for (position, r) in done {
+                    recorded[position] = Some(r);
+                }
+            }
+            Err(e) => failure = Some(most_telling(failure, e)),
+        }
+    }
+    if let Some(e) = failure {
+        // Dropping the transaction rolls the batch back.
+        return Err(e);
     }
     tx.commit().await.map_err(StoreError::from)?;
-    Ok(recorded)
+    recorded
+        .into_iter()
+        .map(|r| {
+            r.ok_or_else(|| {
+                RecordError::Unrecordable("an opt-in of the batch was not recorded".into())
+            })
+        })
+        .collect()
+}
+
+/// Of two failures of one batch, the one that says most: a refusal of an opt-in's data (the
+/// caller then isolates that opt-in), else any failure that is not merely 25P02 (a statement
+/// queued behind the one that failed).
+fn most_telling(seen: Option<RecordError>, new: RecordError) -> RecordError {
+    let Some(seen) = seen else { return new };
+    let rank = |e: &RecordError| {
+        if e.refusal().is_some() {
+            2
+        } else if e.is_aborted_transaction() {
+            0
+        } else {
+            1
+        }
+    };
+    if rank(&new) > rank(&seen) { new } else { seen }
 }
 
 /// The fallback when a row was refused: one transaction per opt-in, so the refused one is
