@@ -316,7 +316,17 @@ impl Drop for ServiceProc {
     fn drop(&mut self) {
         // kill_on_drop sends SIGKILL when `child` drops right after this.
         let _ = self.child.start_kill();
-        let _ = std::fs::remove_file(&self.log);
+        // LC_BENCH_KEEP_LOGS=1 keeps the services' logs (their paths are printed) to find
+        // out what a slow or failed run was doing.
+        if std::env::var_os("LC_BENCH_KEEP_LOGS").is_some() {
+            eprintln!(
+                "kept the log of {}: {}",
+                self.service.name(),
+                self.log.display()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 

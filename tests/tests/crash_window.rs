@@ -2,7 +2,7 @@
 //! leaves a safe retry (not an unknown outcome), only a marked claim follows
 //! `UNKNOWN_OUTCOME`, a superseded claim makes no call, and two pages' opt-ins for one
 //! login_id marked at the same moment let only one call go out; and the group commits of
-//! marks and of sent records.
+//! marks and of sent records, which lock people's rows in the one lock order.
 
 use std::time::Duration;
 
@@ -386,4 +386,78 @@ async fn a_group_of_mixed_endings_writes_each_with_its_own_event() {
     assert_eq!(events[1].1["attempts"], 0);
     assert_eq!(events[2].1["last_error"]["code"], 551, "{:?}", events[2].1);
     assert_eq!(events[2].1["attempts"], 1);
+}
+
+/// A group of endings locks people's rows in the one lock order (`runtime::lock_order`), not
+/// in the order its endings were submitted. Found by the process benchmark: a group that
+/// locked B then A while the correlator's batch (which locks in that order) held A and
+/// wanted B deadlocked, and PostgreSQL broke it only after a second, stalling both. Here
+/// another transaction holds A while the group [B, A] runs: the group must be waiting for A
+/// without having locked B.
+#[tokio::test]
+async fn a_group_of_endings_locks_rows_in_lock_order_whatever_its_submission_order() {
+    use store::finish::{Finish, SentRecord};
+    let (_env, pool, sql) = store_env().await;
+    let now = OffsetDateTime::now_utc();
+    insert_optin(&sql, PAGE, "A1", now, "pending").await;
+    insert_optin(&sql, PAGE, "B1", now, "pending").await;
+    let mut client = pool.get().await.expect("client");
+    let claimed = claim(&mut client, "worker", Duration::from_secs(30)).await;
+    let of = |login_id: &str| {
+        claimed
+            .iter()
+            .find(|c| c.login_id == login_id)
+            .expect("claimed")
+            .clone()
+    };
+    let sent = |login_id: &str| {
+        Finish::Sent(SentRecord {
+            claim: of(login_id),
+            message_id: format!("m_{login_id}"),
+            sent_at: now,
+        })
+    };
+    let records = vec![sent("B1"), sent("A1")];
+
+    let mut holder = pool.get().await.expect("holder");
+    let hold = holder.transaction().await.expect("transaction");
+    hold.execute("SELECT 1 FROM optins WHERE login_id = 'A1' FOR UPDATE", &[])
+        .await
+        .expect("lock A1");
+    let group = tokio::spawn(async move {
+        store::finish::finish_group(&mut client, &records)
+            .await
+            .expect("group")
+    });
+    lc_testkit::pipeline::eventually(
+        lc_testkit::pipeline::WAIT,
+        "the group waits for A1",
+        || async {
+            sql.query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get::<_, i64>(0)
+                == 1
+        },
+    )
+    .await;
+    let b_free = hold
+        .execute(
+            "SELECT 1 FROM optins WHERE login_id = 'B1' FOR UPDATE NOWAIT",
+            &[],
+        )
+        .await;
+    assert!(
+        b_free.is_ok(),
+        "the group locked B1 before A1: {:?}",
+        b_free.err()
+    );
+    hold.rollback().await.expect("release");
+    assert_eq!(group.await.expect("group task"), [true, true]);
+    assert_eq!(optin_state(&sql, "A1").await.as_deref(), Some("sent"));
+    assert_eq!(optin_state(&sql, "B1").await.as_deref(), Some("sent"));
 }

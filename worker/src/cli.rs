@@ -337,7 +337,7 @@ pub enum CliError {
     #[error(transparent)]
     Db(#[from] lc_shared::db::DbError),
     /// Query failed.
-    #[error("database error: {0}")]
+    #[error("database error: {}", lc_shared::db::describe(.0))]
     Query(#[from] tokio_postgres::Error),
     /// Pool failed.
     #[error("database connection error: {0}")]

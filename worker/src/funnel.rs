@@ -40,7 +40,7 @@ pub enum FunnelError {
         message: String,
     },
     /// The database refused or failed the query.
-    #[error("database error while reading the funnel: {0}")]
+    #[error("database error while reading the funnel: {}", lc_shared::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     /// The query ran into its time limit (seconds): the range is too wide for the table.
     #[error(

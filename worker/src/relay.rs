@@ -73,7 +73,7 @@ pub enum RelayError {
     #[error("cannot get a database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     /// A statement failed.
-    #[error("database error: {0}")]
+    #[error("database error: {}", lc_shared::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     /// Publishing failed or was not confirmed in time.
     #[error("publishing failed: {0}")]

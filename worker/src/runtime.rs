@@ -6,6 +6,7 @@
 //! - [`consumer`]: the batched AMQP consumer that acks after commit and dead-letters.
 //! - [`db_probe`]: the periodic database check behind `/readyz`.
 //! - [`http`]: the `/metrics`, `/healthz`, `/readyz` server of each worker.
+//! - [`lock_order`]: the one order in which every writer locks people's rows.
 //! - [`process`]: what both workers run beside their own work (that server, the relay, the
 //!   supervisor task).
 
@@ -13,4 +14,5 @@ pub mod config;
 pub mod consumer;
 pub mod db_probe;
 pub mod http;
+pub mod lock_order;
 pub mod process;

@@ -64,7 +64,7 @@ pub enum BatchError {
     #[error("cannot get a database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     /// A statement failed.
-    #[error("database error: {0}")]
+    #[error("database error: {}", lc_shared::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     /// A link was deleted (a data deletion request) while its reply was being handled.
     #[error("a link was deleted while its reply was handled; retrying the batch")]

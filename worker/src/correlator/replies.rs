@@ -19,6 +19,7 @@ use tracing::Instrument;
 use super::link::{self, BatchError, LinkRequest, LinkSources, Outcome};
 use super::metrics::CorrelatorMetrics;
 use crate::runtime::consumer::{Incoming, Verdict};
+use crate::runtime::lock_order;
 
 /// A committed outcome and the trace context it was handled in (what the event carries).
 type Traced = (Outcome, TraceParent);
@@ -41,10 +42,12 @@ pub(super) async fn handle_batch(
             Err(reason) => verdicts[index] = Verdict::DeadLetter(reason),
         }
     }
-    // A fixed lock order across replicas avoids deadlocks; within one login_id the earliest
+    // The one lock order of every writer of people's rows (`runtime::lock_order`) avoids
+    // deadlocks with other loops, replicas and the scheduler; within one person the earliest
     // reply goes first, so it is the one whose PSID wins.
     requests.sort_by(|a, b| {
-        (&a.page_id, &a.login_id, a.at, a.index).cmp(&(&b.page_id, &b.login_id, b.at, b.index))
+        lock_order::cmp_people((&a.login_id, &a.page_id), (&b.login_id, &b.page_id))
+            .then((a.at, a.index).cmp(&(b.at, b.index)))
     });
 
     let outcomes = match apply_together(pool, &requests).await {

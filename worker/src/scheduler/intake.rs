@@ -218,9 +218,9 @@ pub async fn record_batch(
 /// and pipelined on the one connection: a round trip per step for the whole batch, not per
 /// statement (the server still runs them one at a time, in the order they arrive). Opt-ins of
 /// one person (a redelivery beside its original) are recorded one after another in batch
-/// order, since each decides from the row the one before wrote. People are issued in key
-/// order, so two intake transactions that share people take their row locks in the same
-/// order and do not deadlock.
+/// order, since each decides from the row the one before wrote. People are issued in the one
+/// lock order (`runtime::lock_order`), so this transaction and any other writer of the same
+/// rows (another intake loop or replica, the dispatcher, the correlator) do not deadlock.
 ///
 /// Every person's chain is awaited, not just until the first error: after one statement
 /// fails, those queued behind it fail with 25P02, and only the full set says whether some
@@ -233,9 +233,10 @@ async fn record_together(
     decoded: &[Decoded],
 ) -> Result<Vec<Recorded>, RecordError> {
     let tx = client.transaction().await.map_err(StoreError::from)?;
+    // Keyed (login_id, page_id): the map's order is the lock order.
     let mut people: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
     for (position, d) in decoded.iter().enumerate() {
-        let key = (d.optin.page_id.as_str(), d.optin.login_id.as_str());
+        let key = (d.optin.login_id.as_str(), d.optin.page_id.as_str());
         people.entry(key).or_default().push(position);
     }
     let tx_ref = &tx;

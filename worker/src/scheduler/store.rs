@@ -30,7 +30,7 @@ pub const EVENT_SOURCE: &str = "/loginconnect/scheduler";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A statement failed.
-    #[error("database error: {0}")]
+    #[error("database error: {}", lc_shared::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     /// A connection could not be taken from the pool.
     #[error("database pool error: {0}")]
@@ -213,9 +213,16 @@ pub async fn requeue_group(
     let release = tx.prepare_cached(RELEASE_SQL).await?;
     let retry = tx.prepare_cached(RESCHEDULE_SQL).await?;
     let (tx_ref, release, retry) = (&tx, &release, &retry);
-    // Issued together, the statements are pipelined on the one connection.
-    let written = futures_util::future::try_join_all(records.iter().map(|r| async move {
-        let n = match r {
+    // Issued together, the statements are pipelined on the one connection, people in the
+    // one lock order (`runtime::lock_order`).
+    let order = crate::runtime::lock_order::positions(records, |r| {
+        let c = match r {
+            Requeue::Release { claim, .. } | Requeue::Retry { claim, .. } => claim,
+        };
+        (c.login_id.as_str(), c.page_id.as_str())
+    });
+    let written = futures_util::future::try_join_all(order.iter().map(|&k| async move {
+        let n = match &records[k] {
             Requeue::Release { claim: c, at } => {
                 tx_ref
                     .execute(release, &[&c.page_id, &c.login_id, &c.fence, at])
@@ -248,7 +255,7 @@ pub async fn requeue_group(
     }))
     .await?;
     tx.commit().await?;
-    Ok(written)
+    Ok(crate::runtime::lock_order::scatter(&order, written))
 }
 
 /// Puts a row back to pending for a retry at `next_attempt_at`, recording the error.

@@ -46,9 +46,11 @@ pub async fn begin_calls(
     client: &mut Client,
     claims: &[Claimed],
 ) -> Result<Vec<CallCheck>, StoreError> {
-    // Locks are taken in one global order (by key), so two groups cannot deadlock.
-    let mut order: Vec<usize> = (0..claims.len()).collect();
-    order.sort_by(|&a, &b| claims[a].login_id.cmp(&claims[b].login_id));
+    // Locks are taken in the one global order (`runtime::lock_order`), so two groups, or a
+    // group and another writer of the same rows, cannot deadlock.
+    let order = crate::runtime::lock_order::positions(claims, |c| {
+        (c.login_id.as_str(), c.page_id.as_str())
+    });
     let tx = client.transaction().await?;
     // Issued together, the statements are pipelined on the one connection (one round trip
     // per step for the whole group); the server runs them in the order they were issued:

@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 
 use super::claim::Claimed;
 use super::{EVENT_SOURCE, StoreError, StoredError};
+use crate::runtime::lock_order;
 
 /// `$1`–`$3` the fence, `$4` Graph's `message_id`, `$5` when it was accepted, `$6` attempts.
 const SENT_SQL: &str = concat!(
@@ -186,9 +187,14 @@ pub async fn finish_group(
     let replied = tx.prepare_cached(REPLIED_SQL).await?;
     let (tx_ref, sent, unsent, replied) = (&tx, &sent, &unsent, &replied);
     // Issued together, the statements are pipelined on the one connection: one round trip
-    // for the group instead of one per ending (the server still runs them in order). Each
-    // yields `None` when the fence no longer matched, else the error the row now holds.
-    let outcomes = futures_util::future::try_join_all(finishes.iter().map(|f| async move {
+    // for the group instead of one per ending (the server still runs them in order), people
+    // in the one lock order (`runtime::lock_order`). Each yields `None` when the fence no
+    // longer matched, else the error the row now holds.
+    let order = lock_order::positions(finishes, |f| {
+        (f.claim().login_id.as_str(), f.claim().page_id.as_str())
+    });
+    let outcomes = futures_util::future::try_join_all(order.iter().map(|&k| async move {
+        let f = &finishes[k];
         let c = f.claim();
         let attempts = f.attempts();
         let outcome = match f {
@@ -257,15 +263,18 @@ pub async fn finish_group(
         Ok::<_, tokio_postgres::Error>(outcome)
     }))
     .await?;
-    let events: Vec<(PublicEvent, Option<&str>)> = finishes
+    // Events in the same order: the outbox insert locks the person's sequence row.
+    let events: Vec<(PublicEvent, Option<&str>)> = order
         .iter()
         .zip(&outcomes)
-        .filter_map(|(f, outcome)| {
+        .filter_map(|(&k, outcome)| {
+            let f = &finishes[k];
             let last_error = outcome.clone()?;
             let ev = f.event(last_error)?;
             Some((ev, f.claim().traceparent.as_deref()))
         })
         .collect();
+    let outcomes = lock_order::scatter(&order, outcomes);
     futures_util::future::try_join_all(
         events
             .iter()
