@@ -518,8 +518,12 @@ impl Dispatcher {
     }
 
     /// How far after now an idle page's first slot is put: what this replica needs from a
-    /// claim to its calls (the claim's commit, the call-start mark ahead of the slot), twice
-    /// over, so that a slot has not passed by the time its call could start. Bounded: a
+    /// claim to its calls (the whole claim, though only its commit follows the slot's
+    /// reckoning, and the call-start mark twice over), so that a slot has not passed by the
+    /// time its call could start. Not doubled again: that put an idle page's first message
+    /// ≈ 60 ms later than needed at the design load (webhook → Graph p50 125 ms, p99 407 ms
+    /// in `bench procs`; 76 and 138 ms without), while the slots it saved were within
+    /// [`SLOT_LATENESS`] anyway (missed slots fell from 47 to 26 of 5,000). Bounded: a
     /// database that slow needs a longer look-ahead, not a late first message.
     fn slot_offset(&self) -> Duration {
         let us = self
@@ -528,7 +532,7 @@ impl Dispatcher {
             + 2 * self
                 .mark_latency_us
                 .load(std::sync::atomic::Ordering::Relaxed);
-        (Duration::from_micros(2 * us) + Duration::from_millis(5)).min(self.settings.lookahead / 2)
+        (Duration::from_micros(us) + Duration::from_millis(5)).min(self.settings.lookahead / 2)
     }
 
     /// Gives a claimed row back without a call (it is due again at once; a held page's rows
