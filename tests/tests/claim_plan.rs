@@ -94,7 +94,7 @@ async fn one_pages_backlog_takes_only_the_lookaheads_worth_of_places() {
     let claimed = lc_worker::scheduler::store::claim::claim_due(&mut client, &request)
         .await
         .expect("claim");
-    // 250 ms of slots 1.08 / 250 s apart, plus the first: 58.
+    // 250 ms of slots 1.12 / 250 s apart, plus the first: 56.
     assert!(
         (1..=64).contains(&claimed.len()),
         "one page's backlog took {} of 256 places",

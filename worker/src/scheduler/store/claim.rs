@@ -109,12 +109,18 @@ impl<'a> ClaimRequest<'a> {
 /// a drain over 16 pages waited 0.5 s per send for slots (BENCHMARKS.md). The dispatcher claims
 /// again every half look-ahead while sends are in flight, so a page's slots never run dry.
 pub const DEFAULT_LOOKAHEAD: Duration = Duration::from_millis(250);
-/// How late after its slot a call may still start (later, the slot is given up).
-pub const SLOT_LATENESS: Duration = Duration::from_millis(30);
+/// How late after its slot a call may still start (later, the slot is given up and the row
+/// goes back to `pending` to be claimed again). 30 ms was too tight at the design load with
+/// each service its own process: a call-start mark that waited for a busy commit came back
+/// after its slot, the row went round again (a release, a claim, a mark: some 100–200 ms
+/// more for that opt-in), and webhook → Graph p99 was 362 ms in `bench procs` (60 s at
+/// 500 opt-ins/s); at 70 ms it was 175 and 188 ms in two runs, with no slot missed. The
+/// price is in the slots' stretch (below): 4 % more of a limited page's rate.
+pub const SLOT_LATENESS: Duration = Duration::from_millis(70);
 /// How much the way to Graph may shift one call against another (scheduling, network).
 /// 20 ms was not enough on a loaded 2-core machine: a clean-clone CI run with other builds
 /// beside it saw 21 calls of a 20/s page in one second at Graph (the first call of a window
-/// arriving late, the slot a second later on time). 50 ms costs 3 % of a limited page's rate.
+/// arriving late, the slot a second later on time). 50 ms costs 5 % of a limited page's rate.
 pub const ARRIVAL_JITTER: Duration = Duration::from_millis(50);
 
 /// A page with at most this many due rows is "sparse": its due rows are read through
