@@ -226,14 +226,32 @@ fn queued_optin(login_id: &str, at: OffsetDateTime, source: &str) -> Vec<u8> {
     serde_json::to_vec(&queued).expect("json")
 }
 
+/// Publishes queued opt-ins (login_id, body) to the webhook exchange, each confirmed.
+async fn publish_queued(env: &TestEnv, bodies: &[(impl AsRef<str>, Vec<u8>)]) {
+    let conn = env.vhost.connect().await;
+    let ch = amqp::confirm_channel(&conn).await.expect("channel");
+    for (login_id, data) in bodies {
+        let login_id = login_id.as_ref();
+        let c = amqp::publish(
+            &ch,
+            topology::WEBHOOK_EXCHANGE,
+            &format!("optin.{PAGE}"),
+            true,
+            data,
+            amqp::persistent_properties(login_id, "application/json"),
+        )
+        .await
+        .expect("publish");
+        amqp::await_confirm(c, WAIT).await.expect("confirm");
+    }
+}
+
 #[tokio::test]
 async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_batch_commits() {
     let env = TestEnv::new().await;
     // Ingest declares the topology; the scheduler starts only once everything is queued, so
     // the deliveries arrive together and are recorded as one batch.
     let (_ingest, _stop_ingest) = env.start_ingest().await;
-    let conn = env.vhost.connect().await;
-    let ch = amqp::confirm_channel(&conn).await.expect("channel");
     let now = OffsetDateTime::now_utc();
     let mut bodies: Vec<(String, Vec<u8>)> = (0..10)
         .map(|i| {
@@ -248,19 +266,7 @@ async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_b
         5,
         ("REFUSED".into(), queued_optin("REFUSED", now, "web\0hook")),
     );
-    for (login_id, data) in &bodies {
-        let c = amqp::publish(
-            &ch,
-            topology::WEBHOOK_EXCHANGE,
-            &format!("optin.{PAGE}"),
-            true,
-            data,
-            amqp::persistent_properties(login_id, "application/json"),
-        )
-        .await
-        .expect("publish");
-        amqp::await_confirm(c, WAIT).await.expect("confirm");
-    }
+    publish_queued(&env, &bodies).await;
     let (scheduler, stop) = env.start_scheduler(env.scheduler_config()).await;
 
     let calls = env
@@ -286,25 +292,6 @@ async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_b
     assert_eq!(optin_state(&sql, "REFUSED").await, None);
     stop.trigger();
     scheduler.task.await.expect("stopped");
-}
-
-/// Publishes queued opt-ins to the webhook exchange, each confirmed.
-async fn publish_queued(env: &TestEnv, bodies: &[(&str, Vec<u8>)]) {
-    let conn = env.vhost.connect().await;
-    let ch = amqp::confirm_channel(&conn).await.expect("channel");
-    for (login_id, data) in bodies {
-        let c = amqp::publish(
-            &ch,
-            topology::WEBHOOK_EXCHANGE,
-            &format!("optin.{PAGE}"),
-            true,
-            data,
-            amqp::persistent_properties(login_id, "application/json"),
-        )
-        .await
-        .expect("publish");
-        amqp::await_confirm(c, WAIT).await.expect("confirm");
-    }
 }
 
 /// The intake pipelines the opt-ins of a batch on one connection; deliveries of one person
