@@ -17,6 +17,8 @@ use lc_shared::telemetry::TraceParent;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::runtime::batch_failure::{self, BatchFailure};
+
 /// CloudEvent `source` of the events the correlator writes.
 pub const EVENT_SOURCE: &str = "/loginconnect/correlator";
 
@@ -85,12 +87,15 @@ impl BatchError {
             format!("the database rejected the reply's data (SQLSTATE {code}): {message}")
         })
     }
+}
 
-    /// True for 25P02 "current transaction is aborted": a statement that failed only because
-    /// an earlier one of the same transaction did, so it says nothing about its own row.
-    pub fn is_aborted_transaction(&self) -> bool {
-        matches!(self, Self::Db(e)
-            if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION))
+impl BatchFailure for BatchError {
+    fn is_row_refusal(&self) -> bool {
+        self.rejected_data().is_some()
+    }
+
+    fn is_aborted_transaction(&self) -> bool {
+        matches!(self, Self::Db(e) if batch_failure::is_aborted_transaction(e))
     }
 }
 

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use super::link::{self, BatchError, LinkRequest, LinkSources, Outcome};
 use super::metrics::CorrelatorMetrics;
+use crate::runtime::batch_failure::most_telling;
 use crate::runtime::consumer::{Incoming, Verdict};
 use crate::runtime::lock_order;
 
@@ -178,22 +179,6 @@ async fn apply_together(pool: &Pool, requests: &[LinkRequest]) -> Result<Vec<Tra
     }
     tx.commit().await?;
     Ok(outcomes)
-}
-
-/// Of two failures of one batch, the one that says most: a refusal of a row's data (the
-/// caller then isolates that row), else any failure that is not merely 25P02.
-fn most_telling(seen: Option<BatchError>, new: BatchError) -> BatchError {
-    let Some(seen) = seen else { return new };
-    let rank = |e: &BatchError| {
-        if e.rejected_data().is_some() {
-            2
-        } else if e.is_aborted_transaction() {
-            0
-        } else {
-            1
-        }
-    };
-    if rank(&new) > rank(&seen) { new } else { seen }
 }
 
 /// The fallback when the database rejected some request's data: one transaction each, so

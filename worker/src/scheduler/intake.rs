@@ -26,6 +26,7 @@ use tokio::sync::{Notify, RwLock};
 use super::metrics::SchedulerMetrics;
 use super::store::record::{self, NewOptin, RecordError, Recorded};
 use super::store::{LOGIN_EVENT_SOURCE, StoreError, Timing};
+use crate::runtime::batch_failure::most_telling;
 use crate::runtime::consumer::{Incoming, Verdict};
 
 /// Decodes one delivery into an opt-in, or says why it cannot be one. `now` is the clock the
@@ -224,7 +225,7 @@ pub async fn record_batch(
 ///
 /// Every person's chain is awaited, not just until the first error: after one statement
 /// fails, those queued behind it fail with 25P02, and only the full set says whether some
-/// opt-in's data was refused (see [`most_telling`]).
+/// opt-in's data was refused (see [`crate::runtime::batch_failure`]).
 async fn record_together(
     client: &mut Client,
     pages: &PagesConfig,
@@ -253,15 +254,11 @@ async fn record_together(
         Ok(done)
     }))
     .await;
-    let mut recorded = vec![None; decoded.len()];
+    let mut recorded = Vec::with_capacity(decoded.len());
     let mut failure: Option<RecordError> = None;
     for chain in chains {
         match chain {
-            Ok(done) => {
-                for (position, r) in done {
-                    recorded[position] = Some(r);
-                }
-            }
+            Ok(done) => recorded.extend(done),
             Err(e) => failure = Some(most_telling(failure, e)),
         }
     }
@@ -270,31 +267,9 @@ async fn record_together(
         return Err(e);
     }
     tx.commit().await.map_err(StoreError::from)?;
-    recorded
-        .into_iter()
-        .map(|r| {
-            r.ok_or_else(|| {
-                RecordError::Unrecordable("an opt-in of the batch was not recorded".into())
-            })
-        })
-        .collect()
-}
-
-/// Of two failures of one batch, the one that says most: a refusal of an opt-in's data (the
-/// caller then isolates that opt-in), else any failure that is not merely 25P02 (a statement
-/// queued behind the one that failed).
-fn most_telling(seen: Option<RecordError>, new: RecordError) -> RecordError {
-    let Some(seen) = seen else { return new };
-    let rank = |e: &RecordError| {
-        if e.refusal().is_some() {
-            2
-        } else if e.is_aborted_transaction() {
-            0
-        } else {
-            1
-        }
-    };
-    if rank(&new) > rank(&seen) { new } else { seen }
+    // Back in the batch's order: the caller pairs outcomes with deliveries by position.
+    recorded.sort_unstable_by_key(|(position, _)| *position);
+    Ok(recorded.into_iter().map(|(_, r)| r).collect())
 }
 
 /// The fallback when a row was refused: one transaction per opt-in, so the refused one is

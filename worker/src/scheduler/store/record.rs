@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 use tokio_postgres::types::{Json, ToSql};
 
 use super::{EVENT_SOURCE, LOGIN_EVENT_SOURCE, StoreError, Timing};
+use crate::runtime::batch_failure::{self, BatchFailure};
 
 /// SQLSTATE classes that say the database refused this row's data rather than failed: 22
 /// "data exception" (e.g. 22021, a NUL in text), 23 "integrity constraint violation", 54
@@ -117,13 +118,6 @@ impl From<tokio_postgres::Error> for RecordError {
 }
 
 impl RecordError {
-    /// True for 25P02: the statement was refused only because an earlier statement of its
-    /// transaction failed (it says nothing about its own opt-in).
-    pub fn is_aborted_transaction(&self) -> bool {
-        matches!(self, Self::Store(StoreError::Db(e))
-            if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION))
-    }
-
     /// The reason to give up on this one opt-in (and dead-letter it), if retrying it can
     /// never succeed: it is [`RecordError::Unrecordable`], or the database refused its data
     /// (see [`is_row_specific_sqlstate`]; the reason names the SQLSTATE and the server's
@@ -143,6 +137,16 @@ impl RecordError {
             }
             Self::Store(_) => None,
         }
+    }
+}
+
+impl BatchFailure for RecordError {
+    fn is_row_refusal(&self) -> bool {
+        self.refusal().is_some()
+    }
+
+    fn is_aborted_transaction(&self) -> bool {
+        matches!(self, Self::Store(StoreError::Db(e)) if batch_failure::is_aborted_transaction(e))
     }
 }
 
