@@ -388,6 +388,23 @@ async fn a_group_of_mixed_endings_writes_each_with_its_own_event() {
     assert_eq!(events[2].1["attempts"], 1);
 }
 
+/// Asserts, from `hold` (the transaction holding A1), that nobody holds B1 — `who` waits
+/// for A1 without having locked B1 first — then rolls `hold` back to let the waiters go.
+async fn assert_b1_free_then_release(hold: deadpool_postgres::Transaction<'_>, who: &str) {
+    let b_free = hold
+        .execute(
+            "SELECT 1 FROM optins WHERE login_id = 'B1' FOR UPDATE NOWAIT",
+            &[],
+        )
+        .await;
+    assert!(
+        b_free.is_ok(),
+        "{who} locked B1 before A1: {:?}",
+        b_free.err()
+    );
+    hold.rollback().await.expect("release");
+}
+
 /// A group of endings locks people's rows in the one lock order (`runtime::lock_order`), not
 /// in the order its endings were submitted. Found by the process benchmark: a group that
 /// locked B then A while the correlator's batch (which locks in that order) held A and
@@ -445,19 +462,119 @@ async fn a_group_of_endings_locks_rows_in_lock_order_whatever_its_submission_ord
         },
     )
     .await;
-    let b_free = hold
-        .execute(
-            "SELECT 1 FROM optins WHERE login_id = 'B1' FOR UPDATE NOWAIT",
-            &[],
-        )
-        .await;
-    assert!(
-        b_free.is_ok(),
-        "the group locked B1 before A1: {:?}",
-        b_free.err()
-    );
-    hold.rollback().await.expect("release");
+    assert_b1_free_then_release(hold, "the group").await;
     assert_eq!(group.await.expect("group task"), [true, true]);
     assert_eq!(optin_state(&sql, "A1").await.as_deref(), Some("sent"));
     assert_eq!(optin_state(&sql, "B1").await.as_deref(), Some("sent"));
+}
+
+/// The scheduler's group of endings and the correlator's batch of replies lock people's rows
+/// in the same order (`runtime::lock_order`: login_id, then page), across pages too. The
+/// process benchmark found them deadlocking while the correlator still locked by (page,
+/// login_id): it held one person's row and wanted another's that a group held, and
+/// PostgreSQL broke it only after `deadlock_timeout` (1 s), stalling both. Here A1 (on the
+/// page that sorts second) is held by another transaction while the group [B1, A1] and then
+/// one correlator batch of replies to B1 and A1 wait for it: neither may have locked B1.
+/// That no deadlock happened is checked by its outcomes: it fails one side, the group (an
+/// error here) or the correlator's batch (counted in `batch_failures` before its retry).
+/// Queued replies alone do not make one batch (the consumer takes what has arrived, and took
+/// B1 alone once in five runs), hence the gate below.
+#[tokio::test]
+async fn endings_and_a_batch_of_replies_across_pages_lock_rows_in_one_order() {
+    use lc_shared::topology::CORRELATOR_QUEUE;
+    use lc_testkit::pipeline::{WAIT, body, count, eventually, post_signed, text_reply_item};
+    use store::finish::{Finish, SentRecord};
+    const SECOND_PAGE: &str = "2222222222";
+    /// Posts a reply to `login_id`'s first message on `page`.
+    async fn reply(p: &lc_testkit::pipeline::Pipeline, page: &str, login_id: &str) {
+        let now = OffsetDateTime::now_utc();
+        let reply = text_reply_item(page, &format!("P_{login_id}"), login_id, login_id, now);
+        assert_eq!(post_signed(&p.ingest, body(page, vec![reply])).await, 200);
+    }
+    assert!(SECOND_PAGE > PAGE, "A1's page sorts after B1's");
+    let env = TestEnv::new().await;
+    let mut p = env.pipeline().start().await;
+    let pool = env.migrated_pool(4).await;
+    let sql = env.sql().await;
+    let now = OffsetDateTime::now_utc();
+    insert_optin(&sql, SECOND_PAGE, "A1", now, "pending").await;
+    insert_optin(&sql, PAGE, "B1", now, "pending").await;
+    let mut client = pool.get().await.expect("client");
+    let claimed = claim(&mut client, "worker", Duration::from_secs(30)).await;
+    let sent = |login_id: &str| {
+        let claim = claimed.iter().find(|c| c.login_id == login_id);
+        Finish::Sent(SentRecord {
+            claim: claim.expect("claimed").clone(),
+            message_id: format!("m_{login_id}"),
+            sent_at: now,
+        })
+    };
+    let records = vec![sent("B1"), sent("A1")];
+    let waiting = |n: i64| {
+        let sql = &sql;
+        move || async move {
+            let query = "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'";
+            count(sql, query).await == n
+        }
+    };
+    // A gate: the correlator's first batch, the reply to G0, waits for G0's row, so that the
+    // replies to B1 and A1 pile up behind it and are taken as one batch.
+    insert_optin(&sql, PAGE, "G0", now, "pending").await;
+    let (mut gate, mut holder) = (
+        pool.get().await.expect("gate"),
+        pool.get().await.expect("holder"),
+    );
+    let (gate, hold) = (
+        gate.transaction().await.expect("gate tx"),
+        holder.transaction().await.expect("holder tx"),
+    );
+    gate.execute("SELECT 1 FROM optins WHERE login_id = 'G0' FOR UPDATE", &[])
+        .await
+        .expect("lock G0");
+    hold.execute("SELECT 1 FROM optins WHERE login_id = 'A1' FOR UPDATE", &[])
+        .await
+        .expect("lock A1");
+    reply(&p, PAGE, "G0").await;
+    p.start_correlator(&env).await;
+    eventually(WAIT, "the correlator waits for G0", waiting(1)).await;
+    let group = tokio::spawn(async move {
+        store::finish::finish_group(&mut client, &records)
+            .await
+            .expect("group")
+    });
+    eventually(WAIT, "the group waits for A1", waiting(2)).await;
+    reply(&p, PAGE, "B1").await;
+    reply(&p, SECOND_PAGE, "A1").await;
+    eventually(WAIT, "both replies delivered to the correlator", || async {
+        env.depth(CORRELATOR_QUEUE).await == 0
+    })
+    .await;
+    gate.rollback().await.expect("open the gate");
+    eventually(WAIT, "G0 linked", || async { p.replies("linked") == 1 }).await;
+    eventually(WAIT, "the batch of B1 and A1 waits for A1", waiting(2)).await;
+    assert_eq!(
+        count(&sql, "SELECT count(*) FROM links").await,
+        1,
+        "B1 and A1 in one batch"
+    );
+    assert_b1_free_then_release(hold, "the group or the correlator's batch").await;
+
+    assert_eq!(group.await.expect("group task"), [true, true]);
+    p.wait_processed(3).await;
+    assert_eq!(p.replies("linked"), 3);
+    assert_eq!(
+        p.correlator().metrics.batch_failures.get(),
+        0,
+        "the correlator's batch never failed (no deadlock)"
+    );
+    let sent_and_replied = "SELECT count(*) FROM optins \
+                            WHERE state = 'sent' AND replied_at IS NOT NULL";
+    assert_eq!(count(&sql, sent_and_replied).await, 2);
+    let links = format!(
+        "SELECT count(*) FROM links WHERE (page_id, login_id) \
+         IN (('{PAGE}', 'B1'), ('{SECOND_PAGE}', 'A1'))"
+    );
+    assert_eq!(count(&sql, &links).await, 2);
+    p.stop().await;
 }
