@@ -24,7 +24,8 @@
 //! - [`procs`]: process mode, each service its own OS process ([`child`]: finding the release
 //!   binaries, starting them with their environment, killing them on drop; [`proc_stats`]:
 //!   `VmHWM`, `VmRSS` and CPU seconds of any process); [`soak`]: a sustained mixed load on
-//!   those processes sampled each minute ([`soak_sample`]) with a flat/growing verdict per
+//!   those processes at half the capacity a ramp of the same mix finds ([`soak_probe`]),
+//!   sampled each minute ([`soak_sample`]) with a flat/growing verdict per
 //!   series ([`trend`]: least squares and its 95 % interval); [`mixed`]: the streaming open
 //!   loop of opt-ins, replies and redeliveries they share; [`timed_graph`]: a Graph stand-in
 //!   timing each opt-in end to end with bounded memory; [`rss_drain`]: the scheduler binary
@@ -55,6 +56,7 @@ pub mod scale;
 pub mod scheduler;
 pub mod skew;
 pub mod soak;
+pub mod soak_probe;
 pub mod soak_sample;
 pub mod suites;
 pub mod timed_graph;

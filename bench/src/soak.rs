@@ -5,9 +5,9 @@
 //! growing or falling, with the least-squares slope per minute and its 95 % interval
 //! ([`crate::trend`]).
 //!
-//! The rate is `--rate` opt-ins/s when given, else half the capacity a short probe measures
-//! first: a burst of opt-ins posted far faster than they can be sent, and the rate at which
-//! the Graph stand-in then receives them (10th to 90th percentile of the sends). Samples are
+//! The rate is `--rate` opt-ins/s when given, else half the capacity a probe measures first
+//! ([`crate::soak_probe`]: an open-loop ramp of the soak's own mix, keeping the highest rate
+//! whose backlogs stayed under half a second of arrivals). Samples are
 //! taken every minute (runs under ten minutes: ten samples, so a short run still has a fit);
 //! the fit leaves out the first fifth of the run (at least one interval) as warm-up.
 //!
@@ -26,6 +26,7 @@ use crate::env::BenchEnv;
 use crate::hist::{Latency, round3};
 use crate::mixed::{Kind, Mix, MixedLoad};
 use crate::report::Report;
+use crate::soak_probe::{self, RampParams};
 use crate::soak_sample::{Sample, Sampler};
 use crate::timed_graph::TimedGraph;
 use crate::trend::{self, Verdict};
@@ -46,8 +47,8 @@ pub struct SoakParams {
     pub pages: usize,
     /// Opt-ins, replies and redeliveries per cycle.
     pub mix: Mix,
-    /// Opt-ins of the capacity probe.
-    pub probe_optins: usize,
+    /// The capacity probe's ramp.
+    pub probe: RampParams,
     /// `OPTIN_RETENTION_SECS` of the scheduler.
     pub retention_secs: u64,
 }
@@ -65,7 +66,12 @@ impl SoakParams {
                 replies: 3,
                 redeliveries: 1,
             },
-            probe_optins: 10_000,
+            probe: RampParams {
+                start_rate: 100.0,
+                growth: 1.25,
+                step: Duration::from_secs(20),
+                max_steps: 16,
+            },
             retention_secs: 10,
         }
     }
@@ -74,7 +80,10 @@ impl SoakParams {
     pub fn quick() -> Self {
         Self {
             minutes: 3.0,
-            probe_optins: 2_000,
+            probe: RampParams {
+                step: Duration::from_secs(8),
+                ..Self::full().probe
+            },
             ..Self::full()
         }
     }
@@ -231,21 +240,23 @@ pub async fn run(params: &SoakParams, quick: bool) -> anyhow::Result<Report> {
     let rate = match params.rate {
         Some(r) => r,
         None => {
-            let capacity = probe(&services, &graph, &env.pages, params.probe_optins).await?;
-            report.add(
-                "soak_capacity_optins_per_s",
-                capacity.round(),
-                "optins/s",
-                format!(
-                    "probe: {} opt-ins posted at once, sends/s from the 10th to the 90th percentile",
-                    params.probe_optins
-                ),
-            );
+            let ramp = soak_probe::ramp(
+                &services,
+                &graph,
+                &sampler,
+                &env.pages,
+                params.mix,
+                params.probe,
+            )
+            .await?;
+            report_probe(&mut report, params, &ramp);
             anyhow::ensure!(
-                capacity >= 1.0,
-                "the capacity probe measured {capacity:.1} sends/s; give the rate with --rate"
+                ramp.capacity >= 1.0,
+                "the capacity probe's first step ({:.0} opt-ins/s) did not keep up; give the \
+                 rate with --rate",
+                params.probe.start_rate
             );
-            capacity / 2.0
+            ramp.capacity / 2.0
         }
     };
     report.add(
@@ -452,52 +463,35 @@ fn summarise(report: &mut Report, samples: &[Sample], load: &MixedLoad, graph: &
     );
 }
 
-/// Posts `n` opt-ins as fast as ingest takes them and returns the rate at which they are then
-/// sent (opt-ins/s between the 10th and 90th percentile of the sends).
-async fn probe(
-    services: &Services,
-    graph: &Arc<TimedGraph>,
-    pages: &[String],
-    n: usize,
-) -> anyhow::Result<f64> {
-    let load = MixedLoad::new(
-        services.webhook_url.clone(),
-        graph.clone(),
-        pages.to_vec(),
-        "c",
-    )?;
-    let burst_rate = 4000.0;
-    let mix = Mix {
-        optins: 1,
-        replies: 0,
-        redeliveries: 0,
-    };
-    let base = graph.calls();
-    let start = Instant::now();
-    let burst = {
-        let load = load.clone();
-        let d = Duration::from_secs_f64(n as f64 / burst_rate);
-        tokio::spawn(async move { load.run(burst_rate, d, mix).await })
-    };
-    let mut seen: Vec<(f64, u64)> = Vec::new();
-    let deadline = start + Duration::from_secs(30) + Duration::from_millis(20 * n as u64);
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        seen.push((start.elapsed().as_secs_f64(), graph.calls() - base));
-        let posted_all = burst.is_finished();
-        if (posted_all && graph.outstanding() == 0) || Instant::now() >= deadline {
-            break;
-        }
-    }
-    burst.await?;
-    let sent = seen.last().map_or(0, |s| s.1) as f64;
-    let at = |share: f64| {
-        seen.iter()
-            .find(|s| s.1 as f64 >= share * sent)
-            .map(|s| s.0)
-    };
-    Ok(match (at(0.1), at(0.9)) {
-        (Some(a), Some(b)) if b > a => 0.8 * sent / (b - a),
-        _ => 0.0,
-    })
+/// Adds the probe's capacity, its ramp and how it decided.
+fn report_probe(report: &mut Report, params: &SoakParams, ramp: &soak_probe::Ramp) {
+    let p = params.probe;
+    report.add(
+        "soak_capacity_optins_per_s",
+        ramp.capacity.round(),
+        "optins/s",
+        format!(
+            "probe: open-loop ramp of the soak's mix from {:.0} opt-ins/s, x{} every {} s; the \
+             highest rate whose unsent opt-ins and queued deliveries each stayed under {} s of \
+             arrivals, e2e p99 under {} ms, nothing refused{}",
+            p.start_rate,
+            p.growth,
+            p.step.as_secs(),
+            soak_probe::BACKLOG_SECS,
+            soak_probe::P99_LIMIT_MS,
+            if ramp.ceiling_reached {
+                " (every step kept up: a lower bound)"
+            } else {
+                ""
+            }
+        ),
+    );
+    report.note(format!(
+        "probe ramp:\n{}",
+        ramp.steps
+            .iter()
+            .map(|s| format!("  {}", s.line()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
 }
