@@ -22,6 +22,9 @@ pub struct Machine {
     pub rabbitmq_version: String,
     /// `SELECT version()` of the PostgreSQL server.
     pub postgres_version: String,
+    /// The server's `autovacuum` setting: `off` on some CI images, where dead rows of a
+    /// long run are never vacuumed (production servers run it).
+    pub postgres_autovacuum: String,
 }
 
 impl Machine {
@@ -36,7 +39,8 @@ impl Machine {
             load_start: loadavg(),
             load_end: String::new(),
             rabbitmq_version: rabbitmq_version().await,
-            postgres_version: postgres_version().await,
+            postgres_version: postgres_setting("SELECT version()").await,
+            postgres_autovacuum: postgres_setting("SHOW autovacuum").await,
         }
     }
 
@@ -52,6 +56,10 @@ impl Machine {
                 "machine_postgres_version",
                 short_pg_version(&self.postgres_version),
             ),
+            (
+                "machine_postgres_autovacuum",
+                self.postgres_autovacuum.clone(),
+            ),
         ]
     }
 
@@ -66,6 +74,7 @@ impl Machine {
             "loadavg_end": self.load_end,
             "rabbitmq_version": self.rabbitmq_version,
             "postgres_version": self.postgres_version,
+            "postgres_autovacuum": self.postgres_autovacuum,
         })
     }
 }
@@ -147,19 +156,20 @@ async fn rabbitmq_version() -> String {
     }
 }
 
-async fn postgres_version() -> String {
+/// The one text value `query` returns on the server's `postgres` database.
+async fn postgres_setting(query: &str) -> String {
     let url = format!("{}/postgres", lc_testkit::harness::postgres_base());
     match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
         Ok((client, conn)) => {
             let task = tokio::spawn(conn);
-            let version = client
-                .query_one("SELECT version()", &[])
+            let value = client
+                .query_one(query, &[])
                 .await
                 .map(|r| r.get::<_, String>(0))
                 .unwrap_or_else(|e| format!("unknown: {e}"));
             drop(client);
             task.abort();
-            version
+            value
         }
         Err(e) => format!("unknown: {e}"),
     }

@@ -40,7 +40,14 @@ pub async fn suite(rows: usize, quick: bool) -> anyhow::Result<Report> {
         let env = BenchEnv::new(16).await?;
         let _pool = env.migrated_pool(1).await?;
         let sql = env.sql().await?;
-        crate::scheduler::db_ceiling(&env, &sql, 20_000, 8, true).await?
+        crate::scheduler::db_ceiling(
+            &env,
+            &sql,
+            20_000,
+            8,
+            crate::scheduler::CeilingLoop::Batched,
+        )
+        .await?
     };
     report.add(
         "scheduler_db_ceiling_batched_rows_per_s",

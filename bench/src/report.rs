@@ -178,14 +178,15 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "machine: {} cores ({}), {} MB RAM, load {} → {}, RabbitMQ {}, {}",
+            "machine: {} cores ({}), {} MB RAM, load {} → {}, RabbitMQ {}, {} (autovacuum {})",
             m.cores,
             m.cpu_model,
             m.ram_mb,
             m.load_start,
             m.load_end,
             m.rabbitmq_version,
-            m.postgres_version
+            m.postgres_version,
+            m.postgres_autovacuum
         );
         let width = self
             .figures
