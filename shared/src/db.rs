@@ -45,6 +45,8 @@ pub enum DbError {
         settings: String,
         /// What failed, with a hint where one helps.
         cause: String,
+        /// Whether trying again later may succeed (see [`DbError::is_transient`]).
+        transient: bool,
     },
     /// `DATABASE_URL` leads to a pooler that shares server sessions between statements.
     #[error(
@@ -66,6 +68,40 @@ pub enum DbError {
     /// A migration failed; the database is left at the last version that applied fully.
     #[error("database migration failed: {0}")]
     Migration(#[from] refinery::Error),
+}
+
+impl DbError {
+    /// Whether trying again later may succeed without a change of configuration: the server
+    /// did not answer or closed the connection (down, restarting, a failover under way, a
+    /// network blip), or answered with a connection-class (08) or operator-intervention
+    /// (57: shutting down, starting up, in recovery) SQLSTATE, or had too many connections.
+    /// Not transient: a URL or TLS setting that cannot work (a certificate refused, a server
+    /// that wants TLS), authentication and other refusals, a transaction pooler, migrations.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::FirstConnect { transient, .. } => *transient,
+            Self::Connect(deadpool_postgres::PoolError::Backend(e)) | Self::Query(e) => {
+                is_transient(e)
+            }
+            Self::Connect(_) => true,
+            Self::BadUrl(_)
+            | Self::Tls(_)
+            | Self::TransactionPooler { .. }
+            | Self::Pool(_)
+            | Self::Migration(_) => false,
+        }
+    }
+}
+
+/// See [`DbError::is_transient`]: no answer from the server, or an 08/57/53300 SQLSTATE.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57") || code == "53300"
+        }
+        None => true,
+    }
 }
 
 /// PostgreSQL's own message for an error (tokio-postgres's `Display` says only "db error").
@@ -120,6 +156,7 @@ impl Target {
     /// known one, what to change.
     pub fn connect_error(&self, e: &tokio_postgres::Error) -> DbError {
         let mut cause = describe(e);
+        let mut transient = is_transient(e);
         let refused_plain = e.as_db_error().is_some_and(|d| {
             d.code() == &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
                 && d.message().contains("no encryption")
@@ -129,16 +166,20 @@ impl Target {
                 "; the server accepts only TLS connections: set sslmode=require or verify-full",
             );
         } else if cause.contains("TLS handshake") || cause.contains("certificate") {
+            // A refused certificate is refused again; only a new setting helps.
+            transient = false;
             cause.push_str(
                 "; check sslrootcert (the CA that signed the server's certificate) and, for \
                  verify-full, that the host in DATABASE_URL is a name in the certificate",
             );
         } else if cause.contains("server does not support TLS") {
+            transient = false;
             cause.push_str("; the server has TLS off: enable it, or use sslmode=prefer or disable");
         }
         DbError::FirstConnect {
             settings: self.settings.describe(),
             cause,
+            transient,
         }
     }
 }

@@ -151,6 +151,8 @@ async fn a_wrong_ca_a_wrong_host_name_and_disable_against_tls_only_fail_with_the
             "{url}: the error must name {mode} and {cause}: {text}"
         );
         assert!(matches!(e, DbError::FirstConnect { .. }), "{text}");
+        // Only a new setting helps: a worker's start must not wait for it.
+        assert!(!e.is_transient(), "{text}");
     }
     // A CA file that does not exist is named before any connection.
     let missing = server.url(

@@ -51,5 +51,6 @@ mod relay_order;
 mod scale_out;
 mod scheduler;
 mod scheduler_recovery;
+mod start_up;
 mod tenant_events;
 mod watchdog;

@@ -83,6 +83,10 @@ impl RelayArgs {
     }
 }
 
+/// How long a worker's start waits for a database that does not answer yet before it gives
+/// up (managed PostgreSQL failovers take from seconds to about two minutes).
+pub const DATABASE_START_WAIT: Duration = Duration::from_secs(120);
+
 /// Errors of the start-up steps shared by the workers.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -114,7 +118,36 @@ impl WorkerArgs {
     }
 
     /// Creates the database if needed, builds the pool and applies migrations (if enabled).
+    ///
+    /// A database that is not reachable yet is waited for, up to [`DATABASE_START_WAIT`]:
+    /// a replica restarted during a failover or while the server restarts (the fault suite's
+    /// database failover restarted a correlator 0.5 s after the primary was killed, and it
+    /// exited six times before the standby was promoted) comes up once the database does,
+    /// instead of exiting. Errors only a change of configuration cures end the start at once.
     pub async fn prepare_database(&self) -> Result<Pool, StartError> {
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.prepare_database_once().await {
+                Err(StartError::Db(e))
+                    if e.is_transient() && started.elapsed() + pause < DATABASE_START_WAIT =>
+                {
+                    tracing::warn!(
+                        error = %e,
+                        retry_in_ms = pause.as_millis() as u64,
+                        waited_s = started.elapsed().as_secs(),
+                        limit_s = DATABASE_START_WAIT.as_secs(),
+                        "the database is not reachable yet; retrying (a failover or a server still starting?)"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn prepare_database_once(&self) -> Result<Pool, StartError> {
         db::ensure_database(&self.database.database_url).await?;
         db::refuse_transaction_pooling(&self.database.database_url).await?;
         let pool = db::pool(
