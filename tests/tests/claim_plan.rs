@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use lc_testkit::pipeline::TestEnv;
-use lc_worker::scheduler::store::claim::{ClaimRequest, explain_claim};
+use lc_worker::scheduler::store::claim::{ClaimRequest, explain_analyze_claim, explain_claim};
 
 #[tokio::test]
 async fn the_claim_walks_each_pages_own_index_not_the_global_deadline_index() {
@@ -178,4 +178,132 @@ async fn a_paused_pages_due_backlog_does_not_make_the_claim_walk_other_pages() {
         claimed.iter().all(|c| c.login_id.starts_with("new-")),
         "only the other pages' due rows are claimed"
     );
+}
+
+/// The rows a claim's plan filtered out, summed over its steps (`Rows Removed by Filter`).
+fn rows_filtered_out(plan: &[String]) -> u64 {
+    plan.iter()
+        .filter_map(|line| line.split("Rows Removed by Filter: ").nth(1))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Issue 18: pages whose due rows sit behind many retries waiting out a back-off (the
+/// retries have the earlier deadlines). The claim chose its arm by counting due rows: over
+/// 256 it walked the page's deadline index and filtered out every retry in front of the due
+/// rows, each claim (90 ms per claim with 5,000 retries per page). Now the arm depends on
+/// whether due rows lead the page's deadline order, and the retries are not read.
+#[tokio::test]
+async fn due_rows_behind_retries_in_back_off_are_claimed_without_walking_the_retries() {
+    let env = TestEnv::new().await;
+    let pool = env.migrated_pool(2).await;
+    let sql = env.sql().await;
+    let pages: Vec<String> = (0..4).map(|i| format!("backoff-page-{i}")).collect();
+    sql.execute(
+        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), 250",
+        &[&pages],
+    )
+    .await
+    .expect("pages");
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, \
+             next_attempt_at, attempts) \
+         SELECT ($1::text[])[1 + (i % 4)], 'retry-' || i, now() - interval '2 hours', \
+                now() + interval '22 hours', now() - interval '2 hours', 'pending', \
+                now() + interval '1 hour', 3 \
+         FROM generate_series(0, 7999) AS i",
+        &[&pages],
+    )
+    .await
+    .expect("retries in back-off");
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         SELECT ($1::text[])[1 + (i % 4)], 'due-' || i, now(), now() + interval '24 hours', now(), \
+                'pending', now() - interval '1 second' \
+         FROM generate_series(0, 1199) AS i",
+        &[&pages],
+    )
+    .await
+    .expect("due rows");
+    sql.batch_execute("VACUUM ANALYZE optins")
+        .await
+        .expect("analyze");
+
+    let mut client = pool.get().await.expect("client");
+    let request = ClaimRequest::new("backoff-worker", Duration::from_secs(30), 100);
+    let plan = explain_analyze_claim(&mut client, &request)
+        .await
+        .expect("explain");
+    let filtered = rows_filtered_out(&plan);
+    assert!(
+        filtered < 1000,
+        "the claim filtered out {filtered} rows (the retries are 8,000):\n{}",
+        plan.join("\n")
+    );
+    let claimed = lc_worker::scheduler::store::claim::claim_due(&mut client, &request)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 100, "100 of the 1,200 due rows");
+    assert!(
+        claimed.iter().all(|c| c.login_id.starts_with("due-")),
+        "no retry before its back-off ends"
+    );
+}
+
+/// Issue 18: the drain benchmark's shape once the table holds the sent rows of earlier
+/// drains (16 pages, 188 due rows each, 50,000 sent). Counting due rows made every page
+/// "sparse", and for that arm the planner walked the global `optins_pending_by_deadline` and
+/// `optins_pending_by_next_attempt` indexes, filtering them by page: every page's due rows
+/// read (and filtered out) for each page, 20–30 ms per claim. Due rows lead each page's
+/// deadline order here, so the claim walks each page's own index as far as its budget.
+#[tokio::test]
+async fn a_drain_over_a_table_with_sent_rows_reads_only_each_pages_own_rows() {
+    let env = TestEnv::new().await;
+    let pool = env.migrated_pool(2).await;
+    let sql = env.sql().await;
+    let pages: Vec<String> = (1..=16).map(|i| format!("drain-page-{i}")).collect();
+    sql.execute(
+        "INSERT INTO page_state (page_id, rate_limit) SELECT unnest($1::text[]), 250",
+        &[&pages],
+    )
+    .await
+    .expect("pages");
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, \
+             next_attempt_at, sent_at, message_id) \
+         SELECT ($1::text[])[1 + (i % 16)], 'sent-' || i, now(), now() + interval '24 hours', \
+                now(), 'sent', now(), now(), 'm-' || i \
+         FROM generate_series(0, 49999) AS i",
+        &[&pages],
+    )
+    .await
+    .expect("sent rows");
+    sql.execute(
+        "INSERT INTO optins (page_id, login_id, opted_in_at, deadline, send_at, state, next_attempt_at) \
+         SELECT ($1::text[])[1 + (i % 16)], 'drain-' || i, now(), now() + interval '24 hours', \
+                now(), 'pending', now() \
+         FROM generate_series(0, 2999) AS i",
+        &[&pages],
+    )
+    .await
+    .expect("due rows");
+    sql.batch_execute("VACUUM ANALYZE optins")
+        .await
+        .expect("analyze");
+
+    let mut client = pool.get().await.expect("client");
+    let request = ClaimRequest::new("drain-worker", Duration::from_secs(30), 100);
+    let plan = explain_analyze_claim(&mut client, &request)
+        .await
+        .expect("explain");
+    let filtered = rows_filtered_out(&plan);
+    assert!(
+        filtered < 1000,
+        "the claim filtered out {filtered} rows (other pages' rows?):\n{}",
+        plan.join("\n")
+    );
+    let claimed = lc_worker::scheduler::store::claim::claim_due(&mut client, &request)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 100);
 }

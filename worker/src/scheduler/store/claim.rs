@@ -12,8 +12,8 @@
 //!
 //! Paused and throttled pages (and every page while the app is throttled) are left out
 //! before any opt-in row is read, through `page_state`; the per-page indexes read only a
-//! page's own pending rows: its few due rows, or (when many are due) its rows in deadline
-//! order as far as its budget reaches (see [`CLAIM_DUE_SQL`]).
+//! page's own pending rows: its rows in deadline order as far as its budget reaches when due
+//! rows lead that order, else a bounded number of its due rows (see [`CLAIM_DUE_SQL`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -123,10 +123,8 @@ pub const SLOT_LATENESS: Duration = Duration::from_millis(70);
 /// arriving late, the slot a second later on time). 50 ms costs 5 % of a limited page's rate.
 pub const ARRIVAL_JITTER: Duration = Duration::from_millis(50);
 
-/// A page with at most this many due rows is "sparse": its due rows are read through
-/// `optins_pending_due_by_page` (at most this many index entries, then sorted by deadline);
-/// a page with more walks `optins_pending_by_page` in deadline order, where due rows are dense.
-/// Counting stops at one more than this (an index-only scan), so the count is bounded too.
+/// The most due rows a "sparse" page's arm reads (through `optins_pending_due_by_page`, in
+/// `next_attempt_at` order) to choose its earliest deadlines from.
 pub const SPARSE_DUE_ROWS: i64 = 256;
 
 /// The candidates: every page with budget within the look-ahead, and as many of its due rows
@@ -134,15 +132,30 @@ pub const SPARSE_DUE_ROWS: i64 = 256;
 /// slot stretch, `$2` look-ahead seconds, `$3` limit, `$4` safety margin seconds. Public so
 /// the scale benchmark `EXPLAIN`s the very query the scheduler runs.
 ///
-/// Per page, one of two arms runs (the other's one-time filter is false): the planner costs
-/// both with the table-wide share of due rows, which says nothing about one page — with 30 %
-/// of the backlog due on a paused page it believed every page 30 % due and walked each page's
-/// whole backlog in deadline order for the few new due rows (0.6–1.4 s per claim at 1M
-/// pending). So the page's due rows are counted first (bounded by [`SPARSE_DUE_ROWS`]); a
-/// sparse page takes them from the due index ordered by `next_attempt_at`, which no other
-/// index provides, so that plan does not depend on the estimate; a dense page walks its
-/// deadline index as before. Both arms lock under their `LIMIT`, skipping rows other replicas
-/// hold.
+/// Per page, one of two arms runs (the other's one-time filter is false), chosen by what the
+/// page's rows look like now, not by the planner's table-wide estimates (with 30 % of the
+/// backlog due on a paused page it believed every page 30 % due and walked each page's whole
+/// backlog in deadline order for the few new due rows: 0.6–1.4 s per claim at 1M pending).
+/// A page is "dense" when at least `n` (its budget) of its first `2n` pending rows in
+/// deadline order are due: its deadline index then yields its `n` earliest due rows within
+/// `2n` entries, so the dense arm walks it. Otherwise due rows are rare at the head of its
+/// deadline order (retries waiting out a back-off have the earliest deadlines, delayed sends
+/// are not due yet), and the sparse arm reads at most [`SPARSE_DUE_ROWS`] of its due rows
+/// from the due index (ordered by `next_attempt_at`, which no other index provides) and
+/// takes the earliest deadlines among them. The check reads at most `2n` index entries.
+///
+/// The sparse arm fetches the rows it read from the due index by their `ctid` (a TID scan):
+/// looked up by `login_id` instead, the planner was free to drive the join from the page's
+/// deadline index and walk every retry in back-off anyway. A row another replica updated
+/// meanwhile has a new version elsewhere, and the lock's re-check (state, `ctid`) skips it,
+/// as `SKIP LOCKED` skips a row still being claimed. Both arms lock under their `LIMIT`.
+///
+/// This replaced a count of the page's due rows (sparse up to 256, read from the due index
+/// and joined back by `login_id`): over 16 pages, a page with 188 due rows read all of them
+/// twice in every claim (7–14 ms per claim of 100, 20–30 ms once the table held sent rows
+/// and the planner took the global indexes for that arm), and pages with 300 due rows behind
+/// 5,000 retries in back-off walked all the retries (55–90 ms); 2–6 ms now (BENCHMARKS.md,
+/// "The claim's two arms").
 pub const CLAIM_DUE_SQL: &str = concat!(
     "WITH pages AS ( \
          SELECT p.page_id, GREATEST(p.next_slot_at, now()) AS free_from, \
@@ -154,27 +167,33 @@ pub const CLAIM_DUE_SQL: &str = concat!(
            AND p.paused_reason IS NULL \
            AND (p.throttled_until IS NULL OR p.throttled_until <= now()) \
            AND p.next_slot_at < now() + make_interval(secs => $2)), \
-     room AS MATERIALIZED ( \
+     budget AS ( \
          SELECT page_id, spacing, \
                 CASE WHEN spacing = 0 THEN $3::bigint \
                      ELSE LEAST($3::bigint, 1 + floor(EXTRACT(EPOCH FROM \
                           (now() + make_interval(secs => $2) - free_from)) / spacing)::bigint) \
-                END AS n, \
-                (SELECT count(*) FROM (SELECT 1 FROM optins d \
-                     WHERE d.page_id = pages.page_id AND d.state = ",
+                END AS n \
+         FROM pages), \
+     room AS MATERIALIZED ( \
+         SELECT page_id, spacing, n, \
+                (SELECT count(*) FILTER (WHERE head.next_attempt_at <= now()) FROM ( \
+                     SELECT d.next_attempt_at FROM optins d \
+                     WHERE d.page_id = budget.page_id AND d.state = ",
     lc_shared::state_sql!(pending),
-    " AND d.next_attempt_at <= now() LIMIT 257) due) <= 256 AS sparse \
-         FROM pages) \
+    " \
+                       AND d.deadline > now() + make_interval(secs => $4) \
+                     ORDER BY d.page_id, d.deadline LIMIT 2 * n) head) < n AS sparse \
+         FROM budget) \
      SELECT o.page_id, o.login_id, r.spacing \
      FROM room r CROSS JOIN LATERAL ( \
          SELECT * FROM ( \
              SELECT s.page_id, s.login_id, s.deadline FROM optins s \
-             WHERE r.sparse AND s.page_id = r.page_id AND s.login_id IN ( \
-                     SELECT d.login_id FROM optins d \
+             WHERE r.sparse AND s.ctid = ANY (ARRAY( \
+                     SELECT d.ctid FROM optins d \
                      WHERE d.page_id = r.page_id AND d.state = ",
     lc_shared::state_sql!(pending),
     " AND d.next_attempt_at <= now() \
-                     ORDER BY d.next_attempt_at LIMIT 256) \
+                     ORDER BY d.next_attempt_at LIMIT 256)) \
                AND s.state = ",
     lc_shared::state_sql!(pending),
     " AND s.next_attempt_at <= now() \
@@ -232,6 +251,19 @@ pub async fn explain_claim(
 ) -> Result<Vec<String>, StoreError> {
     let tx = client.transaction().await?;
     let rows = candidates(&tx, request, "EXPLAIN ").await?;
+    tx.rollback().await?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// As [`explain_claim`], with the query run (`EXPLAIN (ANALYZE, TIMING OFF)`): the rows
+/// each step read and filtered out, so tests can tell how much of a page a claim walked.
+/// Run in a transaction that is rolled back, so nothing stays claimed or locked.
+pub async fn explain_analyze_claim(
+    client: &mut Client,
+    request: &ClaimRequest<'_>,
+) -> Result<Vec<String>, StoreError> {
+    let tx = client.transaction().await?;
+    let rows = candidates(&tx, request, "EXPLAIN (ANALYZE, TIMING OFF) ").await?;
     tx.rollback().await?;
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
 }
@@ -385,12 +417,7 @@ mod tests {
     #[test]
     fn the_claim_sql_uses_the_sparse_bound() {
         // concat! takes literals only, so the bound is written out in the SQL.
-        let n = SPARSE_DUE_ROWS;
-        for part in [
-            format!("LIMIT {}) due) <= {n} AS sparse", n + 1),
-            format!("ORDER BY d.next_attempt_at LIMIT {n})"),
-        ] {
-            assert!(CLAIM_DUE_SQL.contains(&part), "missing {part:?}");
-        }
+        let part = format!("ORDER BY d.next_attempt_at LIMIT {SPARSE_DUE_ROWS})");
+        assert!(CLAIM_DUE_SQL.contains(&part), "missing {part:?}");
     }
 }
