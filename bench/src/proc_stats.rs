@@ -124,6 +124,68 @@ pub fn broker_pid() -> Option<u32> {
     found
 }
 
+/// CPU seconds used so far by every PostgreSQL process on the machine (command name
+/// `postgres`: the postmaster, its background workers and every backend). A backend that
+/// exits between two readings takes its seconds with it, so read it around a window in
+/// which the connections stay open (a pool's).
+pub fn postgres_cpu_s() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .filter_map(|pid| read(pid).ok())
+        .map(|s| s.cpu_s)
+        .sum()
+}
+
+/// A starting point for [`CpuMark::since`]: the wall clock, this process's and
+/// PostgreSQL's CPU seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMark {
+    at: std::time::Instant,
+    me_s: f64,
+    postgres_s: f64,
+}
+
+/// CPU used over a window, in cores (CPU seconds per wall second).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuUse {
+    /// Length of the window, seconds.
+    pub wall_s: f64,
+    /// This process (services started in-process, load generator, fake Graph).
+    pub me_cores: f64,
+    /// Every PostgreSQL process.
+    pub postgres_cores: f64,
+}
+
+impl CpuMark {
+    /// Reads the clock and both CPU counters now.
+    pub fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            me_s: read(std::process::id()).map_or(0.0, |s| s.cpu_s),
+            postgres_s: postgres_cpu_s(),
+        }
+    }
+
+    /// The cores used since this mark.
+    pub fn since(&self) -> CpuUse {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-9);
+        let later = Self::now();
+        CpuUse {
+            wall_s: wall,
+            me_cores: (later.me_s - self.me_s) / wall,
+            postgres_cores: (later.postgres_s - self.postgres_s) / wall,
+        }
+    }
+}
+
 /// CPU seconds used by this process and by `other` (if given) over a window that opens after
 /// `warmup` and lasts `measure` — the measurement window of a closed loop started now, so the
 /// CPU time can be divided by the events counted in that window.

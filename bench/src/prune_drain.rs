@@ -48,6 +48,7 @@ pub async fn suite(rows: usize, quick: bool) -> anyhow::Result<Report> {
             crate::scheduler::CeilingLoop::Batched,
         )
         .await?
+        .0
     };
     report.add(
         "scheduler_db_ceiling_batched_rows_per_s",

@@ -21,6 +21,7 @@ use crate::env::{BenchEnv, stop};
 use crate::hist::{Latency, round3};
 use crate::ingest::add_run;
 use crate::load::open_loop;
+use crate::proc_stats::{CpuMark, CpuUse};
 use crate::report::Report;
 use crate::skew::SkewParams;
 
@@ -121,9 +122,15 @@ pub async fn run(params: &SchedulerParams, quick: bool) -> anyhow::Result<Report
             kind,
         )
     };
-    let ceiling = ceiling_of(CeilingLoop::PerRow).await?;
-    let batched = ceiling_of(CeilingLoop::Batched).await?;
-    let marked = ceiling_of(CeilingLoop::BatchedWithMarks).await?;
+    let (ceiling, _) = ceiling_of(CeilingLoop::PerRow).await?;
+    let (batched, _) = ceiling_of(CeilingLoop::Batched).await?;
+    let (marked, marked_cpu) = ceiling_of(CeilingLoop::BatchedWithMarks).await?;
+    add_cpu_use(
+        &mut report,
+        "scheduler_db_ceiling_marked",
+        marked_cpu,
+        params.ceiling_n as f64,
+    );
     report.add(
         "scheduler_db_ceiling_rows_per_s",
         ceiling.round(),
@@ -172,6 +179,21 @@ pub async fn run(params: &SchedulerParams, quick: bool) -> anyhow::Result<Report
             round3(rate / marked.max(1.0)),
             "ratio",
             "sends/s at 100 ms Graph latency / batched loop with call-start marks",
+        );
+    }
+    // Per row, not per second: the machine's speed moved the ceilings by 2× between runs an
+    // hour apart, while PostgreSQL's CPU per row stays put; above 1, the scheduler's sends
+    // cost the database more than the bare loop's rows do.
+    let pg_per_row = |prefix: &str| report.get(&format!("{prefix}_cpu_postgres_ms_per_row"));
+    if let (Some(drain), Some(bare)) = (
+        pg_per_row("scheduler_100ms"),
+        pg_per_row("scheduler_db_ceiling_marked"),
+    ) {
+        report.add(
+            "scheduler_100ms_postgres_cpu_vs_marked",
+            round3(drain / bare.max(1e-9)),
+            "ratio",
+            "PostgreSQL CPU per send at 100 ms / per row of the batched loop with marks",
         );
     }
     if params.open_rate > 0.0 {
@@ -307,6 +329,7 @@ async fn backlog_run(
         .get(0);
     let started_wall = OffsetDateTime::now_utc();
     let started = Instant::now();
+    let cpu = CpuMark::now();
     let scheduler = env.start_scheduler(env.scheduler_config()?).await?;
     let timeout = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     let calls = env
@@ -321,7 +344,39 @@ async fn backlog_run(
         timeout,
     )
     .await?;
+    let cpu = cpu.since();
+    let missed = metric_value(
+        scheduler.service.metrics_addr,
+        "scheduler_slots_missed_total",
+    )
+    .await;
     stop(&scheduler.shutdown, scheduler.service.task).await;
+    // Every claim adds one to a row's fence: claims beyond one per row are rows that went
+    // back to `pending` without a call (a missed slot, a hold, too little lease) and round
+    // again — database work that sends nothing.
+    let claims: f64 = sql
+        .query_one(
+            "SELECT COALESCE(sum(fence), 0)::float8 FROM optins WHERE starts_with(login_id, $1)",
+            &[&prefix],
+        )
+        .await?
+        .get(0);
+    report.add(
+        format!("scheduler_{latency_ms}ms_claims_per_send"),
+        round3(claims / n as f64),
+        "claims",
+        "claims per sent row during the drain (1 = no row went round again)",
+    );
+    if let Some(missed) = missed {
+        report.add(
+            format!("scheduler_{latency_ms}ms_slots_missed"),
+            missed,
+            "rows",
+            "scheduler_slots_missed_total at the end of the drain",
+        );
+    }
+
+    add_cpu_use(report, &format!("scheduler_{latency_ms}ms"), cpu, n as f64);
 
     let mine: Vec<&RecordedCall> = calls
         .iter()
@@ -365,6 +420,57 @@ async fn backlog_run(
     Ok(rate)
 }
 
+/// The cores this process and PostgreSQL used over a run, and their sum against the
+/// machine's cores: near 1.0, the run was bound by CPU, whatever loop it ran.
+/// Also each one's CPU milliseconds per row of the `rows` the run processed, which — unlike
+/// rows per second — hardly moves when the machine's speed does from one run to the next.
+fn add_cpu_use(report: &mut Report, prefix: &str, cpu: CpuUse, rows: f64) {
+    report.add(
+        format!("{prefix}_cpu_process_cores"),
+        round3(cpu.me_cores),
+        "cores",
+        "CPU of the bench process (scheduler, fake Graph) over the run",
+    );
+    report.add(
+        format!("{prefix}_cpu_postgres_cores"),
+        round3(cpu.postgres_cores),
+        "cores",
+        "CPU of every PostgreSQL process over the run",
+    );
+    report.add(
+        format!("{prefix}_cpu_busy_share"),
+        round3((cpu.me_cores + cpu.postgres_cores) / crate::machine::cores().max(1) as f64),
+        "share",
+        "(process + PostgreSQL cores) / the machine's cores (RabbitMQ and the rest not counted)",
+    );
+    let per_row = |cores: f64| round3(cores * cpu.wall_s * 1000.0 / rows.max(1.0));
+    report.add(
+        format!("{prefix}_cpu_process_ms_per_row"),
+        per_row(cpu.me_cores),
+        "ms",
+        "CPU milliseconds of the bench process per row",
+    );
+    report.add(
+        format!("{prefix}_cpu_postgres_ms_per_row"),
+        per_row(cpu.postgres_cores),
+        "ms",
+        "CPU milliseconds of PostgreSQL per row",
+    );
+}
+
+/// The value of counter `name` (no labels) on the `/metrics` page at `addr`; `None` when the
+/// page does not answer or does not have it.
+async fn metric_value(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Which database loop a ceiling runs (see [`db_ceiling`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CeilingLoop {
@@ -381,14 +487,15 @@ pub enum CeilingLoop {
 }
 
 /// The claim / update / commit cycle alone: `connections` loops of `store::claim_due` (batch
-/// 100), then what `kind` writes for the claimed rows. Rows per second.
+/// 100), then what `kind` writes for the claimed rows. Rows per second, and the CPU the loop
+/// and PostgreSQL used meanwhile.
 pub async fn db_ceiling(
     env: &BenchEnv,
     sql: &tokio_postgres::Client,
     n: usize,
     connections: usize,
     kind: CeilingLoop,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, CpuUse)> {
     let prefix = match kind {
         CeilingLoop::PerRow => "c-",
         CeilingLoop::Batched => "cb-",
@@ -397,6 +504,7 @@ pub async fn db_ceiling(
     insert_due(sql, &env.pages, prefix, n, OffsetDateTime::now_utc()).await?;
     let pool = lc_shared::db::pool(&env.db.url(), connections)?;
     let started = Instant::now();
+    let cpu = CpuMark::now();
     let mut workers = JoinSet::new();
     for w in 0..connections.max(1) {
         let pool = pool.clone();
@@ -439,7 +547,8 @@ pub async fn db_ceiling(
     while let Some(joined) = workers.join_next().await {
         total += joined??;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    Ok((rate, cpu.since()))
 }
 
 /// `store::finish::finish_group` with a sent record for every claimed row: one transaction,
