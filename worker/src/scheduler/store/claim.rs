@@ -136,13 +136,16 @@ pub const SPARSE_DUE_ROWS: i64 = 256;
 /// page's rows look like now, not by the planner's table-wide estimates (with 30 % of the
 /// backlog due on a paused page it believed every page 30 % due and walked each page's whole
 /// backlog in deadline order for the few new due rows: 0.6–1.4 s per claim at 1M pending).
-/// A page is "dense" when at least `n` (its budget) of its first `2n` pending rows in
-/// deadline order are due: its deadline index then yields its `n` earliest due rows within
-/// `2n` entries, so the dense arm walks it. Otherwise due rows are rare at the head of its
-/// deadline order (retries waiting out a back-off have the earliest deadlines, delayed sends
-/// are not due yet), and the sparse arm reads at most [`SPARSE_DUE_ROWS`] of its due rows
-/// from the due index (ordered by `next_attempt_at`, which no other index provides) and
-/// takes the earliest deadlines among them. The check reads at most `2n` index entries.
+/// A page with at most `n` (its budget) due rows is "sparse": the sparse arm reads them all
+/// from the due index, and counting them read no more (the steady state: a few due rows per
+/// page among many not yet due). With more, the page is "dense" when at least `n` of its
+/// first `2n` pending rows in deadline order are due: its deadline index then yields its `n`
+/// earliest due rows within `2n` entries, so the dense arm walks it. Otherwise due rows are
+/// rare at the head of its deadline order (retries waiting out a back-off have the earliest
+/// deadlines, delayed sends are not due yet) and it is sparse too: the sparse arm reads at
+/// most [`SPARSE_DUE_ROWS`] of its due rows from the due index (ordered by
+/// `next_attempt_at`, which no other index provides) and takes the earliest deadlines among
+/// them. The checks read at most `n + 1` and `2n` index entries.
 ///
 /// The sparse arm fetches the rows it read from the due index by their `ctid` (a TID scan):
 /// looked up by `login_id` instead, the planner was free to drive the join from the page's
@@ -176,13 +179,21 @@ pub const CLAIM_DUE_SQL: &str = concat!(
          FROM pages), \
      room AS MATERIALIZED ( \
          SELECT page_id, spacing, n, \
-                (SELECT count(*) FILTER (WHERE head.next_attempt_at <= now()) FROM ( \
-                     SELECT d.next_attempt_at FROM optins d \
-                     WHERE d.page_id = budget.page_id AND d.state = ",
+                CASE WHEN (SELECT count(*) FROM ( \
+                              SELECT 1 FROM optins d \
+                              WHERE d.page_id = budget.page_id AND d.state = ",
     lc_shared::state_sql!(pending),
     " \
-                       AND d.deadline > now() + make_interval(secs => $4) \
-                     ORDER BY d.page_id, d.deadline LIMIT 2 * n) head) < n AS sparse \
+                                AND d.next_attempt_at <= now() LIMIT n + 1) due) <= n \
+                     THEN true \
+                     ELSE (SELECT count(*) FILTER (WHERE head.next_attempt_at <= now()) FROM ( \
+                              SELECT d.next_attempt_at FROM optins d \
+                              WHERE d.page_id = budget.page_id AND d.state = ",
+    lc_shared::state_sql!(pending),
+    " \
+                                AND d.deadline > now() + make_interval(secs => $4) \
+                              ORDER BY d.deadline LIMIT 2 * n) head) < n \
+                END AS sparse \
          FROM budget) \
      SELECT o.page_id, o.login_id, r.spacing \
      FROM room r CROSS JOIN LATERAL ( \
