@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use lc_testkit::pipeline::TestEnv;
-use lc_worker::scheduler::store::claim::{ClaimRequest, explain_analyze_claim, explain_claim};
+use lc_worker::scheduler::store::claim::{
+    ClaimRequest, Claimed, claim_due, explain_analyze_claim, explain_claim,
+};
 
 #[tokio::test]
 async fn the_claim_walks_each_pages_own_index_not_the_global_deadline_index() {
@@ -180,12 +182,31 @@ async fn a_paused_pages_due_backlog_does_not_make_the_claim_walk_other_pages() {
     );
 }
 
-/// The rows a claim's plan filtered out, summed over its steps (`Rows Removed by Filter`).
+/// The rows a claim's plan filtered out, summed over its steps (`Rows Removed by Filter`,
+/// per loop).
 fn rows_filtered_out(plan: &[String]) -> u64 {
     plan.iter()
         .filter_map(|line| line.split("Rows Removed by Filter: ").nth(1))
         .filter_map(|n| n.trim().parse::<u64>().ok())
         .sum()
+}
+
+/// Refreshes the table's statistics, runs a claim of 100 under `EXPLAIN ANALYZE` (rolled
+/// back), then for real: the rows the plan filtered out, the plan, and the rows claimed.
+async fn analyze_then_claim(
+    pool: &deadpool_postgres::Pool,
+    sql: &tokio_postgres::Client,
+) -> (u64, String, Vec<Claimed>) {
+    sql.batch_execute("VACUUM ANALYZE optins")
+        .await
+        .expect("analyze");
+    let mut client = pool.get().await.expect("client");
+    let request = ClaimRequest::new("plan-worker", Duration::from_secs(30), 100);
+    let plan = explain_analyze_claim(&mut client, &request)
+        .await
+        .expect("explain");
+    let claimed = claim_due(&mut client, &request).await.expect("claim");
+    (rows_filtered_out(&plan), plan.join("\n"), claimed)
 }
 
 /// Issue 18: pages whose due rows sit behind many retries waiting out a back-off (the
@@ -225,24 +246,12 @@ async fn due_rows_behind_retries_in_back_off_are_claimed_without_walking_the_ret
     )
     .await
     .expect("due rows");
-    sql.batch_execute("VACUUM ANALYZE optins")
-        .await
-        .expect("analyze");
 
-    let mut client = pool.get().await.expect("client");
-    let request = ClaimRequest::new("backoff-worker", Duration::from_secs(30), 100);
-    let plan = explain_analyze_claim(&mut client, &request)
-        .await
-        .expect("explain");
-    let filtered = rows_filtered_out(&plan);
+    let (filtered, plan, claimed) = analyze_then_claim(&pool, &sql).await;
     assert!(
         filtered < 1000,
-        "the claim filtered out {filtered} rows (the retries are 8,000):\n{}",
-        plan.join("\n")
+        "the claim filtered out {filtered} rows (the retries are 8,000):\n{plan}"
     );
-    let claimed = lc_worker::scheduler::store::claim::claim_due(&mut client, &request)
-        .await
-        .expect("claim");
     assert_eq!(claimed.len(), 100, "100 of the 1,200 due rows");
     assert!(
         claimed.iter().all(|c| c.login_id.starts_with("due-")),
@@ -287,23 +296,11 @@ async fn a_drain_over_a_table_with_sent_rows_reads_only_each_pages_own_rows() {
     )
     .await
     .expect("due rows");
-    sql.batch_execute("VACUUM ANALYZE optins")
-        .await
-        .expect("analyze");
 
-    let mut client = pool.get().await.expect("client");
-    let request = ClaimRequest::new("drain-worker", Duration::from_secs(30), 100);
-    let plan = explain_analyze_claim(&mut client, &request)
-        .await
-        .expect("explain");
-    let filtered = rows_filtered_out(&plan);
+    let (filtered, plan, claimed) = analyze_then_claim(&pool, &sql).await;
     assert!(
         filtered < 1000,
-        "the claim filtered out {filtered} rows (other pages' rows?):\n{}",
-        plan.join("\n")
+        "the claim filtered out {filtered} rows (other pages' rows?):\n{plan}"
     );
-    let claimed = lc_worker::scheduler::store::claim::claim_due(&mut client, &request)
-        .await
-        .expect("claim");
     assert_eq!(claimed.len(), 100);
 }

@@ -260,10 +260,7 @@ pub async fn explain_claim(
     client: &mut Client,
     request: &ClaimRequest<'_>,
 ) -> Result<Vec<String>, StoreError> {
-    let tx = client.transaction().await?;
-    let rows = candidates(&tx, request, "EXPLAIN ").await?;
-    tx.rollback().await?;
-    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+    explain_with(client, request, "EXPLAIN ").await
 }
 
 /// As [`explain_claim`], with the query run (`EXPLAIN (ANALYZE, TIMING OFF)`): the rows
@@ -273,8 +270,18 @@ pub async fn explain_analyze_claim(
     client: &mut Client,
     request: &ClaimRequest<'_>,
 ) -> Result<Vec<String>, StoreError> {
+    explain_with(client, request, "EXPLAIN (ANALYZE, TIMING OFF) ").await
+}
+
+/// The claim's candidate query under `explain` (an `EXPLAIN …` prefix), in a transaction
+/// that is rolled back; one line per plan line.
+async fn explain_with(
+    client: &mut Client,
+    request: &ClaimRequest<'_>,
+    explain: &str,
+) -> Result<Vec<String>, StoreError> {
     let tx = client.transaction().await?;
-    let rows = candidates(&tx, request, "EXPLAIN (ANALYZE, TIMING OFF) ").await?;
+    let rows = candidates(&tx, request, explain).await?;
     tx.rollback().await?;
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
 }
