@@ -350,7 +350,27 @@ async fn backlog_run(
         "scheduler_slots_missed_total",
     )
     .await;
+    let addr = scheduler.service.metrics_addr;
+    let claim_queries = metric_value(addr, "scheduler_claim_rows_count").await;
+    let claimed_rows = metric_value(addr, "scheduler_claim_rows_sum").await;
+    let claim_seconds = metric_value(addr, "scheduler_claim_duration_seconds_sum").await;
     stop(&scheduler.shutdown, scheduler.service.task).await;
+    if let (Some(q), Some(r), Some(s)) = (claim_queries, claimed_rows, claim_seconds)
+        && q > 0.0
+    {
+        report.add(
+            format!("scheduler_{latency_ms}ms_rows_per_claim"),
+            round3(r / q),
+            "rows",
+            "rows per claim query during the drain (empty claims included)",
+        );
+        report.add(
+            format!("scheduler_{latency_ms}ms_claim_ms_per_send"),
+            round3(s * 1000.0 / n as f64),
+            "ms",
+            "claim time (wall, as the dispatcher waited for it) per sent row",
+        );
+    }
     // Every claim adds one to a row's fence: claims beyond one per row are rows that went
     // back to `pending` without a call (a missed slot, a hold, too little lease) and round
     // again — database work that sends nothing.
