@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 mod answers;
+mod sweeps;
 
 use super::group_commit::{ApplyBatch, GroupCommit};
 use super::metrics::SchedulerMetrics;
@@ -188,8 +189,13 @@ impl Dispatcher {
     /// Runs until `shutdown`, then waits for in-flight calls to be recorded.
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: Shutdown) {
         let mut in_flight: JoinSet<()> = JoinSet::new();
+        // A claim costs the database about as much for 5 rows as for 100 (its work is per
+        // page), so the dispatcher claims only when a quarter of the places are free: with
+        // fewer free, at least three quarters of the places hold claimed rows, which keep
+        // the calls busy until the next quarter frees. A claim for every free place (on
+        // each wake-up and timer tick) made claims of 43 rows on average at 100 ms of Graph
+        // latency instead of 100 (BENCHMARKS.md).
         let refill_at = (self.settings.max_in_flight * CLAIMED_PER_CALL / 4).max(1);
-        let mut min_free = 1;
         let mut last_rescue = Instant::now()
             .checked_sub(self.settings.poll_interval)
             .unwrap_or_else(Instant::now);
@@ -202,45 +208,43 @@ impl Dispatcher {
                 self.rescue().await;
                 self.expire_overdue().await;
             }
-            if let Err(e) = self.fill(&mut in_flight, &shutdown, min_free).await {
+            if let Err(e) = self.fill(&mut in_flight, &shutdown, refill_at).await {
                 tracing::error!(error = %e, "claiming due opt-ins failed; retrying");
             }
-            // A finished send frees one slot: claim again only once a quarter of the slots
-            // are free (one claim per batch, not one per send); a wake-up (new opt-ins) or
-            // the timer claims for any free slot. While sends are in flight the timer runs every
-            // half look-ahead: a page with a backlog then has its next slots claimed before the
-            // ones it holds run out, whatever the Graph latency (completions come a call late).
+            // A wake-up (new opt-ins), a finished send or the timer claims again. While
+            // sends are in flight the timer runs every half look-ahead: a page with a backlog
+            // then has its next slots claimed before the ones it holds run out, whatever the
+            // Graph latency (completions come a call late).
             let tick = if in_flight.is_empty() {
                 self.settings.poll_interval
             } else {
                 self.settings.poll_interval.min(self.settings.lookahead / 2)
             };
-            min_free = tokio::select! {
-                () = wake.notified() => 1,
-                () = tokio::time::sleep(tick) => 1,
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => refill_at,
-                () = shutdown.wait() => 1,
-            };
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(tick) => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                () = shutdown.wait() => {}
+            }
         }
         // Graceful: every call already started finishes and is recorded.
         while in_flight.join_next().await.is_some() {}
         tracing::info!("dispatcher stopped");
     }
 
-    /// Claims and starts calls while there are free slots and due rows.
+    /// Claims and starts calls while at least `min_free` places are free and due rows are
+    /// left.
     async fn fill(
         self: &Arc<Self>,
         in_flight: &mut JoinSet<()>,
         shutdown: &Shutdown,
         min_free: usize,
     ) -> Result<(), StoreError> {
-        let mut min_free = min_free;
         loop {
             let free = self.places.available_permits();
             if free == 0 || free < min_free || shutdown.is_triggered() {
                 return Ok(());
             }
-            min_free = 1;
             let limit = i64::try_from(free)
                 .unwrap_or(i64::MAX)
                 .min(self.settings.claim_batch);
@@ -253,7 +257,10 @@ impl Dispatcher {
             };
             let claim_started = Instant::now();
             let claimed = store::claim::claim_due(&mut client, &request).await?;
-            smooth(&self.claim_latency_us, claim_started.elapsed());
+            let took = claim_started.elapsed();
+            smooth(&self.claim_latency_us, took);
+            self.metrics.claim_duration.observe(took.as_secs_f64());
+            self.metrics.claim_rows.observe(claimed.len() as f64);
             drop(client);
             if claimed.is_empty() {
                 return Ok(());
@@ -274,65 +281,6 @@ impl Dispatcher {
             }
             if !full {
                 return Ok(());
-            }
-        }
-    }
-
-    async fn rescue(&self) {
-        let mut client = match self.pool.get().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot rescue expired leases");
-                return;
-            }
-        };
-        match store::rescue::rescue_expired_leases(&mut client, self.settings.unknown_outcome, 500)
-            .await
-        {
-            Ok(r) => {
-                self.metrics
-                    .leases_rescued
-                    .inc_by((r.returned + r.unknown) as u64);
-                if self.settings.unknown_outcome == UnknownOutcome::Fail {
-                    self.metrics
-                        .terminal_of(OptinState::Failed)
-                        .inc_by(r.unknown as u64);
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "rescuing expired leases failed"),
-        }
-    }
-
-    /// Expires pending opt-ins that can no longer be sent, in bulk, so that under overload
-    /// no send slot is spent on a row that is already dead.
-    async fn expire_overdue(&self) {
-        let mut client = match self.pool.get().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot expire overdue opt-ins");
-                return;
-            }
-        };
-        loop {
-            match store::expire_overdue(&mut client, self.settings.timing.safety_margin, 1000).await
-            {
-                Ok(0) => return,
-                Ok(n) => {
-                    self.metrics
-                        .terminal_of(OptinState::Expired)
-                        .inc_by(n as u64);
-                    tracing::warn!(
-                        expired = n,
-                        "opt-ins expired before they could be sent (backlog beyond capacity?)"
-                    );
-                    if n < 1000 {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "expiring overdue opt-ins failed");
-                    return;
-                }
             }
         }
     }
