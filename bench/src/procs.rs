@@ -160,7 +160,13 @@ pub async fn run(params: &ProcsParams, quick: bool) -> anyhow::Result<Report> {
         "procs_unexpected_sends",
         graph.unexpected() as f64,
         "count",
-        "Send API calls for a login_id not expected (a second send; 0 is right)",
+        "Send API calls for a login_id neither expected nor of a failed POST: a second send or a stray one (0 is right)",
+    );
+    report.add(
+        "procs_sends_after_failed_posts",
+        graph.sends_after_failed_posts() as f64,
+        "count",
+        "first sends for opt-ins whose POST failed after the message was queued (at least once; not a second send)",
     );
     report.add(
         "procs_drain_s",

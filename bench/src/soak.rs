@@ -439,7 +439,13 @@ fn summarise(report: &mut Report, samples: &[Sample], load: &MixedLoad, graph: &
         "soak_unexpected_sends",
         graph.unexpected() as f64,
         "count",
-        "Send API calls for a login_id not expected, e.g. after a redelivery (0 is right)",
+        "Send API calls for a login_id neither expected nor of a failed POST: a second send or a stray one (0 is right)",
+    );
+    report.add(
+        "soak_sends_after_failed_posts",
+        graph.sends_after_failed_posts() as f64,
+        "count",
+        "first sends for opt-ins whose POST failed after the message was queued (at least once; not a second send)",
     );
     report.add(
         "soak_unsent_at_end",

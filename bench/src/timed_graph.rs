@@ -7,11 +7,15 @@
 //! ([`TimedGraph::expect`]); the call for it removes the entry and records the latency to the
 //! call's arrival in the current window and the run's total, then answers after the set
 //! latency. Calls for a `login_id` not (or no longer) expected are counted as unexpected: a
-//! redelivered webhook that led to a second send would show there. The most recently sent
+//! redelivered webhook that led to a second send would show there. A call for a `login_id`
+//! whose POST the driver saw fail ([`TimedGraph::forget`]) is counted apart: ingest may answer
+//! 503 after its confirm bound while the message was in fact queued (at least once; Meta
+//! would deliver again and the scheduler would not send twice), so such a call is the
+//! opt-in's one send, not a second. The most recently sent
 //! `login_id`s are kept (bounded) for the load's replies, which must
 //! name an opt-in that was sent.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,6 +35,9 @@ const SENT_KEPT: usize = 4096;
 #[derive(Default)]
 struct Inner {
     expected: HashMap<String, Instant>,
+    /// `login_id`s whose POST failed and that have not been sent (yet). Grows only with
+    /// failed POSTs.
+    forgotten: HashSet<String>,
     /// `(page, login_id)` of the newest sends.
     sent: VecDeque<(String, String)>,
     window: Latency,
@@ -41,6 +48,7 @@ struct Shared {
     latency: Duration,
     calls: AtomicU64,
     unexpected: AtomicU64,
+    after_failed_post: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -67,6 +75,7 @@ impl TimedGraph {
             latency,
             calls: AtomicU64::new(0),
             unexpected: AtomicU64::new(0),
+            after_failed_post: AtomicU64::new(0),
             inner: Mutex::new(Inner::default()),
         });
         let app = Router::new()
@@ -95,12 +104,23 @@ impl TimedGraph {
 
     /// Stops expecting `login_id` (its POST failed, so no send will come).
     pub fn forget(&self, login_id: &str) {
-        self.shared.lock().expected.remove(login_id);
+        let mut inner = self.shared.lock();
+        if inner.expected.remove(login_id).is_some() {
+            inner.forgotten.insert(login_id.to_owned());
+        }
     }
 
-    /// Calls for a `login_id` that was not expected (a second send, or a stray one).
+    /// Calls for a `login_id` that was not expected and whose POST did not fail (a second
+    /// send, or a stray one): 0 is right.
     pub fn unexpected(&self) -> u64 {
         self.shared.unexpected.load(Ordering::Relaxed)
+    }
+
+    /// Calls for a `login_id` whose POST the driver saw fail: the first such call for each is
+    /// the opt-in's one send (the POST failed after the message was queued); a later one
+    /// counts as [`unexpected`](Self::unexpected).
+    pub fn sends_after_failed_posts(&self) -> u64 {
+        self.shared.after_failed_post.load(Ordering::Relaxed)
     }
 
     /// Opt-ins expected but not sent yet.
@@ -142,6 +162,10 @@ async fn send(
     let known = login_id.as_ref().is_some_and(|login_id| {
         let mut inner = shared.lock();
         let Some(posted) = inner.expected.remove(login_id) else {
+            if inner.forgotten.remove(login_id) {
+                shared.after_failed_post.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
             return false;
         };
         let d = arrived.saturating_duration_since(posted);
@@ -198,5 +222,20 @@ mod tests {
         assert_eq!(graph.outstanding(), 1);
         graph.forget("c");
         assert_eq!(graph.outstanding(), 0);
+        graph.forget("never expected");
+        for login_id in ["c", "c", "never expected"] {
+            client
+                .post(&url)
+                .json(&json!({"recipient": {"login_id": login_id}}))
+                .send()
+                .await
+                .expect("answers");
+        }
+        assert_eq!(graph.sends_after_failed_posts(), 1, "the first `c` only");
+        assert_eq!(
+            graph.unexpected(),
+            4,
+            "the second `c` and an id forgotten without being expected count as unexpected"
+        );
     }
 }

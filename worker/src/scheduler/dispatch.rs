@@ -193,8 +193,10 @@ impl Dispatcher {
         // page), so the dispatcher claims only when a quarter of the places are free: with
         // fewer free, at least three quarters of the places hold claimed rows, which keep
         // the calls busy until the next quarter frees. A claim for every free place (on
-        // each wake-up and timer tick) made claims of 43 rows on average at 100 ms of Graph
-        // latency instead of 100 (BENCHMARKS.md).
+        // each wake-up and timer tick) made claims of 20-25 rows at 100 ms of Graph latency
+        // (BENCHMARKS.md, "Claim sizing"). Under a backlog this rule rarely binds: a quarter
+        // frees after nearly every finished send, and claims then return only the send
+        // slots opened since the last one (pacing by time is the next step there).
         let refill_at = (self.settings.max_in_flight * CLAIMED_PER_CALL / 4).max(1);
         let mut last_rescue = Instant::now()
             .checked_sub(self.settings.poll_interval)
