@@ -14,7 +14,8 @@
 //! one simply goes back to `pending`. Slowness alone never makes a row look abandoned.
 //!
 //! What happens with Graph's answer (record, retry, end, pause, throttle, slow down) is in
-//! `dispatch/answers.rs`.
+//! `dispatch/answers.rs`; the claim itself in `dispatch/claims.rs`, when to claim again in
+//! `dispatch/cadence.rs`, and the periodic sweeps in `dispatch/sweeps.rs`.
 
 use lc_shared::optin::{FailureReason, OptinState};
 use std::sync::Arc;
@@ -31,14 +32,18 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 mod answers;
+mod cadence;
+mod claims;
 mod sweeps;
+
+use cadence::{Cadence, Filled, Woke};
 
 use super::group_commit::{ApplyBatch, GroupCommit};
 use super::metrics::SchedulerMetrics;
 use super::pacing::PageHolds;
 use super::retry::RetryPolicy;
 use super::store::call_start::CallCheck;
-use super::store::claim::{ClaimRequest, Claimed, SLOT_LATENESS};
+use super::store::claim::{Claimed, SLOT_LATENESS};
 
 use super::store::finish::{Ending, Finish};
 use super::store::rescue::UnknownOutcome;
@@ -130,6 +135,11 @@ const GROUP_PARALLEL: usize = 2;
 /// have their own, larger bound, and a call's place is taken only for the call itself.
 const CLAIMED_PER_CALL: usize = 2;
 
+/// After a short claim, finished sends wait this fraction of the look-ahead before they claim
+/// again (31 ms at the default 250 ms): slots are claimed a look-ahead before they open, so
+/// the pace makes no send late (see `dispatch/cadence.rs`).
+const CLAIM_PACE_PER_LOOKAHEAD: u32 = 8;
+
 impl Dispatcher {
     /// Builds a dispatcher.
     pub fn new(
@@ -194,10 +204,11 @@ impl Dispatcher {
         // fewer free, at least three quarters of the places hold claimed rows, which keep
         // the calls busy until the next quarter frees. A claim for every free place (on
         // each wake-up and timer tick) made claims of 20-25 rows at 100 ms of Graph latency
-        // (BENCHMARKS.md, "Claim sizing"). Under a backlog this rule rarely binds: a quarter
-        // frees after nearly every finished send, and claims then return only the send
-        // slots opened since the last one (pacing by time is the next step there).
+        // (BENCHMARKS.md, "Claim sizing"). Under a backlog a quarter frees after nearly every
+        // finished send: the cadence (`dispatch/cadence.rs`) then paces the claims.
         let refill_at = (self.settings.max_in_flight * CLAIMED_PER_CALL / 4).max(1);
+        let mut cadence = Cadence::new(self.settings.lookahead / CLAIM_PACE_PER_LOOKAHEAD);
+        let mut woke = Woke::NewOptins;
         let mut last_rescue = Instant::now()
             .checked_sub(self.settings.poll_interval)
             .unwrap_or_else(Instant::now);
@@ -210,8 +221,15 @@ impl Dispatcher {
                 self.rescue().await;
                 self.expire_overdue().await;
             }
-            if let Err(e) = self.fill(&mut in_flight, &shutdown, refill_at).await {
-                tracing::error!(error = %e, "claiming due opt-ins failed; retrying");
+            if cadence.claim_now(woke, Instant::now()) {
+                let filled = self
+                    .fill(&mut in_flight, &shutdown, refill_at)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "claiming due opt-ins failed; retrying");
+                        Filled::NoClaim
+                    });
+                cadence.claimed(filled, Instant::now());
             }
             // A wake-up (new opt-ins), a finished send or the timer claims again. While
             // sends are in flight the timer runs every half look-ahead: a page with a backlog
@@ -222,78 +240,17 @@ impl Dispatcher {
             } else {
                 self.settings.poll_interval.min(self.settings.lookahead / 2)
             };
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(tick) => {}
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                () = shutdown.wait() => {}
-            }
+            woke = tokio::select! {
+                () = wake.notified() => Woke::NewOptins,
+                () = tokio::time::sleep(tick) => Woke::Timer,
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => Woke::SendFinished,
+                () = cadence.owed_claim() => Woke::PaceOver,
+                () = shutdown.wait() => Woke::Timer,
+            };
         }
         // Graceful: every call already started finishes and is recorded.
         while in_flight.join_next().await.is_some() {}
         tracing::info!("dispatcher stopped");
-    }
-
-    /// Claims and starts calls while at least `min_free` places are free and due rows are
-    /// left.
-    async fn fill(
-        self: &Arc<Self>,
-        in_flight: &mut JoinSet<()>,
-        shutdown: &Shutdown,
-        min_free: usize,
-    ) -> Result<(), StoreError> {
-        loop {
-            let free = self.places.available_permits();
-            if free == 0 || free < min_free || shutdown.is_triggered() {
-                return Ok(());
-            }
-            let limit = i64::try_from(free)
-                .unwrap_or(i64::MAX)
-                .min(self.settings.claim_batch);
-            let mut client = self.pool.get().await?;
-            let request = ClaimRequest {
-                safety_margin: self.settings.timing.safety_margin,
-                lookahead: self.settings.lookahead,
-                slot_offset: self.slot_offset(),
-                ..ClaimRequest::new(&self.settings.owner, self.settings.lease, limit)
-            };
-            let claim_started = Instant::now();
-            let claimed = store::claim::claim_due(&mut client, &request).await?;
-            let took = claim_started.elapsed();
-            smooth(&self.claim_latency_us, took);
-            self.metrics.claim_duration.observe(took.as_secs_f64());
-            self.metrics.claim_rows.observe(claimed.len() as f64);
-            drop(client);
-            if claimed.is_empty() {
-                return Ok(());
-            }
-            let full = i64::try_from(claimed.len()).unwrap_or(0) == limit;
-            for c in claimed {
-                let Ok(permit) = self.places.clone().try_acquire_owned() else {
-                    // Cannot happen (we claimed at most `free`); give the row back if it does.
-                    self.release_quietly(&c).await;
-                    continue;
-                };
-                let me = self.clone();
-                let stop = shutdown.clone();
-                in_flight.spawn(async move {
-                    me.process(c, stop).await;
-                    drop(permit);
-                });
-            }
-            if !full {
-                return Ok(());
-            }
-        }
-    }
-
-    async fn release_quietly(&self, c: &Claimed) {
-        let _ = self
-            .requeue(Requeue::Release {
-                claim: c.clone(),
-                at: OffsetDateTime::now_utc(),
-            })
-            .await;
     }
 
     /// Puts a claimed row back to `pending` through the group commit. Returns false if the
@@ -465,24 +422,6 @@ impl Dispatcher {
             );
         }
         rendered.message
-    }
-
-    /// How far after now an idle page's first slot is put: what this replica needs from a
-    /// claim to its calls (the whole claim, though only its commit follows the slot's
-    /// reckoning, and the call-start mark twice over), so that a slot has not passed by the
-    /// time its call could start. Not doubled again: that put an idle page's first message
-    /// ≈ 60 ms later than needed at the design load (webhook → Graph p50 125 ms, p99 407 ms
-    /// in `bench procs`; 76 and 138 ms without), while the slots it saved were within
-    /// [`SLOT_LATENESS`] anyway (missed slots fell from 47 to 26 of 5,000). Bounded: a
-    /// database that slow needs a longer look-ahead, not a late first message.
-    fn slot_offset(&self) -> Duration {
-        let us = self
-            .claim_latency_us
-            .load(std::sync::atomic::Ordering::Relaxed)
-            + 2 * self
-                .mark_latency_us
-                .load(std::sync::atomic::Ordering::Relaxed);
-        (Duration::from_micros(us) + Duration::from_millis(5)).min(self.settings.lookahead / 2)
     }
 
     /// Gives a claimed row back without a call (it is due again at once; a held page's rows
