@@ -231,8 +231,8 @@ impl Dispatcher {
                     });
                 cadence.claimed(filled, Instant::now());
             }
-            // A wake-up (new opt-ins), a finished send or the timer claims again. While
-            // sends are in flight the timer runs every half look-ahead: a page with a backlog
+            // A wake-up (new opt-ins), a finished send (once the cadence's pace after a short
+            // claim is over) or the timer claims again. While sends are in flight the timer runs every half look-ahead: a page with a backlog
             // then has its next slots claimed before the ones it holds run out, whatever the
             // Graph latency (completions come a call late).
             let tick = if in_flight.is_empty() {
